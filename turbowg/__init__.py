@@ -1,0 +1,3 @@
+"""turbowg: a userspace WireGuard data plane and DERP relay."""
+
+__version__ = "0.1.0"
