@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what turbowg and its tests need on a fresh Debian machine (run as root).
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ "$(id -u)" != 0 ]; then echo "setup.sh: run as root (it installs Debian packages and creates TUN devices)" >&2; exit 1; fi
+need=()
+for pair in wireguard-go:wireguard-go wg:wireguard-tools iperf3:iperf3 ip:iproute2 ethtool:ethtool ps:procps; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    apt-get update -qq
+    # No recommends: wireguard-tools recommends a kernel module package we neither need nor can load here.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+echo "setup.sh: turbowg installed ($(command -v turbowg))"

@@ -1,0 +1,5 @@
+import sys
+
+from turbowg.cli import main
+
+sys.exit(main())

@@ -1,0 +1,240 @@
+"""The I/O runtime: binds the sans-IO device core to a real TUN, a UDP socket and the UAPI socket.
+
+One event loop, three readers: the TUN fd (packets out of the kernel -> encrypt -> UDP), the UDP socket
+(datagrams -> decrypt -> TUN), and the UAPI unix socket. Both data directions work in batches: drain the
+fd until it would block (bounded), hand the whole batch to the core, then flush the core's output per peer
+with as few system calls as the kernel allows (UDP GSO, TUN GRO).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from turbowg.conn.udp import UDPBind
+from turbowg.device.core import Device
+from turbowg.tun.device import TunDevice, open_tun
+from turbowg.uapi.server import UAPIServer, start_uapi_server
+
+log = logging.getLogger("turbowg.runtime")
+
+# Bounds on one reader callback, so one busy direction cannot starve the other or the UAPI.
+MAX_TUN_READS_PER_WAKE = 64
+MAX_UDP_READS_PER_WAKE = 64
+TIMER_INTERVAL = 0.1  # seconds between timer ticks; handshake retries need ~1/3 s resolution
+LINK_CHECK_INTERVAL = 1.0  # seconds between checks that the interface still exists
+# Handshake messages per second above which the device counts as under load (cookie replies start).
+UNDER_LOAD_HANDSHAKES_PER_SECOND = 64
+UNDER_LOAD_HOLD = 1.0
+
+
+class Runtime:
+    """A running WireGuard interface: TUN + UDP + UAPI around one `Device`."""
+
+    def __init__(self, ifname: str, *, offloads: bool = True, mtu: int = 1420,
+                 socket_dir: str = "/var/run/wireguard") -> None:
+        self.ifname = ifname
+        self.offloads = offloads
+        self.mtu = mtu
+        self.socket_dir = socket_dir
+        self.device = Device(mtu=mtu)
+        self.tun: TunDevice | None = None
+        self.udp: UDPBind | None = None
+        self.uapi: UAPIServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+        self._tun_batch: list = []
+        self._udp_batch: list = []
+        self._handshake_window_start = 0.0
+        self._handshake_count = 0
+        self._under_load_until = 0.0
+        self.stop_reason = ""
+
+    # ---- life cycle -------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self.tun = open_tun(self.ifname, vnet_hdr=self.offloads, mtu=self.mtu)
+        self.device.mtu = self.tun.mtu
+        log.info("interface %s up: vnet_hdr=%s offloads=%#x", self.ifname, self.tun.vnet_hdr, self.tun.offloads)
+        self._bind(self.device.listen_port or 0, self.device.fwmark)
+        self.uapi = await start_uapi_server(self.ifname, self.device, socket_dir=self.socket_dir,
+                                            on_set=self._after_uapi_set)
+        self._loop.add_reader(self.tun.fileno(), self._on_tun_readable)
+        self._loop.call_later(TIMER_INTERVAL, self._on_timer)
+        self._loop.call_later(LINK_CHECK_INTERVAL, self._on_link_check)
+
+    def _bind(self, port: int, fwmark: int) -> None:
+        assert self._loop is not None
+        if self.udp is not None:
+            self._loop.remove_reader(self.udp.fileno())
+            self.udp.close()
+            self.udp = None
+        self.udp = UDPBind(port, fwmark=fwmark)
+        self.device.set_bound_port(self.udp.port)
+        self._loop.add_reader(self.udp.fileno(), self._on_udp_readable)
+        log.info("listening on UDP port %d", self.udp.port)
+
+    def _after_uapi_set(self) -> None:
+        """A `set` may change the port or fwmark: rebind, and flush what the update queued (keepalives)."""
+        udp = self.udp
+        wanted = self.device.listen_port
+        if udp is None or (wanted and wanted != udp.port):
+            self._bind(wanted or 0, self.device.fwmark)
+        elif self.device.fwmark != udp.fwmark:
+            udp.set_fwmark(self.device.fwmark)
+        self._send(self.device.tick(time.monotonic()))
+
+    def stop(self, reason: str = "") -> None:
+        if self._stopped is not None and not self._stopped.is_set():
+            self.stop_reason = reason
+            self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    async def close(self) -> None:
+        loop = self._loop
+        if self.uapi is not None:
+            self.uapi.close()
+            self.uapi = None
+        if self.udp is not None:
+            if loop is not None:
+                loop.remove_reader(self.udp.fileno())
+            self.udp.close()
+            self.udp = None
+        if self.tun is not None:
+            if loop is not None:
+                loop.remove_reader(self.tun.fileno())
+            self.tun.close()
+            self.tun = None
+
+    # ---- data path ------------------------------------------------------------------------------
+    def _on_tun_readable(self) -> None:
+        tun = self.tun
+        if tun is None:
+            return
+        batch = self._tun_batch
+        batch.clear()
+        try:
+            for _ in range(MAX_TUN_READS_PER_WAKE):
+                tun.read_batch(batch)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self.stop(f"TUN read failed: {exc}")
+            return
+        if batch:
+            self._send(self.device.handle_tun_batch(batch, time.monotonic()))
+            batch.clear()
+
+    def _on_udp_readable(self) -> None:
+        udp = self.udp
+        if udp is None:
+            return
+        batch = self._udp_batch
+        batch.clear()
+        udp.recv_batch(batch, max_calls=MAX_UDP_READS_PER_WAKE)
+        if not batch:
+            return
+        now = time.monotonic()
+        packets, transmits = self.device.handle_udp_batch(batch, now, under_load=self._under_load(batch, now))
+        batch.clear()
+        if packets and self.tun is not None:
+            self.tun.write_batch(packets)
+        if transmits:
+            self._send(transmits)
+
+    def _under_load(self, batch: list, now: float) -> bool:
+        # Count handshake messages (types 1 and 2) per second; a flood turns on cookie replies for a while.
+        handshakes = 0
+        for datagram, _endpoint in batch:
+            if datagram[0] in (1, 2):
+                handshakes += 1
+        if handshakes:
+            if now - self._handshake_window_start > 1.0:
+                self._handshake_window_start = now
+                self._handshake_count = 0
+            self._handshake_count += handshakes
+            if self._handshake_count > UNDER_LOAD_HANDSHAKES_PER_SECOND:
+                self._under_load_until = now + UNDER_LOAD_HOLD
+        return now < self._under_load_until
+
+    def _send(self, transmits: list) -> None:
+        udp = self.udp
+        if udp is None:
+            return
+        for transmit in transmits:
+            udp.send_batch(transmit.endpoint, transmit.datagrams)
+
+    # ---- timers -----------------------------------------------------------------------------------
+    def _on_timer(self) -> None:
+        assert self._loop is not None
+        if self._stopped is not None and self._stopped.is_set():
+            return
+        try:
+            self._send(self.device.tick(time.monotonic()))
+        finally:
+            self._loop.call_later(TIMER_INTERVAL, self._on_timer)
+
+    def _on_link_check(self) -> None:
+        assert self._loop is not None
+        try:
+            socket.if_nametoindex(self.ifname)
+        except OSError:
+            self.stop(f"interface {self.ifname} was deleted")
+            return
+        if self.tun is not None:
+            mtu = self.tun.mtu
+            if mtu != self.device.mtu:
+                log.info("MTU of %s is now %d", self.ifname, mtu)
+                self.device.mtu = mtu
+        self._loop.call_later(LINK_CHECK_INTERVAL, self._on_link_check)
+
+
+def run(ifname: str, *, offloads: bool = True, on_ready: Callable[[], None] | None = None,
+        on_error: Callable[[str], None] | None = None) -> int:
+    """Run an interface until SIGTERM/SIGINT or until the interface is deleted. Returns an exit code."""
+    import signal
+
+    try:
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    except ImportError:  # uvloop is optional at run time; asyncio's loop works the same, slower
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    runtime = Runtime(ifname, offloads=offloads)
+
+    async def main() -> int:
+        try:
+            await runtime.start()
+        except OSError as exc:
+            await runtime.close()
+            msg = f"failed to create interface {ifname}: {exc}"
+            log.error("%s", msg)
+            if on_error is not None:
+                on_error(msg)
+            return 1
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, runtime.stop, f"signal {sig.name}")
+        if on_ready is not None:
+            on_ready()
+        await runtime.wait_stopped()
+        log.info("shutting down: %s", runtime.stop_reason)
+        await runtime.close()
+        return 0
+
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+def offloads_from_env() -> bool:
+    return os.environ.get("TURBOWG_OFFLOADS", "1").strip().lower() not in ("0", "off", "no", "false")
