@@ -152,7 +152,7 @@ def test_real_binding_request_over_loopback(family: socket.AddressFamily, host: 
         loop = asyncio.get_running_loop()
         try:
             # Garbage first: must be dropped silently, counted, and not stop the service.
-            await loop.sock_sendto(client, b"GET / HTTP/1.1\r\n\r\n", (host, port))
+            await loop.sock_sendto(client, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", (host, port))
             txid = stun.new_txid()
             await loop.sock_sendto(client, stun.build_binding_request(txid), (host, port))
             reply = await asyncio.wait_for(loop.sock_recv(client, 2048), timeout=5)
