@@ -84,7 +84,9 @@ def xaead_seal(key: bytes, nonce24: bytes, plaintext: bytes, ad: bytes) -> bytes
 
 def xaead_open(key: bytes, nonce24: bytes, ciphertext: bytes, ad: bytes) -> bytes | None:
     try:
-        return crypto_aead_xchacha20poly1305_ietf_decrypt(bytes(ciphertext), bytes(ad), bytes(nonce24), bytes(key))
+        return crypto_aead_xchacha20poly1305_ietf_decrypt(
+            bytes(ciphertext), bytes(ad), bytes(nonce24), bytes(key)
+        )
     except CryptoError:
         return None
 
