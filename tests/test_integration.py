@@ -185,3 +185,48 @@ def test_wg_quick_up_and_down(tmp_path) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def device_stats(ifname: str) -> dict[str, int]:
+    """Drop counters through turbowg's UAPI extension `stats=1` (stock tools never send it)."""
+    answer = raw_uapi(ifname, b"stats=1\n\n")
+    stats: dict[str, int] = {}
+    for line in answer.splitlines():
+        key, _, value = line.partition("=")
+        if key and key != "errno":
+            stats[key] = int(value)
+    assert "errno=0" in answer, answer
+    return stats
+
+
+def test_bad_input_is_dropped_counted_and_unanswered(tmp_path) -> None:
+    import json
+
+    here = os.path.dirname(__file__)
+    with tunnel("turbowg", "turbowg", tmp_path=str(tmp_path)) as tun:
+        a, b = tun.a, tun.b
+        veth_b = next(line.split(":")[1].strip().split("@")[0]
+                      for line in b.sh("ip", "-o", "link", "show").stdout.splitlines() if "vb" in line)
+        sniffer = subprocess.Popen(["ip", "netns", "exec", b.ns, sys.executable, os.path.join(here, "sniff.py"),
+                                    veth_b, str(b.port), "20"], stdout=subprocess.PIPE, text=True)
+        try:
+            assert sniffer.stdout is not None and sniffer.stdout.readline().strip() == "ready"
+            assert ping(a, b.inner_ip)
+            captured, _ = sniffer.communicate(timeout=25)
+        finally:
+            if sniffer.poll() is None:
+                sniffer.kill()
+                sniffer.wait()
+        captured = captured.strip()
+        assert captured, "no data packet captured"
+        before = device_stats(b.ifname)
+        out = a.sh(sys.executable, os.path.join(here, "junk.py"), b.underlay_ip, str(b.port), b.public, captured,
+                   timeout=60).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["answers"] == 0, "an unauthenticated packet got an answer"
+        after = device_stats(b.ifname)
+        dropped = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+        assert sum(v for k, v in dropped.items() if k.startswith("drop")) >= result["sent"] - 5, dropped
+        assert any("replay" in k for k in dropped), dropped
+        # The tunnel keeps working.
+        assert ping(a, b.inner_ip) and ping(b, a.inner_ip)
