@@ -1,0 +1,349 @@
+"""Pure tests of GSO split / GRO coalesce / checksums (no kernel): hypothesis round trips and refusals."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from turbowg.tun import vnet
+from turbowg.tun.checksum import (
+    checksum,
+    fold,
+    ipv4_header_ok,
+    ones_sum,
+    pseudo_header_sum,
+    transport_checksum_ok,
+)
+from turbowg.tun.gro import coalesce, frame_iov
+from turbowg.tun.gso import MalformedPacket, finish_checksum, split
+
+TCP, UDP = 6, 17
+ACK, PSH, FIN, CWR, SYN = 0x10, 0x08, 0x01, 0x80, 0x02
+
+V4_SRC, V4_DST = bytes([10, 1, 2, 3]), bytes([10, 9, 8, 7])
+V6_SRC, V6_DST = bytes.fromhex("fd000000000000000000000000000001"), bytes.fromhex("fd00000000000000000000000000beef")
+
+
+def ip_header(v6: bool, proto: int, l4_len: int, *, ttl: int = 64, tos: int = 0, ip_id: int = 0x1234,
+              src: bytes | None = None, dst: bytes | None = None) -> bytearray:
+    if v6:
+        return bytearray(struct.pack("!IHBB16s16s", (6 << 28) | (tos << 20) | 0x12345, l4_len, proto, ttl,
+                                     src or V6_SRC, dst or V6_DST))
+    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, tos, 20 + l4_len, ip_id, 0x4000, ttl, proto, 0,
+                                src or V4_SRC, dst or V4_DST))
+    struct.pack_into("!H", hdr, 10, checksum(hdr))
+    return hdr
+
+
+def addr_of(pkt: bytes | bytearray) -> tuple[bytes, bytes]:
+    if pkt[0] >> 4 == 4:
+        return bytes(pkt[12:16]), bytes(pkt[16:20])
+    return bytes(pkt[8:24]), bytes(pkt[24:40])
+
+
+def tcp_packet(v6: bool, payload: bytes, *, seq: int = 1000, ack: int = 5555, flags: int = ACK,
+               window: int = 512, options: bytes = b"", sport: int = 40000, dport: int = 443, ttl: int = 64,
+               tos: int = 0, ip_id: int = 0x1234, partial: bool = False, src: bytes | None = None) -> bytearray:
+    """A TCP packet with a full checksum, or (partial=True) with the folded pseudo-header sum as the kernel
+    hands a NEEDS_CSUM/GSO packet over."""
+    assert len(options) % 4 == 0
+    th = bytearray(struct.pack("!HHIIBBHHH", sport, dport, seq, ack, (5 + len(options) // 4) << 4, flags,
+                               window, 0, 0)) + options
+    l4 = th + payload
+    pkt = ip_header(v6, TCP, len(l4), ttl=ttl, tos=tos, ip_id=ip_id, src=src) + l4
+    t = 40 if v6 else 20
+    s, d = addr_of(pkt)
+    psum = pseudo_header_sum(s, d, TCP, len(l4))
+    value = fold(psum) if partial else checksum(memoryview(pkt)[t:], psum)
+    struct.pack_into("!H", pkt, t + 16, value)
+    return pkt
+
+
+def udp_packet(v6: bool, payload: bytes, *, sport: int = 51820, dport: int = 51821, ttl: int = 64,
+               partial: bool = False, src: bytes | None = None) -> bytearray:
+    l4 = bytearray(struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)) + payload
+    pkt = ip_header(v6, UDP, len(l4), ttl=ttl, src=src) + l4
+    t = 40 if v6 else 20
+    s, d = addr_of(pkt)
+    psum = pseudo_header_sum(s, d, UDP, len(l4))
+    value = fold(psum) if partial else (checksum(memoryview(pkt)[t:], psum) or 0xFFFF)
+    struct.pack_into("!H", pkt, t + 6, value)
+    return pkt
+
+
+def gso_type_of(pkt: bytes | bytearray) -> int:
+    proto = pkt[9] if pkt[0] >> 4 == 4 else pkt[6]
+    if proto == UDP:
+        return vnet.GSO_UDP_L4
+    return vnet.GSO_TCPV4 if pkt[0] >> 4 == 4 else vnet.GSO_TCPV6
+
+
+def frame_bytes(group) -> bytes:
+    return b"".join(bytes(b) for b in frame_iov(group))
+
+
+def tcp_fields(pkt: bytes | bytearray) -> tuple:
+    t = 20 if pkt[0] >> 4 == 4 else 40
+    return struct.unpack_from("!II", pkt, t + 4), pkt[t + 13], bytes(pkt[t + (pkt[t + 12] >> 4) * 4:])
+
+
+payload_bytes = st.integers(min_value=0, max_value=2**32 - 1).map(lambda s: s)
+
+
+def make_payload(size: int, seed: int) -> bytes:
+    return (seed.to_bytes(4, "big") * (size // 4 + 1))[:size] if size else b""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checksum helper
+
+
+@given(st.binary(max_size=3000))
+def test_ones_sum_matches_word_loop(data: bytes) -> None:
+    padded = data + b"\0" * (len(data) & 1)
+    total = 0
+    for i in range(0, len(padded), 2):
+        total += (padded[i] << 8) | padded[i + 1]
+        total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    assert ones_sum(data) % 0xFFFF == total % 0xFFFF
+    # A buffer with its checksum appended sums to all ones.
+    if len(data) % 2 == 0 and any(data):
+        assert ones_sum(data + checksum(data).to_bytes(2, "big")) == 0xFFFF
+
+
+# ---------------------------------------------------------------------------------------------------------
+# split then coalesce round trip
+
+
+@settings(max_examples=150, deadline=None)
+@given(v6=st.booleans(), udp=st.booleans(), gso_size=st.integers(min_value=1, max_value=1500),
+       total=st.integers(min_value=1, max_value=60000), psh=st.booleans(),
+       opts=st.sampled_from([b"", b"\x01\x01\x08\x0a" + bytes(range(8)), b"\x01\x01\x01\x00"]),
+       seq=st.integers(min_value=0, max_value=2**32 - 1), seed=payload_bytes)
+def test_split_then_coalesce_round_trip(v6: bool, udp: bool, gso_size: int, total: int, psh: bool,
+                                        opts: bytes, seq: int, seed: int) -> None:
+    segments_needed = -(-total // gso_size)
+    if segments_needed > 64:
+        total = gso_size * 64 - (seed % gso_size)
+    payload = make_payload(total, seed)
+    if udp:
+        monster = udp_packet(v6, payload, partial=True)
+        hlen, csum_offset = (48 if v6 else 28), 6
+    else:
+        monster = tcp_packet(v6, payload, seq=seq, flags=ACK | (PSH if psh else 0), options=opts, partial=True)
+        hlen, csum_offset = (40 if v6 else 20) + 20 + len(opts), 16
+    t = 40 if v6 else 20
+    segs: list = []
+    count = split(memoryview(monster), gso_type_of(monster), gso_size, t, segs)
+    assert count == len(segs) == -(-total // gso_size)
+    assert b"".join(bytes(s[hlen:]) for s in segs) == payload
+    for i, seg in enumerate(segs):
+        assert transport_checksum_ok(seg)
+        if not v6:
+            assert ipv4_header_ok(seg)
+            assert struct.unpack_from("!H", seg, 2)[0] == len(seg)
+            assert struct.unpack_from("!H", seg, 4)[0] == (0x1234 + i) & 0xFFFF
+        else:
+            assert struct.unpack_from("!H", seg, 4)[0] == len(seg) - 40
+        if udp:
+            assert struct.unpack_from("!H", seg, t + 4)[0] == len(seg) - t
+        else:
+            (seg_seq, _ack), flags, _ = tcp_fields(seg)
+            assert seg_seq == (seq + i * gso_size) & 0xFFFFFFFF
+            assert bool(flags & PSH) == (psh and i == count - 1)
+
+    groups = coalesce(segs)
+    assert len(groups) == 1
+    frame = frame_bytes(groups[0])
+    if count == 1:
+        assert frame[:10] == vnet.ZERO_HDR
+        assert frame[10:] == finish_checksum(monster, t, csum_offset)
+        return
+    flags, gso_type, hdr_len, size, csum_start, off = vnet.unpack_from(frame, 0)
+    assert (flags, gso_type, hdr_len, size, csum_start, off) == (
+        vnet.NEEDS_CSUM, gso_type_of(monster), hlen, gso_size, t, csum_offset)
+    # Byte-identical to the monster the kernel produced (partial checksum included)...
+    assert frame[10:] == monster
+    # ...and once its checksum is completed it verifies.
+    assert transport_checksum_ok(finish_checksum(frame[10:], t, csum_offset))
+
+
+@settings(max_examples=60, deadline=None)
+@given(v6=st.booleans(), gso_size=st.integers(min_value=1, max_value=400),
+       flags=st.sets(st.sampled_from([FIN, PSH, CWR]), max_size=3), seed=payload_bytes)
+def test_split_moves_fin_psh_to_last_and_cwr_to_first(v6: bool, gso_size: int, flags: set, seed: int) -> None:
+    f = ACK | sum(flags)
+    monster = tcp_packet(v6, make_payload(gso_size * 3 + 1, seed), flags=f, partial=True)
+    segs: list = []
+    split(monster, gso_type_of(monster), gso_size, 40 if v6 else 20, segs)
+    got = [tcp_fields(s)[1] for s in segs]
+    assert got[0] == f & ~(FIN | PSH)
+    assert all(g == ACK for g in got[1:-1])
+    assert got[-1] == f & ~CWR
+
+
+def test_split_rejects_malformed() -> None:
+    monster = tcp_packet(False, b"x" * 3000, partial=True)
+    for bad in (
+        lambda: split(monster, vnet.GSO_TCPV6, 1000, 20, []),   # wrong family
+        lambda: split(monster, vnet.GSO_TCPV4, 0, 20, []),      # zero gso_size
+        lambda: split(monster[:30], vnet.GSO_TCPV4, 100, 20, []),  # truncated
+        lambda: split(monster, 99, 100, 20, []),
+        lambda: finish_checksum(monster[:25], 20, 16),
+    ):
+        try:
+            bad()
+        except MalformedPacket:
+            continue
+        raise AssertionError("malformed packet accepted")
+
+
+def test_finish_checksum_for_plain_packets() -> None:
+    for v6 in (False, True):
+        t = 40 if v6 else 20
+        for pkt, off in ((tcp_packet(v6, b"hello", flags=SYN, partial=True), 16),
+                         (udp_packet(v6, b"hello world", partial=True), 6)):
+            assert not transport_checksum_ok(pkt)
+            assert transport_checksum_ok(finish_checksum(pkt, t, off))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# coalesce refusals and ordering
+
+
+def run_of(v6: bool, n: int, size: int = 100, seq: int = 1, **kw) -> list[bytearray]:
+    return [tcp_packet(v6, bytes([i]) * size, seq=seq + i * size, **kw) for i in range(n)]
+
+
+def sizes(groups) -> list[int]:
+    return [len(g.packets) for g in groups]
+
+
+def test_tcp_refusals() -> None:
+    for v6 in (False, True):
+        base = run_of(v6, 3)
+        assert sizes(coalesce(base)) == [3]
+        other_flow = tcp_packet(v6, b"z" * 100, seq=301, sport=1)
+        assert sizes(coalesce(base[:2] + [other_flow])) == [2, 1]
+        gap = tcp_packet(v6, b"z" * 100, seq=302)
+        assert sizes(coalesce(base[:2] + [gap])) == [2, 1]
+        for kw in ({"ack": 1}, {"window": 1}, {"ttl": 3}, {"tos": 4}, {"options": b"\x01\x01\x01\x00"},
+                   {"flags": ACK | FIN}, {"flags": ACK | CWR}, {"flags": ACK | 0x20}):
+            odd = tcp_packet(v6, b"z" * 100, seq=201, **kw)
+            assert sizes(coalesce(base[:2] + [odd])) == [2, 1], kw
+        bigger = tcp_packet(v6, b"z" * 101, seq=201)
+        assert sizes(coalesce(base[:2] + [bigger])) == [2, 1]
+        # after a smaller one nothing more joins
+        smaller = tcp_packet(v6, b"z" * 50, seq=201)
+        after = tcp_packet(v6, b"z" * 50, seq=251)
+        assert sizes(coalesce(base[:2] + [smaller, after])) == [3, 1]
+        # PSH closes the group, as the last member
+        pushed = tcp_packet(v6, b"z" * 100, seq=201, flags=ACK | PSH)
+        after = tcp_packet(v6, b"z" * 100, seq=301)
+        groups = coalesce(base[:2] + [pushed, after])
+        assert sizes(groups) == [3, 1]
+        assert frame_bytes(groups[0])[10 + (40 if v6 else 20) + 13] & PSH
+        # pure ACKs never join
+        assert sizes(coalesce(run_of(v6, 3, size=0))) == [1, 1, 1]
+
+
+def test_ipv4_options_and_fragments_are_not_coalesced() -> None:
+    base = run_of(False, 3)
+    frag = bytearray(base[2])
+    frag[6] |= 0x20  # MF
+    assert sizes(coalesce(base[:2] + [frag])) == [2, 1]
+    assert sizes(coalesce([frag] + base[:2])) == [1, 2]
+
+
+def test_size_limits() -> None:
+    # 64 KiB of IP packet per monster
+    big = run_of(False, 60, size=1400)
+    groups = coalesce(big)
+    assert sizes(groups) == [46, 14]
+    assert all(g.total <= 65535 for g in groups)
+    # at most 64 UDP segments
+    small = [udp_packet(True, bytes([i]) * 10) for i in range(150)]
+    assert sizes(coalesce(small)) == [64, 64, 22]
+
+
+def test_udp_refusals() -> None:
+    for v6 in (False, True):
+        dgrams = [udp_packet(v6, b"a" * 300) for _ in range(3)]
+        assert sizes(coalesce(dgrams)) == [3]
+        assert sizes(coalesce(dgrams[:2] + [udp_packet(v6, b"a" * 301)])) == [2, 1]
+        assert sizes(coalesce(dgrams[:2] + [udp_packet(v6, b"a" * 200), udp_packet(v6, b"a" * 200)])) == [3, 1]
+        assert sizes(coalesce(dgrams[:2] + [udp_packet(v6, b"a" * 300, sport=9)])) == [2, 1]
+        assert sizes(coalesce(dgrams[:2] + [udp_packet(v6, b"a" * 300, ttl=9)])) == [2, 1]
+        assert sizes(coalesce(dgrams, udp=False)) == [1, 1, 1]
+        assert sizes(coalesce(run_of(v6, 3), tcp=False)) == [1, 1, 1]
+
+
+def test_non_ip_and_garbage_pass_through_alone() -> None:
+    junk = [b"", b"\x00" * 10, b"\x60" + b"\x00" * 5, bytes([0x45]) + b"\x00" * 30]
+    groups = coalesce(junk)
+    assert [g.packets[0] for g in groups] == junk
+    assert [frame_bytes(g) for g in groups] == [vnet.ZERO_HDR + j for j in junk]
+
+
+def flatten(groups) -> list:
+    return [bytes(p) for g in groups for p in g.packets]
+
+
+@settings(max_examples=120, deadline=None)
+@given(plan=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["data", "ack", "psh", "small", "gap"])),
+                     min_size=1, max_size=80))
+def test_order_within_each_flow_is_kept(plan: list) -> None:
+    """Random interleavings of four flows (2 TCP, 2 UDP) with disruptive packets: per flow, the packets come
+    out of the groups in the order they went in, and every multi-packet group is a valid monster."""
+    next_seq = {0: 1, 1: 1}
+    packets = []
+    for flow, kind in plan:
+        size = {"small": 30, "ack": 0}.get(kind, 100)
+        if flow < 2:
+            if kind == "gap":
+                next_seq[flow] += 7
+            pkt = tcp_packet(flow == 1, bytes([len(packets) & 0xFF]) * size, seq=next_seq[flow],
+                             flags=ACK | (PSH if kind == "psh" else 0))
+            next_seq[flow] += size
+        else:
+            pkt = udp_packet(flow == 3, bytes([len(packets) & 0xFF]) * max(size, 1), sport=flow)
+        packets.append(bytes(pkt))
+    groups = coalesce(packets)
+    out = flatten(groups)
+    assert sorted(out) == sorted(packets)
+    for flow_pkts in group_by_flow(packets).values():
+        got = [p for p in out if p in set(flow_pkts)]
+        assert got == flow_pkts
+    # Group positions: within a flow, each group's packets follow the previous group's.
+    for g in groups:
+        if len(g.packets) > 1:
+            frame = frame_bytes(g)
+            _, gso_type, _, size, start, off = vnet.unpack_from(frame, 0)
+            monster = frame[10:]
+            segs: list = []
+            split(monster, gso_type, size, start, segs)
+            assert [bytes(s) for s in segs] == [fix_id(bytes(p), bytes(g.packets[0]), i)
+                                                for i, p in enumerate(g.packets)]
+
+
+def fix_id(pkt: bytes, first: bytes, i: int) -> bytes:
+    """Segments get IPv4 IDs counting up from the first packet's; the fixtures all use one ID."""
+    if pkt[0] >> 4 != 4:
+        return pkt
+    b = bytearray(pkt)
+    struct.pack_into("!H", b, 4, (struct.unpack_from("!H", first, 4)[0] + i) & 0xFFFF)
+    b[10:12] = b"\0\0"
+    struct.pack_into("!H", b, 10, checksum(b[:20]))
+    return bytes(b)
+
+
+def group_by_flow(packets: list[bytes]) -> dict:
+    flows: dict = {}
+    for p in packets:
+        t = 20 if p[0] >> 4 == 4 else 40
+        key = (p[0] >> 4, addr_of(p), p[t:t + 4])
+        flows.setdefault(key, []).append(p)
+    return flows

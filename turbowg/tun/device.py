@@ -1,0 +1,290 @@
+"""TUN device I/O: the only module in turbowg.tun that touches the kernel.
+
+Public API (stable; the device runtime drives it)::
+
+    dev = open_tun("wg0", vnet_hdr=True, mtu=1420)   # create or attach to a TUN by name (IFF_TUN|IFF_NO_PI)
+    dev.name, dev.ifindex, dev.fileno()                # fd is non-blocking: register it with the event loop
+    dev.vnet_hdr: bool      # virtio-net headers in use (IFF_VNET_HDR + TUNSETVNETHDRSZ 10)
+    dev.offloads: int       # TUN_F_* flags accepted by TUNSETOFFLOAD (0 when none)
+    dev.gro_tcp, dev.gro_udp: bool   # write_batch coalesces TCP / UDP flows
+    n = dev.read_batch(out)          # ONE read; appends plain IP packets (bytes/bytearray, owned by the
+                                     # caller) to `out`, GSO monsters split, partial checksums completed;
+                                     # returns how many were appended (0 when nothing was ready)
+    dev.write_batch(packets)         # IP packets; coalesced per flow when vnet headers are on
+    dev.mtu; dev.set_mtu(1420); dev.set_up(); dev.exists() -> bool; dev.close()
+    dev.counters: dict[str, int]     # read/write packets, frames, malformed and dropped counts
+
+Offload negotiation with vnet headers: CSUM|TSO4|TSO6|USO4|USO6, else CSUM|TSO4|TSO6, else no flags; if the
+kernel refuses vnet headers altogether the device is reopened without them. UDP GRO is only used when USO was
+accepted. A GRO write refused with EINVAL turns GRO off for the device (logged once) and the rest of the
+batch is written packet by packet.
+
+Deletion of the interface: reads/writes then fail with EBADFD (or EIO); the device raises ``TunGone`` from
+read_batch/write_batch and ``exists()`` returns False (it asks the kernel via TUNGETIFF, which works whatever
+network namespace the caller is in now).
+
+The MTU/flags ioctls go through a control socket opened together with the TUN, so they address the network
+namespace the TUN was created in.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+
+from . import vnet
+from .gro import coalesce, frame_iov
+from .gso import MalformedPacket, finish_checksum, split
+
+log = logging.getLogger(__name__)
+
+TUNSETIFF = 0x400454CA
+TUNGETIFF = 0x800454D2
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+IFF_UP = 0x1
+
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCGIFMTU = 0x8921
+SIOCSIFMTU = 0x8922
+
+OFFLOAD_CHOICES = (
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6,
+    TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6,
+    0,
+)
+
+READ_BUFFER_SIZE = 65535 + vnet.VNET_HDR_LEN
+_GONE_ERRNOS = (errno.EBADFD,)
+
+
+class TunError(OSError):
+    """The TUN could not be opened or configured (message says why)."""
+
+
+class TunGone(OSError):
+    """The interface behind this TUN fd was deleted."""
+
+
+def _ifreq(name: str, flags: int = 0) -> bytes:
+    return struct.pack("16sH22x", name.encode(), flags)
+
+
+def _check_name(name: str) -> None:
+    raw = name.encode()
+    if not raw or len(raw) > 15 or b"/" in raw or b"\0" in raw or any(c <= 32 for c in raw):
+        raise ValueError(f"invalid interface name {name!r} (1-15 characters, no '/' or whitespace)")
+
+
+class TunDevice:
+    def __init__(self, fd: int, name: str, vnet_hdr: bool, offloads: int) -> None:
+        self._fd = fd
+        self.name = name
+        self.vnet_hdr = vnet_hdr
+        self.offloads = offloads
+        self.gro_tcp = vnet_hdr and bool(offloads & TUN_F_TSO4)
+        self.gro_udp = vnet_hdr and bool(offloads & TUN_F_USO4)
+        self._ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.ifindex = socket.if_nametoindex(name)
+        self._rbuf = bytearray(READ_BUFFER_SIZE)
+        self._rmv = memoryview(self._rbuf)
+        self._rlist = [self._rbuf]
+        self._gone = False
+        self._gro_warned = False
+        self.counters: dict[str, int] = {
+            "read_frames": 0, "read_packets": 0, "read_malformed": 0,
+            "write_frames": 0, "write_packets": 0, "write_dropped_eagain": 0, "write_errors": 0,
+            "gro_disabled": 0,
+        }
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._ctl.close()
+
+    def __enter__(self) -> TunDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def exists(self) -> bool:
+        if self._gone or self._fd < 0:
+            return False
+        try:
+            fcntl.ioctl(self._fd, TUNGETIFF, _ifreq(""))
+        except OSError:
+            self._gone = True
+            return False
+        return True
+
+    @property
+    def mtu(self) -> int:
+        res = fcntl.ioctl(self._ctl, SIOCGIFMTU, _ifreq(self.name))
+        return struct.unpack_from("i", res, 16)[0]
+
+    def set_mtu(self, mtu: int) -> None:
+        if not 68 <= mtu <= 65535:
+            raise ValueError(f"MTU {mtu} out of range 68..65535")
+        fcntl.ioctl(self._ctl, SIOCSIFMTU, struct.pack("16si20x", self.name.encode(), mtu))
+
+    def set_up(self) -> None:
+        res = fcntl.ioctl(self._ctl, SIOCGIFFLAGS, _ifreq(self.name))
+        flags = struct.unpack_from("H", res, 16)[0]
+        fcntl.ioctl(self._ctl, SIOCSIFFLAGS, _ifreq(self.name, flags | IFF_UP))
+
+    def _gone_error(self, exc: OSError) -> TunGone:
+        self._gone = True
+        return TunGone(exc.errno, f"TUN {self.name} is gone: {exc.strerror}")
+
+    # -- data path ------------------------------------------------------------------------------------------
+    def read_batch(self, out: list) -> int:
+        try:
+            n = os.readv(self._fd, self._rlist)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            if exc.errno in _GONE_ERRNOS or (exc.errno == errno.EIO and not self.exists()):
+                raise self._gone_error(exc) from None
+            raise
+        counters = self.counters
+        counters["read_frames"] += 1
+        if not self.vnet_hdr:
+            out.append(self._rbuf[:n])
+            counters["read_packets"] += 1
+            return 1
+        if n < vnet.VNET_HDR_LEN:
+            counters["read_malformed"] += 1
+            return 0
+        flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.unpack_from(self._rbuf, 0)
+        pkt = self._rmv[vnet.VNET_HDR_LEN:n]
+        try:
+            if gso_type != vnet.GSO_NONE:
+                count = split(pkt, gso_type, gso_size, csum_start, out)
+            elif flags & vnet.NEEDS_CSUM:
+                out.append(finish_checksum(pkt, csum_start, csum_offset))
+                count = 1
+            else:
+                out.append(bytes(pkt))
+                count = 1
+        except MalformedPacket:
+            counters["read_malformed"] += 1
+            return 0
+        finally:
+            pkt.release()
+        counters["read_packets"] += count
+        return count
+
+    def write_batch(self, packets: list) -> None:
+        counters = self.counters
+        fd = self._fd
+        if not self.vnet_hdr:
+            for pkt in packets:
+                self._write(os.write, fd, pkt, 1)
+            return
+        if not (self.gro_tcp or self.gro_udp):
+            zero = vnet.ZERO_HDR
+            for pkt in packets:
+                self._write(os.writev, fd, [zero, pkt], 1)
+            return
+        groups = coalesce(packets, tcp=self.gro_tcp, udp=self.gro_udp)
+        for i, group in enumerate(groups):
+            try:
+                self._write(os.writev, fd, frame_iov(group), len(group.packets))
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or len(group.packets) == 1:
+                    counters["write_errors"] += 1
+                    continue
+                self.gro_tcp = self.gro_udp = False
+                counters["gro_disabled"] += 1
+                if not self._gro_warned:
+                    self._gro_warned = True
+                    log.warning("TUN %s refused a coalesced write (EINVAL); GRO turned off", self.name)
+                rest = [pkt for g in groups[i:] for pkt in g.packets]
+                self.write_batch(rest)
+                return
+
+    def _write(self, write, fd: int, data, npackets: int) -> None:
+        """One write; EAGAIN drops and counts. Raises OSError only for EINVAL (caller decides)."""
+        counters = self.counters
+        try:
+            write(fd, data)
+        except BlockingIOError:
+            counters["write_dropped_eagain"] += npackets
+            return
+        except OSError as exc:
+            if exc.errno in _GONE_ERRNOS or (exc.errno == errno.EIO and not self.exists()):
+                raise self._gone_error(exc) from None
+            if exc.errno == errno.EINVAL and npackets > 1:
+                raise
+            counters["write_errors"] += npackets
+            return
+        counters["write_frames"] += 1
+        counters["write_packets"] += npackets
+
+
+def open_tun(name: str, *, vnet_hdr: bool = True, mtu: int | None = None) -> TunDevice:
+    """Create the TUN `name` (or attach to an existing one) in the caller's network namespace."""
+    _check_name(name)
+    try:
+        fd, actual, use_vnet, offloads = _open(name, vnet_hdr)
+    except PermissionError as exc:
+        raise TunError(exc.errno, f"cannot open TUN {name!r}: {exc.strerror} (needs CAP_NET_ADMIN)") from None
+    except FileNotFoundError as exc:
+        raise TunError(exc.errno, "cannot open /dev/net/tun: TUN support missing") from None
+    except OSError as exc:
+        raise TunError(exc.errno, f"cannot open TUN {name!r}: {exc.strerror}") from None
+    dev = TunDevice(fd, actual, use_vnet, offloads)
+    if mtu is not None:
+        dev.set_mtu(mtu)
+    return dev
+
+
+def _open(name: str, vnet_hdr: bool) -> tuple[int, str, bool, int]:
+    flags = IFF_TUN | IFF_NO_PI
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if vnet_hdr:
+            try:
+                res = fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, flags | IFF_VNET_HDR))
+                fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", vnet.VNET_HDR_LEN))
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.EACCES, errno.EBUSY):
+                    raise
+                log.info("TUN %s: vnet headers refused (%s); reopening without", name, exc.strerror)
+                os.close(fd)
+                fd = -1
+                return _open(name, False)
+            for offloads in OFFLOAD_CHOICES:
+                try:
+                    fcntl.ioctl(fd, TUNSETOFFLOAD, offloads)
+                    break
+                except OSError:
+                    continue
+            actual = res[:16].rstrip(b"\0").decode()
+            return fd, actual, True, offloads
+        res = fcntl.ioctl(fd, TUNSETIFF, _ifreq(name, flags))
+        return fd, res[:16].rstrip(b"\0").decode(), False, 0
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise

@@ -1,0 +1,153 @@
+"""GSO split: cut a TUN "monster" packet (virtio gso_type TCPV4/TCPV6/UDP_L4) into wire-size IP packets.
+
+Pure functions, no I/O. Public API:
+
+- ``split(packet, gso_type, gso_size, csum_start, out) -> int``: append the segments (fresh ``bytearray``s,
+  owned by the caller) to ``out`` and return how many were appended. Every segment gets its own IPv4 total
+  length / incremented IPv4 ID / IPv4 header checksum (or IPv6 payload length), TCP sequence number advanced by
+  the payload already sent (FIN and PSH kept only on the last segment, CWR only on the first) or UDP length,
+  and a full transport checksum.
+- ``finish_checksum(packet, csum_start, csum_offset) -> bytearray``: complete a NEEDS_CSUM partial checksum
+  of a non-GSO packet (the field holds the pseudo-header sum; the result is the complemented sum from
+  csum_start).
+
+Malformed input raises ``MalformedPacket`` (a ``ValueError``); callers drop and count it.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from .checksum import IPPROTO_TCP, IPPROTO_UDP, checksum, ones_sum
+from .vnet import GSO_ECN, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4
+
+TCP_FIN = 0x01
+TCP_PSH = 0x08
+TCP_CWR = 0x80
+
+_pack_into = struct.pack_into
+_unpack_from = struct.unpack_from
+
+
+class MalformedPacket(ValueError):
+    """A packet whose headers do not describe itself consistently."""
+
+
+def _transport_offset(pkt: memoryview, csum_start: int) -> int:
+    version = pkt[0] >> 4
+    if version == 4:
+        ihl = (pkt[0] & 0x0F) * 4
+        if ihl < 20 or (csum_start and csum_start != ihl):
+            raise MalformedPacket("bad IPv4 header length")
+        return ihl
+    if version == 6:
+        offset = csum_start or 40
+        if offset < 40:
+            raise MalformedPacket("bad IPv6 transport offset")
+        return offset
+    raise MalformedPacket("not an IP packet")
+
+
+def split(packet: bytes | bytearray | memoryview, gso_type: int, gso_size: int, csum_start: int,
+          out: list) -> int:
+    pkt = memoryview(packet)
+    n = len(pkt)
+    if n < 28:
+        raise MalformedPacket("GSO packet too short")
+    gso_type &= ~GSO_ECN
+    version = pkt[0] >> 4
+    if gso_type == GSO_TCPV4:
+        if version != 4:
+            raise MalformedPacket("TCPV4 GSO on a non-IPv4 packet")
+        tcp = True
+    elif gso_type == GSO_TCPV6:
+        if version != 6:
+            raise MalformedPacket("TCPV6 GSO on a non-IPv6 packet")
+        tcp = True
+    elif gso_type == GSO_UDP_L4:
+        tcp = False
+    else:
+        raise MalformedPacket(f"unsupported GSO type {gso_type}")
+    if gso_size <= 0:
+        raise MalformedPacket("GSO size zero")
+    t = _transport_offset(pkt, csum_start)
+    v4 = version == 4
+    if tcp:
+        if n < t + 20:
+            raise MalformedPacket("truncated TCP header")
+        hlen = t + (pkt[t + 12] >> 4) * 4
+        if hlen < t + 20 or hlen > n:
+            raise MalformedPacket("bad TCP data offset")
+        proto = IPPROTO_TCP
+        csum_at = t + 16
+    else:
+        hlen = t + 8
+        if hlen > n:
+            raise MalformedPacket("truncated UDP header")
+        proto = IPPROTO_UDP
+        csum_at = t + 6
+    if v4:
+        if pkt[9] != proto:
+            raise MalformedPacket("IPv4 protocol does not match the GSO type")
+        addr_sum = ones_sum(pkt[12:20], proto)
+    else:
+        if t == 40 and pkt[6] != proto:
+            raise MalformedPacket("IPv6 next header does not match the GSO type")
+        addr_sum = ones_sum(pkt[8:40], proto)
+
+    header = bytearray(pkt[:hlen])
+    if v4:
+        ip_id = _unpack_from("!H", header, 4)[0]
+    if tcp:
+        seq0 = _unpack_from("!I", header, t + 4)[0]
+        flags0 = header[t + 13]
+    payload_len = n - hlen
+    count = max(1, -(-payload_len // gso_size))
+    last = count - 1
+    start = hlen
+    for i in range(count):
+        end = min(start + gso_size, n)
+        seg = header + pkt[start:end]
+        seg_len = len(seg)
+        if v4:
+            _pack_into("!HH", seg, 2, seg_len, (ip_id + i) & 0xFFFF)
+            seg[10] = seg[11] = 0
+            _pack_into("!H", seg, 10, ~ones_sum(memoryview(seg)[:t]) & 0xFFFF)
+        else:
+            _pack_into("!H", seg, 4, seg_len - 40)
+        if tcp:
+            _pack_into("!I", seg, t + 4, (seq0 + (start - hlen)) & 0xFFFFFFFF)
+            flags = flags0
+            if i != last:
+                flags &= ~(TCP_FIN | TCP_PSH)
+            if i != 0:
+                flags &= ~TCP_CWR
+            seg[t + 13] = flags
+        else:
+            _pack_into("!H", seg, t + 4, seg_len - t)
+        seg[csum_at] = seg[csum_at + 1] = 0
+        l4 = memoryview(seg)[t:]
+        csum = checksum(l4, addr_sum + seg_len - t)
+        l4.release()
+        if csum == 0 and not tcp:
+            csum = 0xFFFF
+        _pack_into("!H", seg, csum_at, csum)
+        out.append(seg)
+        start = end
+    return count
+
+
+def finish_checksum(packet: bytes | bytearray | memoryview, csum_start: int, csum_offset: int) -> bytearray:
+    """Complete a partial (NEEDS_CSUM) checksum; returns a new bytearray."""
+    n = len(packet)
+    at = csum_start + csum_offset
+    if at + 2 > n or csum_start >= n:
+        raise MalformedPacket("checksum offsets beyond the packet")
+    seg = bytearray(packet)
+    l4 = memoryview(seg)[csum_start:]
+    csum = checksum(l4)
+    l4.release()
+    if csum == 0 and csum_offset == 6:
+        csum = 0xFFFF  # UDP transmits a zero checksum as all ones
+    _pack_into("!H", seg, at, csum)
+    return seg
