@@ -252,7 +252,8 @@ def open_tun(name: str, *, vnet_hdr: bool = True, mtu: int | None = None) -> Tun
     except FileNotFoundError as exc:
         raise TunError(exc.errno, "cannot open /dev/net/tun: TUN support missing") from None
     except OSError as exc:
-        raise TunError(exc.errno, f"cannot open TUN {name!r}: {exc.strerror}") from None
+        hint = " (already attached to another fd/process)" if exc.errno == errno.EBUSY else ""
+        raise TunError(exc.errno, f"cannot open TUN {name!r}: {exc.strerror}{hint}") from None
     dev = TunDevice(fd, actual, use_vnet, offloads)
     if mtu is not None:
         dev.set_mtu(mtu)
