@@ -1,0 +1,271 @@
+"""The WireGuard UDP socket: one dual-stack AF_INET6 socket with batch send (UDP_SEGMENT) and batch receive
+(UDP_GRO).
+
+Public API (stable; the device runtime drives it)::
+
+    bind = UDPBind(port=0, fwmark=0)        # binds [::]:port with IPV6_V6ONLY=0, non-blocking
+    bind.port                               # actual bound port
+    bind.fileno()                           # register with the event loop for readability
+    bind.set_fwmark(mark)                   # SO_MARK (0 clears)
+    n = bind.recv_batch(out, max_calls=64)  # appends (datagram: bytes, endpoint) until EAGAIN or max_calls
+    bind.send_batch(endpoint, datagrams)    # endpoint = (host, port); host is a plain IPv4 or IPv6 string
+    bind.gso, bind.gro: bool                # UDP_SEGMENT sends / UDP_GRO receives in use
+    bind.counters: dict[str, int]
+    bind.close()
+
+Endpoints are ``(host, port)`` with IPv4 peers as plain dotted quads (v4-mapped addresses are un-mapped on
+receive and re-mapped to ::ffff:a.b.c.d on send). Runs of equal-size datagrams to one endpoint go out in one
+sendmsg with a UDP_SEGMENT control message (a shorter datagram may end a run; at most 64 datagrams and
+65507 (IPv4) / 65527 (IPv6) bytes per call). If the kernel refuses a segmented send (EIO, EINVAL, EMSGSIZE),
+that run is resent one datagram per call and GSO stays off for this socket (logged once). EAGAIN drops the
+rest of the batch and counts it; other send errors (unreachable, ...) drop and count. Nothing raises for
+network conditions; a malformed endpoint raises ValueError.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+import struct
+import sys
+
+log = logging.getLogger(__name__)
+
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+SO_MARK = 36
+SO_SNDBUFFORCE = 32
+SO_RCVBUFFORCE = 33
+
+SOCKET_BUFFER = 7 << 20
+MAX_SEGMENTS = 64
+MAX_SEND_V4 = 65507
+MAX_SEND_V6 = 65527
+RECV_BUFFER = 65536 + 1024
+_GSO_REFUSALS = (errno.EIO, errno.EINVAL, errno.EMSGSIZE)
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+_ENDPOINT_CACHE_MAX = 4096
+
+Endpoint = tuple[str, int]
+
+
+class UDPBind:
+    def __init__(self, port: int = 0, *, fwmark: int = 0, gso: bool = True, gro: bool = True) -> None:
+        if not 0 <= port <= 65535:
+            raise ValueError(f"UDP port {port} out of range 0..65535")
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setblocking(False)
+            for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
+                except OSError:
+                    sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+            try:
+                sock.bind(("::", port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot bind UDP port {port}: {exc.strerror}") from None
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
+        self.port: int = sock.getsockname()[1]
+        self.gro = gro and self._try_setsockopt(SOL_UDP, UDP_GRO, 1)
+        self.gso = gso and self._probe_gso()
+        self._gso_warned = False
+        if fwmark:
+            self.set_fwmark(fwmark)
+        self._buf = bytearray(RECV_BUFFER)
+        self._bufs = [self._buf]
+        self._mv = memoryview(self._buf)
+        self._to_sockaddr: dict[Endpoint, tuple] = {}
+        self._from_sockaddr: dict[tuple[str, int], Endpoint] = {}
+        self.counters: dict[str, int] = {
+            "recv_calls": 0, "recv_datagrams": 0, "recv_errors": 0,
+            "send_calls": 0, "send_datagrams": 0, "send_dropped_eagain": 0, "send_errors": 0,
+            "gso_fallbacks": 0,
+        }
+
+    def _try_setsockopt(self, level: int, opt: int, value: int) -> bool:
+        try:
+            self._sock.setsockopt(level, opt, value)
+        except OSError:
+            return False
+        return True
+
+    def _probe_gso(self) -> bool:
+        try:
+            self._sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+        except OSError:
+            return False
+        return True
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> UDPBind:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def set_fwmark(self, mark: int) -> None:
+        if not 0 <= mark <= 0xFFFFFFFF:
+            raise ValueError(f"fwmark {mark} out of range")
+        self._sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+
+    # -- receive --------------------------------------------------------------------------------------------
+    def recv_batch(self, out: list, max_calls: int = 64) -> int:
+        """Up to `max_calls` reads until EAGAIN; appends (datagram, endpoint); returns datagrams appended."""
+        recvmsg_into = self._sock.recvmsg_into
+        bufs = self._bufs
+        mv = self._mv
+        anc = _GRO_CMSG_SPACE if self.gro else 0
+        endpoints = self._from_sockaddr
+        count = 0
+        calls = 0
+        for calls in range(1, max_calls + 1):  # noqa: B007 - calls is read after the loop
+            try:
+                n, ancdata, _flags, addr = recvmsg_into(bufs, anc)
+            except BlockingIOError:
+                calls -= 1
+                break
+            except OSError:
+                self.counters["recv_errors"] += 1
+                continue
+            key = (addr[0], addr[1])
+            endpoint = endpoints.get(key)
+            if endpoint is None:
+                endpoint = self._endpoint_of(key)
+            seg = 0
+            for level, kind, data in ancdata:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
+                    seg = int.from_bytes(data[:4] if len(data) >= 4 else data[:2], sys.byteorder)
+            if seg and seg < n:
+                for off in range(0, n, seg):
+                    out.append((bytes(mv[off:min(off + seg, n)]), endpoint))
+                    count += 1
+            else:
+                out.append((bytes(mv[:n]), endpoint))
+                count += 1
+        self.counters["recv_calls"] += calls
+        self.counters["recv_datagrams"] += count
+        return count
+
+    def _endpoint_of(self, key: tuple[str, int]) -> Endpoint:
+        host = key[0]
+        if host.startswith("::ffff:") and "." in host:
+            host = host[7:]
+        elif "%" in host:
+            host = host.split("%", 1)[0]
+        endpoint = (host, key[1])
+        if len(self._from_sockaddr) >= _ENDPOINT_CACHE_MAX:
+            self._from_sockaddr.clear()
+        self._from_sockaddr[key] = endpoint
+        return endpoint
+
+    # -- send -----------------------------------------------------------------------------------------------
+    def _sockaddr(self, endpoint: Endpoint) -> tuple:
+        addr = self._to_sockaddr.get(endpoint)
+        if addr is None:
+            host, port = endpoint
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"endpoint host {host!r} is not an IP address") from None
+            if not 0 < port <= 65535:
+                raise ValueError(f"endpoint port {port} out of range 1..65535")
+            if ip.version == 4:
+                addr = (f"::ffff:{ip}", port, 0, 0)
+            elif ip.ipv4_mapped is not None:
+                addr = (str(ip), port, 0, 0)
+            else:
+                addr = (str(ip), port, 0, 0)
+            if len(self._to_sockaddr) >= _ENDPOINT_CACHE_MAX:
+                self._to_sockaddr.clear()
+            self._to_sockaddr[endpoint] = addr
+        return addr
+
+    def send_batch(self, endpoint: Endpoint, datagrams: list) -> None:
+        addr = self._sockaddr(endpoint)
+        if not datagrams:
+            return
+        if not self.gso:
+            self._send_each(addr, datagrams, 0)
+            return
+        limit = MAX_SEND_V4 if addr[0].startswith("::ffff:") else MAX_SEND_V6
+        sendmsg = self._sock.sendmsg
+        counters = self.counters
+        n = len(datagrams)
+        i = 0
+        while i < n:
+            size = len(datagrams[i])
+            j = i + 1
+            total = size
+            while j < n and j - i < MAX_SEGMENTS:
+                length = len(datagrams[j])
+                if length > size or total + length > limit:
+                    break
+                total += length
+                j += 1
+                if length < size:
+                    break
+            if j - i == 1:
+                if not self._send_each(addr, datagrams, i, i + 1):
+                    return
+                i = j
+                continue
+            batch = datagrams[i:j]
+            try:
+                sendmsg(batch, [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, addr)
+            except BlockingIOError:
+                counters["send_dropped_eagain"] += n - i
+                return
+            except OSError as exc:
+                if exc.errno in _GSO_REFUSALS:
+                    self._disable_gso(exc)
+                    self._send_each(addr, datagrams, i)
+                    return
+                counters["send_errors"] += len(batch)
+                i = j
+                continue
+            counters["send_calls"] += 1
+            counters["send_datagrams"] += len(batch)
+            i = j
+
+    def _disable_gso(self, exc: OSError) -> None:
+        self.gso = False
+        self.counters["gso_fallbacks"] += 1
+        if not self._gso_warned:
+            self._gso_warned = True
+            log.warning("UDP port %d: segmented send refused (%s); sending one datagram per call",
+                        self.port, exc.strerror)
+
+    def _send_each(self, addr: tuple, datagrams: list, start: int, stop: int | None = None) -> bool:
+        """sendto per datagram; False when EAGAIN dropped the rest of the batch."""
+        sendto = self._sock.sendto
+        counters = self.counters
+        stop = len(datagrams) if stop is None else stop
+        sent = 0
+        for k in range(start, stop):
+            try:
+                sendto(datagrams[k], addr)
+            except BlockingIOError:
+                counters["send_dropped_eagain"] += len(datagrams) - k
+                counters["send_calls"] += sent
+                counters["send_datagrams"] += sent
+                return False
+            except OSError:
+                counters["send_errors"] += 1
+                continue
+            sent += 1
+        counters["send_calls"] += sent
+        counters["send_datagrams"] += sent
+        return True
