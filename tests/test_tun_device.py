@@ -25,6 +25,7 @@ pytestmark = [needs_netns, pytest.mark.netns]
 CLONE_NEWNET = 0x40000000
 SOL_UDP, UDP_SEGMENT = 17, 103
 TUN_IP, PEER_IP = "10.88.0.1", "10.88.0.2"
+TUN_IP6, PEER_IP6 = "fd88::1", "fd88::2"
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -53,6 +54,7 @@ def tun_ns():
         dev = open_tun(name, vnet_hdr=True, mtu=1500)
         dev.set_up()
         ns_run(pair.a, "ip", "addr", "add", f"{TUN_IP}/24", "dev", name)
+        ns_run(pair.a, "ip", "-6", "addr", "add", f"{TUN_IP6}/64", "dev", name, "nodad")
         try:
             yield pair.a, dev
         finally:
@@ -73,7 +75,11 @@ def read_until(dev, want: int, timeout: float = 5.0, accept=lambda p: True) -> l
 
 
 def is_udp_to(port: int):
-    return lambda p: p[0] >> 4 == 4 and p[9] == 17 and struct.unpack_from("!H", p, 22)[0] == port
+    def match(p) -> bool:
+        if p[0] >> 4 == 4:
+            return p[9] == 17 and struct.unpack_from("!H", p, 22)[0] == port
+        return p[6] == 17 and struct.unpack_from("!H", p, 42)[0] == port
+    return match
 
 
 def test_offloads_negotiated_and_visible_to_ethtool(tun_ns) -> None:
@@ -92,18 +98,21 @@ def test_offloads_negotiated_and_visible_to_ethtool(tun_ns) -> None:
         dev.set_mtu(10)
 
 
-def test_udp_gso_send_is_read_as_split_datagrams(tun_ns) -> None:
+@pytest.mark.parametrize("v6", [False, True])
+def test_udp_gso_send_is_read_as_split_datagrams(tun_ns, v6: bool) -> None:
     _ns, dev = tun_ns
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    family, peer, t = (socket.AF_INET6, PEER_IP6, 40) if v6 else (socket.AF_INET, PEER_IP, 20)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     with sock:
         payload = b"".join(bytes([i]) * 1000 for i in range(10)) + b"tail"
-        sock.sendmsg([payload], [(SOL_UDP, UDP_SEGMENT, struct.pack("H", 1000))], 0, (PEER_IP, 7777))
+        sock.sendmsg([payload], [(SOL_UDP, UDP_SEGMENT, struct.pack("H", 1000))], 0, (peer, 7777))
         got = read_until(dev, 11, accept=is_udp_to(7777))
     assert len(got) == 11
-    assert b"".join(bytes(p[28:]) for p in got) == payload
+    assert b"".join(bytes(p[t + 8:]) for p in got) == payload
     for p in got:
-        assert ipv4_header_ok(p) and transport_checksum_ok(p)
-        assert struct.unpack_from("!H", p, 24)[0] == len(p) - 20
+        assert transport_checksum_ok(p)
+        assert v6 or ipv4_header_ok(p)
+        assert struct.unpack_from("!H", p, t + 4)[0] == len(p) - t
     if dev.gro_udp:  # USO on: the kernel handed us one monster that read_batch cut up
         assert dev.counters["read_frames"] < dev.counters["read_packets"]
 
@@ -181,16 +190,18 @@ def test_tcp_syn_checksum_completed_then_tso_stream_split_and_gro_writes_deliver
         assert bytes(received) == b"".join(reply)
 
 
-def test_udp_gro_writes_arrive_in_order(tun_ns) -> None:
+@pytest.mark.parametrize("v6", [False, True])
+def test_udp_gro_writes_arrive_in_order(tun_ns, v6: bool) -> None:
     _ns, dev = tun_ns
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    family, local, peer = (socket.AF_INET6, TUN_IP6, PEER_IP6) if v6 else (socket.AF_INET, TUN_IP, PEER_IP)
+    rx = socket.socket(family, socket.SOCK_DGRAM)
     with rx:
-        rx.bind((TUN_IP, 0))
+        rx.bind((local, 0))
         rx.settimeout(2)
         port = rx.getsockname()[1]
         payloads = [i.to_bytes(2, "big") * 600 for i in range(50)] + [b"short"]
-        pkts = [rewrite_dst(udp_packet(False, p, sport=5555, dport=port, src=socket.inet_aton(PEER_IP)),
-                            socket.inet_aton(TUN_IP)) for p in payloads]
+        src, dst = socket.inet_pton(family, peer), socket.inet_pton(family, local)
+        pkts = [udp_packet(v6, p, sport=5555, dport=port, src=src, dst=dst) for p in payloads]
         dev.write_batch(pkts)
         got = [rx.recv(65536) for _ in payloads]
     assert got == payloads

@@ -62,9 +62,9 @@ def tcp_packet(v6: bool, payload: bytes, *, seq: int = 1000, ack: int = 5555, fl
 
 
 def udp_packet(v6: bool, payload: bytes, *, sport: int = 51820, dport: int = 51821, ttl: int = 64,
-               partial: bool = False, src: bytes | None = None) -> bytearray:
+               partial: bool = False, src: bytes | None = None, dst: bytes | None = None) -> bytearray:
     l4 = bytearray(struct.pack("!HHHH", sport, dport, 8 + len(payload), 0)) + payload
-    pkt = ip_header(v6, UDP, len(l4), ttl=ttl, src=src) + l4
+    pkt = ip_header(v6, UDP, len(l4), ttl=ttl, src=src, dst=dst) + l4
     t = 40 if v6 else 20
     s, d = addr_of(pkt)
     psum = pseudo_header_sum(s, d, UDP, len(l4))
