@@ -96,7 +96,9 @@ def test_refused_gso_send_falls_back_per_datagram() -> None:
 
 def test_fwmark_and_bad_endpoints() -> None:
     with UDPBind(fwmark=0x51820) as b:
-        assert b._sock.getsockopt(socket.SOL_SOCKET, 36) == 0x51820
+        assert b._sock.getsockopt(socket.SOL_SOCKET, 36) == 0x51820 == b.fwmark
+        b.set_fwmark(0)
+        assert b._sock.getsockopt(socket.SOL_SOCKET, 36) == 0 == b.fwmark
         for bad in (("not-an-ip", 1), ("127.0.0.1", 0), ("::1", 70000)):
             with pytest.raises(ValueError):
                 b.send_batch(bad, [b"x"])

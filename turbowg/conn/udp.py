@@ -6,7 +6,7 @@ Public API (stable; the device runtime drives it)::
     bind = UDPBind(port=0, fwmark=0)        # binds [::]:port with IPV6_V6ONLY=0, non-blocking
     bind.port                               # actual bound port
     bind.fileno()                           # register with the event loop for readability
-    bind.set_fwmark(mark)                   # SO_MARK (0 clears)
+    bind.set_fwmark(mark); bind.fwmark     # SO_MARK (0 clears); the mark in effect
     n = bind.recv_batch(out, max_calls=64)  # appends (datagram: bytes, endpoint) until EAGAIN or max_calls
     bind.send_batch(endpoint, datagrams)    # endpoint = (host, port); host is a plain IPv4 or IPv6 string
     bind.gso, bind.gro: bool                # UDP_SEGMENT sends / UDP_GRO receives in use
@@ -77,6 +77,7 @@ class UDPBind:
         self.gro = gro and self._try_setsockopt(SOL_UDP, UDP_GRO, 1)
         self.gso = gso and self._probe_gso()
         self._gso_warned = False
+        self.fwmark = 0
         if fwmark:
             self.set_fwmark(fwmark)
         self._buf = bytearray(RECV_BUFFER)
@@ -120,6 +121,7 @@ class UDPBind:
         if not 0 <= mark <= 0xFFFFFFFF:
             raise ValueError(f"fwmark {mark} out of range")
         self._sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+        self.fwmark = mark
 
     # -- receive --------------------------------------------------------------------------------------------
     def recv_batch(self, out: list, max_calls: int = 64) -> int:
