@@ -244,3 +244,37 @@ def test_bad_names_are_clear_errors() -> None:
     for bad in ("", "x" * 16, "a/b", "a b"):
         with pytest.raises(ValueError):
             open_tun(bad)
+
+
+def test_refused_gro_write_turns_gro_off_and_rewrites_uncoalesced(tun_ns, monkeypatch, caplog) -> None:
+    """Older kernels refuse coalesced writes with EINVAL. Here the kernel's refusal is real: coalesced frames
+    get a checksum offset beyond the packet, which tun rejects with EINVAL; lone packets are untouched."""
+    import turbowg.tun.device as device_mod
+
+    real_frame_iov = device_mod.frame_iov
+
+    def broken_frame_iov(group):
+        iov = real_frame_iov(group)
+        if len(group.packets) > 1:
+            hdr = bytearray(iov[0])
+            struct.pack_into("=H", hdr, 8, 60000)
+            iov[0] = bytes(hdr)
+        return iov
+
+    monkeypatch.setattr(device_mod, "frame_iov", broken_frame_iov)
+    _ns, dev = tun_ns
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with rx:
+        rx.bind((TUN_IP, 0))
+        rx.settimeout(2)
+        port = rx.getsockname()[1]
+        payloads = [i.to_bytes(2, "big") * 500 for i in range(30)]
+        src, dst = socket.inet_aton(PEER_IP), socket.inet_aton(TUN_IP)
+        with caplog.at_level("WARNING", logger="turbowg.tun.device"):
+            dev.write_batch([udp_packet(False, p, dport=port, src=src, dst=dst) for p in payloads[:20]])
+            dev.write_batch([udp_packet(False, p, dport=port, src=src, dst=dst) for p in payloads[20:]])
+        got = [rx.recv(65536) for _ in payloads]
+    assert got == payloads
+    assert not dev.gro_tcp and not dev.gro_udp
+    assert dev.counters["gro_disabled"] == 1 and dev.counters["write_packets"] == 30
+    assert sum("GRO turned off" in r.getMessage() for r in caplog.records) == 1
