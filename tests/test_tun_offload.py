@@ -347,3 +347,11 @@ def group_by_flow(packets: list[bytes]) -> dict:
         key = (p[0] >> 4, addr_of(p), p[t:t + 4])
         flows.setdefault(key, []).append(p)
     return flows
+
+
+def test_memoryview_inputs_give_the_same_frames() -> None:
+    """The device core may hand over memoryviews into its buffers."""
+    packets = run_of(False, 5) + run_of(True, 3) + [udp_packet(False, b"q" * 50) for _ in range(4)]
+    as_bytes = [frame_bytes(g) for g in coalesce([bytes(p) for p in packets])]
+    as_views = [frame_bytes(g) for g in coalesce([memoryview(p) for p in packets])]
+    assert as_bytes == as_views and len(as_bytes) == 3
