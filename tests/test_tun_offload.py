@@ -89,7 +89,7 @@ def tcp_fields(pkt: bytes | bytearray) -> tuple:
     return struct.unpack_from("!II", pkt, t + 4), pkt[t + 13], bytes(pkt[t + (pkt[t + 12] >> 4) * 4:])
 
 
-payload_bytes = st.integers(min_value=0, max_value=2**32 - 1).map(lambda s: s)
+payload_bytes = st.integers(min_value=0, max_value=2**32 - 1)  # seed of the payload pattern
 
 
 def make_payload(size: int, seed: int) -> bytes:

@@ -184,12 +184,7 @@ class UDPBind:
                 raise ValueError(f"endpoint host {host!r} is not an IP address") from None
             if not 0 < port <= 65535:
                 raise ValueError(f"endpoint port {port} out of range 1..65535")
-            if ip.version == 4:
-                addr = (f"::ffff:{ip}", port, 0, 0)
-            elif ip.ipv4_mapped is not None:
-                addr = (str(ip), port, 0, 0)
-            else:
-                addr = (str(ip), port, 0, 0)
+            addr = (f"::ffff:{ip}" if ip.version == 4 else str(ip), port, 0, 0)
             if len(self._to_sockaddr) >= _ENDPOINT_CACHE_MAX:
                 self._to_sockaddr.clear()
             self._to_sockaddr[endpoint] = addr
