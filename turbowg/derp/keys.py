@@ -1,0 +1,101 @@
+"""DERP node keys (Curve25519) in Tailscale's text forms, derper's JSON key file, and NaCl boxes.
+
+Tailscale writes a private key as `privkey:<64 hex>` and a public node key as `nodekey:<64 hex>`;
+the handshake bodies are NaCl `box` (X25519 + XSalsa20-Poly1305) sealed as nonce || ciphertext.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from nacl.exceptions import CryptoError
+from nacl.public import Box, PrivateKey, PublicKey
+from nacl.utils import random as nacl_random
+
+KEY_LEN = 32
+NONCE_LEN = 24
+PRIVATE_PREFIX = "privkey:"
+PUBLIC_PREFIX = "nodekey:"
+
+
+class KeyFormatError(ValueError):
+    """A key in text form that cannot be parsed."""
+
+
+def generate_private_key() -> bytes:
+    return bytes(PrivateKey.generate())
+
+
+def public_key(private: bytes) -> bytes:
+    return bytes(PrivateKey(private).public_key)
+
+
+def _parse_hex32(text: str, what: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise KeyFormatError(f"{what} is not hex: {text[:16]!r}...") from None
+    if len(raw) != KEY_LEN:
+        raise KeyFormatError(f"{what} must be {KEY_LEN} bytes (64 hex digits), got {len(raw)}")
+    return raw
+
+
+def parse_private_key(text: str) -> bytes:
+    """`privkey:<hex>` (or bare hex)."""
+    text = text.strip()
+    if text.startswith(PRIVATE_PREFIX):
+        text = text[len(PRIVATE_PREFIX) :]
+    return _parse_hex32(text, "private key")
+
+
+def format_private_key(private: bytes) -> str:
+    return PRIVATE_PREFIX + private.hex()
+
+
+def parse_public_key(text: str) -> bytes:
+    """`nodekey:<hex>` or bare hex (derper's Derp-Public-Key header form)."""
+    text = text.strip()
+    if text.startswith(PUBLIC_PREFIX):
+        text = text[len(PUBLIC_PREFIX) :]
+    return _parse_hex32(text, "public key")
+
+
+def format_public_key(public: bytes) -> str:
+    return PUBLIC_PREFIX + public.hex()
+
+
+def load_or_create_config(path: str | os.PathLike[str]) -> bytes:
+    """Read derper's `{"PrivateKey": "privkey:<hex>"}` file, creating it (mode 0600) if missing."""
+    p = Path(path)
+    if p.exists():
+        try:
+            data = json.loads(p.read_text())
+            return parse_private_key(str(data["PrivateKey"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KeyFormatError(f"{p}: not a derper key file ({exc})") from None
+    private = generate_private_key()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"PrivateKey": format_private_key(private)}, f, indent=2)
+        f.write("\n")
+    return private
+
+
+def seal_to(private: bytes, peer_public: bytes, message: bytes, nonce: bytes | None = None) -> bytes:
+    """NaCl box of `message` from `private` to `peer_public`: 24-byte nonce || ciphertext."""
+    if nonce is None:
+        nonce = nacl_random(NONCE_LEN)
+    return bytes(Box(PrivateKey(private), PublicKey(peer_public)).encrypt(message, nonce))
+
+
+def open_from(private: bytes, peer_public: bytes, sealed: bytes) -> bytes | None:
+    """Opens a seal_to() box; None if it is too short or does not authenticate."""
+    if len(sealed) < NONCE_LEN + 16:
+        return None
+    try:
+        return Box(PrivateKey(private), PublicKey(peer_public)).decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN])
+    except (CryptoError, ValueError, TypeError):
+        return None

@@ -1,0 +1,128 @@
+"""DERP server counters and their Prometheus exposition under derper's metric names.
+
+The packet path only increments plain integers on `ServerMetrics`; a per-server prometheus-client
+`CollectorRegistry` reads them when scraped, so the hot path never takes a metrics lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from turbowg.derp.server import DerpServer
+
+# derper's drop reasons (derpserver.dropReason)
+DROP_UNKNOWN_DEST = "unknown_dest"
+DROP_UNKNOWN_DEST_ON_FWD = "unknown_dest_on_fwd"
+DROP_GONE_DISCONNECTED = "gone_disconnected"
+DROP_QUEUE_HEAD = "queue_head"
+DROP_QUEUE_TAIL = "queue_tail"
+DROP_WRITE_ERROR = "write_error"
+DROP_DUP_CLIENT = "dup_client"
+DROP_REASONS = (
+    DROP_UNKNOWN_DEST, DROP_UNKNOWN_DEST_ON_FWD, DROP_GONE_DISCONNECTED, DROP_QUEUE_HEAD,
+    DROP_QUEUE_TAIL, DROP_WRITE_ERROR, DROP_DUP_CLIENT,
+)
+KINDS = ("disco", "other")
+
+
+class ServerMetrics:
+    """Counters of one DerpServer; attribute names follow derper's expvars."""
+
+    __slots__ = (
+        "accepts", "current_connections", "current_home_connections", "packets_sent", "bytes_sent",
+        "packets_received", "bytes_received", "packets_received_disco", "packets_forwarded_out",
+        "packets_forwarded_in", "forward_failures", "peer_gone_disconnected_frames",
+        "peer_gone_not_here_frames", "got_ping", "sent_pong", "unknown_frames", "home_moves_in",
+        "home_moves_out", "total_dup_client_conns", "write_timeouts", "handshake_errors",
+        "protocol_errors", "clients_replaced", "packets_dropped", "bytes_dropped",
+    )
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+        self.packets_dropped: dict[tuple[str, str], int] = {(r, k): 0 for r in DROP_REASONS for k in KINDS}
+        self.bytes_dropped: dict[tuple[str, str], int] = {(r, k): 0 for r in DROP_REASONS for k in KINDS}
+
+    def dropped(self, reason: str) -> int:
+        """Packets dropped for `reason`, both kinds."""
+        return self.packets_dropped[(reason, "disco")] + self.packets_dropped[(reason, "other")]
+
+    def total_dropped(self) -> int:
+        return sum(self.packets_dropped.values())
+
+
+def _counter(name: str, doc: str, value: int) -> Metric:
+    # Untyped with the exact derper name: prometheus-client would rename a typed counter to *_total.
+    m = Metric(name, doc, "unknown")
+    m.add_sample(name, {}, value)
+    return m
+
+
+class DerpCollector(Collector):
+    def __init__(self, server: DerpServer) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._server
+        m = s.metrics
+        local = len(s.clients)
+        remote = sum(1 for k in s.forwarder_keys() if k not in s.clients)
+        for name, doc, value in (
+            ("derp_current_connections", "current DERP connections", m.current_connections),
+            ("derp_current_home_connections", "connections that say this is their home region",
+             m.current_home_connections),
+            ("derp_clients_local", "distinct client keys connected here", local),
+            ("derp_clients_remote", "distinct client keys reachable through forwarders only", remote),
+            ("derp_clients_total", "distinct client keys, local or remote", local + remote),
+            ("derp_current_dup_client_keys", "keys with more than one connection", s.dup_key_count()),
+            ("derp_current_dup_client_conns", "connections sharing a key", s.dup_conn_count()),
+            ("derp_watchers", "mesh watchers", len(s.watchers)),
+        ):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], value)
+            yield g
+        for name, doc in (
+            ("accepts", "accepted connections"),
+            ("packets_sent", "packets written to clients"),
+            ("bytes_sent", "packet bytes written to clients"),
+            ("packets_received", "packets received from clients"),
+            ("bytes_received", "packet bytes received from clients"),
+            ("packets_forwarded_out", "packets handed to a forwarder"),
+            ("packets_forwarded_in", "packets arriving from a forwarder"),
+            ("peer_gone_disconnected_frames", "PeerGone(disconnected) frames sent"),
+            ("peer_gone_not_here_frames", "PeerGone(not here) frames sent"),
+            ("got_ping", "Ping frames received"),
+            ("sent_pong", "Pong frames queued"),
+            ("unknown_frames", "frames of unknown type skipped"),
+            ("home_moves_in", "clients that made this their home"),
+            ("home_moves_out", "clients that stopped calling this home"),
+            ("total_dup_client_conns", "connections accepted while their key was connected"),
+            ("write_timeouts", "connections closed because writes made no progress"),
+            ("handshake_errors", "connections that failed the handshake"),
+            ("protocol_errors", "connections closed for a protocol violation"),
+            ("forward_failures", "packets a forwarder refused"),
+        ):
+            yield _counter("derp_" + name, doc, getattr(m, name))
+        kinds = Metric("derp_packets_received_kind", "packets received by kind", "unknown")
+        kinds.add_sample("derp_packets_received_kind", {"kind": "disco"}, m.packets_received_disco)
+        kinds.add_sample("derp_packets_received_kind", {"kind": "other"},
+                         m.packets_received - m.packets_received_disco)
+        yield kinds
+        for name, table in (("derp_packets_dropped", m.packets_dropped), ("derp_bytes_dropped", m.bytes_dropped)):
+            fam = Metric(name, "DERP drops by reason and by kind", "unknown")
+            for (reason, kind), value in table.items():
+                fam.add_sample(name, {"reason": reason, "kind": kind}, value)
+            yield fam
+
+
+def make_registry(server: DerpServer) -> tuple[CollectorRegistry, Callable[[], bytes]]:
+    """A registry private to `server` and a function rendering it as Prometheus text."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DerpCollector(server))
+    return registry, lambda: generate_latest(registry)

@@ -1,0 +1,199 @@
+"""Sans-IO server side of one DERP connection: handshake, frame validation and dispatch.
+
+Bytes go in through `receive_data`; what they mean comes out as calls on a `ServerEvents` handler.
+A protocol violation raises `ProtocolError`, after which the caller must close the connection (as
+derper does: any error from a frame handler ends the connection).
+"""
+
+from __future__ import annotations
+
+import hmac
+from enum import Enum
+from typing import Protocol
+
+from turbowg.derp import keys
+from turbowg.derp.codec import (
+    KEY_LEN,
+    MAX_CLIENT_INFO_LEN,
+    MAX_PACKET_SIZE,
+    MAX_PING_LEN,
+    MAX_UNKNOWN_FRAME_LEN,
+    NONCE_LEN,
+    ClientInfo,
+    FrameDecoder,
+    FrameError,
+    FrameType,
+    ServerInfo,
+    encode_frame,
+    encode_server_key,
+    parse_client_info,
+    parse_forward_packet,
+    parse_key_frame,
+    parse_note_preferred,
+    parse_ping,
+    parse_send_packet,
+)
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; close the connection."""
+
+
+class ServerEvents(Protocol):
+    """What a server connection reports. Implemented by the I/O layer (server.py) and by tests."""
+
+    def on_authenticated(self, client_key: bytes, info: ClientInfo, can_mesh: bool, server_info_frame: bytes) -> None:
+        """The ClientInfo opened: register the client, then write `server_info_frame` to it."""
+
+    def on_send_packet(self, dst: bytes, packet: bytes) -> None: ...
+
+    def on_forward_packet(self, src: bytes, dst: bytes, packet: bytes) -> None: ...
+
+    def on_note_preferred(self, preferred: bool) -> None: ...
+
+    def on_watch_conns(self) -> None: ...
+
+    def on_close_peer(self, peer: bytes) -> None: ...
+
+    def on_ping(self, data: bytes) -> None: ...
+
+    def on_unknown_frame(self, frame_type: int, length: int) -> None: ...
+
+
+class ServerState(Enum):
+    AWAIT_CLIENT_INFO = 1
+    ESTABLISHED = 2
+    CLOSED = 3
+
+
+def _handshake_limit(frame_type: int) -> int:
+    # Before the client is authenticated only a ClientInfo is acceptable, and at most 256 KiB of it.
+    # Other frames may follow it in the same read (a pipelining client), up to the largest valid frame.
+    return MAX_CLIENT_INFO_LEN if frame_type == FrameType.CLIENT_INFO else 2 * KEY_LEN + MAX_PACKET_SIZE
+
+
+_LIMITS: dict[int, int] = {
+    FrameType.SEND_PACKET: KEY_LEN + MAX_PACKET_SIZE,
+    FrameType.FORWARD_PACKET: 2 * KEY_LEN + MAX_PACKET_SIZE,
+    FrameType.NOTE_PREFERRED: 1,
+    FrameType.WATCH_CONNS: 0,
+    FrameType.CLOSE_PEER: KEY_LEN,
+    FrameType.PING: MAX_PING_LEN,
+    FrameType.KEEP_ALIVE: MAX_UNKNOWN_FRAME_LEN,
+    FrameType.PONG: MAX_UNKNOWN_FRAME_LEN,
+}
+
+
+def _established_limit(frame_type: int) -> int:
+    return _LIMITS.get(frame_type, MAX_UNKNOWN_FRAME_LEN)
+
+
+class ServerConnection:
+    """One client connection as the server sees it, from ServerKey to close."""
+
+    __slots__ = (
+        "_private_key", "public_key", "_mesh_key", "_events", "_decoder", "state",
+        "client_key", "info", "can_mesh",
+    )
+
+    def __init__(self, private_key: bytes, events: ServerEvents, *, mesh_key: str = "", public_key: bytes | None = None) -> None:
+        self._private_key = private_key
+        self.public_key = public_key if public_key is not None else keys.public_key(private_key)
+        self._mesh_key = mesh_key
+        self._events = events
+        self._decoder = FrameDecoder(_handshake_limit)
+        self.state = ServerState.AWAIT_CLIENT_INFO
+        self.client_key: bytes | None = None
+        self.info: ClientInfo | None = None
+        self.can_mesh = False
+
+    def initial_bytes(self) -> bytes:
+        """The ServerKey frame, sent as soon as the connection is (upgraded to) DERP."""
+        return encode_server_key(self.public_key)
+
+    def close(self) -> None:
+        self.state = ServerState.CLOSED
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state is ServerState.CLOSED:
+            return
+        try:
+            frames = self._decoder.feed(data)
+        except FrameError as exc:
+            self.state = ServerState.CLOSED
+            raise ProtocolError(str(exc)) from None
+        if not frames:
+            return
+        if self.state is ServerState.AWAIT_CLIENT_INFO:
+            ftype, payload = frames[0]
+            self._handshake(ftype, payload)
+            frames = frames[1:]
+        events = self._events
+        for ftype, payload in frames:
+            if self.state is not ServerState.ESTABLISHED:
+                return
+            try:
+                if ftype == FrameType.SEND_PACKET:
+                    dst, packet = parse_send_packet(payload)
+                    events.on_send_packet(dst, packet)
+                else:
+                    self._dispatch_other(ftype, payload)
+            except FrameError as exc:
+                self.state = ServerState.CLOSED
+                raise ProtocolError(str(exc)) from None
+
+    def _handshake(self, ftype: int, payload: bytes) -> None:
+        self.state = ServerState.CLOSED  # until proven otherwise
+        if ftype != FrameType.CLIENT_INFO:
+            raise ProtocolError(f"expected ClientInfo frame, got type 0x{ftype:02x}")
+        try:
+            client_key, sealed = parse_client_info(payload)
+        except FrameError as exc:
+            raise ProtocolError(str(exc)) from None
+        if len(sealed) < NONCE_LEN:
+            raise ProtocolError("short ClientInfo frame")
+        opened = keys.open_from(self._private_key, client_key, sealed)
+        if opened is None:
+            raise ProtocolError("ClientInfo box does not open with the client's key")
+        try:
+            info = ClientInfo.from_json(opened)
+        except FrameError as exc:
+            raise ProtocolError(str(exc)) from None
+        can_mesh = bool(self._mesh_key) and bool(info.mesh_key) and hmac.compare_digest(
+            info.mesh_key.encode(), self._mesh_key.encode()
+        )
+        self.client_key = client_key
+        self.info = info
+        self.can_mesh = can_mesh
+        self.state = ServerState.ESTABLISHED
+        self._decoder.set_limit(_established_limit)
+        sealed_info = keys.seal_to(self._private_key, client_key, ServerInfo().to_json())
+        self._events.on_authenticated(client_key, info, can_mesh, encode_frame(FrameType.SERVER_INFO, sealed_info))
+
+    def _dispatch_other(self, ftype: int, payload: bytes) -> None:
+        events = self._events
+        if ftype == FrameType.FORWARD_PACKET:
+            self._require_mesh("ForwardPacket")
+            src, dst, packet = parse_forward_packet(payload)
+            events.on_forward_packet(src, dst, packet)
+        elif ftype == FrameType.PING:
+            events.on_ping(parse_ping(payload))
+        elif ftype == FrameType.NOTE_PREFERRED:
+            events.on_note_preferred(parse_note_preferred(payload))
+        elif ftype == FrameType.WATCH_CONNS:
+            if payload:
+                raise FrameError("WatchConns frame has no payload")
+            self._require_mesh("WatchConns")
+            events.on_watch_conns()
+        elif ftype == FrameType.CLOSE_PEER:
+            peer = parse_key_frame(payload, "ClosePeer")
+            self._require_mesh("ClosePeer")
+            events.on_close_peer(peer)
+        elif ftype in (FrameType.KEEP_ALIVE, FrameType.PONG):
+            pass  # liveness only
+        else:
+            events.on_unknown_frame(ftype, len(payload))
+
+    def _require_mesh(self, what: str) -> None:
+        if not self.can_mesh:
+            raise FrameError(f"{what} needs the mesh key: insufficient permissions")
