@@ -1,0 +1,352 @@
+"""Meshing relays of one region, as derper's --mesh-with: a client on relay A can reach a client on relay B.
+
+For every other relay of the region this relay keeps one outgoing DERP connection that presents the
+shared mesh key in its ClientInfo and sends WatchConns. The remote relay answers with PeerPresent for
+every client it holds (and later PeerGone/PeerPresent as they come and go); for each present key a
+`MeshPeer` is registered as the packet forwarder on the local `DerpServer`. Packets for those keys
+go out as ForwardPacket frames (src, dst, packet), which the remote relay delivers to its local
+client only (one hop, never re-forwarded). If the connection breaks, every forwarder it registered
+is removed and the connection is re-dialled with exponential backoff; on reconnect the remote relay
+sends the full PeerPresent set again.
+
+The connection speaks only what the mesh needs (HTTP upgrade, ServerKey/ClientInfo/ServerInfo,
+WatchConns, ForwardPacket, Ping/Pong), on top of the sans-IO codec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from turbowg.derp import keys
+from turbowg.derp.codec import (
+    KEY_LEN,
+    MAX_PACKET_SIZE,
+    WATCH_CONNS_FRAME,
+    ClientInfo,
+    FrameDecoder,
+    FrameError,
+    FrameType,
+    PeerGone,
+    PeerPresent,
+    Ping,
+    decode_server_message,
+    encode_client_info,
+    encode_pong,
+    parse_server_key,
+)
+
+if TYPE_CHECKING:
+    from turbowg.derp.server import DerpServer
+
+log = logging.getLogger(__name__)
+
+_FORWARD_HEADER = struct.Struct(">BI")
+MAX_BACKLOG = 8 << 20  # bytes queued towards one peer relay before forwarded packets are dropped
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+MAX_HTTP_HEADER = 16 << 10
+
+
+class MeshConfigError(ValueError):
+    """A --mesh-with entry that cannot be used."""
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    host: str
+    port: int
+    use_tls: bool
+    name: str  # as given, for logs
+
+    @classmethod
+    def parse(cls, text: str, default_tls: bool) -> PeerAddress:
+        """`host`, `host:port`, `[v6]:port` or `http(s)://host[:port][/derp]`."""
+        raw = text.strip()
+        if not raw:
+            raise MeshConfigError("empty mesh peer")
+        if "://" in raw:
+            parts = urlsplit(raw)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise MeshConfigError(f"mesh peer {text!r}: expected http(s)://host[:port]")
+            use_tls = parts.scheme == "https"
+            try:
+                port = parts.port or (443 if use_tls else 80)
+            except ValueError:
+                raise MeshConfigError(f"mesh peer {text!r}: bad port") from None
+            return cls(parts.hostname, port, use_tls, raw)
+        parts = urlsplit("//" + raw)
+        if not parts.hostname:
+            raise MeshConfigError(f"mesh peer {text!r}: no host")
+        try:
+            port = parts.port or (443 if default_tls else 80)
+        except ValueError:
+            raise MeshConfigError(f"mesh peer {text!r}: bad port") from None
+        return cls(parts.hostname, port, default_tls, raw)
+
+
+@dataclass
+class MeshCounters:
+    connects: int = 0
+    connect_failures: int = 0
+    packets_forwarded: int = 0
+    dropped_backlog: int = 0
+    dropped_not_connected: int = 0
+    pongs_sent: int = 0
+
+
+class MeshPeer:
+    """The link to one other relay: watches its clients and forwards packets for them."""
+
+    def __init__(
+        self, server: DerpServer, address: PeerAddress, mesh_key: str, private_key: bytes,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.server = server
+        self.address = address
+        self._mesh_key = mesh_key
+        self._private_key = private_key
+        self.public_key = keys.public_key(private_key)
+        self._ssl = ssl_context
+        self.counters = MeshCounters()
+        self.remote_server_key: bytes | None = None
+        self.registered: set[bytes] = set()
+        self.connected = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.WriteTransport | None = None
+        self._out = bytearray()
+        self._flush_scheduled = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- forwarding (called by the DerpServer) -------------------------------------------------------
+
+    def forward_packet(self, src: bytes, dst: bytes, packet: bytes) -> bool:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            self.counters.dropped_not_connected += 1
+            return False
+        out = self._out
+        if len(out) + transport.get_write_buffer_size() > MAX_BACKLOG or len(packet) > MAX_PACKET_SIZE:
+            self.counters.dropped_backlog += 1
+            return False
+        out += _FORWARD_HEADER.pack(FrameType.FORWARD_PACKET, 2 * KEY_LEN + len(packet))
+        out += src
+        out += dst
+        out += packet
+        self.counters.packets_forwarded += 1
+        if not self._flush_scheduled:  # one write per event-loop turn, however many packets
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return True
+
+    def _write(self, frame: bytes) -> None:
+        self._out += frame
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        transport = self._transport
+        if not self._out:
+            return
+        if transport is None or transport.is_closing():
+            self._out.clear()
+            return
+        batch, self._out = self._out, bytearray()
+        transport.write(batch)
+
+    # -- connection loop -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"mesh:{self.address.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            try:
+                await self._connect_and_watch()
+                backoff = BACKOFF_MIN  # the connection was established; start over quickly
+            except asyncio.CancelledError:
+                raise
+            except (OSError, EOFError, FrameError, ssl.SSLError, TimeoutError, MeshProtocolError) as exc:
+                self.counters.connect_failures += 1
+                log.warning("mesh %s: %s; retrying in %.1f s", self.address.name, exc or type(exc).__name__, backoff)
+            finally:
+                self._clear()
+            await asyncio.sleep(backoff * (0.5 + random.random()))
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _clear(self) -> None:
+        self.connected.clear()
+        if self._transport is not None:
+            self._transport.close()
+        self._transport = None
+        self._out.clear()
+        for key in self.registered:
+            self.server.unregister_forwarder(key, self)
+        self.registered.clear()
+
+    async def _connect_and_watch(self) -> None:
+        addr = self.address
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                addr.host, addr.port, ssl=self._ssl, server_hostname=addr.host if self._ssl else None,
+                limit=MAX_PACKET_SIZE * 4,
+            ),
+            CONNECT_TIMEOUT,
+        )
+        try:
+            decoder = await asyncio.wait_for(self._handshake(reader, writer), HANDSHAKE_TIMEOUT)
+            self._transport = writer.transport
+            self.counters.connects += 1
+            self.connected.set()
+            log.info("mesh %s: connected, watching its clients", addr.name)
+            while True:
+                data = await reader.read(1 << 18)
+                if not data:
+                    raise EOFError("connection closed by peer relay")
+                for ftype, payload in decoder.feed(data):
+                    self._on_frame(ftype, payload)
+        finally:
+            writer.close()
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> FrameDecoder:
+        addr = self.address
+        host = f"[{addr.host}]" if ":" in addr.host else addr.host
+        writer.write(
+            (
+                f"GET /derp HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n"
+                "User-Agent: turbowg-mesh\r\n\r\n"
+            ).encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        if len(head) > MAX_HTTP_HEADER:
+            raise MeshProtocolError("HTTP response header too large")
+        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        if " 101 " not in status_line + " ":
+            raise MeshProtocolError(f"peer relay refused the DERP upgrade: {status_line!r}")
+        decoder = FrameDecoder(lambda _t: MAX_PACKET_SIZE + 2 * KEY_LEN)
+        frames: list[tuple[int, bytes]] = []
+        while not frames:
+            data = await reader.read(1 << 16)
+            if not data:
+                raise EOFError("closed before ServerKey")
+            frames = decoder.feed(data)
+        ftype, payload = frames.pop(0)
+        if ftype != FrameType.SERVER_KEY:
+            raise MeshProtocolError(f"expected ServerKey, got frame 0x{ftype:02x}")
+        server_key = parse_server_key(payload)
+        if server_key == self.public_key or server_key == getattr(self.server, "public_key", None):
+            raise MeshProtocolError("mesh peer is this relay itself")
+        self.remote_server_key = server_key
+        info = ClientInfo(mesh_key=self._mesh_key).to_json()
+        writer.write(encode_client_info(self.public_key, keys.seal_to(self._private_key, server_key, info)))
+        while not frames:
+            data = await reader.read(1 << 16)
+            if not data:
+                raise EOFError("peer relay closed the connection after ClientInfo (wrong mesh key?)")
+            frames = decoder.feed(data)
+        ftype, payload = frames.pop(0)
+        if ftype != FrameType.SERVER_INFO:
+            raise MeshProtocolError(f"expected ServerInfo, got frame 0x{ftype:02x}")
+        if keys.open_from(self._private_key, server_key, payload) is None:
+            raise MeshProtocolError("ServerInfo does not open with the relay's key")
+        writer.write(WATCH_CONNS_FRAME)
+        for ftype, payload in frames:  # anything that came in the same read
+            self._on_frame(ftype, payload)
+        return decoder
+
+    def _on_frame(self, ftype: int, payload: bytes) -> None:
+        msg = decode_server_message(ftype, payload)
+        if isinstance(msg, PeerPresent):
+            key = msg.peer
+            if key == self.public_key or key in self.registered:
+                return
+            self.registered.add(key)
+            self.server.register_forwarder(key, self)
+        elif isinstance(msg, PeerGone):
+            if msg.peer in self.registered:
+                self.registered.discard(msg.peer)
+                self.server.unregister_forwarder(msg.peer, self)
+        elif isinstance(msg, Ping):
+            self._write(encode_pong(msg.data))
+            self.counters.pongs_sent += 1
+        # RecvPacket, KeepAlive, Health, ...: nothing for a mesh link to do.
+
+
+class MeshProtocolError(Exception):
+    """The peer relay did something a DERP server must not."""
+
+
+@dataclass
+class Mesh:
+    """Handle returned by start_mesh."""
+
+    peers: list[MeshPeer] = field(default_factory=list)
+
+    async def wait_connected(self, timeout: float) -> None:
+        await asyncio.wait_for(asyncio.gather(*(p.connected.wait() for p in self.peers)), timeout)
+
+    async def close(self) -> None:
+        for peer in self.peers:
+            await peer.stop()
+
+
+def _client_ssl_context(verify: bool) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def start_mesh(
+    server: DerpServer,
+    mesh_key: str,
+    peers: Iterable[str],
+    self_name: str,
+    *,
+    tls: bool = True,
+    verify: bool = False,
+    private_key: bytes | None = None,
+) -> Mesh:
+    """Dial every peer relay except `self_name` and keep forwarding to their clients until closed.
+
+    `tls` is the default for peers given without a scheme; `verify` checks their certificates
+    (off by default: relays of a region often use self-signed certificates and authenticate each
+    other with the mesh key). The mesh connections use `private_key`, by default the server's own.
+    """
+    if not mesh_key:
+        raise MeshConfigError("meshing needs a mesh key")
+    if private_key is None:
+        private_key = getattr(server, "private_key", None) or keys.generate_private_key()
+    mesh = Mesh()
+    ssl_context: ssl.SSLContext | None = None
+    for text in peers:
+        address = PeerAddress.parse(text, tls)
+        if address.host == self_name or address.name == self_name:
+            continue
+        if address.use_tls and ssl_context is None:
+            ssl_context = _client_ssl_context(verify)
+        peer = MeshPeer(server, address, mesh_key, private_key, ssl_context if address.use_tls else None)
+        mesh.peers.append(peer)
+        peer.start()
+    return mesh
