@@ -127,8 +127,7 @@ class ClientConn(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]
         server = self.server
         server.conns.add(self)
         server.metrics.accepts += 1
@@ -293,6 +292,8 @@ class ClientConn(asyncio.Protocol):
         if parts:
             self.control = []
             self.pong_pending = False
+        else:
+            parts = []
         q = self.queue
         if q:
             pack = pack_header

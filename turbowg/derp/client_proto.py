@@ -1,0 +1,122 @@
+"""Sans-IO client side of a DERP connection: ServerKey -> ClientInfo -> ServerInfo, then messages.
+
+`receive_data(bytes)` returns the messages the bytes completed; `data_to_send()` returns bytes the
+handshake produced. The encode helpers in codec.py build steady-state frames (SendPacket, Ping, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from turbowg.derp import keys
+from turbowg.derp.codec import (
+    KEY_LEN,
+    MAX_INFO_LEN,
+    MAX_PACKET_SIZE,
+    NONCE_LEN,
+    ClientInfo,
+    FrameDecoder,
+    FrameError,
+    FrameType,
+    ServerInfo,
+    ServerMessage,
+    decode_server_message,
+    encode_client_info,
+    parse_server_info,
+    parse_server_key,
+)
+
+
+class ClientProtocolError(Exception):
+    """The server broke the protocol (or is not the server we expected)."""
+
+
+@dataclass(slots=True, frozen=True)
+class Connected:
+    """The handshake finished: the server accepted our ClientInfo and sent its ServerInfo."""
+
+    server_key: bytes
+    server_info: ServerInfo
+
+
+class ClientState(Enum):
+    AWAIT_SERVER_KEY = 1
+    AWAIT_SERVER_INFO = 2
+    CONNECTED = 3
+    CLOSED = 4
+
+
+def _client_limit(frame_type: int) -> int:
+    if frame_type == FrameType.RECV_PACKET:
+        return KEY_LEN + MAX_PACKET_SIZE
+    if frame_type == FrameType.SERVER_INFO:
+        return NONCE_LEN + MAX_INFO_LEN
+    return MAX_INFO_LEN  # derper's client reads frames of up to 1 MiB
+
+
+class ClientConnection:
+    __slots__ = ("_private_key", "public_key", "_info", "_expected_server_key", "_decoder", "_out", "state", "server_key")
+
+    def __init__(
+        self,
+        private_key: bytes,
+        *,
+        mesh_key: str = "",
+        can_ack_pings: bool = True,
+        is_prober: bool = False,
+        expected_server_key: bytes | None = None,
+    ) -> None:
+        self._private_key = private_key
+        self.public_key = keys.public_key(private_key)
+        self._info = ClientInfo(mesh_key=mesh_key, can_ack_pings=can_ack_pings, is_prober=is_prober)
+        self._expected_server_key = expected_server_key
+        self._decoder = FrameDecoder(_client_limit)
+        self._out = bytearray()
+        self.state = ClientState.AWAIT_SERVER_KEY
+        self.server_key: bytes | None = None
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes) -> list[ServerMessage | Connected]:
+        if self.state is ClientState.CLOSED:
+            return []
+        try:
+            frames = self._decoder.feed(data)
+            out: list[ServerMessage | Connected] = []
+            for ftype, payload in frames:
+                if self.state is ClientState.CONNECTED:
+                    out.append(decode_server_message(ftype, payload))
+                elif self.state is ClientState.AWAIT_SERVER_KEY:
+                    self._on_server_key(ftype, payload)
+                else:
+                    out.append(self._on_server_info(ftype, payload))
+            return out
+        except FrameError as exc:
+            self.state = ClientState.CLOSED
+            raise ClientProtocolError(str(exc)) from None
+
+    def _on_server_key(self, ftype: int, payload: bytes) -> None:
+        if ftype != FrameType.SERVER_KEY:
+            raise FrameError(f"expected ServerKey frame, got type 0x{ftype:02x}")
+        server_key = parse_server_key(payload)
+        if self._expected_server_key is not None and server_key != self._expected_server_key:
+            raise FrameError(f"server key {server_key.hex()} is not the expected {self._expected_server_key.hex()}")
+        self.server_key = server_key
+        sealed = keys.seal_to(self._private_key, server_key, self._info.to_json())
+        self._out += encode_client_info(self.public_key, sealed)
+        self.state = ClientState.AWAIT_SERVER_INFO
+
+    def _on_server_info(self, ftype: int, payload: bytes) -> Connected:
+        if ftype != FrameType.SERVER_INFO:
+            raise FrameError(f"expected ServerInfo frame, got type 0x{ftype:02x}")
+        assert self.server_key is not None
+        opened = keys.open_from(self._private_key, self.server_key, parse_server_info(payload))
+        if opened is None:
+            raise FrameError("ServerInfo box does not open with the server's key")
+        info = ServerInfo.from_json(opened)
+        self.state = ClientState.CONNECTED
+        return Connected(self.server_key, info)
