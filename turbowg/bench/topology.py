@@ -251,7 +251,12 @@ def build_topology(impls: Sequence[Implementation], *, handshake_timeout: float 
         topo.paths[UNDERLAY] = NetPath(UNDERLAY, "10.200.0.2", "fd00:200::2", "10.200.0.1", "fd00:200::1",
                                        veth_a, veth_b, 1500)
         for index, impl in enumerate(impls):
-            topo.paths[impl.name] = _add_tunnel(builder, topo, impl, index, start_timeout)
+            try:
+                topo.paths[impl.name] = _add_tunnel(builder, topo, impl, index, start_timeout)
+            except TopologyError as exc:
+                logs = "\n".join(_log_tail(os.path.join(workdir, f"tw{side}{index}{tag}.log"), 600)
+                                 for side in ("a", "b"))
+                raise TopologyError(f"{impl.name}: {exc}\n{logs}".rstrip()) from exc
         for impl in impls:
             path = topo.paths[impl.name]
             if not wait_for_ping(topo, ns_a, path.server_v4, handshake_timeout):
