@@ -1,0 +1,263 @@
+"""`turbowg relay`: build and run the whole relay (listeners, TLS, HTTP front, STUN, mesh, workers).
+
+`RelayConfig` mirrors derper's flags; `run_relay(config)` blocks until SIGINT/SIGTERM and returns
+an exit code. With more than one worker, `turbowg.derp.shard.run_sharded` forks that many processes,
+each with its own event loop, `DerpServer` and SO_REUSEPORT listener.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import inspect
+import logging
+import os
+import signal
+import socket
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from turbowg.derp import keys
+from turbowg.derp.http import RelayHTTPProtocol
+from turbowg.derp.server import DerpServer
+
+log = logging.getLogger("turbowg.derp.app")
+
+DEV_PORT = 3340
+
+
+class RelayConfigError(ValueError):
+    """A relay setting that cannot work (missing cert, bad address, unreadable mesh key...)."""
+
+
+@dataclass
+class RelayConfig:
+    addr: str = ":443"
+    config_path: str = ""
+    hostname: str = "derp.example.com"
+    certmode: str = "manual"
+    certdir: str = "."
+    stun: bool = True
+    stun_port: int = 3478
+    mesh_with: list[str] = field(default_factory=list)
+    mesh_psk_file: str = ""
+    dev: bool = False
+    http_port: int = -1  # derper serves port 80 too; off unless asked
+    workers: int = 0  # 0 = os.cpu_count()
+    private_key: bytes | None = None  # overrides config_path (tests)
+    send_queue_depth: int = 32
+    ready: Any = None  # optional callable(list[(host, port)]) called once listening (tests)
+
+
+def parse_addr(addr: str, default_port: int) -> tuple[str, int]:
+    """derper's `-a` forms: ":443", "1.2.3.4:443", "[::1]:443", "host:443", or a bare port."""
+    addr = addr.strip()
+    if addr.isdigit():
+        return "", int(addr)
+    if addr.startswith("["):
+        host, _, rest = addr[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port_text = addr.rpartition(":")
+        if not sep:
+            host, port_text = addr, ""
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise RelayConfigError(f"bad listen address {addr!r}") from None
+    if not 0 <= port <= 65535:
+        raise RelayConfigError(f"bad port in listen address {addr!r}")
+    return host, port
+
+
+def make_listener(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    """A non-blocking listening TCP socket with SO_REUSEPORT (dual-stack when host is empty)."""
+    candidates: list[tuple[socket.AddressFamily, str]]
+    if not host:
+        candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    else:
+        candidates = [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]
+    last: OSError | None = None
+    for family, bind_host in candidates:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6 and not host:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((bind_host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+    raise RelayConfigError(f"cannot listen on {host or '*'}:{port}: {last}")
+
+
+def load_tls_context(config: RelayConfig) -> ssl.SSLContext:
+    if config.certmode != "manual":
+        raise RelayConfigError(f"certmode {config.certmode!r} is not supported; use --certmode manual with --certdir")
+    certdir = Path(config.certdir)
+    cert, key = certdir / f"{config.hostname}.crt", certdir / f"{config.hostname}.key"
+    for p in (cert, key):
+        if not p.is_file():
+            raise RelayConfigError(f"certmode manual: {p} not found (expected <hostname>.crt and <hostname>.key)")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise RelayConfigError(f"cannot load TLS certificate {cert}: {exc}") from None
+    return ctx
+
+
+def read_mesh_key(path: str) -> str:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise RelayConfigError(f"cannot read mesh PSK file: {exc}") from None
+    try:
+        if len(bytes.fromhex(text)) != 32:
+            raise ValueError
+    except ValueError:
+        raise RelayConfigError(f"{path}: mesh key must be 64 hex digits (as derper's key.ParseDERPMesh)") from None
+    return text
+
+
+@dataclass
+class PreparedRelay:
+    private_key: bytes
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+    mesh_key: str
+
+
+def prepare(config: RelayConfig) -> PreparedRelay:
+    """Everything that can fail on bad settings, checked before any process or socket starts."""
+    if config.private_key is not None:
+        private = config.private_key
+    elif config.config_path:
+        try:
+            private = keys.load_or_create_config(config.config_path)
+        except (keys.KeyFormatError, OSError) as exc:
+            raise RelayConfigError(str(exc)) from None
+    elif config.dev:
+        private = keys.generate_private_key()
+    else:
+        raise RelayConfigError("-c <config path> is required (or use --dev for an ephemeral key)")
+    default_port = DEV_PORT if config.dev else 443
+    host, port = parse_addr(config.addr, default_port)
+    tls = None if config.dev else load_tls_context(config)
+    mesh_key = read_mesh_key(config.mesh_psk_file) if config.mesh_psk_file else ""
+    if config.mesh_with and not mesh_key:
+        raise RelayConfigError("--mesh-with needs --mesh-psk-file")
+    return PreparedRelay(private, host, port, tls, mesh_key)
+
+
+def _optional(module: str, name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+async def _start_mesh(server: DerpServer, config: RelayConfig, mesh_key: str) -> Any:
+    start_mesh = _optional("turbowg.derp.mesh", "start_mesh")
+    peers = [p for p in config.mesh_with if p and p != config.hostname]
+    if start_mesh is None or not peers:
+        if peers:
+            log.warning("mesh requested but turbowg.derp.mesh is not available")
+        return None
+    kwargs: dict[str, Any] = {}
+    if "tls" in inspect.signature(start_mesh).parameters:
+        kwargs["tls"] = not config.dev  # peers given without a scheme speak what we speak
+    result = start_mesh(server, mesh_key, peers, config.hostname, **kwargs)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def serve_worker(config: RelayConfig, prepared: PreparedRelay, shard_ctx: Any = None) -> None:
+    """One worker: DerpServer + listener(s) + (shard links, STUN, mesh); runs until cancelled."""
+    loop = asyncio.get_running_loop()
+    server = DerpServer(prepared.private_key, mesh_key=prepared.mesh_key, send_queue_depth=config.send_queue_depth,
+                        loop=loop)
+    links = None
+    if shard_ctx is not None and getattr(shard_ctx, "workers", 1) > 1:
+        links = await shard_ctx.attach(server)
+    first_worker = shard_ctx is None or getattr(shard_ctx, "index", 0) == 0
+    listeners = []
+    bound: list[tuple[str, int]] = []
+    sock = make_listener(prepared.host, prepared.port)
+    listeners.append(await loop.create_server(lambda: RelayHTTPProtocol(server), sock=sock, ssl=prepared.tls))
+    bound.append(sock.getsockname()[:2])
+    if config.http_port > 0 and prepared.tls is not None:
+        sock80 = make_listener(prepared.host, config.http_port)
+        listeners.append(await loop.create_server(lambda: RelayHTTPProtocol(server), sock=sock80))
+        bound.append(sock80.getsockname()[:2])
+    stun_transport = None
+    if config.stun and first_worker:
+        serve_stun = _optional("turbowg.derp.stun", "serve_stun")
+        if serve_stun is not None:
+            try:
+                stun_transport = await serve_stun(prepared.host or "::", config.stun_port)
+            except OSError as exc:
+                log.warning("STUN not started on port %d: %s", config.stun_port, exc)
+    mesh = await _start_mesh(server, config, prepared.mesh_key) if config.mesh_with else None
+    log.info("DERP relay %s listening on %s (%s)%s", keys.format_public_key(server.public_key), bound,
+             "plain HTTP" if prepared.tls is None else "TLS",
+             f", worker {shard_ctx.index}/{shard_ctx.workers}" if shard_ctx is not None else "")
+    if config.ready is not None:
+        config.ready(bound)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        for lst in listeners:
+            lst.close()
+        server.close()
+        if stun_transport is not None:
+            stun_transport.close()
+        for obj in (mesh, links):
+            close = getattr(obj, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    res = close()
+                    if inspect.isawaitable(res):
+                        await res
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_relay(config: RelayConfig) -> int:
+    """Run the relay in the foreground; returns the process exit code."""
+    prepared = prepare(config)
+    workers = config.workers or os.cpu_count() or 1
+    run_sharded = _optional("turbowg.derp.shard", "run_sharded")
+    if workers > 1 and run_sharded is not None:
+        return int(run_sharded(workers, lambda ctx: serve_worker(config, prepared, ctx)) or 0)
+    if workers > 1:
+        log.warning("turbowg.derp.shard not available; running one worker")
+
+    async def single() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await serve_worker(config, prepared)
+
+    with asyncio.Runner(loop_factory=_new_loop) as runner:
+        runner.run(single())
+    return 0
