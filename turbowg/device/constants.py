@@ -1,0 +1,48 @@
+"""Protocol constants of WireGuard (paper section 6 and wireguard-go's device/constants.go).
+
+Times are in seconds of the injected monotonic clock.
+"""
+
+from __future__ import annotations
+
+# Key lifetime limits.
+REKEY_AFTER_MESSAGES = 1 << 60
+REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
+REKEY_AFTER_TIME = 120.0
+REJECT_AFTER_TIME = 180.0
+REKEY_ATTEMPT_TIME = 90.0
+REKEY_TIMEOUT = 5.0
+REKEY_TIMEOUT_JITTER_MAX = 1.0 / 3.0
+KEEPALIVE_TIMEOUT = 10.0
+COOKIE_REFRESH_TIME = 120.0
+HANDSHAKE_INITIATION_RATE = 1.0 / 50.0
+
+# Retransmissions of one handshake: REKEY_ATTEMPT_TIME worth of REKEY_TIMEOUTs.
+MAX_TIMER_HANDSHAKES = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)
+# Keys are zeroed when no new handshake happened for this long after the last session.
+ZERO_KEYS_AFTER = 3 * REJECT_AFTER_TIME
+# The initiator rekeys on receive when its keypair is this old, so the new session is up
+# before the old one hits REJECT_AFTER_TIME.
+REKEY_ON_RECEIVE_AGE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT
+# A peer with nothing heard back this long after sending data starts a new handshake.
+NEW_HANDSHAKE_AFTER = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
+
+# Packets queued per peer while waiting for a handshake (the oldest is dropped when full).
+MAX_STAGED_PACKETS = 128
+
+# Message types and sizes on the wire.
+MESSAGE_INITIATION = 1
+MESSAGE_RESPONSE = 2
+MESSAGE_COOKIE_REPLY = 3
+MESSAGE_TRANSPORT = 4
+INITIATION_SIZE = 148
+RESPONSE_SIZE = 92
+COOKIE_REPLY_SIZE = 64
+TRANSPORT_HEADER_SIZE = 16
+AEAD_TAG_SIZE = 16
+TRANSPORT_MIN_SIZE = TRANSPORT_HEADER_SIZE + AEAD_TAG_SIZE
+# Largest datagram accepted at all (as wireguard-go's MaxMessageSize).
+MAX_MESSAGE_SIZE = 65535
+PADDING_MULTIPLE = 16
+
+DEFAULT_MTU = 1420

@@ -1,0 +1,772 @@
+"""The sans-IO WireGuard device: batches of TUN packets and UDP datagrams in, batches out.
+
+`Device` owns the peers, the allowed-IPs table, the index table (random 32-bit local
+indices naming handshakes and keypairs) and the local identity. The runtime feeds it
+
+* `handle_tun_batch(packets, now)`: IP packets read from the TUN -> datagrams to send,
+* `handle_udp_batch(datagrams, now, under_load)`: datagrams received -> (IP packets for the
+  TUN, datagrams to send),
+* `tick(now)`: timers -> datagrams to send,
+
+and sends each `Transmit` (one endpoint, many datagrams: a natural GSO batch). Nothing here
+touches a socket or a clock except through arguments. Malformed or unauthenticated input is
+dropped, counted in `Device.counters` and never answered (except cookie replies under load).
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import random
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+
+from turbowg.device.allowedips import AllowedIPs
+from turbowg.device.constants import (
+    COOKIE_REPLY_SIZE,
+    DEFAULT_MTU,
+    INITIATION_SIZE,
+    MAX_MESSAGE_SIZE,
+    MESSAGE_COOKIE_REPLY,
+    MESSAGE_INITIATION,
+    MESSAGE_TRANSPORT,
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_TIMEOUT,
+    REKEY_TIMEOUT_JITTER_MAX,
+    RESPONSE_SIZE,
+    TRANSPORT_HEADER_SIZE,
+    TRANSPORT_MIN_SIZE,
+)
+from turbowg.device.keypair import NONCE_COUNTER, TRANSPORT_HEADER, Keypair
+from turbowg.device.peer import Peer
+from turbowg.device.timers import TimerAction, needs_rekey_on_receive, needs_rekey_on_send
+from turbowg.noise.cookie import CookieChecker
+from turbowg.noise.handshake import (
+    Handshake,
+    HandshakeError,
+    LocalIdentity,
+    begin_session,
+    consume_initiation,
+    consume_response,
+    create_initiation,
+    create_response,
+)
+from turbowg.uapi.model import DeviceSnapshot, DeviceUpdate, Endpoint, PeerSnapshot, PeerUpdate, UAPIError
+
+_MESSAGE_TYPE = struct.Struct("<I")
+_ZERO_PADDING = memoryview(bytes(16))
+_KEY_SIZE = 32
+_ZERO_KEY = bytes(_KEY_SIZE)
+
+
+@dataclass(slots=True)
+class Transmit:
+    """Datagrams (bytes or bytearray) to send to one endpoint, in order."""
+
+    endpoint: Endpoint
+    datagrams: list[bytes | bytearray]
+
+
+# DESIGN.md calls the same thing "Outgoing".
+Outgoing = Transmit
+
+_Out = dict[Endpoint, list]  # datagrams being collected per endpoint during one call
+
+
+class _IndexEntry:
+    """What a local index names: a peer's in-flight handshake (keypair None) or a keypair."""
+
+    __slots__ = ("peer", "keypair")
+
+    def __init__(self, peer: Peer, keypair: Keypair | None = None) -> None:
+        self.peer = peer
+        self.keypair = keypair
+
+
+def _cookie_source(endpoint: Endpoint) -> bytes:
+    """Address bytes + big-endian port: what a cookie is bound to (as wireguard-go)."""
+    host, port = endpoint
+    return ipaddress.ip_address(host).packed + port.to_bytes(2, "big")
+
+
+def _canonical_endpoint(endpoint: Endpoint) -> Endpoint:
+    host, port = endpoint
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise UAPIError(errno.EINVAL, f"endpoint host {host!r} is not an IP address") from None
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UAPIError(errno.EINVAL, f"endpoint port {port!r} out of range")
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return (str(address), port)
+
+
+class Device:
+    """A WireGuard device without I/O. See the module docstring for the batch interface."""
+
+    def __init__(
+        self,
+        *,
+        private_key: bytes | None = None,
+        mtu: int = DEFAULT_MTU,
+        wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 576 <= mtu <= MAX_MESSAGE_SIZE - TRANSPORT_MIN_SIZE:
+            raise ValueError(f"mtu {mtu} out of range")
+        self.mtu = mtu
+        self._wall_clock = wall_clock
+        self._clock = clock
+        self._rng = rng if rng is not None else random.SystemRandom()
+        self._identity: LocalIdentity | None = None
+        self._cookie_checker: CookieChecker | None = None
+        self.peers: dict[bytes, Peer] = {}  # public key -> peer, in configuration order
+        self.allowed_ips: AllowedIPs[Peer] = AllowedIPs()
+        self._indices: dict[int, _IndexEntry] = {}
+        self.counters: Counter[str] = Counter()  # drop reason / event -> count
+        self.listen_port = 0
+        self.fwmark = 0
+        # Whether the interface is up: the runtime may clear it; nothing is sent while down.
+        self.up = True
+        # Padding scratch: a plaintext that needs padding is copied here first.
+        self._scratch = memoryview(bytearray(MAX_MESSAGE_SIZE + 16))
+        if private_key is not None:
+            self._set_private_key(self._check_key(private_key, "private key"), self._clock())
+
+    # -- identity and configuration ---------------------------------------------------------------
+
+    @property
+    def private_key(self) -> bytes | None:
+        return self._identity.private_key if self._identity is not None else None
+
+    @property
+    def public_key(self) -> bytes | None:
+        return self._identity.public_key if self._identity is not None else None
+
+    def set_bound_port(self, port: int) -> None:
+        """The runtime bound the UDP socket (maybe to port 0): report the actual port."""
+        self.listen_port = port
+
+    def _jitter(self) -> float:
+        return self._rng.uniform(0.0, REKEY_TIMEOUT_JITTER_MAX)
+
+    @staticmethod
+    def _check_key(key: bytes, what: str) -> bytes:
+        if not isinstance(key, bytes | bytearray) or len(key) != _KEY_SIZE:
+            raise UAPIError(errno.EINVAL, f"{what} must be {_KEY_SIZE} bytes")
+        return bytes(key)
+
+    def _validate(self, update: DeviceUpdate) -> None:
+        """Refuse a bad update before changing anything."""
+        if update.private_key is not None:
+            self._check_key(update.private_key, "private key")
+        if update.listen_port is not None and not 0 <= update.listen_port <= 65535:
+            raise UAPIError(errno.EINVAL, f"listen_port {update.listen_port} out of range")
+        if update.fwmark is not None and not 0 <= update.fwmark <= 0xFFFFFFFF:
+            raise UAPIError(errno.EINVAL, f"fwmark {update.fwmark} out of range")
+        for peer_update in update.peers:
+            self._check_key(peer_update.public_key, "public key")
+            if peer_update.protocol_version is not None and peer_update.protocol_version != 1:
+                raise UAPIError(
+                    errno.EINVAL, f"protocol_version {peer_update.protocol_version} not supported"
+                )
+            if peer_update.preshared_key is not None:
+                self._check_key(peer_update.preshared_key, "preshared key")
+            if peer_update.endpoint is not None:
+                _canonical_endpoint(peer_update.endpoint)
+            interval = peer_update.persistent_keepalive_interval
+            if interval is not None and not 0 <= interval <= 65535:
+                raise UAPIError(errno.EINVAL, f"persistent_keepalive_interval {interval} out of range")
+            for network in peer_update.allowed_ips:
+                if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
+                    raise UAPIError(errno.EINVAL, f"allowed ip {network!r} is not a network")
+
+    def apply_update(self, update: DeviceUpdate, now: float | None = None) -> list[Transmit]:
+        """Apply a UAPI `set`; raises UAPIError (nothing changed) for a refused request.
+
+        Returns datagrams to send right away: the keepalive for a persistent keepalive just
+        switched on, and staged packets that a new endpoint lets out (as wireguard-go)."""
+        self._validate(update)
+        now = self._clock() if now is None else now
+        if update.private_key is not None:
+            self._set_private_key(bytes(update.private_key), now)
+        if update.listen_port is not None:
+            self.listen_port = update.listen_port
+        if update.fwmark is not None:
+            self.fwmark = update.fwmark
+        if update.replace_peers:
+            for peer in list(self.peers.values()):
+                self._remove_peer(peer)
+        touched: dict[Peer, bool] = {}  # peer -> persistent keepalive just switched on
+        for peer_update in update.peers:
+            peer, switched_on = self._apply_peer_update(peer_update)
+            if peer is not None:
+                touched[peer] = touched.get(peer, False) or switched_on
+        out: _Out = {}
+        if self.up:
+            for peer, keepalive_now in touched.items():
+                if self.peers.get(peer.public_key) is not peer:
+                    continue  # removed later in the same update
+                if keepalive_now:
+                    self._send_keepalive(peer, now, out)
+                else:
+                    self._send_staged(peer, now, out)
+        return self._transmits(out)
+
+    def _apply_peer_update(self, update: PeerUpdate) -> tuple[Peer | None, bool]:
+        """Returns the peer configured (None if removed or ignored) and whether its persistent
+        keepalive was just switched on."""
+        public_key = bytes(update.public_key)
+        if self._identity is not None and public_key == self._identity.public_key:
+            return None, False  # a peer that is ourselves is ignored, as wireguard-go
+        peer = self.peers.get(public_key)
+        if update.remove:
+            if peer is not None:
+                self._remove_peer(peer)
+            return None, False
+        if peer is None:
+            if update.update_only:
+                return None, False
+            peer = Peer(public_key, self._identity, self._jitter)
+            self.peers[public_key] = peer
+        if update.preshared_key is not None:
+            peer.set_preshared_key(update.preshared_key)
+        if update.endpoint is not None:
+            peer.endpoint = _canonical_endpoint(update.endpoint)
+        switched_on = False
+        if update.persistent_keepalive_interval is not None:
+            old = peer.timers.persistent_keepalive_interval
+            peer.timers.persistent_keepalive_interval = update.persistent_keepalive_interval
+            if update.persistent_keepalive_interval == 0:
+                peer.timers.persistent_keepalive = None
+            elif old == 0:
+                switched_on = True
+        if update.replace_allowed_ips:
+            self.allowed_ips.remove_by_peer(peer)
+        for network in update.allowed_ips:
+            self.allowed_ips.insert(network, peer)
+        return peer, switched_on
+
+    def _set_private_key(self, private_key: bytes, now: float) -> None:
+        if self._identity is not None and self._identity.private_key == private_key:
+            return
+        if private_key == _ZERO_KEY:
+            identity = None
+        else:
+            identity = LocalIdentity(private_key)
+            # A peer with our own public key would be ourselves: drop it.
+            ourselves = self.peers.get(identity.public_key)
+            if ourselves is not None:
+                self._remove_peer(ourselves)
+        self._identity = identity
+        self._cookie_checker = CookieChecker(identity.public_key) if identity is not None else None
+        for peer in self.peers.values():
+            peer.set_local(identity)
+            self._expire_current_keypairs(peer)
+
+    def _expire_current_keypairs(self, peer: Peer) -> None:
+        """Sessions under the old identity may still receive but must not send; the next
+        packet starts a handshake at once (wireguard-go ExpireCurrentKeypairs)."""
+        if peer.handshake is not None:
+            peer.handshake.clear()
+        self._free_handshake_index(peer)
+        peer.last_sent_handshake = None
+        for keypair in (peer.keypairs.current, peer.keypairs.next):
+            if keypair is not None:
+                keypair.send_counter = REJECT_AFTER_MESSAGES
+
+    def snapshot(self) -> DeviceSnapshot:
+        peers = []
+        for peer in self.peers.values():
+            wall = peer.last_handshake_wall
+            seconds = int(wall)
+            peers.append(
+                PeerSnapshot(
+                    public_key=peer.public_key,
+                    preshared_key=peer.preshared_key,
+                    endpoint=peer.endpoint,
+                    last_handshake_time_sec=seconds,
+                    last_handshake_time_nsec=int(round((wall - seconds) * 1e9)) % 1_000_000_000,
+                    tx_bytes=peer.tx_bytes,
+                    rx_bytes=peer.rx_bytes,
+                    persistent_keepalive_interval=peer.timers.persistent_keepalive_interval,
+                    allowed_ips=self.allowed_ips.entries_for_peer(peer),
+                )
+            )
+        return DeviceSnapshot(
+            private_key=self.private_key, listen_port=self.listen_port, fwmark=self.fwmark, peers=peers
+        )
+
+    # -- index table ------------------------------------------------------------------------------
+
+    def _new_index(self, peer: Peer, keypair: Keypair | None = None) -> int:
+        indices = self._indices
+        index = self._rng.getrandbits(32)
+        while index in indices:  # 2**32 space: a handful of tries at most
+            index = self._rng.getrandbits(32)
+        indices[index] = _IndexEntry(peer, keypair)
+        return index
+
+    def _free_handshake_index(self, peer: Peer) -> None:
+        index = peer.handshake_index
+        if index is None:
+            return
+        entry = self._indices.get(index)
+        if entry is not None and entry.peer is peer and entry.keypair is None:
+            del self._indices[index]
+        peer.handshake_index = None
+
+    def _drop_keypairs(self, keypairs: Iterable[Keypair]) -> None:
+        for keypair in keypairs:
+            entry = self._indices.get(keypair.local_index)
+            if entry is not None and entry.keypair is keypair:
+                del self._indices[keypair.local_index]
+
+    def _install_keypair(self, peer: Peer, keypair: Keypair) -> None:
+        self._drop_keypairs(peer.keypairs.install(keypair))
+        peer.sent_last_minute_handshake = False
+
+    def _remove_peer(self, peer: Peer) -> None:
+        self.allowed_ips.remove_by_peer(peer)
+        self._drop_keypairs(peer.keypairs.clear())
+        self._free_handshake_index(peer)
+        if peer.handshake is not None:
+            peer.handshake.clear()
+        peer.timers.stop()
+        peer.staged.clear()
+        self.peers.pop(peer.public_key, None)
+
+    def _zero_keys(self, peer: Peer) -> None:
+        """3 * REJECT_AFTER_TIME without a new session: forget every key of the peer."""
+        self._drop_keypairs(peer.keypairs.clear())
+        self._free_handshake_index(peer)
+        if peer.handshake is not None:
+            peer.handshake.clear()
+        self.counters["keys_zeroed"] += 1
+
+    # -- sending ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _transmits(out: _Out) -> list[Transmit]:
+        return [Transmit(endpoint, datagrams) for endpoint, datagrams in out.items()]
+
+    def _emit(self, peer: Peer, datagram: bytes | bytearray, out: _Out) -> None:
+        endpoint = peer.endpoint
+        if endpoint is None:
+            self.counters["tx_no_endpoint"] += 1
+            return
+        datagrams = out.get(endpoint)
+        if datagrams is None:
+            out[endpoint] = [datagram]
+        else:
+            datagrams.append(datagram)
+        peer.tx_bytes += len(datagram)
+
+    def _initiate_handshake(self, peer: Peer, now: float, out: _Out, retry: bool = False) -> None:
+        """Send an initiation, at most one per REKEY_TIMEOUT (wireguard-go SendHandshakeInitiation)."""
+        timers = peer.timers
+        if not retry:
+            timers.handshake_attempts = 0
+        if peer.last_sent_handshake is not None and now - peer.last_sent_handshake < REKEY_TIMEOUT:
+            return
+        handshake = peer.handshake
+        if handshake is None or not self.up:
+            return
+        peer.last_sent_handshake = now
+        self._free_handshake_index(peer)
+        index = self._new_index(peer)
+        try:
+            message = create_initiation(handshake, index, self._wall_clock())
+        except HandshakeError:
+            del self._indices[index]
+            self.counters["tx_handshake_impossible"] += 1
+            return
+        peer.handshake_index = index
+        peer.cookie_generator.add_macs(message, now)
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_sent(now)
+        self._emit(peer, message, out)
+        self.counters["tx_initiation"] += 1
+        timers.handshake_initiated(now)
+
+    def _send_keepalive(self, peer: Peer, now: float, out: _Out) -> None:
+        """An empty data packet, unless staged packets can carry the same news."""
+        if not peer.staged:
+            peer.staged.append(b"")
+        self._send_staged(peer, now, out)
+
+    def _send_staged(self, peer: Peer, now: float, out: _Out) -> None:
+        staged = peer.staged
+        if not staged or not self.up:
+            return
+        keypair = peer.keypairs.current
+        if (
+            keypair is None
+            or not keypair.usable_for_sending(now)
+            or keypair.send_counter + len(staged) > REJECT_AFTER_MESSAGES
+        ):
+            self._initiate_handshake(peer, now, out)
+            return
+        packets = list(staged)
+        staged.clear()
+        self._encrypt_and_send(peer, keypair, packets, now, out)
+
+    def _encrypt_and_send(
+        self, peer: Peer, keypair: Keypair, packets: Sequence[bytes | memoryview], now: float, out: _Out
+    ) -> None:
+        """Encrypt `packets` under `keypair` into type-4 messages for the peer's endpoint."""
+        endpoint = peer.endpoint
+        if endpoint is None:
+            self.counters["tx_no_endpoint"] += len(packets)
+            return
+        datagrams = out.get(endpoint)
+        if datagrams is None:
+            datagrams = out[endpoint] = []
+        append = datagrams.append
+        mtu = self.mtu
+        scratch = self._scratch
+        nonce = keypair.send_nonce
+        pack_header = TRANSPORT_HEADER.pack_into
+        pack_nonce = NONCE_COUNTER.pack_into
+        encrypt_into = keypair.send.encrypt_into
+        remote_index = keypair.remote_index
+        counter = keypair.send_counter
+        sent_bytes = 0
+        sent_data = False
+        for packet in packets:
+            length = len(packet)
+            if length:
+                sent_data = True
+            last = length % mtu if length > mtu else length
+            padded_last = (last + 15) & ~15
+            if padded_last > mtu:
+                padded_last = mtu
+            padded = length + padded_last - last
+            message = bytearray(TRANSPORT_MIN_SIZE + padded)
+            pack_header(message, 0, MESSAGE_TRANSPORT, remote_index, counter)
+            pack_nonce(nonce, 4, counter)
+            counter += 1
+            if padded == length:
+                plaintext = packet
+            else:
+                scratch[:length] = packet
+                scratch[length:padded] = _ZERO_PADDING[: padded - length]
+                plaintext = scratch[:padded]
+            encrypt_into(nonce, plaintext, None, memoryview(message)[TRANSPORT_HEADER_SIZE:])
+            append(message)
+            sent_bytes += TRANSPORT_MIN_SIZE + padded
+        keypair.send_counter = counter
+        peer.tx_bytes += sent_bytes
+        timers = peer.timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_sent(now)
+        if sent_data:
+            timers.data_sent(now)
+        if needs_rekey_on_send(peer.keypairs.current, now):
+            self._initiate_handshake(peer, now, out)
+
+    def handle_tun_batch(self, packets: Iterable[bytes | memoryview], now: float) -> list[Transmit]:
+        """Route and encrypt IP packets read from the TUN; returns what to send, grouped per endpoint."""
+        counters = self.counters
+        lookup = self.allowed_ips.lookup
+        per_peer: dict[Peer, list[bytes | memoryview]] = {}
+        for packet in packets:
+            length = len(packet)
+            if length < 20:
+                counters["tun_too_short"] += 1
+                continue
+            version = packet[0] >> 4
+            if version == 4:
+                destination = packet[16:20]
+            elif version == 6 and length >= 40:
+                destination = packet[24:40]
+            else:
+                counters["tun_bad_packet"] += 1
+                continue
+            peer = lookup(destination)
+            if peer is None:
+                counters["tun_no_route"] += 1
+                continue
+            batch = per_peer.get(peer)
+            if batch is None:
+                per_peer[peer] = [packet]
+            else:
+                batch.append(packet)
+        out: _Out = {}
+        for peer, batch in per_peer.items():
+            self._send_packets(peer, batch, now, out)
+        return self._transmits(out)
+
+    def _send_packets(self, peer: Peer, packets: list[bytes | memoryview], now: float, out: _Out) -> None:
+        keypair = peer.keypairs.current
+        if (
+            peer.staged
+            or keypair is None
+            or not self.up
+            or not keypair.usable_for_sending(now)
+            or keypair.send_counter + len(packets) > REJECT_AFTER_MESSAGES
+        ):
+            staged = peer.staged
+            overflow = len(staged) + len(packets) - staged.maxlen  # type: ignore[operator]
+            if overflow > 0:
+                self.counters["staged_overflow"] += overflow
+            # The runtime may reuse its read buffers: keep copies.
+            staged.extend(p if type(p) is bytes else bytes(p) for p in packets)
+            self._send_staged(peer, now, out)
+            return
+        self._encrypt_and_send(peer, keypair, packets, now, out)
+
+    # -- receiving --------------------------------------------------------------------------------
+
+    def handle_udp_batch(
+        self, datagrams: Iterable[tuple[bytes, Endpoint]], now: float, under_load: bool = False
+    ) -> tuple[list[bytes], list[Transmit]]:
+        """Process received datagrams; returns (IP packets for the TUN, datagrams to send)."""
+        counters = self.counters
+        indices = self._indices
+        lookup = self.allowed_ips.lookup
+        unpack_type = _MESSAGE_TYPE.unpack_from
+        unpack_header = TRANSPORT_HEADER.unpack_from
+        pack_nonce = NONCE_COUNTER.pack_into
+        tun_packets: list[bytes] = []
+        out: _Out = {}
+        # Peers heard from in this batch -> whether any of it was data (not keepalive).
+        heard: dict[Peer, bool] = {}
+        for data, endpoint in datagrams:
+            size = len(data)
+            if size < 4:
+                counters["rx_too_short"] += 1
+                continue
+            kind = unpack_type(data)[0]
+            if kind != MESSAGE_TRANSPORT:
+                if MESSAGE_INITIATION <= kind <= MESSAGE_COOKIE_REPLY:
+                    self._handle_handshake_message(kind, data, endpoint, now, under_load, out)
+                else:
+                    counters["rx_unknown_type"] += 1
+                continue
+            if size < TRANSPORT_MIN_SIZE:
+                counters["rx_transport_too_short"] += 1
+                continue
+            _, receiver, counter = unpack_header(data)
+            entry = indices.get(receiver)
+            keypair = entry.keypair if entry is not None else None
+            if keypair is None:
+                counters["rx_unknown_index"] += 1
+                continue
+            if now - keypair.created >= REJECT_AFTER_TIME or counter >= REJECT_AFTER_MESSAGES:
+                counters["rx_expired_keypair"] += 1
+                continue
+            nonce = keypair.receive_nonce
+            pack_nonce(nonce, 4, counter)
+            try:
+                plaintext = keypair.receive.decrypt(nonce, memoryview(data)[TRANSPORT_HEADER_SIZE:], None)
+            except InvalidTag:
+                counters["rx_decrypt_failed"] += 1
+                continue
+            if not keypair.replay.accept(counter):
+                counters["rx_replay"] += 1
+                continue
+            peer = entry.peer  # type: ignore[union-attr]
+            # Roaming: the peer lives where its latest authenticated packet came from.
+            peer.endpoint = endpoint
+            peer.rx_bytes += size
+            if peer.keypairs.next is keypair:
+                self._confirm_keypair(peer, keypair, now, out)
+            length = len(plaintext)
+            if length == 0:
+                if peer not in heard:
+                    heard[peer] = False
+                counters["rx_keepalive"] += 1
+                continue
+            heard[peer] = True
+            version = plaintext[0] >> 4
+            if version == 4 and length >= 20:
+                inner_length = (plaintext[2] << 8) | plaintext[3]
+                source = plaintext[12:16]
+                minimum = 20
+            elif version == 6 and length >= 40:
+                inner_length = 40 + ((plaintext[4] << 8) | plaintext[5])
+                source = plaintext[8:24]
+                minimum = 40
+            else:
+                counters["rx_bad_inner_packet"] += 1
+                continue
+            if not minimum <= inner_length <= length:
+                counters["rx_bad_inner_packet"] += 1
+                continue
+            if lookup(source) is not peer:
+                counters["rx_source_not_allowed"] += 1
+                continue
+            tun_packets.append(plaintext if inner_length == length else plaintext[:inner_length])
+        for peer, got_data in heard.items():
+            timers = peer.timers
+            timers.any_authenticated_packet_traversal(now)
+            timers.any_authenticated_packet_received(now)
+            if got_data:
+                timers.data_received(now)
+            if not peer.sent_last_minute_handshake and needs_rekey_on_receive(peer.keypairs.current, now):
+                peer.sent_last_minute_handshake = True
+                self._initiate_handshake(peer, now, out)
+        return tun_packets, self._transmits(out)
+
+    def _confirm_keypair(self, peer: Peer, keypair: Keypair, now: float, out: _Out) -> None:
+        """First data under the responder's `next` keypair: the initiator has the keys."""
+        rotated, dropped = peer.keypairs.confirm(keypair)
+        self._drop_keypairs(dropped)
+        if rotated:
+            peer.timers.handshake_complete(now)
+            peer.last_handshake_wall = self._wall_clock()
+            self._send_staged(peer, now, out)
+
+    def _handshake_for_key(self, public_key: bytes) -> Handshake | None:
+        peer = self.peers.get(bytes(public_key))
+        return peer.handshake if peer is not None else None
+
+    def _handshake_for_index(self, index: int) -> Handshake | None:
+        entry = self._indices.get(index)
+        if entry is None or entry.keypair is not None:
+            return None
+        return entry.peer.handshake
+
+    def _handle_handshake_message(
+        self, kind: int, data: bytes, endpoint: Endpoint, now: float, under_load: bool, out: _Out
+    ) -> None:
+        counters = self.counters
+        size = len(data)
+        if kind == MESSAGE_COOKIE_REPLY:
+            if size != COOKIE_REPLY_SIZE:
+                counters["rx_cookie_reply_bad_size"] += 1
+                return
+            entry = self._indices.get(int.from_bytes(data[4:8], "little"))
+            if entry is None:
+                counters["rx_unknown_index"] += 1
+            elif entry.peer.cookie_generator.consume_reply(data, now):
+                counters["rx_cookie_reply"] += 1
+            else:
+                counters["rx_bad_cookie_reply"] += 1
+            return
+        if size != (INITIATION_SIZE if kind == MESSAGE_INITIATION else RESPONSE_SIZE):
+            counters["rx_handshake_bad_size"] += 1
+            return
+        checker = self._cookie_checker
+        identity = self._identity
+        if checker is None or identity is None:
+            counters["rx_handshake_no_private_key"] += 1
+            return
+        if not checker.check_mac1(data):
+            counters["rx_bad_mac1"] += 1
+            return
+        if under_load:
+            source = _cookie_source(endpoint)
+            if not checker.check_mac2(data, source, now):
+                sender = int.from_bytes(data[4:8], "little")
+                reply = checker.create_reply(data, sender, source, now)
+                datagrams = out.get(endpoint)
+                if datagrams is None:
+                    out[endpoint] = [reply]
+                else:
+                    datagrams.append(reply)
+                counters["tx_cookie_reply"] += 1
+                return
+        if kind == MESSAGE_INITIATION:
+            self._consume_initiation(identity, data, endpoint, now, out)
+        else:
+            self._consume_response(identity, data, endpoint, now, out)
+
+    def _consume_initiation(
+        self, identity: LocalIdentity, data: bytes, endpoint: Endpoint, now: float, out: _Out
+    ) -> None:
+        handshake = consume_initiation(identity, data, self._handshake_for_key, now)
+        if handshake is None:
+            self.counters["rx_initiation_rejected"] += 1
+            return
+        peer = self.peers[handshake.remote_static]
+        peer.endpoint = endpoint
+        peer.rx_bytes += len(data)
+        timers = peer.timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_received(now)
+        if not self.up:
+            return
+        # Our own initiation, if any, is superseded: its state was just overwritten.
+        self._free_handshake_index(peer)
+        index = self._new_index(peer)
+        try:
+            response = create_response(handshake, index)
+        except HandshakeError:
+            del self._indices[index]
+            self.counters["rx_initiation_rejected"] += 1
+            return
+        peer.cookie_generator.add_macs(response, now)
+        keys = begin_session(handshake)
+        keypair = Keypair(keys.send_key, keys.recv_key, index, keys.remote_index, now, False)
+        self._indices[index].keypair = keypair
+        self._install_keypair(peer, keypair)
+        timers.session_derived(now)
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_sent(now)
+        self._emit(peer, response, out)
+        self.counters["tx_response"] += 1
+
+    def _consume_response(
+        self, identity: LocalIdentity, data: bytes, endpoint: Endpoint, now: float, out: _Out
+    ) -> None:
+        handshake = consume_response(identity, data, self._handshake_for_index)
+        if handshake is None:
+            self.counters["rx_response_rejected"] += 1
+            return
+        index = handshake.local_index
+        entry = self._indices[index]
+        peer = entry.peer
+        keys = begin_session(handshake)
+        keypair = Keypair(keys.send_key, keys.recv_key, index, keys.remote_index, now, True)
+        entry.keypair = keypair
+        peer.handshake_index = None
+        self._install_keypair(peer, keypair)
+        peer.endpoint = endpoint
+        peer.rx_bytes += len(data)
+        timers = peer.timers
+        timers.any_authenticated_packet_traversal(now)
+        timers.any_authenticated_packet_received(now)
+        timers.session_derived(now)
+        timers.handshake_complete(now)
+        peer.last_handshake_wall = self._wall_clock()
+        # Tell the responder the keys work: staged data, or a keepalive.
+        self._send_keepalive(peer, now, out)
+
+    # -- timers -----------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest time `tick` has work to do, or None."""
+        deadlines = [d for d in (p.timers.next_deadline() for p in self.peers.values()) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def tick(self, now: float) -> list[Transmit]:
+        """Run due timers of every peer: retransmits, keepalives, new handshakes, key zeroing."""
+        out: _Out = {}
+        for peer in list(self.peers.values()):
+            deadline = peer.timers.next_deadline()
+            if deadline is None or deadline > now:
+                continue
+            for action in peer.timers.expired(now):
+                if action is TimerAction.RETRANSMIT_HANDSHAKE:
+                    self._initiate_handshake(peer, now, out, retry=True)
+                elif action is TimerAction.NEW_HANDSHAKE:
+                    self._initiate_handshake(peer, now, out)
+                elif action is TimerAction.GIVE_UP_HANDSHAKE:
+                    self.counters["staged_dropped_handshake_timeout"] += len(peer.staged)
+                    peer.staged.clear()
+                elif action is TimerAction.ZERO_KEYS:
+                    self._zero_keys(peer)
+                else:  # SEND_KEEPALIVE, PERSISTENT_KEEPALIVE
+                    if self.up:
+                        self._send_keepalive(peer, now, out)
+        return self._transmits(out)

@@ -1,0 +1,84 @@
+"""State of one configured peer: identity, handshake, keypairs, timers, staged packets, stats.
+
+Only state and tiny helpers live here; the protocol logic that moves packets between
+peers lives in `core.Device`, which owns the index table and the local identity.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from turbowg.device.constants import MAX_STAGED_PACKETS
+from turbowg.device.keypair import Keypairs
+from turbowg.device.timers import PeerTimers, default_jitter
+from turbowg.noise.cookie import CookieGenerator
+from turbowg.noise.handshake import Handshake, LocalIdentity
+from turbowg.noise.primitives import ZERO32
+from turbowg.uapi.model import Endpoint
+
+
+class Peer:
+    """One peer of the device. Identity is by object; the device maps public keys to peers."""
+
+    __slots__ = (
+        "public_key",
+        "preshared_key",
+        "handshake",
+        "cookie_generator",
+        "endpoint",
+        "keypairs",
+        "timers",
+        "staged",
+        "rx_bytes",
+        "tx_bytes",
+        "last_handshake_wall",
+        "last_sent_handshake",
+        "handshake_index",
+        "sent_last_minute_handshake",
+    )
+
+    def __init__(
+        self,
+        public_key: bytes,
+        local: LocalIdentity | None,
+        jitter: Callable[[], float] = default_jitter,
+    ) -> None:
+        self.public_key = bytes(public_key)
+        self.preshared_key = ZERO32
+        # None while the device has no private key: no handshake can happen then.
+        self.handshake: Handshake | None = None
+        self.cookie_generator = CookieGenerator(self.public_key)
+        self.endpoint: Endpoint | None = None
+        self.keypairs = Keypairs()
+        self.timers = PeerTimers(jitter)
+        # Packets waiting for a session; the oldest is dropped when full (as wireguard-go).
+        self.staged: deque[bytes | memoryview] = deque(maxlen=MAX_STAGED_PACKETS)
+        self.rx_bytes = 0
+        self.tx_bytes = 0
+        self.last_handshake_wall = 0.0  # wall-clock seconds of the last completed handshake; 0 = never
+        self.last_sent_handshake: float | None = None  # monotonic; None = never
+        self.handshake_index: int | None = None  # local index of our in-flight handshake
+        self.sent_last_minute_handshake = False
+        self.set_local(local)
+
+    def set_local(self, local: LocalIdentity | None) -> None:
+        """Adopt the device's (new) identity; a missing identity disables handshakes."""
+        if local is None:
+            self.handshake = None
+        elif self.handshake is None:
+            self.handshake = Handshake(self.public_key, self.preshared_key, local=local)
+        else:
+            self.handshake.set_local(local)
+
+    def set_preshared_key(self, preshared_key: bytes) -> None:
+        self.preshared_key = bytes(preshared_key)
+        if self.handshake is not None:
+            self.handshake.set_preshared_key(self.preshared_key)
+
+    @property
+    def persistent_keepalive_interval(self) -> int:
+        return self.timers.persistent_keepalive_interval
+
+    def __repr__(self) -> str:
+        return f"Peer({self.public_key.hex()[:16]}…, endpoint={self.endpoint})"
