@@ -1,0 +1,192 @@
+"""Benchmark topology (namespaces + veth + one tunnel per implementation), the UDP_SEGMENT generator and
+`turbowg bench tunnel` end to end, against Debian wireguard-go."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from netns import needs_netns, run
+
+from turbowg.bench import tunnel, udpgen
+from turbowg.bench.topology import (
+    UAPI_DIR,
+    UNDERLAY,
+    Implementation,
+    TopologyError,
+    build_topology,
+    known_implementations,
+)
+
+needs_wireguard_go = pytest.mark.skipif(shutil.which("wireguard-go") is None or shutil.which("wg") is None,
+                                        reason="needs wireguard-go and wireguard-tools")
+
+
+def _namespaces() -> set[str]:
+    return {line.split()[0] for line in run("ip", "netns", "list").stdout.splitlines() if line.strip()}
+
+
+def _gone(topo_namespaces: tuple[str, str], sockets: list[str], pids: list[int]) -> None:
+    assert not set(topo_namespaces) & _namespaces()
+    for sock in sockets:
+        assert not os.path.exists(sock), sock
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}"), f"daemon {pid} still running"
+
+
+@needs_netns
+@needs_wireguard_go
+def test_wireguard_go_tunnel_pings_and_is_torn_down() -> None:
+    wg_go = known_implementations()["wireguard-go"]
+    with build_topology([wg_go]) as topo:
+        namespaces = (topo.ns_a, topo.ns_b)
+        path = topo.paths["wireguard-go"]
+        sockets = [os.path.join(UAPI_DIR, f"{name}.sock") for name in (path.ifname_a, path.ifname_b)]
+        assert all(os.path.exists(s) for s in sockets)
+        assert len(path.daemon_pids) == 2
+        for address in (path.server_v4, path.server_v6):
+            assert topo.run(topo.ns_a, "ping", "-c", "2", "-i", "0.2", "-W", "2", address, check=False).returncode == 0
+        # Both directions, and the bare veth too.
+        assert topo.run(topo.ns_b, "ping", "-c", "1", "-W", "2", path.client_v4, check=False).returncode == 0
+        underlay = topo.paths[UNDERLAY]
+        assert topo.run(topo.ns_a, "ping", "-c", "1", "-W", "2", underlay.server_v4, check=False).returncode == 0
+        link = topo.run(topo.ns_a, "ip", "-o", "link", "show", path.ifname_a).stdout
+        assert "mtu 1420" in link
+        show = topo.run(topo.ns_a, "wg", "show", path.ifname_a, "latest-handshakes").stdout.split()
+        assert len(show) == 2 and int(show[1]) > 0
+    _gone(namespaces, sockets, path.daemon_pids)
+
+
+@needs_netns
+@needs_wireguard_go
+def test_teardown_when_body_raises() -> None:
+    wg_go = known_implementations()["wireguard-go"]
+    seen: dict[str, object] = {}
+    with pytest.raises(RuntimeError, match="body failed"):
+        with build_topology([wg_go]) as topo:
+            path = topo.paths["wireguard-go"]
+            seen["ns"] = (topo.ns_a, topo.ns_b)
+            seen["sockets"] = [os.path.join(UAPI_DIR, f"{n}.sock") for n in (path.ifname_a, path.ifname_b)]
+            seen["pids"] = list(path.daemon_pids)
+            # Something left running inside a namespace must not keep it alive.
+            subprocess.Popen(topo.exec_args(topo.ns_b, "sleep", "300"))
+            raise RuntimeError("body failed")
+    _gone(seen["ns"], seen["sockets"], seen["pids"])  # type: ignore[arg-type]
+
+
+@needs_netns
+def test_implementation_that_fails_to_start_gives_clear_error_and_cleans_up() -> None:
+    before = _namespaces()
+    broken = Implementation("broken", (sys.executable, "-c", "import sys; print('no TUN for you'); sys.exit(3)"))
+    with pytest.raises(TopologyError) as info:
+        with build_topology([broken], start_timeout=10):
+            pytest.fail("must not get here")
+    assert "broken exited with 3" in str(info.value) and "no TUN for you" in str(info.value)
+    assert _namespaces() == before
+
+
+@needs_netns
+def test_udpgen_over_underlay_counts_what_arrives() -> None:
+    with build_topology([]) as topo:
+        ready = os.path.join(topo.workdir, "ready")
+        module = [sys.executable, "-m", "turbowg.bench.udpgen"]
+        receiver = subprocess.Popen(topo.exec_args(topo.ns_b, *module, "recv", "--port", "5999", "--timeout", "20",
+                                                   "--ready-file", ready), stdout=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 10
+            while not os.path.exists(ready) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            sent = json.loads(topo.run(topo.ns_a, *module, "send", "--host", topo.paths[UNDERLAY].server_v4,
+                                       "--port", "5999", "--duration", "0.5", "--size", "1200").stdout)
+            got = json.loads(receiver.communicate(timeout=20)[0])
+        finally:
+            receiver.kill()
+            receiver.wait()
+    assert sent["gso"] is True and sent["segments_per_call"] == 54  # 64 would exceed one 64 KiB GSO buffer
+    assert sent["datagrams"] == sent["segments_per_call"] * sent["calls"]
+    assert got["gro"] is True and not got["timed_out"]
+    assert 0 < got["datagrams"] <= sent["datagrams"]
+    assert got["bytes"] == got["datagrams"] * 1200
+    assert got["goodput_bps"] > 0
+
+
+def test_segments_per_call() -> None:
+    assert udpgen.segments_per_call(1000) == 64
+    assert udpgen.segments_per_call(1392) == 47
+    assert udpgen.segments_per_call(65000) == 1
+
+
+def test_process_tree_cpu_seconds_includes_children() -> None:
+    parent = subprocess.Popen([sys.executable, "-c",
+                               "import subprocess, sys; subprocess.run([sys.executable, '-c', "
+                               "'import time\\nend = time.process_time() + 0.6\\nwhile time.process_time() < end: pass'])"])
+    try:
+        time.sleep(0.3)
+        start = tunnel.process_tree_cpu_seconds([parent.pid])
+        parent.wait(timeout=30)
+    finally:
+        parent.kill()
+    assert start > 0.05  # the busy grandchild was counted while alive
+
+
+def test_summary_ratio_and_table() -> None:
+    runs = [tunnel.RunResult("wireguard-go", "tcp1", i, True, gbps=g, bytes_received=10**9, cpu_seconds_per_gb=2.0)
+            for i, g in enumerate((1.0, 1.1, 0.9))]
+    runs += [tunnel.RunResult("turbowg", "tcp1", i, True, gbps=g, bytes_received=10**9, cpu_seconds_per_gb=1.0)
+             for i, g in enumerate((2.0, 2.2, 1.8))]
+    runs.append(tunnel.RunResult("turbowg", "tcp1", 3, False, error="iperf3: boom"))
+    rows = tunnel.summarize_runs(runs, ["turbowg", "wireguard-go"], ["tcp1"])
+    by_path = {r.path: r for r in rows}
+    assert by_path["turbowg"].ratio_to_baseline == pytest.approx(2.0)
+    assert by_path["wireguard-go"].ratio_to_baseline == pytest.approx(1.0)
+    assert (by_path["turbowg"].lo_gbps, by_path["turbowg"].hi_gbps) == (1.8, 2.2)
+    assert by_path["turbowg"].n_failed == 1
+    table = tunnel.format_table(rows)
+    assert "2.00 [1.80, 2.20]" in table and "3 (1 failed)" in table
+
+
+def test_bad_choices_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="unknown test 'tcp9'"):
+        tunnel._split_choices(["tcp1,tcp9"], tunnel.TESTS, "test")
+    assert tunnel._split_choices(["tcp1,udp", "tcp1"], tunnel.TESTS, "test") == ["tcp1", "udp"]
+    result = subprocess.run([sys.executable, "-m", "turbowg.bench.tunnel", "--impl", "kernel"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "unknown implementation 'kernel'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@needs_netns
+@needs_wireguard_go
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+def test_bench_tunnel_end_to_end_wireguard_go_vs_underlay(tmp_path) -> None:
+    before = _namespaces()
+    result = subprocess.run([sys.executable, "-m", "turbowg.bench.tunnel", "--impl", "wireguard-go",
+                             "--impl", "underlay", "--runs", "1", "--duration", "1", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "[run 8/8]" in result.stderr
+    assert _namespaces() == before
+    raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
+    assert [(r["path"], r["test"]) for r in raw["runs"]] == [
+        (p, t) for t in tunnel.TESTS for p in ("wireguard-go", "underlay")]
+    assert all(r["ok"] and r["gbps"] > 0 and r["bytes_received"] > 0 for r in raw["runs"]), raw["runs"]
+    for r in raw["runs"]:
+        if r["path"] == "wireguard-go":
+            assert r["cpu_seconds"] > 0 and r["cpu_seconds_per_gb"] > 0  # the daemons did the crypto
+        else:
+            assert r["cpu_seconds"] is None
+        assert (r["loss_percent"] is not None) == r["test"].startswith("udp")
+    summary = {(s["path"], s["test"]): s for s in raw["summary"]}
+    assert summary[("wireguard-go", "tcp1")]["ratio_to_baseline"] == pytest.approx(1.0)
+    assert "x wireguard-go" in result.stdout
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no chart" in result.stdout
+    else:
+        assert (tmp_path / "tunnel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
