@@ -68,9 +68,9 @@ class AllowedIPs(Generic[PeerT]):
         network = _normalize(network)
         family = self._family(network)
         table = family.tables.get(network.prefixlen)
+        new_length = table is None
         if table is None:
             table = family.tables[network.prefixlen] = {}
-            family.rebuild_levels()
         key = int(network.network_address)
         previous = table.get(key)
         if previous is not None and previous is not peer:
@@ -78,6 +78,8 @@ class AllowedIPs(Generic[PeerT]):
             if not self._by_peer[previous]:
                 del self._by_peer[previous]
         table[key] = peer
+        if new_length:
+            family.rebuild_levels()
         self._by_peer.setdefault(peer, set()).add(network)
         self._cache.clear()
 
