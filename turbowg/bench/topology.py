@@ -262,8 +262,10 @@ def build_topology(impls: Sequence[Implementation], *, handshake_timeout: float 
             if not wait_for_ping(topo, ns_a, path.server_v4, handshake_timeout):
                 logs = "\n".join(_log_tail(os.path.join(workdir, f"{i}.log"), 600)
                                  for i in (path.ifname_a, path.ifname_b))
+                shows = "\n".join(topo.run(ns, "wg", "show", ifname, check=False).stdout.strip()
+                                  for ns, ifname in ((ns_a, path.ifname_a), (ns_b, path.ifname_b)))
                 raise TopologyError(f"{impl.name}: no ping reply across the tunnel within "
-                                    f"{handshake_timeout} s (handshake failed?)\n{logs}")
+                                    f"{handshake_timeout} s (handshake failed?)\n{shows}\n{logs}".rstrip())
             if not wait_for_ping(topo, ns_a, path.server_v6, handshake_timeout):
                 raise TopologyError(f"{impl.name}: no IPv6 ping reply across the tunnel")
         yield topo
