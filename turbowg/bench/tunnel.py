@@ -300,7 +300,12 @@ def write_chart(rows: Sequence[Row], paths: Sequence[str], tests: Sequence[str],
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no chart (pip install matplotlib)"
-    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(tests)), 4.5))
+    # The bare veth is often 10-50x faster than any tunnel: a log axis keeps the tunnels readable, and a
+    # second panel shows the ratio to wireguard-go, which is what the comparison is about.
+    has_ratio = any(r.ratio_to_baseline is not None and r.path != BASELINE for r in rows)
+    fig, axes = plt.subplots(1, 2 if has_ratio else 1, figsize=(max(6, 2.2 * len(tests)) * (2 if has_ratio else 1), 4.5),
+                             squeeze=False)
+    ax = axes[0][0]
     width = 0.8 / max(1, len(paths))
     for index, path in enumerate(paths):
         xs, heights, err_lo, err_hi = [], [], [], []
@@ -314,9 +319,28 @@ def write_chart(rows: Sequence[Row], paths: Sequence[str], tests: Sequence[str],
             err_hi.append(row.hi_gbps - row.median_gbps)
         ax.bar(xs, heights, width, yerr=[err_lo, err_hi], capsize=3, label=path)
     ax.set_xticks(range(len(tests)), tests)
-    ax.set_ylabel("Gbit/s (median, 95% CI)")
-    ax.set_title("turbowg bench tunnel")
+    ax.set_yscale("log")
+    ax.set_ylabel("Gbit/s (median, 95% CI; log scale)")
+    ax.set_title("throughput")
     ax.legend()
+    if has_ratio:
+        ratio_ax = axes[0][1]
+        tunnels = [p for p in paths if p != UNDERLAY]
+        width = 0.8 / max(1, len(tunnels))
+        for index, path in enumerate(tunnels):
+            xs, heights = [], []
+            for t_index, test in enumerate(tests):
+                row = next((r for r in rows if r.path == path and r.test == test), None)
+                if row is not None and row.ratio_to_baseline is not None:
+                    xs.append(t_index + (index - (len(tunnels) - 1) / 2) * width)
+                    heights.append(row.ratio_to_baseline)
+            ratio_ax.bar(xs, heights, width, label=path)
+        ratio_ax.axhline(1.0, color="black", linewidth=0.8)
+        ratio_ax.set_xticks(range(len(tests)), tests)
+        ratio_ax.set_ylabel(f"median throughput / {BASELINE}")
+        ratio_ax.set_title(f"ratio to {BASELINE}")
+        ratio_ax.legend()
+    fig.suptitle("turbowg bench tunnel")
     fig.tight_layout()
     fig.savefig(filename, dpi=120)
     plt.close(fig)
