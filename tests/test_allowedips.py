@@ -25,7 +25,9 @@ def reference_lookup(entries: dict, addr: bytes):
 # Addresses drawn from a small space so prefixes overlap often.
 v4_addresses = st.builds(lambda hi, lo: bytes([10, hi, 0, lo]), st.integers(0, 3), st.integers(0, 255))
 v6_addresses = st.builds(
-    lambda hi, lo: ipaddress.IPv6Address("fd00::").packed[:14] + bytes([hi, lo]), st.integers(0, 3), st.integers(0, 255)
+    lambda hi, lo: ipaddress.IPv6Address("fd00::").packed[:14] + bytes([hi, lo]),
+    st.integers(0, 3),
+    st.integers(0, 255),
 )
 v4_networks = st.builds(
     lambda addr, plen: ipaddress.ip_network((addr, plen), strict=False), v4_addresses, st.integers(0, 32)

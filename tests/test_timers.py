@@ -1,0 +1,139 @@
+"""Timer behaviour of the device core under an injected clock (two devices back to back)."""
+
+from __future__ import annotations
+
+from test_device_core import A_V4, B_ENDPOINT, B_V4, Pair, ipv4_packet
+
+from turbowg.device.constants import MAX_TIMER_HANDSHAKES, REKEY_TIMEOUT, REKEY_TIMEOUT_JITTER_MAX
+from turbowg.device.timers import PeerTimers, TimerAction
+
+
+def sizes(pair: Pair, transmits, endpoint) -> list[int]:
+    return [len(d) for d in pair.datagrams(transmits, endpoint)]
+
+
+def settled_pair() -> Pair:
+    """Handshake done at t0 = pair.now, and b's keepalive at t0 + 10 answered a's data."""
+    pair = Pair()
+    pair.handshake()
+    pair.b_to_a(pair.b.tick(pair.now + 10))
+    return pair
+
+
+def test_initiator_rekeys_when_sending_after_120s() -> None:
+    pair = settled_pair()
+    t0 = pair.now
+    packet = ipv4_packet(A_V4, B_V4, b"data")
+    assert sizes(pair, pair.a.handle_tun_batch([packet], t0 + 119), B_ENDPOINT) == [64]
+    # Past REKEY_AFTER_TIME the data still goes out under the old keypair, plus an initiation.
+    assert sizes(pair, pair.a.handle_tun_batch([packet], t0 + 121), B_ENDPOINT) == [64, 148]
+    # The responder never rekeys on send: it's the initiator's job.
+    out = pair.b.handle_tun_batch([ipv4_packet(B_V4, A_V4, b"x")], t0 + 122)
+    assert [len(d) for t in out for d in t.datagrams] == [64]
+
+
+def test_keypair_rejected_after_180s() -> None:
+    pair = settled_pair()
+    t0 = pair.now
+    late = pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"late")], t0 + 100)
+    # Sent at t0 + 100 but arriving after REJECT_AFTER_TIME: the receiver refuses the old keypair.
+    pair.now = t0 + 180
+    tun_b, out = pair.a_to_b(late)
+    assert tun_b == [] and out == []
+    assert pair.b.counters["rx_expired_keypair"] == 1
+    # The sender no longer uses it either: the packet is staged behind a new handshake.
+    out = pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"staged")], t0 + 180)
+    assert sizes(pair, out, B_ENDPOINT) == [148]
+    assert len(pair.a_peer.staged) == 1
+
+
+def test_initiator_rekeys_on_receive_after_165s() -> None:
+    pair = settled_pair()
+    t0 = pair.now
+    pair.now = t0 + 164
+    _, out = pair.b_to_a(pair.b.handle_tun_batch([ipv4_packet(B_V4, A_V4, b"1")], pair.now))
+    assert out == []
+    pair.now = t0 + 166
+    _, out = pair.b_to_a(pair.b.handle_tun_batch([ipv4_packet(B_V4, A_V4, b"2")], pair.now))
+    assert sizes(pair, out, B_ENDPOINT) == [148]
+    # Only once per session.
+    pair.now = t0 + 167
+    _, out = pair.b_to_a(pair.b.handle_tun_batch([ipv4_packet(B_V4, A_V4, b"3")], pair.now))
+    assert out == []
+
+
+def test_keepalive_after_10s_of_receiving_without_sending() -> None:
+    pair = settled_pair()
+    t0 = pair.now + 20
+    pair.now = t0
+    pair.a_to_b(pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"ping")], t0))
+    assert pair.b.tick(t0 + 9.99) == []
+    keepalive = pair.b.tick(t0 + 10)
+    assert [len(d) for t in keepalive for d in t.datagrams] == [32]
+    assert pair.b.tick(t0 + 30) == []
+    # Sending data ourselves within the 10 s makes the keepalive unnecessary.
+    pair.now = t0 + 40
+    pair.a_to_b(pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"ping")], pair.now))
+    pair.b.handle_tun_batch([ipv4_packet(B_V4, A_V4, b"pong")], pair.now + 1)
+    assert pair.b.tick(pair.now + 10) == []
+
+
+def test_new_handshake_after_15s_of_sending_without_hearing_back() -> None:
+    pair = settled_pair()
+    t0 = pair.now + 20
+    assert sizes(pair, pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"?")], t0), B_ENDPOINT) == [64]
+    assert pair.a.tick(t0 + 14.99) == []
+    assert sizes(pair, pair.a.tick(t0 + 15 + REKEY_TIMEOUT_JITTER_MAX), B_ENDPOINT) == [148]
+
+
+def test_handshake_retries_with_jitter_given_up_after_90s() -> None:
+    pair = Pair()
+    t0 = pair.now
+    sent_at = []
+    out = pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"lost")], t0)
+    assert sizes(pair, out, B_ENDPOINT) == [148]
+    sent_at.append(t0)
+    step = 0.01
+    for i in range(1, 12_000):  # 120 s: nothing ever answers
+        now = t0 + i * step
+        for transmit in pair.a.tick(now):
+            assert [len(d) for d in transmit.datagrams] == [148]
+            sent_at.append(now)
+    assert len(sent_at) == 1 + MAX_TIMER_HANDSHAKES
+    gaps = [b - a for a, b in zip(sent_at, sent_at[1:], strict=False)]
+    assert all(REKEY_TIMEOUT <= gap <= REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX + step + 1e-9 for gap in gaps)
+    assert len({round(gap, 2) for gap in gaps}) > 1  # jittered
+    assert 90 <= sent_at[-1] - t0 <= 90 + 18 * (REKEY_TIMEOUT_JITTER_MAX + step)
+    assert len(pair.a_peer.staged) == 0
+    assert pair.a.counters["staged_dropped_handshake_timeout"] == 1
+
+
+def test_keys_zeroed_after_540s() -> None:
+    pair = settled_pair()
+    t0 = pair.now
+    assert pair.a_peer.keypairs.current is not None
+    for now in range(int(t0) + 11, int(t0) + 540):
+        pair.a.tick(now)
+        pair.b.tick(now)
+    assert pair.a_peer.keypairs.current is not None
+    assert pair.b_peer.keypairs.current is not None
+    pair.a.tick(t0 + 540)
+    pair.b.tick(t0 + 540)
+    assert pair.a_peer.keypairs.all() == [] and pair.b_peer.keypairs.all() == []
+    assert pair.a.counters["keys_zeroed"] == 1
+    assert all(entry.keypair is None for entry in pair.a._indices.values())
+
+
+def test_peer_timers_keepalive_rearms_when_more_data_arrived() -> None:
+    timers = PeerTimers(jitter=lambda: 0.0)
+    timers.data_received(0.0)
+    timers.data_received(3.0)  # while the keepalive is pending
+    assert timers.expired(9.9) == []
+    assert timers.expired(10.0) == [TimerAction.SEND_KEEPALIVE]
+    assert timers.expired(20.0) == [TimerAction.SEND_KEEPALIVE]
+    assert timers.expired(40.0) == []
+    assert timers.next_deadline() is None
+    timers.persistent_keepalive_interval = 25
+    timers.any_authenticated_packet_traversal(50.0)
+    assert timers.next_deadline() == 75.0
+    assert timers.expired(75.0) == [TimerAction.PERSISTENT_KEEPALIVE]
