@@ -12,16 +12,15 @@ import socket
 import stat
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import pytest
 import uvloop
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from turbowg.device.core import Device
 from turbowg.uapi.model import (
     DeviceSnapshot,
     DeviceUpdate,
-    IPNetwork,
     PeerSnapshot,
     PeerUpdate,
     UAPIError,
@@ -319,85 +318,6 @@ def test_connection_refuses_oversized_lines() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# A configuration store with wireguard-go's set semantics, standing in for the device core
-# (turbowg.device.core.Device had not landed when these tests were written).
-# ------------------------------------------------------------------------------------------------
-
-@dataclass
-class StoredPeer:
-    public_key: bytes
-    preshared_key: bytes = bytes(32)
-    endpoint: tuple[str, int] | None = None
-    persistent_keepalive_interval: int = 0
-    allowed_ips: list[IPNetwork] = field(default_factory=list)
-
-
-class ConfigStore:
-    def __init__(self) -> None:
-        self.private_key: bytes | None = None
-        self.public_key: bytes | None = None
-        self.listen_port = 0
-        self.fwmark = 0
-        self.peers: dict[bytes, StoredPeer] = {}
-        self.updates: list[DeviceUpdate] = []
-
-    def apply_update(self, update: DeviceUpdate) -> None:
-        self.updates.append(update)
-        if update.private_key is not None:
-            if update.private_key == bytes(32):
-                self.private_key = self.public_key = None
-            else:
-                self.private_key, self.public_key = update.private_key, public_of(update.private_key)
-                self.peers.pop(self.public_key, None)  # a peer cannot be ourselves
-        if update.listen_port is not None:
-            self.listen_port = update.listen_port
-        if update.fwmark is not None:
-            self.fwmark = update.fwmark
-        if update.replace_peers:
-            self.peers.clear()
-        for change in update.peers:
-            if change.public_key == self.public_key:
-                continue
-            if change.remove:
-                self.peers.pop(change.public_key, None)
-                continue
-            peer = self.peers.get(change.public_key)
-            if peer is None:
-                if change.update_only:
-                    continue
-                peer = self.peers[change.public_key] = StoredPeer(change.public_key)
-            if change.preshared_key is not None:
-                peer.preshared_key = change.preshared_key
-            if change.endpoint is not None:
-                peer.endpoint = change.endpoint
-            if change.persistent_keepalive_interval is not None:
-                peer.persistent_keepalive_interval = change.persistent_keepalive_interval
-            if change.replace_allowed_ips:
-                peer.allowed_ips.clear()
-            for network in change.allowed_ips:
-                for other in self.peers.values():  # a prefix belongs to one peer: the last one given it
-                    if network in other.allowed_ips:
-                        other.allowed_ips.remove(network)
-                peer.allowed_ips.append(network)
-
-    def snapshot(self) -> DeviceSnapshot:
-        return DeviceSnapshot(self.private_key, self.listen_port, self.fwmark, [
-            PeerSnapshot(p.public_key, p.preshared_key, p.endpoint, 0, 0, 0, 0, p.persistent_keepalive_interval,
-                         list(p.allowed_ips)) for p in self.peers.values()])
-
-
-def test_config_store_semantics() -> None:
-    store = ConfigStore()
-    store.apply_update(parse_set([f"public_key={K2.hex()}", "allowed_ip=10.0.0.0/8",
-                                  f"public_key={K3.hex()}", "update_only=true", "allowed_ip=10.3.0.0/16"]))
-    assert list(store.peers) == [K2]
-    store.apply_update(parse_set([f"public_key={K3.hex()}", "allowed_ip=10.0.0.0/8"]))
-    assert store.peers[K2].allowed_ips == [] and store.peers[K3].allowed_ips == [net("10.0.0.0/8")]
-    store.apply_update(parse_set(["replace_peers=true", f"public_key={K2.hex()}"]))
-    assert list(store.peers) == [K2]
-
-
-# ------------------------------------------------------------------------------------------------
 # Server, driven by the stock `wg` tool
 # ------------------------------------------------------------------------------------------------
 
@@ -444,16 +364,16 @@ async def raw_exchange(path: str, payload: bytes, replies: int) -> list[bytes]:
         writer.close()
 
 
-def run_with_server(body: Callable[[UAPIServer, ConfigStore, str], Awaitable[None]], *, use_uvloop: bool = False,
-                    on_set: Callable[[], None] | None = None) -> None:
+def run_with_server(body: Callable[[UAPIServer, Device, str], Awaitable[None]], *, use_uvloop: bool = False,
+                    on_set: Callable[..., None] | None = None) -> None:
     iface = unique_iface()
     path = os.path.join(SOCKET_DIR, f"{iface}.sock")
 
     async def main() -> None:
-        store = ConfigStore()
-        server = await start_uapi_server(iface, store, socket_dir=SOCKET_DIR, on_set=on_set)
+        device = Device()
+        server = await start_uapi_server(iface, device, socket_dir=SOCKET_DIR, on_set=on_set)
         try:
-            await asyncio.wait_for(body(server, store, iface), 4 * TIMEOUT)
+            await asyncio.wait_for(body(server, device, iface), 4 * TIMEOUT)
         finally:
             server.close()
             await server.wait_closed()
@@ -478,19 +398,21 @@ def test_server_with_wg_set_show_showconf_remove(tmp_path) -> None:
     key_file.write_text(b64(private) + "\n")
     key_file.chmod(0o600)
 
-    async def body(server: UAPIServer, store: ConfigStore, iface: str) -> None:
+    async def body(server: UAPIServer, device: Device, iface: str) -> None:
         st = os.stat(server.path)
         assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) & 0o077 == 0
         await wg("set", iface, "private-key", str(key_file), "listen-port", "45678", "peer", b64(peer_public),
                  "allowed-ips", "10.0.0.0/24,fd00::/64", "endpoint", "127.0.0.1:51820", "persistent-keepalive", "25")
-        assert store.listen_port == 45678 and store.private_key == private
-        assert store.peers[peer_public].allowed_ips == [net("10.0.0.0/24"), net("fd00::/64")]
+        assert device.listen_port == 45678 and device.private_key == private
+        assert device.snapshot().peers[0].allowed_ips == [net("10.0.0.0/24"), net("fd00::/64")]
 
         _, dump, _ = await wg("show", iface, "dump")
         device_line, peer_line = dump.strip().split("\n")
         assert device_line.split("\t") == [b64(private), b64(public_of(private)), "45678", "off"]
+        # The device may already count a handshake initiation it queued (keepalive switched on) as sent.
+        tx_bytes = device.snapshot().peers[0].tx_bytes
         assert peer_line.split("\t") == [b64(peer_public), "(none)", "127.0.0.1:51820", "10.0.0.0/24,fd00::/64",
-                                         "0", "0", "0", "25"]
+                                         "0", "0", str(tx_bytes), "25"]
 
         _, shown, _ = await wg("show", iface)
         assert f"interface: {iface}" in shown and "endpoint: 127.0.0.1:51820" in shown
@@ -506,7 +428,7 @@ def test_server_with_wg_set_show_showconf_remove(tmp_path) -> None:
         assert ips.split("\t")[1].split() == ["192.0.2.0/24"]  # allowed-ips replaces the list, as wg does
 
         await wg("set", iface, "peer", b64(peer_public), "remove")
-        assert store.peers == {}
+        assert device.peers == {}
         _, peers, _ = await wg("show", iface, "peers")
         assert peers.strip() == ""
 
@@ -523,10 +445,10 @@ def test_server_with_wg_setconf_replaces_peers(tmp_path) -> None:
         f"[Peer]\nPublicKey = {b64(new_peer)}\nPresharedKey = {b64(PSK)}\n"
         "AllowedIPs = 10.7.0.0/16, fd07::/48\nEndpoint = [::1]:40002\n")
 
-    async def body(server: UAPIServer, store: ConfigStore, iface: str) -> None:
+    async def body(server: UAPIServer, device: Device, iface: str) -> None:
         await wg("set", iface, "peer", b64(old_peer), "allowed-ips", "10.9.0.0/16")
         await wg("setconf", iface, str(conf))
-        assert list(store.peers) == [new_peer] and store.updates[-1].replace_peers
+        assert list(device.peers) == [new_peer]
         _, dump, _ = await wg("show", iface, "dump")
         device_line, peer_line = dump.strip().split("\n")
         assert device_line.split("\t")[2:] == ["40001", "0x10"]
@@ -539,7 +461,7 @@ def test_server_with_wg_setconf_replaces_peers(tmp_path) -> None:
 
 @needs_wg
 def test_server_malformed_set_gets_errno_and_connection_keeps_working() -> None:
-    async def body(server: UAPIServer, store: ConfigStore, iface: str) -> None:
+    async def body(server: UAPIServer, device: Device, iface: str) -> None:
         await wg("set", iface, "listen-port", "40100")
         payload = (b"set=1\nlisten_port=40200\nlisten_port=banana\n\n"  # bad line: nothing applied
                    b"get=1\n\n"
@@ -550,7 +472,7 @@ def test_server_malformed_set_gets_errno_and_connection_keeps_working() -> None:
         assert bad == b"errno=-22\n\n" and bad2 == b"errno=-71\n\n" and ok == b"errno=0\n\n"
         assert got == b"listen_port=40100\nerrno=0\n\n"
         assert got2 == b"listen_port=40100\nfwmark=3\nerrno=0\n\n"
-        assert store.listen_port == 40100
+        assert device.listen_port == 40100
         # An unknown operation closes that connection only; the server still answers others.
         reader, writer = await asyncio.open_unix_connection(server.path)
         writer.write(b"frobnicate=1\n")
@@ -565,13 +487,13 @@ def test_server_malformed_set_gets_errno_and_connection_keeps_working() -> None:
 @needs_wg
 def test_server_refusal_after_apply_is_reported_to_wg() -> None:
     def on_set() -> None:
-        if store_ref[0].listen_port == 40300:
+        if device_ref[0].listen_port == 40300:
             raise OSError(errno.EADDRINUSE, "Address already in use")
 
-    store_ref: list[ConfigStore] = []
+    device_ref: list[Device] = []
 
-    async def body(server: UAPIServer, store: ConfigStore, iface: str) -> None:
-        store_ref.append(store)
+    async def body(server: UAPIServer, device: Device, iface: str) -> None:
+        device_ref.append(device)
         code, _, err = await wg("set", iface, "listen-port", "40300", check=False)
         assert code != 0 and "Address already in use" in err
         code, _, err = await wg("set", iface, "listen-port", "40301", check=False)
@@ -581,12 +503,30 @@ def test_server_refusal_after_apply_is_reported_to_wg() -> None:
 
 
 @needs_wg
+def test_server_hands_what_the_device_queued_to_on_set(tmp_path) -> None:
+    private = X25519PrivateKey.generate().private_bytes_raw()
+    peer_public = public_of(X25519PrivateKey.generate().private_bytes_raw())
+    key_file = tmp_path / "private"
+    key_file.write_text(b64(private) + "\n")
+    applied: list[object] = []
+
+    async def body(server: UAPIServer, device: Device, iface: str) -> None:
+        await wg("set", iface, "private-key", str(key_file), "peer", b64(peer_public), "endpoint", "127.0.0.1:9",
+                 "persistent-keepalive", "25")
+        # Switching the keepalive on queues a handshake initiation (148 bytes) for the runtime to send.
+        (transmit,) = applied[-1]  # type: ignore[misc]
+        assert transmit.endpoint == ("127.0.0.1", 9) and [len(d) for d in transmit.datagrams] == [148]
+
+    run_with_server(body, on_set=applied.append)
+
+
+@needs_wg
 def test_server_device_uapi_error_is_reported_to_wg() -> None:
-    async def body(server: UAPIServer, store: ConfigStore, iface: str) -> None:
+    async def body(server: UAPIServer, device: Device, iface: str) -> None:
         def refuse(update: DeviceUpdate) -> None:
             raise UAPIError(errno.EINVAL, "refused by device")
 
-        store.apply_update = refuse  # type: ignore[method-assign]
+        device.apply_update = refuse  # type: ignore[method-assign]
         code, _, err = await wg("set", iface, "listen-port", "40400", check=False)
         assert code != 0 and "Invalid argument" in err
 
@@ -604,10 +544,10 @@ def test_stale_socket_replaced_live_socket_refused() -> None:
         stale.bind(path)
         stale.close()  # leaves the file behind, nobody listening
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
-        server = await start_uapi_server(iface, ConfigStore(), socket_dir=SOCKET_DIR)
+        server = await start_uapi_server(iface, Device(), socket_dir=SOCKET_DIR)
         try:
             with pytest.raises(OSError) as info:
-                await start_uapi_server(iface, ConfigStore(), socket_dir=SOCKET_DIR)
+                await start_uapi_server(iface, Device(), socket_dir=SOCKET_DIR)
             assert info.value.errno == errno.EADDRINUSE
             assert (await raw_exchange(path, b"get=1\n\n", 1)) == [b"errno=0\n\n"]
         finally:
@@ -626,7 +566,7 @@ def test_non_socket_file_is_left_alone(tmp_path) -> None:
 
     async def main() -> None:
         with pytest.raises(OSError):
-            await start_uapi_server("twgx", ConfigStore(), socket_dir=str(tmp_path))
+            await start_uapi_server("twgx", Device(), socket_dir=str(tmp_path))
 
     asyncio.run(main())
     assert (tmp_path / "twgx.sock").read_text() == "not a socket"
@@ -635,7 +575,7 @@ def test_non_socket_file_is_left_alone(tmp_path) -> None:
 @pytest.mark.parametrize("name", ["", "a/b", "..", "."])
 def test_bad_interface_names_refused(tmp_path, name: str) -> None:
     with pytest.raises(ValueError):
-        asyncio.run(start_uapi_server(name, ConfigStore(), socket_dir=str(tmp_path)))
+        asyncio.run(start_uapi_server(name, Device(), socket_dir=str(tmp_path)))
 
 
 def test_socket_dir_created_and_removal_reported(tmp_path) -> None:
@@ -643,7 +583,7 @@ def test_socket_dir_created_and_removal_reported(tmp_path) -> None:
 
     async def main() -> None:
         removed = asyncio.Event()
-        server = await start_uapi_server("twgr", ConfigStore(), socket_dir=str(socket_dir), on_removed=removed.set)
+        server = await start_uapi_server("twgr", Device(), socket_dir=str(socket_dir), on_removed=removed.set)
         try:
             assert stat.S_IMODE(os.stat(socket_dir).st_mode) & 0o022 == 0
             os.unlink(server.path)

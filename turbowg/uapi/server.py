@@ -38,11 +38,22 @@ REMOVAL_CHECK_INTERVAL = 1.0
 
 
 class ConfigurableDevice(Protocol):
-    def apply_update(self, update: DeviceUpdate) -> None: ...
+    def apply_update(self, update: DeviceUpdate) -> object: ...
     def snapshot(self) -> DeviceSnapshot: ...
 
 
-AfterSet = Callable[[], Awaitable[None] | None]
+# Called after each applied set, with no argument or with what `device.apply_update` returned (for
+# turbowg's Device: datagrams to send at once), whichever the callable accepts.
+AfterSet = Callable[..., Awaitable[None] | None]
+
+
+def _wants_result(callback: AfterSet) -> bool:
+    try:
+        parameters = inspect.signature(callback).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional or p.kind == inspect.Parameter.VAR_POSITIONAL for p in parameters)
 
 
 class UAPIServer:
@@ -54,6 +65,7 @@ class UAPIServer:
         self.device = device
         self.path = path
         self._on_set = on_set
+        self._on_set_wants_result = on_set is not None and _wants_result(on_set)
         self._on_removed = on_removed
         self._server: asyncio.AbstractServer | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
@@ -135,11 +147,11 @@ class UAPIServer:
                 if request.kind == "get":
                     return get_reply(self.device.snapshot())
                 update = parse_set(request.lines)
-                self.device.apply_update(update)
+                applied = self.device.apply_update(update)
                 if self._on_set is not None:
-                    result = self._on_set()
-                    if inspect.isawaitable(result):
-                        await result
+                    pending = self._on_set(applied) if self._on_set_wants_result else self._on_set()
+                    if inspect.isawaitable(pending):
+                        await pending
                 return status_reply(0)
         except UAPIError as exc:
             return self._refuse(exc)
@@ -212,8 +224,9 @@ async def start_uapi_server(iface: str, device: ConfigurableDevice, *, socket_di
     """Listen on `<socket_dir>/<iface>.sock` and serve get/set for `device`.
 
     `device.apply_update` and `device.snapshot` are called on the event loop, one operation at a time;
-    they may raise UAPIError(errno, message) to refuse. `on_set()` (sync or async) runs after each applied
-    set, e.g. to rebind the UDP port; a UAPIError from it is answered with its errno, an OSError with
+    they may raise UAPIError(errno, message) to refuse. `on_set()` or `on_set(applied)` (sync or async;
+    `applied` is what `apply_update` returned) runs after each applied set, e.g. to rebind the UDP port and
+    send the datagrams the update queued; a UAPIError from it is answered with its errno, an OSError with
     -EADDRINUSE. `on_removed()` is called once if the socket file is deleted or replaced under us
     (wireguard-go stops the device then). Raises ValueError for a bad name, OSError if the socket is live.
     """
