@@ -101,8 +101,11 @@ def test_garbage_instead_of_client_info_is_refused() -> None:
     assert conn.state is ServerState.CLOSED and rec.events == []
     conn.receive_data(b"more")  # ignored after close, no exception
     conn2, _, _ = new_server_conn()
-    with pytest.raises(ProtocolError, match="expected ClientInfo"):
+    with pytest.raises(ProtocolError, match="exceeds limit 0"):
         conn2.receive_data(codec.encode_send_packet(bytes(32), b"early"))
+    conn3, _, _ = new_server_conn()
+    with pytest.raises(ProtocolError, match="expected ClientInfo"):
+        conn3.receive_data(codec.encode_keep_alive())
 
 
 def test_client_info_that_does_not_open_is_refused() -> None:

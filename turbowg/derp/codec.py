@@ -212,7 +212,8 @@ class FrameDecoder:
         """Change the size limits, keeping any bytes already buffered (e.g. after a handshake)."""
         self._limit = limit
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+    def feed(self, data: bytes, max_frames: int = 0) -> list[tuple[int, bytes]]:
+        """Frames completed by `data`; with `max_frames` > 0, stop after that many (rest stays buffered)."""
         buf = self._buf
         if buf:
             buf += data
@@ -233,6 +234,8 @@ class FrameDecoder:
                 break
             frames.append((ftype, bytes(view[off + FRAME_HEADER_LEN : stop])))
             off = stop
+            if max_frames and len(frames) >= max_frames:
+                break
         if view is buf:
             del buf[:off]
         elif off < end:

@@ -68,8 +68,7 @@ class ServerState(Enum):
 
 def _handshake_limit(frame_type: int) -> int:
     # Before the client is authenticated only a ClientInfo is acceptable, and at most 256 KiB of it.
-    # Other frames may follow it in the same read (a pipelining client), up to the largest valid frame.
-    return MAX_CLIENT_INFO_LEN if frame_type == FrameType.CLIENT_INFO else 2 * KEY_LEN + MAX_PACKET_SIZE
+    return MAX_CLIENT_INFO_LEN if frame_type == FrameType.CLIENT_INFO else 0
 
 
 _LIMITS: dict[int, int] = {
@@ -118,16 +117,18 @@ class ServerConnection:
         if self.state is ServerState.CLOSED:
             return
         try:
+            if self.state is ServerState.AWAIT_CLIENT_INFO:
+                # Only the first frame is read under the handshake limits; what follows it in the same
+                # read is parsed after the limits change.
+                first = self._decoder.feed(data, max_frames=1)
+                if not first:
+                    return
+                self._handshake(*first[0])
+                data = b""
             frames = self._decoder.feed(data)
         except FrameError as exc:
             self.state = ServerState.CLOSED
             raise ProtocolError(str(exc)) from None
-        if not frames:
-            return
-        if self.state is ServerState.AWAIT_CLIENT_INFO:
-            ftype, payload = frames[0]
-            self._handshake(ftype, payload)
-            frames = frames[1:]
         events = self._events
         for ftype, payload in frames:
             if self.state is not ServerState.ESTABLISHED:

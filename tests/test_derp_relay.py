@@ -1,0 +1,407 @@
+"""DERP relay over loopback sockets: plain and TLS, bulk exchange, PeerGone, hostile input,
+stalled readers, many idle connections, HTTP endpoints, and the relay app wiring."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import gc
+import ipaddress
+import resource
+import socket
+import ssl
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from turbowg.derp import codec, keys
+from turbowg.derp.app import RelayConfig, RelayConfigError, parse_addr, prepare, serve_worker
+from turbowg.derp.client import DerpClient, DerpClientError
+from turbowg.derp.client_proto import ClientConnection
+from turbowg.derp.codec import FrameType
+from turbowg.derp.http import RelayHTTPProtocol
+from turbowg.derp.server import DerpServer
+
+
+def run(coro_fn: Callable[[], Awaitable[Any]], timeout: float = 60.0) -> Any:
+    async def bounded() -> Any:
+        async with asyncio.timeout(timeout):
+            return await coro_fn()
+
+    return uvloop.run(bounded())
+
+
+def make_cert(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname),
+                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    crt, keyfile = directory / f"{hostname}.crt", directory / f"{hostname}.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return crt, keyfile
+
+
+def server_tls(directory: Path) -> ssl.SSLContext:
+    crt, key = make_cert(directory)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(crt), str(key))
+    return ctx
+
+
+@contextlib.asynccontextmanager
+async def relay(tls: ssl.SSLContext | None = None, **kw: Any) -> AsyncIterator[tuple[DerpServer, str]]:
+    server = DerpServer(keys.generate_private_key(), **kw)
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(lambda: RelayHTTPProtocol(server), "127.0.0.1", 0, ssl=tls)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield server, f"{'https' if tls else 'http'}://127.0.0.1:{port}/derp"
+    finally:
+        listener.close()
+        server.close()
+        await asyncio.sleep(0.01)
+
+
+def payload(i: int) -> bytes:
+    # sizes vary from 4 to ~1400 bytes; contents depend on the sequence number
+    size = 4 + (i * 37) % 1400
+    return i.to_bytes(4, "big") + bytes([i & 0xFF]) * (size - 4)
+
+
+async def exchange(a: DerpClient, b: DerpClient, count: int, window: int = 64) -> None:
+    """a sends `count` packets to b in windows, waiting for each window to arrive (no congestion)."""
+    expect = 0
+    for start in range(0, count, window):
+        end = min(start + window, count)
+        a.send_many(b.public_key, [payload(i) for i in range(start, end)])
+        await a.drain()
+        while expect < end:
+            for msg in await b.recv_many():
+                if isinstance(msg, codec.ReceivedPacket):
+                    assert msg.source == a.public_key
+                    assert msg.data == payload(expect), f"packet {expect} lost or altered"
+                    expect += 1
+
+
+@pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
+def test_100k_packets_exchanged_without_loss(use_tls: bool, tmp_path: Path) -> None:
+    async def main() -> None:
+        tls = server_tls(tmp_path) if use_tls else None
+        async with relay(tls) as (server, url):
+            a, b = DerpClient(), DerpClient()
+            await a.connect(url, verify=False)
+            await b.connect(url, verify=False)
+            await exchange(a, b, 100_000)
+            await exchange(b, a, 1_000)  # and the other way
+            assert server.metrics.total_dropped() == 0
+            assert server.metrics.packets_sent == 101_000
+            assert await a.ping() >= 0
+            await a.close()
+            await b.close()
+
+    run(main)
+
+
+def test_tls_client_verifies_certificate_when_asked(tmp_path: Path) -> None:
+    async def main() -> None:
+        tls = server_tls(tmp_path)
+        async with relay(tls) as (_, url):
+            with pytest.raises(DerpClientError, match="certificate"):
+                await DerpClient().connect(url, verify=True)
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "localhost.crt"))
+            c = DerpClient()
+            await c.connect(url, ssl_context=ctx, server_hostname="localhost")
+            await c.close()
+
+    run(main)
+
+
+def test_peer_gone_arrives_when_peer_leaves() -> None:
+    async def main() -> None:
+        async with relay() as (server, url):
+            a, b = DerpClient(), DerpClient()
+            await a.connect(url)
+            await b.connect(url)
+            a.send(b.public_key, b"hello")
+            assert await b.recv() == codec.ReceivedPacket(a.public_key, b"hello")
+            await a.close()
+            msg = await asyncio.wait_for(b.recv(), 5)
+            assert msg == codec.PeerGone(a.public_key, codec.PeerGoneReason.DISCONNECTED)
+            await b.close()
+            await asyncio.sleep(0.05)
+            assert server.clients == {} and server.conns == set()
+
+    run(main)
+
+
+async def raw_upgrade(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    return reader, writer
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    with contextlib.suppress(ConnectionError):
+        while await asyncio.wait_for(reader.read(65536), 5):
+            pass
+    return True
+
+
+def test_hostile_input_closes_only_that_connection() -> None:
+    async def main() -> None:
+        async with relay() as (server, url):
+            good_a, good_b = DerpClient(), DerpClient()
+            await good_a.connect(url)
+            await good_b.connect(url)
+
+            # 1. garbage instead of an HTTP request
+            port = int(url.rsplit(":", 1)[1].split("/")[0])
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"\x00\x01garbage\r\n\r\n")
+            assert (await r.read(100)).startswith(b"HTTP/1.1 400")
+            w.close()
+
+            # 2. garbage instead of the ClientInfo frame
+            r, w = await raw_upgrade(url)
+            w.write(b"DERQ\xf0\x9f\x94\x91" * 10)
+            assert await closed_by_server(r)
+            w.close()
+
+            # 3. a ClientInfo that does not open (sealed with the wrong key)
+            r, w = await raw_upgrade(url)
+            hdr = await r.readexactly(5)
+            server_key = codec.parse_server_key(await r.readexactly(hdr[4]))
+            me, stranger = keys.generate_private_key(), keys.generate_private_key()
+            w.write(codec.encode_client_info(keys.public_key(me), keys.seal_to(stranger, server_key, b"{}")))
+            assert await closed_by_server(r)
+            w.close()
+
+            # 4. an oversized frame after a good handshake
+            r, w = await raw_upgrade(url)
+            proto = ClientConnection(keys.generate_private_key())
+            proto.receive_data(await r.readexactly(45))
+            w.write(proto.data_to_send())
+            w.write(codec.pack_header(FrameType.SEND_PACKET, 32 + (64 << 10) + 1) + bytes(1000))
+            assert await closed_by_server(r)
+            w.close()
+
+            # 5. a truncated frame, then the client vanishes
+            r, w = await raw_upgrade(url)
+            proto = ClientConnection(keys.generate_private_key())
+            proto.receive_data(await r.readexactly(45))
+            w.write(proto.data_to_send() + codec.encode_send_packet(good_b.public_key, b"cut short")[:-4])
+            await asyncio.sleep(0.05)
+            w.close()
+            await asyncio.sleep(0.1)
+
+            m = server.metrics
+            assert m.handshake_errors == 2 and m.protocol_errors == 1
+            assert set(server.clients) == {good_a.public_key, good_b.public_key}
+            assert len(server.conns) == 2
+            good_a.send(good_b.public_key, b"still fine")
+            assert await asyncio.wait_for(good_b.recv(), 5) == codec.ReceivedPacket(good_a.public_key, b"still fine")
+            await good_a.close()
+            await good_b.close()
+
+    run(main)
+
+
+def test_client_refuses_a_server_that_is_not_derp() -> None:
+    async def main() -> None:
+        async def fake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + codec.encode_frame(1, b"NOTDERP!" + bytes(32)))
+            await writer.drain()
+            await asyncio.sleep(1)
+            writer.close()
+
+        srv = await asyncio.start_server(fake, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        with pytest.raises(DerpClientError, match="magic"):
+            await DerpClient().connect(f"http://127.0.0.1:{port}/derp", timeout=5)
+        srv.close()
+
+    run(main)
+
+
+def test_client_that_never_reads_drops_and_counts_while_others_flow() -> None:
+    async def main() -> None:
+        async with relay(write_timeout=0.5) as (server, url):
+            # a client whose socket is never read: handshake by hand, then silence
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            port = int(url.rsplit(":", 1)[1].split("/")[0])
+            r, w = await asyncio.open_connection(sock=(sock.connect(("127.0.0.1", port)), sock)[1])
+            w.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n\r\n")
+            await r.readuntil(b"\r\n\r\n")
+            proto = ClientConnection(keys.generate_private_key())
+            proto.receive_data(await r.readexactly(45))
+            w.write(proto.data_to_send())
+            await r.readexactly(5 + 24 + 16 + 13)  # ServerInfo; never read again
+            stalled = proto.public_key
+            w.transport.pause_reading()
+
+            flood, a, b = DerpClient(), DerpClient(), DerpClient()
+            for c in (flood, a, b):
+                await c.connect(url)
+            for _ in range(20):
+                flood.send_many(stalled, [bytes(1200)] * 256)
+                await flood.drain()
+                await exchange(a, b, 200)  # the other pair keeps flowing while the flood goes on
+            assert server.metrics.dropped("queue_head") > 0
+            assert server.metrics.packets_sent >= 20 * 200
+            # no progress on the stalled socket: the relay closes it and forgets it
+            for _ in range(100):
+                if stalled not in server.clients:
+                    break
+                await asyncio.sleep(0.05)
+            assert stalled not in server.clients and server.metrics.write_timeouts == 1
+            await exchange(a, b, 100)
+            w.close()
+            for c in (flood, a, b):
+                await c.close()
+
+    run(main)
+
+
+def test_thousand_idle_connections_and_state_released() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * 1000 + 200
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
+    async def main() -> None:
+        async with relay() as (server, url):
+            clients = [DerpClient() for _ in range(1000)]
+            for start in range(0, 1000, 100):
+                await asyncio.gather(*(c.connect(url) for c in clients[start : start + 100]))
+            assert server.metrics.current_connections == 1000 and len(server.clients) == 1000
+            refs = [weakref.ref(c) for c in server.conns]
+            await exchange(clients[0], clients[999], 500)
+            await asyncio.gather(*(c.close() for c in clients))
+            for _ in range(100):
+                if not server.conns:
+                    break
+                await asyncio.sleep(0.05)
+            assert server.conns == set() and server.clients == {} and server.watchers == set()
+            assert server.metrics.current_connections == 0 and server._peer_gone_watchers == {}
+            await asyncio.sleep(0)
+            gc.collect()
+            assert sum(r() is not None for r in refs) == 0
+
+    run(main, timeout=120)
+
+
+async def http_get(url: str, path: str, headers: str = "") -> bytes:
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
+    data = await asyncio.wait_for(r.read(), 5)
+    w.close()
+    return data
+
+
+def test_http_endpoints() -> None:
+    async def main() -> None:
+        async with relay() as (server, url):
+            resp = await http_get(url, "/derp")
+            assert resp.startswith(b"HTTP/1.1 426 Upgrade Required")
+            assert (await http_get(url, "/derp/probe")).startswith(b"HTTP/1.1 200 OK")
+            assert (await http_get(url, "/derp/latency-check")).startswith(b"HTTP/1.1 200 OK")
+            resp = await http_get(url, "/generate_204", "X-Tailscale-Challenge: abc123\r\n")
+            assert resp.startswith(b"HTTP/1.1 204") and b"X-Tailscale-Response: response abc123\r\n" in resp
+            resp = await http_get(url, "/generate_204", "X-Tailscale-Challenge: <script>\r\n")
+            assert b"X-Tailscale-Response" not in resp
+            assert (await http_get(url, "/nope")).startswith(b"HTTP/1.1 404")
+            c = DerpClient()
+            await c.connect(url)
+            for path in ("/debug/varz", "/metrics"):
+                body = await http_get(url, path)
+                for name in (b"derp_current_connections 1.0", b"derp_packets_sent", b"derp_packets_received",
+                             b"derp_bytes_sent", b"derp_bytes_received", b'derp_packets_dropped{kind="disco",'):
+                    assert name in body
+            await c.close()
+
+            # 101 response carries the derper headers
+            port = int(url.rsplit(":", 1)[1].split("/")[0])
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+            head = (await r.readuntil(b"\r\n\r\n")).decode()
+            assert "Derp-Version: 2\r\n" in head and f"Derp-Public-Key: {server.public_key.hex()}\r\n" in head
+            w.close()
+
+            # fast start: no HTTP response, frames straight away
+            fast = DerpClient()
+            await fast.connect(url, fast_start=True, expected_server_key=server.public_key)
+            assert await fast.ping() >= 0
+            await fast.close()
+
+    run(main)
+
+
+def test_relay_app_serves_tls_from_certdir_and_reports_bad_settings(tmp_path: Path) -> None:
+    make_cert(tmp_path, "relay.test")
+    keyfile = tmp_path / "derper.key"
+    config = RelayConfig(addr="127.0.0.1:0", config_path=str(keyfile), hostname="relay.test", certdir=str(tmp_path),
+                         stun=False, workers=1)
+    bound: list[tuple[str, int]] = []
+    config.ready = bound.extend
+
+    async def main() -> None:
+        prepared = prepare(config)
+        task = asyncio.create_task(serve_worker(config, prepared))
+        while not bound:
+            await asyncio.sleep(0.01)
+        port = bound[0][1]
+        a, b = DerpClient(), DerpClient()
+        await a.connect(f"https://127.0.0.1:{port}", server_hostname="relay.test")
+        await b.connect(f"127.0.0.1:{port}")  # scheme defaults to https, path to /derp
+        assert a.server_key == keys.public_key(keys.load_or_create_config(keyfile))
+        await exchange(a, b, 1000)
+        await a.close()
+        await b.close()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    run(main)
+    with pytest.raises(RelayConfigError, match="not found"):
+        prepare(RelayConfig(config_path=str(keyfile), hostname="missing", certdir=str(tmp_path)))
+    with pytest.raises(RelayConfigError, match="-c"):
+        prepare(RelayConfig())
+    with pytest.raises(RelayConfigError, match="certmode"):
+        prepare(RelayConfig(config_path=str(keyfile), certmode="letsencrypt"))
+    bad_psk = tmp_path / "psk"
+    bad_psk.write_text("short\n")
+    with pytest.raises(RelayConfigError, match="64 hex"):
+        prepare(RelayConfig(dev=True, mesh_psk_file=str(bad_psk)))
+    assert parse_addr(":443", 1) == ("", 443)
+    assert parse_addr("[::1]:3340", 1) == ("::1", 3340)
+    assert parse_addr("10.0.0.1", 3340) == ("10.0.0.1", 3340)
+    assert parse_addr("8443", 1) == ("", 8443)
+    with pytest.raises(RelayConfigError):
+        parse_addr(":http", 1)
