@@ -34,6 +34,7 @@ steps = st.lists(
     st.one_of(
         st.integers(-WINDOW - 70, WINDOW + 70),
         st.integers(-3, 3),
+        st.integers(-WINDOW - 70, -WINDOW + 5),  # right at the trailing edge
         st.integers(0, 200 * WINDOW),
         st.sampled_from([REJECT_AFTER_MESSAGES - 1, REJECT_AFTER_MESSAGES, 2**64 - 1]),
     ),
@@ -68,3 +69,13 @@ def test_sequential_and_replays() -> None:
     assert not window.accept(REJECT_AFTER_MESSAGES)
     window.reset()
     assert window.accept(0)
+
+
+def test_trailing_edge_exact() -> None:
+    for highest in (WINDOW + 100, 5 * WINDOW + 63, 7 * WINDOW + 64):
+        window = ReplayWindow()
+        assert window.accept(highest)
+        for behind in range(WINDOW + 1, WINDOW + 130):
+            assert not window.accept(highest - behind), behind
+        for behind in range(WINDOW, 0, -1):
+            assert window.accept(highest - behind), behind
