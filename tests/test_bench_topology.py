@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -190,3 +191,37 @@ def test_bench_tunnel_end_to_end_wireguard_go_vs_underlay(tmp_path) -> None:
         assert "no chart" in result.stdout
     else:
         assert (tmp_path / "tunnel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rotation_is_round_robin_with_shifting_start() -> None:
+    paths = ["turbowg", "turbowg-nooffload", "wireguard-go", "underlay"]
+    orders = [tunnel._rotated(paths, rep) for rep in range(5)]
+    assert all(sorted(order) == sorted(paths) for order in orders)
+    assert [order[0] for order in orders] == ["turbowg", "turbowg-nooffload", "wireguard-go", "underlay", "turbowg"]
+
+
+def test_registers_under_a_bench_parser() -> None:
+    parser = argparse.ArgumentParser(prog="turbowg")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench").add_subparsers(dest="bench_command", required=True)
+    tunnel.add_tunnel_bench(bench)
+    args = parser.parse_args(["bench", "tunnel", "--tests", "tcp1", "--runs", "3", "--impl", "wireguard-go"])
+    assert (args.func, args.runs, args.duration, args.tests, args.impl, args.output_dir) == (
+        tunnel.command, 3, 5.0, ["tcp1"], ["wireguard-go"], "bench-results")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "tunnel", "--runs", "0"])
+
+
+@needs_netns
+@needs_wireguard_go
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+def test_minimal_issue_case_turbowg_vs_wireguard_go_tcp_ratio(tmp_path) -> None:
+    """iperf3 TCP through turbowg and through wireguard-go, same topology, same run, as a ratio."""
+    result = subprocess.run([sys.executable, "-m", "turbowg.bench.tunnel", "--impl", "turbowg,wireguard-go",
+                             "--tests", "tcp1", "--runs", "1", "--duration", "1", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    summary = {s["path"]: s for s in json.loads((tmp_path / "tunnel-runs.json").read_text())["summary"]}
+    assert summary["turbowg"]["n_ok"] == 1 and summary["turbowg"]["median_gbps"] > 0
+    ratio = summary["turbowg"]["median_gbps"] / summary["wireguard-go"]["median_gbps"]
+    assert summary["turbowg"]["ratio_to_baseline"] == pytest.approx(ratio)

@@ -378,23 +378,27 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
     results: list[RunResult] = []
     started = time.time()
     log(f"building topology: {', '.join(paths)}", file=sys.stderr)
+    interrupted = False
     with build_topology(impls) as topo:
-        count = 0
-        for rep in range(runs):
-            shift = rep % len(paths)
-            order = list(paths[shift:]) + list(paths[:shift])
-            for test in tests:
-                for path in order:
-                    count += 1
-                    log(f"[run {count}/{total}] {path} {test} (repetition {rep + 1}/{runs}) ...",
-                        end=" ", flush=True, file=sys.stderr)
-                    result = run_one(topo, path, test, rep, duration)
-                    results.append(result)
-                    log(f"{result.gbps:.2f} Gbit/s" if result.ok else f"FAILED: {result.error}", file=sys.stderr)
+        schedule = [(rep, test, path) for rep in range(runs) for test in tests
+                    for path in _rotated(paths, rep)]
+        try:
+            for count, (rep, test, path) in enumerate(schedule, 1):
+                log(f"[run {count}/{total}] {path} {test} (repetition {rep + 1}/{runs}) ...",
+                    end=" ", flush=True, file=sys.stderr)
+                result = run_one(topo, path, test, rep, duration)
+                results.append(result)
+                log(f"{result.gbps:.2f} Gbit/s" if result.ok else f"FAILED: {result.error}", file=sys.stderr)
+        except KeyboardInterrupt:
+            # Tear down (the with block does) and still report what was measured.
+            interrupted = True
+            log(f"\ninterrupted after {len(results)} of {total} runs", file=sys.stderr)
+    if not results:
+        return 130 if interrupted else 1
     rows = summarize_runs(results, paths, tests)
     log(format_table(rows))
     raw = {
-        "meta": {"started": started, "kernel": platform.release(), "duration": duration, "runs": runs,
+        "meta": {"started": started, "interrupted": interrupted, "kernel": platform.release(), "duration": duration, "runs": runs,
                  "tests": list(tests), "paths": list(paths), "udp_payload": UDP_PAYLOAD,
                  "commands": {i.name: {"command": list(i.command), "env": dict(i.env)} for i in impls}},
         "runs": [asdict(r) for r in results],
@@ -407,7 +411,15 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
     chart_path = os.path.join(output_dir, "tunnel.png")
     note = write_chart(rows, paths, tests, chart_path)
     log(note if note else f"chart: {chart_path}")
+    if interrupted:
+        return 130
     return 0 if all(r.ok for r in results) else 1
+
+
+def _rotated(paths: Sequence[str], rep: int) -> list[str]:
+    """Round-robin order for one repetition, starting one path later each time (no fixed position bias)."""
+    shift = rep % len(paths)
+    return list(paths[shift:]) + list(paths[:shift])
 
 
 def _positive(kind: type, upper: float):
