@@ -31,6 +31,7 @@ from turbowg.uapi.protocol import (
     format_get,
     get_reply,
     parse_set,
+    stats_reply,
     status_reply,
 )
 from turbowg.uapi.server import UAPIServer, start_uapi_server
@@ -285,6 +286,12 @@ def test_connection_frames_byte_by_byte_and_pipelined() -> None:
             ("get", [], None), ("set", ["listen_port=1", "fwmark=2"], None), ("set", [], None), ("get", [], None)]
 
 
+def test_connection_stats_extension() -> None:
+    requests = UAPIConnection().receive_data(b"stats=1\n\nstats=1\nx")
+    assert [(r.kind, r.error is None) for r in requests] == [("stats", True), ("stats", False)]
+    assert stats_reply({"drop_b": 2, "drop_a": 1, "bad name": 5, "x=y": 1}) == b"drop_a=1\ndrop_b=2\nerrno=0\n\n"
+
+
 def test_connection_get_with_trailing_character_is_an_error() -> None:
     connection = UAPIConnection()
     requests = connection.receive_data(b"get=1\nx")
@@ -529,6 +536,18 @@ def test_server_device_uapi_error_is_reported_to_wg() -> None:
         device.apply_update = refuse  # type: ignore[method-assign]
         code, _, err = await wg("set", iface, "listen-port", "40400", check=False)
         assert code != 0 and "Invalid argument" in err
+
+    run_with_server(body)
+
+
+@needs_wg
+def test_server_stats_extension_reports_device_counters() -> None:
+    async def body(server: UAPIServer, device: Device, iface: str) -> None:
+        device.handle_udp_batch([(b"\x09junk", ("127.0.0.1", 1))], 0.0)
+        assert sum(device.counters.values()) > 0
+        (answer,) = await raw_exchange(server.path, b"stats=1\n\n", 1)
+        expected = "".join(f"{k}={v}\n" for k, v in sorted(device.counters.items()))
+        assert answer.decode() == expected + "errno=0\n\n"
 
     run_with_server(body)
 

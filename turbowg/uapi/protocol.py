@@ -5,6 +5,9 @@ A client writes `get=1\\n\\n` or `set=1\\n` + `key=value` lines + a blank line; 
 `errno=-22` for EINVAL, and `wg` turns that into "Invalid argument"). One connection may carry any number of
 requests. An operation line other than `get=1`/`set=1` closes the connection, as in wireguard-go.
 
+turbowg extension: `stats=1\n\n` answers the device's counters (drop reasons, events) as `name=value`
+lines, then `errno=0`. Stock tools never send it.
+
 Differences from wireguard-go, all deliberate:
 - A `set` is parsed completely into a `DeviceUpdate` before anything is applied, so a malformed request
   changes nothing. wireguard-go applies line by line and stops at the first bad line, leaving the lines
@@ -29,6 +32,7 @@ from __future__ import annotations
 import errno as errno_codes
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,17 +53,18 @@ _UNSIGNED = re.compile(r"[0-9]+")
 _PREFIX_BITS = re.compile(r"0|[1-9][0-9]{0,2}")
 _SECRET_KEYS = frozenset({"private_key", "preshared_key"})
 _ZERO_KEY = bytes(32)
+_COUNTER_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 @dataclass
 class Request:
     """One complete request read from a connection.
 
-    kind "invalid" means an unknown operation line: log it and close the connection (as wireguard-go).
+    kind "stats" is turbowg's counters extension. kind "invalid" means an unknown operation line: log it and close the connection (as wireguard-go).
     `error` is set when the request is already known to fail before the device sees it.
     """
 
-    kind: Literal["get", "set", "invalid"]
+    kind: Literal["get", "set", "stats", "invalid"]
     lines: list[str] = field(default_factory=list)
     error: UAPIError | None = None
     operation: str = ""  # the raw operation line, for logging an invalid one
@@ -276,6 +281,12 @@ def format_get(snapshot: DeviceSnapshot) -> str:
     return "".join(out)
 
 
+def stats_reply(counters: Mapping[str, int]) -> bytes:
+    """The answer to `stats=1`: one `name=value` line per counter (sorted), then `errno=0`."""
+    lines = [f"{name}={int(value)}\n" for name, value in sorted(counters.items()) if _COUNTER_NAME.fullmatch(name)]
+    return "".join(lines).encode("ascii") + status_reply(0)
+
+
 def status_reply(errno: int = 0) -> bytes:
     """The `errno=` trailer; `errno` is positive (or 0) and goes on the wire negated, as wireguard-go."""
     return f"errno={-abs(errno)}\n\n".encode("ascii")
@@ -296,7 +307,7 @@ class UAPIConnection:
 
     def __init__(self) -> None:
         self._buffer = bytearray()
-        self._state: Literal["operation", "get", "set", "closed"] = "operation"
+        self._state: Literal["operation", "get", "stats", "set", "closed"] = "operation"
         self._set_lines: list[str] = []
 
     @property
@@ -329,17 +340,18 @@ class UAPIConnection:
 
     def _next_request(self) -> Request | None:
         buffer = self._buffer
-        if self._state == "get":
+        if self._state in ("get", "stats"):
             # wireguard-go reads exactly one byte after "get=1\n" and insists it is the blank line.
             if not buffer:
                 return None
+            kind = "get" if self._state == "get" else "stats"
             trailing = buffer[0]
             del buffer[:1]
             self._state = "operation"
             if trailing != 0x0A:
-                error = UAPIError(ERR_INVALID, f"trailing character in UAPI get: {chr(trailing)!r}")
-                return Request("get", error=error)
-            return Request("get")
+                error = UAPIError(ERR_INVALID, f"trailing character in UAPI {kind}: {chr(trailing)!r}")
+                return Request(kind, error=error)
+            return Request(kind)
         while True:
             end = buffer.find(b"\n")
             if end < 0:
@@ -349,8 +361,8 @@ class UAPIConnection:
             raw = bytes(buffer[:end])
             del buffer[: end + 1]
             if self._state == "operation":
-                if raw == b"get=1":
-                    self._state = "get"
+                if raw in (b"get=1", b"stats=1"):
+                    self._state = "get" if raw == b"get=1" else "stats"
                     return self._next_request()
                 if raw == b"set=1":
                     self._state = "set"

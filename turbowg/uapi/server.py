@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
 from turbowg.uapi.model import DeviceSnapshot, DeviceUpdate, UAPIError
@@ -27,6 +27,7 @@ from turbowg.uapi.protocol import (
     UAPIConnection,
     get_reply,
     parse_set,
+    stats_reply,
     status_reply,
 )
 
@@ -60,13 +61,15 @@ class UAPIServer:
     """A listening UAPI socket serving one device."""
 
     def __init__(self, iface: str, device: ConfigurableDevice, path: str, on_set: AfterSet | None,
-                 on_removed: Callable[[], None] | None) -> None:
+                 on_removed: Callable[[], None] | None,
+                 stats: Callable[[], Mapping[str, int]] | None = None) -> None:
         self.iface = iface
         self.device = device
         self.path = path
         self._on_set = on_set
         self._on_set_wants_result = on_set is not None and _wants_result(on_set)
         self._on_removed = on_removed
+        self._stats = stats
         self._server: asyncio.AbstractServer | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the socket file we bound
         self._lock = asyncio.Lock()  # one operation at a time, like wireguard-go's ipcMutex
@@ -146,6 +149,8 @@ class UAPIServer:
             async with self._lock:
                 if request.kind == "get":
                     return get_reply(self.device.snapshot())
+                if request.kind == "stats":
+                    return stats_reply(self._counters())
                 update = parse_set(request.lines)
                 applied = self.device.apply_update(update)
                 if self._on_set is not None:
@@ -162,6 +167,12 @@ class UAPIServer:
         except Exception:
             log.exception("%s: UAPI %s failed unexpectedly", self.iface, request.kind)
             return status_reply(ERR_UNKNOWN)
+
+    def _counters(self) -> Mapping[str, int]:
+        if self._stats is not None:
+            return self._stats()
+        counters = getattr(self.device, "counters", None)
+        return counters if isinstance(counters, Mapping) else {}
 
     def _refuse(self, exc: UAPIError) -> bytes:
         log.error("%s: UAPI error %d: %s", self.iface, -abs(exc.errno), exc)
@@ -220,7 +231,8 @@ def _remove_if_stale(path: str) -> None:
 
 async def start_uapi_server(iface: str, device: ConfigurableDevice, *, socket_dir: str = "/var/run/wireguard",
                             on_set: AfterSet | None = None,
-                            on_removed: Callable[[], None] | None = None) -> UAPIServer:
+                            on_removed: Callable[[], None] | None = None,
+                            stats: Callable[[], Mapping[str, int]] | None = None) -> UAPIServer:
     """Listen on `<socket_dir>/<iface>.sock` and serve get/set for `device`.
 
     `device.apply_update` and `device.snapshot` are called on the event loop, one operation at a time;
@@ -228,13 +240,14 @@ async def start_uapi_server(iface: str, device: ConfigurableDevice, *, socket_di
     `applied` is what `apply_update` returned) runs after each applied set, e.g. to rebind the UDP port and
     send the datagrams the update queued; a UAPIError from it is answered with its errno, an OSError with
     -EADDRINUSE. `on_removed()` is called once if the socket file is deleted or replaced under us
-    (wireguard-go stops the device then). Raises ValueError for a bad name, OSError if the socket is live.
+    (wireguard-go stops the device then). `stats()` supplies the counters for turbowg's `stats=1` request
+    (default: `device.counters` if the device has such a mapping). Raises ValueError for a bad name, OSError if the socket is live.
     """
     _check_iface(iface)
     os.makedirs(socket_dir, mode=0o755, exist_ok=True)
     path = os.path.join(socket_dir, f"{iface}.sock")
     sock = _bind_socket(path)
-    server = UAPIServer(iface, device, path, on_set, on_removed)
+    server = UAPIServer(iface, device, path, on_set, on_removed, stats)
     try:
         await server._start(sock)
     except BaseException:
