@@ -47,10 +47,11 @@ class Pair:
 
     def __init__(self, psk: bytes | None = None) -> None:
         self.now = 1000.0
-        self.wall = 1_700_000_000.25
+        # Wall clock follows the monotonic one (TAI64N timestamps must grow between handshakes).
+        self.wall_offset = 1_700_000_000.25 - self.now
         self.a_key, self.b_key = generate_private_key(), generate_private_key()
-        self.a = Device(private_key=self.a_key, wall_clock=lambda: self.wall, rng=random.Random(1))
-        self.b = Device(private_key=self.b_key, wall_clock=lambda: self.wall, rng=random.Random(2))
+        self.a = Device(private_key=self.a_key, wall_clock=self.wall_clock, rng=random.Random(1))
+        self.b = Device(private_key=self.b_key, wall_clock=self.wall_clock, rng=random.Random(2))
         self.a.apply_update(
             DeviceUpdate(
                 listen_port=A_ENDPOINT[1],
@@ -87,6 +88,9 @@ class Pair:
         )
         self.a_peer = self.a.peers[public_key(self.b_key)]
         self.b_peer = self.b.peers[public_key(self.a_key)]
+
+    def wall_clock(self) -> float:
+        return self.now + self.wall_offset
 
     @staticmethod
     def datagrams(transmits: list[Transmit], endpoint: tuple[str, int]) -> list[bytes]:
@@ -406,3 +410,18 @@ def test_persistent_keepalive_switched_on_sends_now_and_repeats() -> None:
     assert pair.a.tick(pair.now + 24.9) == []
     out = pair.a.tick(pair.now + 25)
     assert [len(d) for d in pair.datagrams(out, B_ENDPOINT)] == [32]
+
+
+def test_zero_private_key_disables_handshakes() -> None:
+    pair = Pair()
+    pair.b.apply_update(DeviceUpdate(private_key=bytes(32)))
+    assert pair.b.snapshot().private_key is None
+    initiation = pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"x")], pair.now)
+    assert pair.a_to_b(initiation) == ([], [])
+    assert pair.b.counters["rx_handshake_no_private_key"] == 1
+    # Nothing to initiate with either: the packet waits.
+    assert pair.b.handle_tun_batch([ipv4_packet(B_V4, A_V4, b"y")], pair.now) == []
+    pair.b.apply_update(DeviceUpdate(private_key=pair.b_key))
+    pair.now += 6
+    _, response = pair.a_to_b(pair.a.tick(pair.now))
+    assert [len(d) for d in pair.datagrams(response, A_ENDPOINT)] == [92]

@@ -137,3 +137,27 @@ def test_peer_timers_keepalive_rearms_when_more_data_arrived() -> None:
     timers.any_authenticated_packet_traversal(50.0)
     assert timers.next_deadline() == 75.0
     assert timers.expired(75.0) == [TimerAction.PERSISTENT_KEEPALIVE]
+
+
+def test_rekey_transition_keeps_traffic_flowing() -> None:
+    pair = settled_pair()
+    t0 = pair.now
+    pair.now = t0 + 121
+    out = pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"old")], pair.now)
+    old_a = pair.a_peer.keypairs.current
+    tun_b, response = pair.a_to_b(out)  # data under the old keypair + the initiation
+    assert tun_b == [ipv4_packet(A_V4, B_V4, b"old")]
+    old_b = pair.b_peer.keypairs.current
+    assert pair.b_peer.keypairs.next is not None
+    # While b's new keypair is unconfirmed, b keeps sending under the old one.
+    during = pair.b.handle_tun_batch([ipv4_packet(B_V4, A_V4, b"during")], pair.now)
+    tun_a, _ = pair.b_to_a(during)
+    assert tun_a == [ipv4_packet(B_V4, A_V4, b"during")]
+    _, keepalive = pair.b_to_a(response)
+    assert pair.a_peer.keypairs.current is not old_a and pair.a_peer.keypairs.previous is old_a
+    pair.a_to_b(keepalive)
+    assert pair.b_peer.keypairs.previous is old_b and pair.b_peer.keypairs.next is None
+    # Both directions use the new keypairs now; the old ones still decrypt late packets.
+    assert pair.a_to_b(pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"new")], pair.now))[0]
+    assert pair.b_to_a(pair.b.handle_tun_batch([ipv4_packet(B_V4, A_V4, b"new")], pair.now))[0]
+    assert len([e for e in pair.a._indices.values() if e.keypair is not None]) == 2
