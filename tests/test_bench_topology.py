@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -225,3 +226,30 @@ def test_minimal_issue_case_turbowg_vs_wireguard_go_tcp_ratio(tmp_path) -> None:
     assert summary["turbowg"]["n_ok"] == 1 and summary["turbowg"]["median_gbps"] > 0
     ratio = summary["turbowg"]["median_gbps"] / summary["wireguard-go"]["median_gbps"]
     assert summary["turbowg"]["ratio_to_baseline"] == pytest.approx(ratio)
+
+
+@needs_netns
+@needs_wireguard_go
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+def test_ctrl_c_tears_down_and_keeps_finished_runs(tmp_path) -> None:
+    before = _namespaces()
+    proc = subprocess.Popen([sys.executable, "-m", "turbowg.bench.tunnel", "--impl", "underlay,wireguard-go",
+                             "--tests", "tcp1", "--runs", "3", "--duration", "2", "--output-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(n.startswith("twbench-") for n in _namespaces() - before):
+            time.sleep(0.1)
+        time.sleep(3.5)  # past the first 2 s run, into the second
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert _namespaces() == before
+    report = tmp_path / "tunnel-runs.json"
+    if report.exists():  # present whenever at least one run had finished
+        raw = json.loads(report.read_text())
+        assert raw["meta"]["interrupted"] is True and 1 <= len(raw["runs"]) < 6
