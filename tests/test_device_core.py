@@ -394,19 +394,20 @@ def test_persistent_keepalive_switched_on_sends_now_and_repeats() -> None:
     pair.handshake()
     # b answers a's data with a keepalive after 10 s, so a has heard back and keeps quiet.
     pair.b_to_a(pair.b.tick(pair.now + 10))
-    out = pair.a.apply_update(
+    pair.a.apply_update(
         DeviceUpdate(peers=[PeerUpdate(public_key=public_key(pair.b_key), persistent_keepalive_interval=25)]),
         now=pair.now,
     )
+    out = pair.a.tick(pair.now)  # the runtime ticks after every set to flush what it queued
     assert [len(d) for d in pair.datagrams(out, B_ENDPOINT)] == [32]
     tun_b, _ = pair.a_to_b(out)
     assert tun_b == [] and pair.b.counters["rx_keepalive"] == 1
     # Setting the same interval again is not a switch-on.
-    again = pair.a.apply_update(
+    pair.a.apply_update(
         DeviceUpdate(peers=[PeerUpdate(public_key=public_key(pair.b_key), persistent_keepalive_interval=25)]),
         now=pair.now,
     )
-    assert again == []
+    assert pair.a.tick(pair.now) == []
     assert pair.a.tick(pair.now + 24.9) == []
     out = pair.a.tick(pair.now + 25)
     assert [len(d) for d in pair.datagrams(out, B_ENDPOINT)] == [32]

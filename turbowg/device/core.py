@@ -138,6 +138,8 @@ class Device:
         self.up = True
         # Padding scratch: a plaintext that needs padding is copied here first.
         self._scratch = memoryview(bytearray(MAX_MESSAGE_SIZE + 16))
+        # Output produced outside a batch call (by apply_update), handed out by the next tick.
+        self._queued: _Out = {}
         if private_key is not None:
             self._set_private_key(self._check_key(private_key, "private key"), self._clock())
 
@@ -189,11 +191,12 @@ class Device:
                 if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
                     raise UAPIError(errno.EINVAL, f"allowed ip {network!r} is not a network")
 
-    def apply_update(self, update: DeviceUpdate, now: float | None = None) -> list[Transmit]:
+    def apply_update(self, update: DeviceUpdate, now: float | None = None) -> None:
         """Apply a UAPI `set`; raises UAPIError (nothing changed) for a refused request.
 
-        Returns datagrams to send right away: the keepalive for a persistent keepalive just
-        switched on, and staged packets that a new endpoint lets out (as wireguard-go)."""
+        Datagrams the update causes (the keepalive for a persistent keepalive just switched
+        on, staged packets a new endpoint lets out, as wireguard-go) are queued and come
+        out of the next `tick()`, which the runtime calls after every `set`."""
         self._validate(update)
         now = self._clock() if now is None else now
         if update.private_key is not None:
@@ -210,7 +213,7 @@ class Device:
             peer, switched_on = self._apply_peer_update(peer_update)
             if peer is not None:
                 touched[peer] = touched.get(peer, False) or switched_on
-        out: _Out = {}
+        out = self._queued
         if self.up:
             for peer, keepalive_now in touched.items():
                 if self.peers.get(peer.public_key) is not peer:
@@ -219,7 +222,6 @@ class Device:
                     self._send_keepalive(peer, now, out)
                 else:
                     self._send_staged(peer, now, out)
-        return self._transmits(out)
 
     def _apply_peer_update(self, update: PeerUpdate) -> tuple[Peer | None, bool]:
         """Returns the peer configured (None if removed or ignored) and whether its persistent
@@ -746,12 +748,16 @@ class Device:
 
     def next_deadline(self) -> float | None:
         """The earliest time `tick` has work to do, or None."""
+        if self._queued:
+            return float("-inf")
         deadlines = [d for d in (p.timers.next_deadline() for p in self.peers.values()) if d is not None]
         return min(deadlines) if deadlines else None
 
     def tick(self, now: float) -> list[Transmit]:
-        """Run due timers of every peer: retransmits, keepalives, new handshakes, key zeroing."""
-        out: _Out = {}
+        """Run due timers of every peer: retransmits, keepalives, new handshakes, key zeroing.
+        Also hands out what `apply_update` queued."""
+        out = self._queued
+        self._queued = {}
         for peer in list(self.peers.values()):
             deadline = peer.timers.next_deadline()
             if deadline is None or deadline > now:
