@@ -394,11 +394,12 @@ def test_persistent_keepalive_switched_on_sends_now_and_repeats() -> None:
     pair.handshake()
     # b answers a's data with a keepalive after 10 s, so a has heard back and keeps quiet.
     pair.b_to_a(pair.b.tick(pair.now + 10))
-    pair.a.apply_update(
+    queued = pair.a.apply_update(
         DeviceUpdate(peers=[PeerUpdate(public_key=public_key(pair.b_key), persistent_keepalive_interval=25)]),
         now=pair.now,
     )
     out = pair.a.tick(pair.now)  # the runtime ticks after every set to flush what it queued
+    assert [bytes(d) for t in queued for d in t.datagrams] == [bytes(d) for t in out for d in t.datagrams]
     assert [len(d) for d in pair.datagrams(out, B_ENDPOINT)] == [32]
     tun_b, _ = pair.a_to_b(out)
     assert tun_b == [] and pair.b.counters["rx_keepalive"] == 1

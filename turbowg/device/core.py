@@ -191,12 +191,13 @@ class Device:
                 if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
                     raise UAPIError(errno.EINVAL, f"allowed ip {network!r} is not a network")
 
-    def apply_update(self, update: DeviceUpdate, now: float | None = None) -> None:
+    def apply_update(self, update: DeviceUpdate, now: float | None = None) -> list[Transmit]:
         """Apply a UAPI `set`; raises UAPIError (nothing changed) for a refused request.
 
         Datagrams the update causes (the keepalive for a persistent keepalive just switched
-        on, staged packets a new endpoint lets out, as wireguard-go) are queued and come
-        out of the next `tick()`, which the runtime calls after every `set`."""
+        on, staged packets a new endpoint lets out, as wireguard-go) are queued and come out
+        of the next `tick()`, which the runtime calls after every `set`. The return value lists
+        what this update queued, for inspection: send either it or the tick's output, not both."""
         self._validate(update)
         now = self._clock() if now is None else now
         if update.private_key is not None:
@@ -213,7 +214,7 @@ class Device:
             peer, switched_on = self._apply_peer_update(peer_update)
             if peer is not None:
                 touched[peer] = touched.get(peer, False) or switched_on
-        out = self._queued
+        out: _Out = {}
         if self.up:
             for peer, keepalive_now in touched.items():
                 if self.peers.get(peer.public_key) is not peer:
@@ -222,6 +223,9 @@ class Device:
                     self._send_keepalive(peer, now, out)
                 else:
                     self._send_staged(peer, now, out)
+        for endpoint, datagrams in out.items():
+            self._queued.setdefault(endpoint, []).extend(datagrams)
+        return self._transmits(out)
 
     def _apply_peer_update(self, update: PeerUpdate) -> tuple[Peer | None, bool]:
         """Returns the peer configured (None if removed or ignored) and whether its persistent
