@@ -11,6 +11,8 @@ import weakref
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from turbowg.derp import codec, keys
 from turbowg.derp.client_proto import ClientConnection, ClientProtocolError, Connected
@@ -489,3 +491,32 @@ def test_connection_state_released_on_close() -> None:
         assert [r() for r in refs] == [None, None]
 
     run(main())
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=3000), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=100_000), max_size=12),
+)
+def test_any_split_of_the_stream_gives_the_same_events(sizes: list[int], cuts: list[int]) -> None:
+    server_priv = keys.generate_private_key()
+    client_priv = keys.generate_private_key()
+    dst = bytes(range(32))
+    stream = client_info_frame(client_priv, keys.public_key(server_priv))
+    expected: list[tuple[Any, ...]] = []
+    for i, size in enumerate(sizes):
+        if i % 3 == 2:
+            stream += codec.encode_ping(i.to_bytes(8, "big"))
+            expected.append(("ping", i.to_bytes(8, "big")))
+        else:
+            pkt = bytes([i]) * size
+            stream += codec.encode_send_packet(dst, pkt)
+            expected.append(("send", dst, pkt))
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
+    rec = Recorder()
+    conn = ServerConnection(server_priv, rec)
+    for a, b in zip(points, points[1:], strict=False):
+        conn.receive_data(stream[a:b])
+    assert rec.events[0][0] == "auth"
+    assert rec.events[1:] == expected
+    assert all(type(x) is bytes for e in rec.events[1:] for x in e[1:])

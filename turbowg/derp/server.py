@@ -205,7 +205,7 @@ class ClientConn(asyncio.Protocol):
         m = server.metrics
         m.packets_received += 1
         m.bytes_received += len(packet)
-        if packet[:6] == _DISCO_PREFIX and looks_like_disco(packet):
+        if packet.startswith(_DISCO_PREFIX) and looks_like_disco(packet):
             m.packets_received_disco += 1
         target = server.clients.get(dst)
         if target is not None:

@@ -8,11 +8,13 @@ derper does: any error from a frame handler ends the connection).
 from __future__ import annotations
 
 import hmac
+import struct
 from enum import Enum
 from typing import Protocol
 
 from turbowg.derp import keys
 from turbowg.derp.codec import (
+    FRAME_HEADER_LEN,
     KEY_LEN,
     MAX_CLIENT_INFO_LEN,
     MAX_PACKET_SIZE,
@@ -20,7 +22,6 @@ from turbowg.derp.codec import (
     MAX_UNKNOWN_FRAME_LEN,
     NONCE_LEN,
     ClientInfo,
-    FrameDecoder,
     FrameError,
     FrameType,
     ServerInfo,
@@ -60,6 +61,10 @@ class ServerEvents(Protocol):
     def on_unknown_frame(self, frame_type: int, length: int) -> None: ...
 
 
+_SEND_PACKET = int(FrameType.SEND_PACKET)
+_unpack_header = struct.Struct(">BI").unpack_from
+
+
 class ServerState(Enum):
     AWAIT_CLIENT_INFO = 1
     ESTABLISHED = 2
@@ -91,7 +96,7 @@ class ServerConnection:
     """One client connection as the server sees it, from ServerKey to close."""
 
     __slots__ = (
-        "_private_key", "public_key", "_mesh_key", "_events", "_decoder", "state",
+        "_private_key", "public_key", "_mesh_key", "_events", "_pending", "_limit", "state",
         "client_key", "info", "can_mesh",
     )
 
@@ -100,7 +105,8 @@ class ServerConnection:
         self.public_key = public_key if public_key is not None else keys.public_key(private_key)
         self._mesh_key = mesh_key
         self._events = events
-        self._decoder = FrameDecoder(_handshake_limit)
+        self._pending = b""
+        self._limit = _handshake_limit
         self.state = ServerState.AWAIT_CLIENT_INFO
         self.client_key: bytes | None = None
         self.info: ClientInfo | None = None
@@ -117,31 +123,72 @@ class ServerConnection:
         if self.state is ServerState.CLOSED:
             return
         try:
-            if self.state is ServerState.AWAIT_CLIENT_INFO:
-                # Only the first frame is read under the handshake limits; what follows it in the same
-                # read is parsed after the limits change.
-                first = self._decoder.feed(data, max_frames=1)
-                if not first:
-                    return
-                self._handshake(*first[0])
-                data = b""
-            frames = self._decoder.feed(data)
+            self._receive(data if isinstance(data, bytes) else bytes(data))
         except FrameError as exc:
             self.state = ServerState.CLOSED
             raise ProtocolError(str(exc)) from None
-        events = self._events
-        for ftype, payload in frames:
-            if self.state is not ServerState.ESTABLISHED:
+
+    def _receive(self, data: bytes) -> None:
+        # Hot path. Frames are parsed straight out of `data` (one copy per packet, into the bytes
+        # handed to on_send_packet); only a frame split across reads is assembled in `_pending`.
+        off = 0
+        pending = self._pending
+        if pending:
+            have = len(pending)
+            if have < FRAME_HEADER_LEN:
+                off = min(FRAME_HEADER_LEN - have, len(data))
+                pending += data[:off]
+                if len(pending) < FRAME_HEADER_LEN:
+                    self._pending = pending
+                    return
+            ftype, flen = _unpack_header(pending, 0)
+            if flen > self._limit(ftype):
+                raise FrameError(f"frame type 0x{ftype:02x} length {flen} exceeds limit {self._limit(ftype)}")
+            total = FRAME_HEADER_LEN + flen
+            take = min(total - len(pending), len(data) - off)
+            if take:
+                pending += data[off : off + take]
+                off += take
+            if len(pending) < total:
+                self._pending = pending
                 return
-            try:
-                if ftype == FrameType.SEND_PACKET:
-                    dst, packet = parse_send_packet(payload)
-                    events.on_send_packet(dst, packet)
-                else:
-                    self._dispatch_other(ftype, payload)
-            except FrameError as exc:
-                self.state = ServerState.CLOSED
-                raise ProtocolError(str(exc)) from None
+            self._pending = b""
+            self._frame(ftype, pending[FRAME_HEADER_LEN:])
+        end = len(data)
+        events = self._events
+        limit = self._limit
+        established = ServerState.ESTABLISHED
+        while end - off >= FRAME_HEADER_LEN:
+            if self.state is not established and self.state is not ServerState.AWAIT_CLIENT_INFO:
+                return  # a handler closed the connection
+            ftype, flen = _unpack_header(data, off)
+            if flen > limit(ftype):
+                raise FrameError(f"frame type 0x{ftype:02x} length {flen} exceeds limit {limit(ftype)}")
+            stop = off + FRAME_HEADER_LEN + flen
+            if stop > end:
+                break
+            if ftype == _SEND_PACKET and self.state is established:
+                if flen < KEY_LEN:
+                    raise FrameError("short SendPacket frame")
+                key_end = off + FRAME_HEADER_LEN + KEY_LEN
+                events.on_send_packet(data[off + FRAME_HEADER_LEN : key_end], data[key_end:stop])
+            else:
+                self._frame(ftype, data[off + FRAME_HEADER_LEN : stop])
+                limit = self._limit  # the handshake changes the limits
+            off = stop
+        if off < end and self.state is not ServerState.CLOSED:
+            self._pending = data[off:]
+
+    def _frame(self, ftype: int, payload: bytes) -> None:
+        state = self.state
+        if state is ServerState.ESTABLISHED:
+            if ftype == _SEND_PACKET:
+                dst, packet = parse_send_packet(payload)
+                self._events.on_send_packet(dst, packet)
+            else:
+                self._dispatch_other(ftype, payload)
+        elif state is ServerState.AWAIT_CLIENT_INFO:
+            self._handshake(ftype, payload)
 
     def _handshake(self, ftype: int, payload: bytes) -> None:
         self.state = ServerState.CLOSED  # until proven otherwise
@@ -167,7 +214,7 @@ class ServerConnection:
         self.info = info
         self.can_mesh = can_mesh
         self.state = ServerState.ESTABLISHED
-        self._decoder.set_limit(_established_limit)
+        self._limit = _established_limit
         sealed_info = keys.seal_to(self._private_key, client_key, ServerInfo().to_json())
         self._events.on_authenticated(client_key, info, can_mesh, encode_frame(FrameType.SERVER_INFO, sealed_info))
 
