@@ -253,3 +253,17 @@ def test_ctrl_c_tears_down_and_keeps_finished_runs(tmp_path) -> None:
     if report.exists():  # present whenever at least one run had finished
         raw = json.loads(report.read_text())
         assert raw["meta"]["interrupted"] is True and 1 <= len(raw["runs"]) < 6
+
+
+@needs_netns
+@needs_wireguard_go
+def test_ipv6_udp_gso_through_wireguard_go(tmp_path) -> None:
+    result = subprocess.run([sys.executable, "-m", "turbowg.bench.tunnel", "--ipv6", "--impl", "wireguard-go",
+                             "--tests", "udp-gso", "--runs", "1", "--duration", "1", "--output-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
+    assert raw["meta"]["ip_version"] == 6
+    (run_,) = raw["runs"]
+    assert run_["ok"] and run_["detail"]["sender"]["size"] == tunnel.UDP_PAYLOAD_V6
+    assert 0 < run_["detail"]["receiver"]["datagrams"] <= run_["detail"]["sender"]["datagrams"]

@@ -43,6 +43,7 @@ TESTS = ("tcp1", "tcp4", "udp", "udp-gso")
 PATHS = ("turbowg", "turbowg-nooffload", "wireguard-go", UNDERLAY)
 BASELINE = "wireguard-go"
 UDP_PAYLOAD = 1420 - 28  # IPv4 + UDP headers inside the tunnel MTU: no fragmentation
+UDP_PAYLOAD_V6 = 1420 - 48  # IPv6 + UDP headers
 IPERF_PORT = 5201
 UDPGEN_PORT = 5301
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -141,16 +142,21 @@ def _stop(proc: subprocess.Popen[str]) -> None:
         proc.communicate(timeout=5)
 
 
-def _iperf3(topo: Topology, path: NetPath, test: str, duration: float) -> tuple[int, float, float | None, dict]:
+def _payload(ipv6: bool) -> int:
+    return UDP_PAYLOAD_V6 if ipv6 else UDP_PAYLOAD
+
+
+def _iperf3(topo: Topology, path: NetPath, test: str, duration: float,
+            ipv6: bool) -> tuple[int, float, float | None, dict]:
     server = subprocess.Popen(topo.exec_args(topo.ns_b, "iperf3", "-s", "-1", "-p", str(IPERF_PORT)),
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_listening(topo, "tcp", IPERF_PORT, server)
-        args = ["iperf3", "-c", path.server_v4, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J"]
+        args = ["iperf3", "-c", path.server_v6 if ipv6 else path.server_v4, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J"]
         if test == "tcp4":
             args += ["-P", "4"]
         elif test == "udp":
-            args += ["-u", "-b", "0", "-l", str(UDP_PAYLOAD)]
+            args += ["-u", "-b", "0", "-l", str(_payload(ipv6))]
         client = topo.run(topo.ns_a, *args, check=False, timeout=duration + 30)
     except TopologyError as exc:
         raise RunFailed(str(exc)) from exc
@@ -170,7 +176,7 @@ def _iperf3(topo: Topology, path: NetPath, test: str, duration: float) -> tuple[
         "seconds": received.get("seconds"), "cpu": report["end"].get("cpu_utilization_percent")}
 
 
-def _udpgen(topo: Topology, path: NetPath, duration: float) -> tuple[int, float, float | None, dict]:
+def _udpgen(topo: Topology, path: NetPath, duration: float, ipv6: bool) -> tuple[int, float, float | None, dict]:
     ready = os.path.join(topo.workdir, f"udpgen-ready-{time.monotonic_ns()}")
     module = [sys.executable, "-m", "turbowg.bench.udpgen"]
     receiver = subprocess.Popen(
@@ -183,8 +189,9 @@ def _udpgen(topo: Topology, path: NetPath, duration: float) -> tuple[int, float,
             if receiver.poll() is not None or time.monotonic() > deadline:
                 raise RunFailed(f"udpgen receiver did not start: {_read(receiver)[1].strip()[-300:]}")
             time.sleep(0.02)
-        sender = topo.run(topo.ns_a, *module, "send", "--host", path.server_v4, "--port", str(UDPGEN_PORT),
-                          "--duration", f"{duration:g}", "--size", str(UDP_PAYLOAD), check=False,
+        host = path.server_v6 if ipv6 else path.server_v4
+        sender = topo.run(topo.ns_a, *module, "send", "--host", host, "--port", str(UDPGEN_PORT),
+                          "--duration", f"{duration:g}", "--size", str(_payload(ipv6)), check=False,
                           timeout=duration + 30)
         out, err = _read(receiver, timeout=duration + 20)
     except TopologyError as exc:
@@ -200,7 +207,7 @@ def _udpgen(topo: Topology, path: NetPath, duration: float) -> tuple[int, float,
     return int(got["bytes"]), float(got["goodput_bps"]), loss, {"sender": sent, "receiver": got}
 
 
-def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float) -> RunResult:
+def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float, ipv6: bool = False) -> RunResult:
     path = topo.paths[path_name]
     result = RunResult(path_name, test, rep, ok=False)
     dead = [pid for pid in path.daemon_pids if not os.path.exists(f"/proc/{pid}")]
@@ -210,9 +217,9 @@ def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float
     cpu_before = process_tree_cpu_seconds(path.daemon_pids) if path.daemon_pids else None
     try:
         if test == "udp-gso":
-            nbytes, bps, loss, detail = _udpgen(topo, path, duration)
+            nbytes, bps, loss, detail = _udpgen(topo, path, duration, ipv6)
         else:
-            nbytes, bps, loss, detail = _iperf3(topo, path, test, duration)
+            nbytes, bps, loss, detail = _iperf3(topo, path, test, duration, ipv6)
     except (RunFailed, subprocess.TimeoutExpired, KeyError, TypeError, ValueError) as exc:
         result.error = str(exc) or type(exc).__name__
         return result
@@ -367,7 +374,7 @@ def _split_choices(values: Sequence[str] | None, allowed: Sequence[str], what: s
 
 
 def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: float,
-              output_dir: str, log=print) -> int:
+              output_dir: str, log=print, ipv6: bool = False) -> int:
     check_prerequisites(("ip", "wg", "iperf3", "ss", "ping"))
     known = known_implementations()
     impls = [known[p] for p in paths if p != UNDERLAY]
@@ -377,7 +384,7 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
     total = runs * len(tests) * len(paths)
     results: list[RunResult] = []
     started = time.time()
-    log(f"building topology: {', '.join(paths)}", file=sys.stderr)
+    log(f"building topology: {', '.join(paths)} (measuring over IPv{6 if ipv6 else 4})", file=sys.stderr)
     interrupted = False
     with build_topology(impls) as topo:
         schedule = [(rep, test, path) for rep in range(runs) for test in tests
@@ -386,7 +393,7 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
             for count, (rep, test, path) in enumerate(schedule, 1):
                 log(f"[run {count}/{total}] {path} {test} (repetition {rep + 1}/{runs}) ...",
                     end=" ", flush=True, file=sys.stderr)
-                result = run_one(topo, path, test, rep, duration)
+                result = run_one(topo, path, test, rep, duration, ipv6)
                 results.append(result)
                 log(f"{result.gbps:.2f} Gbit/s" if result.ok else f"FAILED: {result.error}", file=sys.stderr)
         except KeyboardInterrupt:
@@ -399,7 +406,7 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
     log(format_table(rows))
     raw = {
         "meta": {"started": started, "interrupted": interrupted, "kernel": platform.release(), "duration": duration, "runs": runs,
-                 "tests": list(tests), "paths": list(paths), "udp_payload": UDP_PAYLOAD,
+                 "tests": list(tests), "paths": list(paths), "ip_version": 6 if ipv6 else 4, "udp_payload": _payload(ipv6),
                  "commands": {i.name: {"command": list(i.command), "env": dict(i.env)} for i in impls}},
         "runs": [asdict(r) for r in results],
         "summary": [asdict(r) for r in rows],
@@ -443,6 +450,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tests", action="append", metavar="TEST",
                         help=f"tests, repeatable or comma-separated: {', '.join(TESTS)} (default all)")
     parser.add_argument("--output-dir", default="bench-results", help="where JSON and PNG go (default ./bench-results)")
+    parser.add_argument("--ipv6", action="store_true",
+                        help=f"measure over the tunnels' IPv6 addresses (UDP payload {UDP_PAYLOAD_V6} bytes)")
     parser.set_defaults(func=command)
 
 
@@ -450,7 +459,7 @@ def command(args: argparse.Namespace) -> int:
     try:
         paths = _split_choices(args.impl, PATHS, "implementation")
         tests = _split_choices(args.tests, TESTS, "test")
-        return run_bench(paths, tests, args.runs, args.duration, args.output_dir)
+        return run_bench(paths, tests, args.runs, args.duration, args.output_dir, ipv6=args.ipv6)
     except (ValueError, TopologyError, OSError) as exc:
         print(f"turbowg bench tunnel: {exc}", file=sys.stderr)
         return 2
