@@ -67,7 +67,7 @@ class Tunnel:
 def start_daemon(side: Side, env: dict[str, str] | None = None) -> None:
     full_env = dict(os.environ)
     full_env.update(env or {})
-    full_env.setdefault("LOG_LEVEL", "error")
+    full_env.pop("LOG_LEVEL", None)  # with LOG_LEVEL set, daemons keep our pipes open
     proc = subprocess.run(["ip", "netns", "exec", side.ns, *impl_command(side.impl), side.ifname],
                           env=full_env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, f"{side.impl} failed to start: {proc.stderr}"

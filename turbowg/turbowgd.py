@@ -84,12 +84,14 @@ def _daemonize(ifname: str, offloads: bool) -> int:
         print(f"turbowgd: {message}", file=sys.stderr)
         return 1
 
-    # Child: a session of its own, stdin from /dev/null; stdout/stderr kept unless silent, as wireguard-go.
+    # Child: a session of its own, stdin from /dev/null. As wireguard-go, stdout/stderr stay attached only
+    # when LOG_LEVEL is set explicitly (and not silent): otherwise a caller reading our output would wait
+    # for the daemon to exit.
     os.close(read_fd)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
-    if _log_level() is None:
+    if "LOG_LEVEL" not in os.environ or _log_level() is None:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
     os.close(devnull)

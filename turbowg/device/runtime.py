@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 
@@ -63,7 +62,9 @@ class Runtime:
         log.info("interface %s up: vnet_hdr=%s offloads=%#x", self.ifname, self.tun.vnet_hdr, self.tun.offloads)
         self._bind(self.device.listen_port or 0, self.device.fwmark)
         self.uapi = await start_uapi_server(self.ifname, self.device, socket_dir=self.socket_dir,
-                                            on_set=self._after_uapi_set)
+                                            on_set=self._after_uapi_set,
+                                            on_removed=lambda: self.stop("UAPI socket removed"),
+                                            stats=self.stats)
         self._loop.add_reader(self.tun.fileno(), self._on_tun_readable)
         self._loop.call_later(TIMER_INTERVAL, self._on_timer)
         self._loop.call_later(LINK_CHECK_INTERVAL, self._on_link_check)
@@ -88,6 +89,15 @@ class Runtime:
         elif self.device.fwmark != udp.fwmark:
             udp.set_fwmark(self.device.fwmark)
         self._send(self.device.tick(time.monotonic()))
+
+    def stats(self) -> dict[str, int]:
+        """Device counters plus the I/O layers' own (prefixed udp_ and tunio_), for `stats=1`."""
+        out = dict(self.device.counters)
+        if self.udp is not None:
+            out.update({f"udp_{k}": v for k, v in self.udp.counters.items()})
+        if self.tun is not None:
+            out.update({f"tunio_{k}": v for k, v in self.tun.counters.items()})
+        return out
 
     def stop(self, reason: str = "") -> None:
         if self._stopped is not None and not self._stopped.is_set():
@@ -123,7 +133,8 @@ class Runtime:
         batch.clear()
         try:
             for _ in range(MAX_TUN_READS_PER_WAKE):
-                tun.read_batch(batch)
+                if tun.read_batch(batch) == 0:
+                    break
         except BlockingIOError:
             pass
         except OSError as exc:
@@ -184,9 +195,7 @@ class Runtime:
 
     def _on_link_check(self) -> None:
         assert self._loop is not None
-        try:
-            socket.if_nametoindex(self.ifname)
-        except OSError:
+        if self.tun is not None and not self.tun.exists():
             self.stop(f"interface {self.ifname} was deleted")
             return
         if self.tun is not None:
