@@ -427,3 +427,21 @@ def test_zero_private_key_disables_handshakes() -> None:
     pair.now += 6
     _, response = pair.a_to_b(pair.a.tick(pair.now))
     assert [len(d) for d in pair.datagrams(response, A_ENDPOINT)] == [92]
+
+
+def test_under_load_cookie_over_ipv6_source_and_wrong_source_refused() -> None:
+    pair = Pair()
+    pair.b.apply_update(
+        DeviceUpdate(peers=[PeerUpdate(public_key=public_key(pair.a_key), endpoint=A_ENDPOINT)]), now=pair.now
+    )
+    initiation = pair.b.handle_tun_batch([ipv4_packet(B_V4, A_V4, b"v6")], pair.now)
+    tun_a, cookie = pair.b_to_a(initiation, under_load=True)  # arrives from 2001:db8::2
+    assert [len(d) for t in cookie for d in t.datagrams] == [64]
+    pair.a_to_b(cookie)
+    pair.now += 5.5
+    retry = pair.datagrams(pair.b.tick(pair.now), A_ENDPOINT)
+    # The cookie is bound to b's address and port: from another port it does not count.
+    _, other = pair.a.handle_udp_batch([(retry[0], ("2001:db8::2", 9999))], pair.now, under_load=True)
+    assert [len(d) for t in other for d in t.datagrams] == [64]
+    _, response = pair.a.handle_udp_batch([(retry[0], B_ENDPOINT)], pair.now, under_load=True)
+    assert [len(d) for d in pair.datagrams(response, B_ENDPOINT)] == [92]
