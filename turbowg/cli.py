@@ -13,9 +13,14 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turbowg", description="Userspace WireGuard and DERP relay")
     sub = parser.add_subparsers(dest="command", required=True)
-    from turbowg import demo
+    from turbowg import demo, doctor
+    from turbowg.bench import cli as bench_cli
+    from turbowg.derp import cli as derp_cli
 
     demo.register(sub)
+    bench_cli.register(sub)
+    doctor.register(sub)
+    derp_cli.register(sub)
     return parser
 
 
