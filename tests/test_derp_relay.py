@@ -9,8 +9,10 @@ import datetime
 import gc
 import ipaddress
 import resource
+import shutil
 import socket
 import ssl
+import subprocess
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -382,6 +384,17 @@ def test_relay_app_serves_tls_from_certdir_and_reports_bad_settings(tmp_path: Pa
         await b.connect(f"127.0.0.1:{port}")  # scheme defaults to https, path to /derp
         assert a.server_key == keys.public_key(keys.load_or_create_config(keyfile))
         await exchange(a, b, 1000)
+        # derper's meta certificate rides in the chain, and a verifying client still accepts the chain
+        if shutil.which("openssl"):
+            shown = await asyncio.to_thread(
+                subprocess.run, ["openssl", "s_client", "-showcerts", "-connect", f"127.0.0.1:{port}"],
+                input=b"", capture_output=True, timeout=20,
+            )
+            assert f"CN = derpkey{a.server_key.hex()}".encode() in shown.stdout
+        verifying = DerpClient()
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "relay.test.crt"))
+        await verifying.connect(f"https://127.0.0.1:{port}", ssl_context=ctx, server_hostname="relay.test")
+        await verifying.close()
         await a.close()
         await b.close()
         task.cancel()

@@ -22,6 +22,7 @@ from typing import Any
 
 from turbowg.derp import keys
 from turbowg.derp.http import RelayHTTPProtocol
+from turbowg.derp.metacert import server_tls_context
 from turbowg.derp.server import DerpServer
 
 log = logging.getLogger("turbowg.derp.app")
@@ -98,7 +99,7 @@ def make_listener(host: str, port: int, backlog: int = 4096) -> socket.socket:
     raise RelayConfigError(f"cannot listen on {host or '*'}:{port}: {last}")
 
 
-def load_tls_context(config: RelayConfig) -> ssl.SSLContext:
+def load_tls_context(config: RelayConfig, server_public: bytes | None = None) -> ssl.SSLContext:
     if config.certmode != "manual":
         raise RelayConfigError(f"certmode {config.certmode!r} is not supported; use --certmode manual with --certdir")
     certdir = Path(config.certdir)
@@ -106,13 +107,10 @@ def load_tls_context(config: RelayConfig) -> ssl.SSLContext:
     for p in (cert, key):
         if not p.is_file():
             raise RelayConfigError(f"certmode manual: {p} not found (expected <hostname>.crt and <hostname>.key)")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(str(cert), str(key))
-    except (ssl.SSLError, OSError) as exc:
+        return server_tls_context(cert, key, server_public)
+    except (ssl.SSLError, OSError, ValueError) as exc:
         raise RelayConfigError(f"cannot load TLS certificate {cert}: {exc}") from None
-    return ctx
 
 
 def read_mesh_key(path: str) -> str:
@@ -152,7 +150,7 @@ def prepare(config: RelayConfig) -> PreparedRelay:
         raise RelayConfigError("-c <config path> is required (or use --dev for an ephemeral key)")
     default_port = DEV_PORT if config.dev else 443
     host, port = parse_addr(config.addr, default_port)
-    tls = None if config.dev else load_tls_context(config)
+    tls = None if config.dev else load_tls_context(config, keys.public_key(private))
     mesh_key = read_mesh_key(config.mesh_psk_file) if config.mesh_psk_file else ""
     if config.mesh_with and not mesh_key:
         raise RelayConfigError("--mesh-with needs --mesh-psk-file")
