@@ -35,7 +35,7 @@ import struct
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from turbowg.derp.server import DerpServer
@@ -128,8 +128,8 @@ class ShardPeer(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's Unix transport does not subclass asyncio.Transport, hence a cast, not an isinstance check.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if self._rx:
@@ -143,8 +143,8 @@ class ShardPeer(asyncio.Protocol):
             length, rec_type = unpack(data, pos)
             if length > MAX_RECORD:
                 log.error("shard channel to %d corrupted (record of %d bytes); closing", self.peer_index, length)
-                assert self._transport is not None
-                self._transport.close()
+                if self._transport is not None:
+                    self._transport.close()
                 return
             body = pos + _REC_HEADER_LEN
             if end - body < length:
@@ -214,7 +214,8 @@ class ShardContext:
         peers: dict[int, ShardPeer] = {}
         for peer_index, sock in sorted(self.channels.items()):
             peer = ShardPeer(server, peer_index)
-            await loop.connect_accepted_socket(lambda p=peer: p, sock)
+            transport, _ = await loop.connect_accepted_socket(lambda p=peer: p, sock)
+            peer._transport = cast(asyncio.Transport, transport)
             peers[peer_index] = peer
 
         def on_conn_change(key: bytes, present: bool) -> None:

@@ -1,0 +1,163 @@
+"""A relay sharded over 2 worker processes: clients on different shards exchange verified packets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from derp_traffic import exchange
+
+from turbowg.derp.client import DerpClient
+from turbowg.derp.codec import PeerGone
+
+# The relay as shard.run_sharded runs it: every worker binds the same port with SO_REUSEPORT and wires
+# its own DerpServer (behind the real HTTP front) to the other shards.
+WORKER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from turbowg.derp import keys
+    from turbowg.derp.http import RelayHTTPProtocol
+    from turbowg.derp.server import DerpServer
+    from turbowg.derp.shard import reuseport_listener, run_sharded
+
+    port, workers = int(sys.argv[1]), int(sys.argv[2])
+    private = keys.generate_private_key()  # one relay identity, shared by all shards
+
+    async def worker_main(ctx):
+        server = DerpServer(private)
+        links = await ctx.attach(server)
+        sock = reuseport_listener("127.0.0.1", port)
+        listener = await asyncio.get_running_loop().create_server(lambda: RelayHTTPProtocol(server), sock=sock)
+        print(f"shard {ctx.index} ready", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            c = links.counters()
+            print(f"shard {ctx.index} out={c.packets_out} in={c.packets_in} batches={c.batches_out}", flush=True)
+            listener.close()
+            links.close()
+            server.close()
+
+    sys.exit(run_sharded(workers, worker_main))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def sharded_relay(workers: int) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER_SCRIPT, str(port), str(workers)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = 0
+        deadline = time.monotonic() + 20
+        while ready < workers:
+            line = proc.stdout.readline()
+            assert line, f"relay exited early (code {proc.poll()})"
+            ready += "ready" in line
+            assert time.monotonic() < deadline, "relay did not start"
+        yield port, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _worker_pids(parent: int) -> list[int]:
+    with open(f"/proc/{parent}/task/{parent}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _shard_of_connections(relay_port: int) -> dict[int, int]:
+    """client local port -> pid of the worker process holding the accepted connection (via ss)."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", "sport", "=", f":{relay_port}"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    owners: dict[int, int] = {}
+    for line in out.splitlines():
+        fields = line.split()
+        peer = fields[3] if len(fields) > 3 else ""
+        pid = re.search(r"pid=(\d+)", line)
+        if pid and ":" in peer:
+            owners[int(peer.rsplit(":", 1)[1])] = int(pid.group(1))
+    return owners
+
+
+def test_two_shards_forward_100k_packets_between_clients_on_different_shards() -> None:
+    with sharded_relay(2) as (port, proc):
+        workers = _worker_pids(proc.pid)
+        assert len(workers) == 2
+
+        async def scenario() -> None:
+            clients: list[DerpClient] = []
+            by_shard: dict[int, list[DerpClient]] = {pid: [] for pid in workers}
+            try:
+                # SO_REUSEPORT spreads connections by hash of the 4-tuple; connect until both shards hold one.
+                for _ in range(64):
+                    c = DerpClient()
+                    await c.connect(host="127.0.0.1", port=port, tls=False)
+                    clients.append(c)
+                    local_port = c._protocol.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+                    for _ in range(50):
+                        owner = _shard_of_connections(port).get(local_port)
+                        if owner is not None:
+                            break
+                        await asyncio.sleep(0.02)
+                    assert owner in by_shard, f"connection owned by unexpected pid {owner}"
+                    by_shard[owner].append(c)
+                    if all(len(v) >= 2 for v in by_shard.values()):
+                        break
+                (a, a2), (b, b2) = (by_shard[workers[0]][:2], by_shard[workers[1]][:2])
+                # Announcements are asynchronous: wait until each side's key is usable from the other shard.
+                await asyncio.sleep(0.2)
+                await asyncio.gather(exchange(a, b, 100_000), exchange(b2, a2, 20_000))
+                await b.close()
+                async with asyncio.timeout(10):  # PeerGone for a key that lived on the other shard
+                    while True:
+                        msg = await a.recv()
+                        if isinstance(msg, PeerGone) and msg.peer == b.public_key:
+                            break
+            finally:
+                for c in clients:
+                    await c.close()
+
+        asyncio.run(scenario())
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0, out
+        moved = [int(m) for m in re.findall(r"out=(\d+)", out)]
+        assert len(moved) == 2 and all(n >= 20_000 for n in moved), out  # both directions crossed shards
+        assert "Traceback" not in out, out
+        for pid in workers:
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_parent_stops_when_a_shard_dies() -> None:
+    with sharded_relay(2) as (_, proc):
+        workers = _worker_pids(proc.pid)
+        os.kill(workers[0], signal.SIGKILL)
+        assert proc.wait(20) == 1
+        assert not os.path.exists(f"/proc/{workers[1]}")
