@@ -520,3 +520,25 @@ def test_any_split_of_the_stream_gives_the_same_events(sizes: list[int], cuts: l
     assert rec.events[0][0] == "auth"
     assert rec.events[1:] == expected
     assert all(type(x) is bytes for e in rec.events[1:] for x in e[1:])
+
+
+class SiblingShard(RecordingForwarder):
+    intra_server = True
+
+
+def test_mesh_forward_reaches_sibling_shard_but_never_another_relay() -> None:
+    async def main() -> None:
+        s = DerpServer(keys.generate_private_key(), mesh_key=MESH_KEY, keepalive_interval=0)
+        mesh_peer = Peer(s, 1, mesh_key=MESH_KEY)
+        on_sibling, on_other_relay = bytes(range(32)), bytes(range(1, 33))
+        sibling, other_relay = SiblingShard(), RecordingForwarder()
+        s.register_forwarder(on_sibling, sibling)
+        s.register_forwarder(on_other_relay, other_relay)
+        src = bytes(32)
+        mesh_peer.feed(codec.encode_forward_packet(src, on_sibling, b"to shard")
+                       + codec.encode_forward_packet(src, on_other_relay, b"no second mesh hop"))
+        assert sibling.packets == [(src, on_sibling, b"to shard")]
+        assert other_relay.packets == []
+        assert s.metrics.dropped("unknown_dest_on_fwd") == 1
+
+    run(main())

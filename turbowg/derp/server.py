@@ -50,6 +50,7 @@ KEEPALIVE_INTERVAL = 60.0
 KEEPALIVE_JITTER = 5.0
 HANDSHAKE_TIMEOUT = 10.0  # derper's deadline for the ClientInfo frame
 WRITE_TIMEOUT = 2.0  # derper's DefaultTCPWriteTimeout: no write progress for this long closes the client
+MESH_WRITE_TIMEOUT = 30.0  # derper's privilegedWriteTimeout
 WRITE_BUFFER_HIGH = 256 << 10
 WRITE_BUFFER_LOW = 64 << 10
 
@@ -176,7 +177,11 @@ class ClientConn(asyncio.Protocol):
         t = self.transport
         if t is not None and self.server.write_timeout:
             self._write_mark = t.get_write_buffer_size()
-            self._write_timer = self.server.loop.call_later(self.server.write_timeout, self._write_check)
+            self._write_timer = self.server.loop.call_later(self._write_timeout(), self._write_check)
+
+    def _write_timeout(self) -> float:
+        # derper gives privileged (mesh) connections longer: they carry a whole region's traffic
+        return max(self.server.write_timeout, MESH_WRITE_TIMEOUT) if self.can_mesh else self.server.write_timeout
 
     def resume_writing(self) -> None:
         self.paused = False
@@ -217,11 +222,18 @@ class ClientConn(asyncio.Protocol):
         server = self.server
         server.metrics.packets_forwarded_in += 1
         target = server.clients.get(dst)
-        if target is None:
-            server.record_drop(DROP_UNKNOWN_DEST_ON_FWD, packet)
-            self.note_not_here(dst, packet)
-        else:
+        if target is not None:
             target.enqueue_packet(src, packet)
+            return
+        # A mesh peer reached one worker of a sharded relay; the key may live on a sibling shard. Those
+        # forwarders say so with `intra_server = True` and only ever deliver locally, so this is the
+        # packet's last hop either way. Mesh forwarders (other relays) are never used here.
+        for fwd in server._forwarders.get(dst, ()):
+            if getattr(fwd, "intra_server", False):
+                server._forward(fwd, src, dst, packet)
+                return
+        server.record_drop(DROP_UNKNOWN_DEST_ON_FWD, packet)
+        self.note_not_here(dst, packet)
 
     def on_note_preferred(self, preferred: bool) -> None:
         if preferred == self.preferred:
@@ -372,7 +384,7 @@ class ClientConn(asyncio.Protocol):
         size = t.get_write_buffer_size()
         if size < self._write_mark:  # the client is reading, just slowly
             self._write_mark = size
-            self._write_timer = self.server.loop.call_later(self.server.write_timeout, self._write_check)
+            self._write_timer = self.server.loop.call_later(self._write_timeout(), self._write_check)
             return
         self.server.metrics.write_timeouts += 1
         log.info("derp client %s: no write progress for %.1fs; closing", self.describe(), self.server.write_timeout)
@@ -518,17 +530,20 @@ class DerpServer:
     def _route_elsewhere(self, sender: ClientConn, dst: bytes, packet: bytes) -> None:
         fwds = self._forwarders.get(dst)
         if fwds:
-            self.metrics.packets_forwarded_out += 1
-            try:
-                ok = fwds[0].forward_packet(sender.key, dst, packet)  # type: ignore[arg-type]
-            except Exception:  # a broken forwarder must not take the sender down
-                log.exception("forwarder for %s failed", dst.hex()[:12])
-                ok = False
-            if not ok:
-                self.metrics.forward_failures += 1
+            self._forward(fwds[0], sender.key, dst, packet)  # type: ignore[arg-type]
             return
         self.record_drop(DROP_UNKNOWN_DEST, packet)
         sender.note_not_here(dst, packet)
+
+    def _forward(self, fwd: PacketForwarder, src: bytes, dst: bytes, packet: bytes) -> None:
+        self.metrics.packets_forwarded_out += 1
+        try:
+            ok = fwd.forward_packet(src, dst, packet)
+        except Exception:  # a broken forwarder must not take the sender down
+            log.exception("forwarder for %s failed", dst.hex()[:12])
+            ok = False
+        if not ok:
+            self.metrics.forward_failures += 1
 
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
