@@ -165,7 +165,7 @@ class Runtime:
         # Count handshake messages (types 1 and 2) per second; a flood turns on cookie replies for a while.
         handshakes = 0
         for datagram, _endpoint in batch:
-            if datagram[0] in (1, 2):
+            if len(datagram) >= 4 and datagram[0] in (1, 2):
                 handshakes += 1
         if handshakes:
             if now - self._handshake_window_start > 1.0:
