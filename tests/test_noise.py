@@ -128,8 +128,9 @@ WALL = 1_700_000_000.25
 
 
 def test_known_answer_matches_independent_derivation() -> None:
-    timestamp = struct.pack(">QI", (1 << 62) + 10 + 1_700_000_000, 250_000_000)
-    assert tai64n(WALL) == timestamp
+    assert tai64n(WALL) == struct.pack(">QI", (1 << 62) + 10 + 1_700_000_000, 250_000_000)
+    # Initiations carry the timestamp with the nanoseconds' low 24 bits cleared (wireguard-go whitening).
+    timestamp = struct.pack(">QI", (1 << 62) + 10 + 1_700_000_000, 250_000_000 & ~0xFFFFFF)
     want_init, want_resp, want_send, want_recv = ref_handshake(
         SI, SR, EI, ER, PSK, timestamp, 0x11223344, 0xA0B0C0D0
     )
@@ -252,8 +253,10 @@ def test_replayed_and_older_initiations_refused() -> None:
     assert p.consume(first, now=20.0) is None  # exact replay, long after the flood window
     older = p.initiate(wall=999.0)
     assert p.consume(older, now=30.0) is None
-    newer = p.initiate(wall=1_000.001)
-    assert p.consume(newer, now=40.0) is p.hs_r
+    same_tick = p.initiate(wall=1_000.001)  # whitened to the same timestamp as `first`
+    assert p.consume(same_tick, now=40.0) is None
+    newer = p.initiate(wall=1_000.05)
+    assert p.consume(newer, now=50.0) is p.hs_r
 
 
 def test_initiation_flood_refused() -> None:

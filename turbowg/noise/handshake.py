@@ -43,6 +43,10 @@ RESPONSE_SIZE = 92  # type(4) sender(4) receiver(4) ephemeral(32) empty(0+16) ma
 COOKIE_REPLY_SIZE = 64  # type(4) receiver(4) nonce(24) cookie(16+16)
 TRANSPORT_HEADER_SIZE = 16  # type(4) receiver(4) counter(8)
 
+# Nanoseconds of our TAI64N timestamps are rounded down to ~16.8 ms, as wireguard-go does, so that
+# initiations do not reveal our precise clock.
+TIMESTAMP_WHITENER_MASK = 0x1000000 - 1
+
 # Minimum spacing of accepted initiations from one peer (wireguard-go HandshakeInitationRate).
 HANDSHAKE_INITIATION_RATE = 1 / 50
 
@@ -146,6 +150,14 @@ def _put(buffer: bytearray, value: bytes) -> None:
     buffer[:] = value
 
 
+def whitened_tai64n(wall_time: float) -> bytes:
+    """TAI64N of wall_time with the low 24 bits of the nanoseconds cleared."""
+    stamp = bytearray(tai64n(wall_time))
+    nanos = int.from_bytes(stamp[8:], "big") & ~TIMESTAMP_WHITENER_MASK
+    stamp[8:] = nanos.to_bytes(4, "big")
+    return bytes(stamp)
+
+
 def create_initiation(
     hs: Handshake, local_index: int, wall_time: float, ephemeral_private: bytes | None = None
 ) -> bytearray:
@@ -165,7 +177,7 @@ def create_initiation(
     encrypted_static = aead_seal(key, 0, hs.local.public_key, h)
     h = hash_(h, encrypted_static)
     ck, key = kdf(ck, ss, 2)
-    encrypted_timestamp = aead_seal(key, 0, tai64n(wall_time), h)
+    encrypted_timestamp = aead_seal(key, 0, whitened_tai64n(wall_time), h)
     h = hash_(h, encrypted_timestamp)
 
     msg = bytearray(INITIATION_SIZE)
