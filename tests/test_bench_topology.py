@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 from netns import needs_netns, run
@@ -31,6 +33,13 @@ needs_wireguard_go = pytest.mark.skipif(shutil.which("wireguard-go") is None or 
 
 def _namespaces() -> set[str]:
     return {line.split()[0] for line in run("ip", "netns", "list").stdout.splitlines() if line.strip()}
+
+
+def _announced_namespaces(stderr: str) -> set[str]:
+    """The namespaces a bench run says it built (others may build their own at the same time)."""
+    match = re.search(r"namespaces (\S+) \(client\) and (\S+) \(server\) ready", stderr)
+    assert match, stderr
+    return {match.group(1), match.group(2)}
 
 
 def _gone(topo_namespaces: tuple[str, str], sockets: list[str], pids: list[int]) -> None:
@@ -83,13 +92,16 @@ def test_teardown_when_body_raises() -> None:
 
 @needs_netns
 def test_implementation_that_fails_to_start_gives_clear_error_and_cleans_up() -> None:
-    before = _namespaces()
+    tag = uuid.uuid4().hex[:6]
     broken = Implementation("broken", (sys.executable, "-c", "import sys; print('no TUN for you'); sys.exit(3)"))
     with pytest.raises(TopologyError) as info:
-        with build_topology([broken], start_timeout=10):
+        with build_topology([broken], start_timeout=10, tag=tag):
             pytest.fail("must not get here")
     assert "broken exited with 3" in str(info.value) and "no TUN for you" in str(info.value)
-    assert _namespaces() == before
+    assert not {f"twbench-a-{tag}", f"twbench-b-{tag}"} & _namespaces()
+    with pytest.raises(TopologyError, match="bad topology tag"):
+        with build_topology([], tag="../x"):
+            pass
 
 
 @needs_netns
@@ -166,13 +178,12 @@ def test_bad_choices_are_clear_errors() -> None:
 @needs_wireguard_go
 @pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
 def test_bench_tunnel_end_to_end_wireguard_go_vs_underlay(tmp_path) -> None:
-    before = _namespaces()
     result = subprocess.run([sys.executable, "-m", "turbowg.bench.tunnel", "--impl", "wireguard-go",
                              "--impl", "underlay", "--runs", "1", "--duration", "1", "--output-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert "[run 8/8]" in result.stderr
-    assert _namespaces() == before
+    assert not _announced_namespaces(result.stderr) & _namespaces()
     raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
     assert [(r["path"], r["test"]) for r in raw["runs"]] == [
         (p, t) for t in tunnel.TESTS for p in ("wireguard-go", "underlay")]
@@ -232,23 +243,25 @@ def test_minimal_issue_case_turbowg_vs_wireguard_go_tcp_ratio(tmp_path) -> None:
 @needs_wireguard_go
 @pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
 def test_ctrl_c_tears_down_and_keeps_finished_runs(tmp_path) -> None:
-    before = _namespaces()
-    proc = subprocess.Popen([sys.executable, "-m", "turbowg.bench.tunnel", "--impl", "underlay,wireguard-go",
-                             "--tests", "tcp1", "--runs", "3", "--duration", "2", "--output-dir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    errlog = tmp_path / "stderr"
+    with open(errlog, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "turbowg.bench.tunnel", "--impl", "underlay,wireguard-go",
+                                 "--tests", "tcp1", "--runs", "3", "--duration", "2", "--output-dir", str(tmp_path)],
+                                stdout=subprocess.PIPE, stderr=err_file, text=True)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(n.startswith("twbench-") for n in _namespaces() - before):
+        while time.monotonic() < deadline and "(server) ready" not in errlog.read_text():
             time.sleep(0.1)
-        time.sleep(3.5)  # past the first 2 s run, into the second
+        time.sleep(3.0)  # past the first 2 s run, into the second
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        proc.communicate(timeout=60)
     finally:
         proc.kill()
         proc.wait()
+    err = errlog.read_text()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert _namespaces() == before
+    assert not _announced_namespaces(err) & _namespaces()
     report = tmp_path / "tunnel-runs.json"
     if report.exists():  # present whenever at least one run had finished
         raw = json.loads(report.read_text())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -225,16 +226,20 @@ def wait_for_ping(topo: Topology, ns: str, address: str, timeout: float) -> bool
 
 @contextlib.contextmanager
 def build_topology(impls: Sequence[Implementation], *, handshake_timeout: float = 15.0,
-                   start_timeout: float = 15.0) -> Iterator[Topology]:
+                   start_timeout: float = 15.0, tag: str | None = None) -> Iterator[Topology]:
     """Namespaces a and b joined by veth; one tunnel per implementation; paths[UNDERLAY] is the bare veth.
 
     Tunnel i uses 10.201.i.0/24 and fd00:201:i::/64 (a = .1, b = .2) over the veth
-    10.200.0.1 <-> 10.200.0.2 (fd00:200::1/2), UDP port 51820 + i on both sides.
+    10.200.0.1 <-> 10.200.0.2 (fd00:200::1/2), UDP port 51820 + i on both sides. Namespaces are
+    twbench-a-TAG and twbench-b-TAG; TAG (up to 6 characters of [0-9a-z]) is random unless given.
     """
     check_prerequisites()
     if len(impls) > 200:
         raise TopologyError("too many implementations")
-    tag = uuid.uuid4().hex[:6]
+    if tag is None:
+        tag = uuid.uuid4().hex[:6]
+    elif not re.fullmatch(r"[0-9a-z]{1,6}", tag):
+        raise TopologyError(f"bad topology tag {tag!r}: 1-6 lowercase letters or digits")
     workdir = tempfile.mkdtemp(prefix=f"turbowg-topo-{tag}-")
     builder = _Builder(tag, workdir)
     ns_a, ns_b = f"twbench-a-{tag}", f"twbench-b-{tag}"

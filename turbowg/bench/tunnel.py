@@ -387,6 +387,7 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
     log(f"building topology: {', '.join(paths)} (measuring over IPv{6 if ipv6 else 4})", file=sys.stderr)
     interrupted = False
     with build_topology(impls) as topo:
+        log(f"namespaces {topo.ns_a} (client) and {topo.ns_b} (server) ready", file=sys.stderr)
         schedule = [(rep, test, path) for rep in range(runs) for test in tests
                     for path in _rotated(paths, rep)]
         try:
