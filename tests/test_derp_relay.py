@@ -418,3 +418,42 @@ def test_relay_app_serves_tls_from_certdir_and_reports_bad_settings(tmp_path: Pa
     assert parse_addr("8443", 1) == ("", 8443)
     with pytest.raises(RelayConfigError):
         parse_addr(":http", 1)
+
+
+def test_mesh_client_watches_conns_and_closes_peers_over_sockets() -> None:
+    mesh_key = "cd" * 32
+
+    async def main() -> None:
+        async with relay(mesh_key=mesh_key) as (server, url):
+            plain = DerpClient()
+            await plain.connect(url)
+            watcher = DerpClient(mesh_key=mesh_key)
+            await watcher.connect(url)
+            watcher.watch_conns()
+            seen = set()
+            while plain.public_key not in seen:
+                msg = await asyncio.wait_for(watcher.recv(), 5)
+                if isinstance(msg, codec.PeerPresent):
+                    seen.add(msg.peer)
+                    assert msg.ip == ipaddress.IPv4Address("127.0.0.1") and msg.port > 0
+            watcher.forward_packet(bytes(32), plain.public_key, b"forwarded")
+            assert await asyncio.wait_for(plain.recv(), 5) == codec.ReceivedPacket(bytes(32), b"forwarded")
+            watcher.close_peer(plain.public_key)
+            msg = await asyncio.wait_for(watcher.recv(), 5)
+            while isinstance(msg, codec.PeerPresent):  # derper lists the watcher itself too
+                msg = await asyncio.wait_for(watcher.recv(), 5)
+            assert msg == codec.PeerGone(plain.public_key, 0)
+            with pytest.raises(DerpClientError):
+                for _ in range(50):
+                    await asyncio.wait_for(plain.recv(), 5)
+            with pytest.raises(DerpClientError):
+                plain.send(watcher.public_key, b"after close")
+
+            intruder = DerpClient()  # no mesh key: WatchConns closes the connection
+            await intruder.connect(url)
+            intruder.watch_conns()
+            with pytest.raises(DerpClientError):
+                await asyncio.wait_for(intruder.recv(), 5)
+            await watcher.close()
+
+    run(main)

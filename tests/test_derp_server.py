@@ -542,3 +542,18 @@ def test_mesh_forward_reaches_sibling_shard_but_never_another_relay() -> None:
         assert s.metrics.dropped("unknown_dest_on_fwd") == 1
 
     run(main())
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 0x20), st.binary(max_size=80)), max_size=30), st.binary(max_size=64))
+def test_random_frames_never_crash_the_server(frames: list[tuple[int, bytes]], tail: bytes) -> None:
+    async def main() -> None:
+        s = DerpServer(keys.generate_private_key(), keepalive_interval=0)
+        victim, other, partner = Peer(s, 1), Peer(s, 2), Peer(s, 3)
+        victim.feed(b"".join(codec.encode_frame(t, p) for t, p in frames) + tail)  # must not raise
+        other.feed(codec.encode_send_packet(partner.key, b"unaffected"))
+        assert partner.packets() == [(other.key, b"unaffected")]
+        victim.t.abort()
+        assert victim.key not in s.clients and victim.conn not in s.conns
+
+    run(main())
