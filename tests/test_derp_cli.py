@@ -1,4 +1,4 @@
-"""`turbowg relay` and `turbowg derp-client` as processes: derper-style flags, send/recv/ping/info,
+"""`turbowg relay` and `turbowg derp-client` as processes (python -m turbowg): derper-style flags, send/recv/ping/info,
 and clear errors (no tracebacks) for user mistakes."""
 
 from __future__ import annotations
@@ -11,26 +11,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-# turbowg/cli.py wires derp.cli.register in; this runner exercises the same register() directly.
-RUNNER = (
-    "import argparse, sys\n"
-    "from turbowg.derp import cli\n"
-    "p = argparse.ArgumentParser(prog='turbowg')\n"
-    "sub = p.add_subparsers(dest='command', required=True)\n"
-    "cli.register(sub)\n"
-    "a = p.parse_args(sys.argv[1:])\n"
-    "sys.exit(a.func(a))\n"
-)
+ENTRY = ("-m", "turbowg")
 
 
 def turbowg(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, *ENTRY, *args], capture_output=True, text=True, timeout=timeout)
 
 
 @contextmanager
 def relay_process(*extra: str) -> Iterator[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", RUNNER, "relay", "-dev", "-a", "127.0.0.1:0", "-stun=false", "--workers", "1", *extra],
+        [sys.executable, *ENTRY, "relay", "-dev", "-a", "127.0.0.1:0", "-stun=false", "--workers", "1", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
@@ -65,7 +56,7 @@ def test_relay_and_client_commands(tmp_path: Path) -> None:
         receiver_priv = keys.generate_private_key()
         receiver_pub = keys.format_public_key(keys.public_key(receiver_priv))
         recv = subprocess.Popen(
-            [sys.executable, "-c", RUNNER, "derp-client", "recv", url, "--count", "3", "--timeout", "20",
+            [sys.executable, *ENTRY, "derp-client", "recv", url, "--count", "3", "--timeout", "20",
              "--private-key", keys.format_private_key(receiver_priv)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
