@@ -280,3 +280,30 @@ def test_ipv6_udp_gso_through_wireguard_go(tmp_path) -> None:
     (run_,) = raw["runs"]
     assert run_["ok"] and run_["detail"]["sender"]["size"] == tunnel.UDP_PAYLOAD_V6
     assert 0 < run_["detail"]["receiver"]["datagrams"] <= run_["detail"]["sender"]["datagrams"]
+
+
+def test_exited_daemon_is_not_alive_even_as_zombie() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 20
+    while tunnel._alive(child.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not tunnel._alive(child.pid)  # exited but not yet reaped: a zombie
+    assert os.path.exists(f"/proc/{child.pid}")
+    child.wait()
+    assert tunnel._alive(os.getpid())
+
+
+@needs_netns
+@needs_wireguard_go
+@pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+def test_dead_daemon_fails_its_runs_only() -> None:
+    with build_topology([known_implementations()["wireguard-go"]]) as topo:
+        victim = topo.paths["wireguard-go"].daemon_pids[1]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while tunnel._alive(victim) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        failed = tunnel.run_one(topo, "wireguard-go", "tcp1", 0, 1.0)
+        fine = tunnel.run_one(topo, UNDERLAY, "tcp1", 0, 1.0)
+    assert not failed.ok and f"[{victim}] exited" in failed.error
+    assert fine.ok and fine.gbps > 0 and fine.cpu_seconds is None

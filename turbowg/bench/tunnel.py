@@ -86,6 +86,16 @@ def _stat_fields(pid: int) -> tuple[int, float] | None:
         return None
 
 
+def _alive(pid: int) -> bool:
+    """True unless the process is gone or a zombie (our daemons stay unreaped until tear-down)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    return raw[raw.rfind(b")") + 2:raw.rfind(b")") + 3] not in (b"Z", b"X")
+
+
 def process_tree_cpu_seconds(roots: Sequence[int]) -> float:
     """CPU seconds (user + system, all threads) of `roots` and all their live descendants."""
     stats: dict[int, tuple[int, float]] = {}
@@ -210,7 +220,7 @@ def _udpgen(topo: Topology, path: NetPath, duration: float, ipv6: bool) -> tuple
 def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float, ipv6: bool = False) -> RunResult:
     path = topo.paths[path_name]
     result = RunResult(path_name, test, rep, ok=False)
-    dead = [pid for pid in path.daemon_pids if not os.path.exists(f"/proc/{pid}")]
+    dead = [pid for pid in path.daemon_pids if not _alive(pid)]
     if dead:
         result.error = f"daemon process(es) {dead} exited"
         return result
