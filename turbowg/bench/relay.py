@@ -1,16 +1,539 @@
-"""`turbowg bench relay` (being written; this placeholder keeps the CLI importable)."""
+"""`turbowg bench relay`: DERP relay throughput, loss, latency under load and CPU cost per GB.
+
+Each run starts a fresh relay (`python -m turbowg relay`, plain HTTP or TLS, 1 or 2 workers) and
+load generator processes (`python -m turbowg.bench.relay --loadgen ...`, this file) that hold N
+sender->receiver client pairs. Senders write 1400-byte packets either as fast as TCP backpressure
+allows (unpaced) or at a fixed total rate (paced). Every packet carries a sequence number and the
+send time, so receivers count loss (sequence gaps plus what never arrived) and one-way latency.
+Meanwhile a separate client in this process sends DERP Ping frames every 10 ms: its round-trip
+time is the latency another user of the relay sees while it is loaded.
+
+Configurations are interleaved (run 1 of every configuration, then run 2, ...), so slow drift of
+the machine affects all alike; every metric is reported as the median over runs with a
+distribution-free 95% CI (stats.py). CPU cost is utime+stime of the relay's processes (parent and
+workers) from /proc/<pid>/stat over the measurement window, per GB of packet payload delivered.
+
+Caveat printed with the results: load generators run on the same machine as the relay, so on a
+2-core box they compete with it for CPU; absolute numbers are a lower bound for the relay alone.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from turbowg.bench.stats import summarize
+
+PACKET_SIZE = 1400
+_STAMP = struct.Struct(">QQ")  # sequence number, send time (CLOCK_MONOTONIC ns; shared by all processes)
+LATENCY_SAMPLE_EVERY = 16
+MAX_LATENCY_SAMPLES = 5000
+PING_INTERVAL = 0.01
+DRAIN_QUIET = 0.3
+DRAIN_MAX = 3.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Load generator (runs in its own process)
+
+
+@dataclass
+class _PairStats:
+    sent: int = 0
+    received: int = 0
+    received_in_window: int = 0
+    bytes_in_window: int = 0
+    gaps: int = 0  # packets skipped in the sequence (lost inside the relay)
+    reordered: int = 0
+    bad: int = 0  # wrong length or source
+    last_rx: float = 0.0
+
+
+async def _loadgen(cfg: dict[str, Any]) -> dict[str, Any]:
+    from turbowg.derp.client import DerpClient
+    from turbowg.derp.codec import ReceivedPacket
+
+    pairs: int = cfg["pairs"]
+    size: int = cfg["size"]
+    duration: float = cfg["duration"]
+    pps_per_pair: float = cfg["pps_per_pair"]  # 0 = unpaced
+    senders = [DerpClient() for _ in range(pairs)]
+    receivers = [DerpClient() for _ in range(pairs)]
+    for c in senders + receivers:
+        await c.connect(host=cfg["host"], port=cfg["port"], tls=cfg["tls"], verify=False)
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    print(json.dumps({"ready": True}), flush=True)
+    if (await stdin.readline()).strip() != b"go":
+        raise SystemExit("loadgen: expected 'go'")
+    stats = [_PairStats() for _ in range(pairs)]
+    latencies: list[int] = []
+    start = time.monotonic()
+    end = start + duration
+    end_ns = int(end * 1e9)
+    stop_sending = asyncio.Event()
+
+    async def send(i: int) -> None:
+        client, dst, st = senders[i], receivers[i].public_key, stats[i]
+        batch = [bytearray(size) for _ in range(64)]
+        pack_into = _STAMP.pack_into
+        seq = 0
+        while not stop_sending.is_set():
+            if pps_per_pair:
+                due = int((time.monotonic() - start) * pps_per_pair) - seq
+                if due <= 0:
+                    await asyncio.sleep(0.002)
+                    continue
+                n = min(due, len(batch))
+            else:
+                n = len(batch)
+            now_ns = time.monotonic_ns()
+            for k in range(n):
+                pack_into(batch[k], 0, seq + k, now_ns)
+            client.send_many(dst, batch[:n])  # type: ignore[arg-type]
+            seq += n
+            st.sent = seq
+            await client.drain()
+            await asyncio.sleep(0)  # let receivers in this process run between batches
+
+    async def receive(i: int) -> None:
+        client, src, st = receivers[i], senders[i].public_key, stats[i]
+        expected = 0
+        unpack = _STAMP.unpack_from
+        while True:
+            msgs = await client.recv_many(4096)
+            now_ns = time.monotonic_ns()
+            st.last_rx = time.monotonic()
+            for msg in msgs:
+                if not isinstance(msg, ReceivedPacket):
+                    continue
+                data = msg.data
+                if msg.source != src or len(data) != size:
+                    st.bad += 1
+                    continue
+                seq, sent_ns = unpack(data)
+                if seq >= expected:
+                    st.gaps += seq - expected
+                    expected = seq + 1
+                else:
+                    st.reordered += 1
+                st.received += 1
+                if now_ns <= end_ns:
+                    st.received_in_window += 1
+                    st.bytes_in_window += size
+                if st.received % LATENCY_SAMPLE_EVERY == 0 and len(latencies) < MAX_LATENCY_SAMPLES:
+                    latencies.append(now_ns - sent_ns)
+
+    tasks = [asyncio.create_task(send(i)) for i in range(pairs)]
+    tasks += [asyncio.create_task(receive(i)) for i in range(pairs)]
+    await asyncio.sleep(max(0.0, end - time.monotonic()))
+    stop_sending.set()
+    drain_deadline = time.monotonic() + DRAIN_MAX
+    while time.monotonic() < drain_deadline:
+        await asyncio.sleep(DRAIN_QUIET / 3)
+        if time.monotonic() - max((s.last_rx for s in stats), default=0.0) > DRAIN_QUIET:
+            break
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for c in senders + receivers:
+        await c.close()
+    return {
+        "sent": sum(s.sent for s in stats),
+        "received": sum(s.received for s in stats),
+        "received_in_window": sum(s.received_in_window for s in stats),
+        "bytes_in_window": sum(s.bytes_in_window for s in stats),
+        "gaps": sum(s.gaps for s in stats),
+        "reordered": sum(s.reordered for s in stats),
+        "bad": sum(s.bad for s in stats),
+        "latency_ns": latencies,
+    }
+
+
+def _loadgen_entry(cfg_json: str) -> int:
+    from turbowg.derp.shard import _new_event_loop
+
+    with asyncio.Runner(loop_factory=_new_event_loop) as runner:
+        result = runner.run(_loadgen(json.loads(cfg_json)))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Orchestration
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    workers: int
+    tls: bool
+    paced: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.workers}w {'tls' if self.tls else 'plain'} {'paced' if self.paced else 'unpaced'}"
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / ticks
+
+
+def _relay_pids(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [pid] + [int(p) for p in f.read().split()]
+    except OSError:
+        return [pid]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _make_tls_files(directory: Path, hostname: str) -> None:
+    """Self-signed certificate for the TLS runs (derper's certmode manual layout)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=7))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / f"{hostname}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{hostname}.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+
+
+def _relay_command(cfg: BenchConfig, port: int, tmp: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "turbowg", "relay", "-a", f"127.0.0.1:{port}", "--stun", "false",
+           "--workers", str(cfg.workers)]
+    if cfg.tls:
+        cmd += ["-c", str(tmp / "derper.json"), "--hostname", "localhost", "--certmode", "manual",
+                "--certdir", str(tmp)]
+    else:
+        cmd += ["--dev"]
+    return cmd
+
+
+async def _wait_listening(port: int, proc: asyncio.subprocess.Process, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.returncode is not None:
+            raise RuntimeError(f"relay exited with {proc.returncode} before listening")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError("relay did not start listening")
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+async def _ping_loop(host: str, port: int, tls: bool, stop: asyncio.Event) -> list[float]:
+    from turbowg.derp.client import DerpClient, DerpClientError
+
+    rtts: list[float] = []
+    async with DerpClient() as client:
+        await client.connect(host=host, port=port, tls=tls, verify=False)
+        while not stop.is_set():
+            try:
+                rtts.append(await client.ping(timeout=2.0) * 1000.0)
+            except DerpClientError:
+                rtts.append(2000.0)  # a lost pong counts as the timeout, not as nothing
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PING_INTERVAL)
+    return rtts
+
+
+async def _one_run(cfg: BenchConfig, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    port = _free_port()
+    relay = await asyncio.create_subprocess_exec(
+        *_relay_command(cfg, port, tmp), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    gens: list[asyncio.subprocess.Process] = []
+    try:
+        await _wait_listening(port, relay)
+        await asyncio.sleep(0.3 if cfg.workers > 1 else 0.05)  # let every worker bind
+        total_pps = args.rate_mbit * 1e6 / 8 / args.size if cfg.paced else 0.0
+        split = [args.pairs // args.gen_procs + (1 if i < args.pairs % args.gen_procs else 0)
+                 for i in range(args.gen_procs)]
+        for n in split:
+            if n == 0:
+                continue
+            gen_cfg = {"host": "127.0.0.1", "port": port, "tls": cfg.tls, "pairs": n, "size": args.size,
+                       "duration": args.duration, "pps_per_pair": total_pps / args.pairs}
+            gens.append(await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "turbowg.bench.relay", "--loadgen", json.dumps(gen_cfg),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            ))
+        for g in gens:
+            assert g.stdout is not None
+            line = await asyncio.wait_for(g.stdout.readline(), 30)
+            if not line or not json.loads(line).get("ready"):
+                raise RuntimeError("load generator failed to connect")
+        stop = asyncio.Event()
+        ping_task = asyncio.create_task(_ping_loop("127.0.0.1", port, cfg.tls, stop))
+        await asyncio.sleep(0.1)  # pinger connected
+        pids = _relay_pids(relay.pid)
+        cpu0, t0 = _cpu_seconds(pids), time.monotonic()
+        for g in gens:
+            assert g.stdin is not None
+            g.stdin.write(b"go\n")
+            await g.stdin.drain()
+        await asyncio.sleep(args.duration)
+        cpu1, t1 = _cpu_seconds(pids), time.monotonic()
+        stop.set()
+        rtts = await ping_task
+        results = []
+        for g in gens:
+            assert g.stdout is not None
+            line = await asyncio.wait_for(g.stdout.readline(), 30 + DRAIN_MAX)
+            if not line:
+                raise RuntimeError("load generator died")
+            results.append(json.loads(line))
+            await g.wait()
+    finally:
+        for g in gens:
+            if g.returncode is None:
+                g.kill()
+                await g.wait()
+        if relay.returncode is None:
+            relay.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(relay.wait(), 15)
+            except TimeoutError:
+                relay.kill()
+                await relay.wait()
+    window = t1 - t0
+    sent = sum(r["sent"] for r in results)
+    received = sum(r["received"] for r in results)
+    bytes_in_window = sum(r["bytes_in_window"] for r in results)
+    latencies_ms = [ns / 1e6 for r in results for ns in r["latency_ns"]]
+    gb = bytes_in_window / 1e9
+    return {
+        "config": cfg.name, "workers": cfg.workers, "tls": cfg.tls, "paced": cfg.paced,
+        "window_s": window, "sent": sent, "received": received,
+        "received_in_window": sum(r["received_in_window"] for r in results),
+        "gaps": sum(r["gaps"] for r in results), "reordered": sum(r["reordered"] for r in results),
+        "bad": sum(r["bad"] for r in results),
+        "mbit_s": bytes_in_window * 8 / window / 1e6,
+        "kpps": sum(r["received_in_window"] for r in results) / window / 1e3,
+        "loss_pct": 100.0 * (1 - received / sent) if sent else float("nan"),
+        "ping_p50_ms": _percentile(rtts, 0.50), "ping_p99_ms": _percentile(rtts, 0.99), "pings": len(rtts),
+        "oneway_p50_ms": _percentile(latencies_ms, 0.50), "oneway_p99_ms": _percentile(latencies_ms, 0.99),
+        "relay_cpu_s": cpu1 - cpu0,
+        "cpu_s_per_gb": (cpu1 - cpu0) / gb if gb > 0 else float("nan"),
+    }
+
+
+METRICS = [
+    ("mbit_s", "Mbit/s", "{:.0f}"),
+    ("kpps", "kpkt/s", "{:.1f}"),
+    ("loss_pct", "loss %", "{:.2f}"),
+    ("ping_p50_ms", "ping p50 ms", "{:.2f}"),
+    ("ping_p99_ms", "ping p99 ms", "{:.1f}"),
+    ("oneway_p99_ms", "1-way p99 ms", "{:.1f}"),
+    ("cpu_s_per_gb", "CPU s/GB", "{:.1f}"),
+]
+
+
+def _table(configs: list[BenchConfig], runs: list[dict[str, Any]]) -> str:
+    header = ["config"] + [label for _, label, _ in METRICS]
+    rows = [header]
+    for cfg in configs:
+        mine = [r for r in runs if r["config"] == cfg.name]
+        row = [f"{cfg.name} (n={len(mine)})"]
+        for key, _, fmt in METRICS:
+            values = [r[key] for r in mine if r[key] == r[key]]  # drop NaN
+            row.append(summarize(values).format(fmt) if values else "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _chart(configs: list[BenchConfig], runs: list[dict[str, Any]], path: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no chart (pip install matplotlib)"
+    panels = [("mbit_s", "received Mbit/s"), ("ping_p99_ms", "ping p99 under load (ms)"),
+              ("cpu_s_per_gb", "relay CPU seconds per GB")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
+    names = [c.name for c in configs]
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        meds, errs_lo, errs_hi = [], [], []
+        for cfg in configs:
+            values = [r[key] for r in runs if r["config"] == cfg.name and r[key] == r[key]]
+            s = summarize(values) if values else None
+            meds.append(s.median if s else 0.0)
+            errs_lo.append(s.median - s.lo if s else 0.0)
+            errs_hi.append(s.hi - s.median if s else 0.0)
+        ax.bar(range(len(names)), meds, yerr=[errs_lo, errs_hi], capsize=4,
+               color=["#4c72b0" if "1w" in n else "#dd8452" for n in names])
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title)
+    fig.suptitle("turbowg DERP relay (median, 95% CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"chart written to {path}"
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    configs = [BenchConfig(w, tls, paced) for paced in (False, True) for tls in (False, True) for w in args.workers]
+    runs: list[dict[str, Any]] = []
+    total = len(configs) * args.runs
+    with tempfile.TemporaryDirectory(prefix="turbowg-bench-relay-") as tmpdir:
+        tmp = Path(tmpdir)
+        _make_tls_files(tmp, "localhost")
+        n = 0
+        for rep in range(args.runs):
+            for cfg in configs:  # interleaved: every configuration once per repetition
+                n += 1
+                print(f"[{n}/{total}] {cfg.name}, run {rep + 1}/{args.runs} ...", file=sys.stderr, flush=True)
+                try:
+                    result = await _one_run(cfg, args, tmp)
+                except (RuntimeError, OSError, TimeoutError, json.JSONDecodeError) as exc:
+                    print(f"    run failed: {exc}", file=sys.stderr, flush=True)
+                    continue
+                result["repetition"] = rep
+                runs.append(result)
+                print(f"    {result['mbit_s']:.0f} Mbit/s, loss {result['loss_pct']:.2f}%, "
+                      f"ping p99 {result['ping_p99_ms']:.1f} ms, {result['cpu_s_per_gb']:.1f} CPU s/GB",
+                      file=sys.stderr, flush=True)
+    meta = {
+        "command": " ".join(["turbowg", "bench", "relay"] + sys.argv[3:]) if len(sys.argv) > 2 else "",
+        "pairs": args.pairs, "size": args.size, "duration_s": args.duration, "runs": args.runs,
+        "paced_total_mbit": args.rate_mbit, "gen_procs": args.gen_procs, "cpus": os.cpu_count(),
+        "kernel": os.uname().release, "python": sys.version.split()[0],
+    }
+    print()
+    print(f"DERP relay benchmark: {args.pairs} sender->receiver pairs, {args.size}-byte packets, "
+          f"{args.duration:g} s per run, {args.runs} interleaved runs per configuration; paced = "
+          f"{args.rate_mbit:g} Mbit/s total. Median [95% CI].")
+    print(_table(configs, runs))
+    print(f"\nLoad generators ({args.gen_procs} processes) share the machine's {os.cpu_count()} CPUs with the "
+          "relay; CPU s/GB counts the relay processes only.")
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "runs": runs}, f, indent=1)
+    print(f"raw runs written to {args.json}")
+    if args.png:
+        print(_chart(configs, runs, args.png))
+    return 0 if runs else 1
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return value
+
+
+def _worker_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated worker counts, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("worker counts must be >= 1")
+    return values
+
+
+def run_relay_bench(args: argparse.Namespace) -> int:
+    if args.size < 16 or args.size > 65536:
+        print("turbowg bench relay: --size must be between 16 and 65536", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_bench(args))
+    except KeyboardInterrupt:
+        return 130
 
 
 def add_relay_bench(bench_subparsers: Any) -> None:
-    p = bench_subparsers.add_parser("relay", help="DERP relay throughput/latency benchmark")
-    p.set_defaults(func=_not_yet)
+    p = bench_subparsers.add_parser(
+        "relay", help="DERP relay: throughput, loss, latency under load, CPU per GB",
+        description="Benchmark the turbowg DERP relay on loopback with its own load generator.",
+    )
+    p.add_argument("--duration", type=_positive_float, default=5.0, help="seconds per run (default 5)")
+    p.add_argument("--runs", type=_positive_int, default=5, help="runs per configuration (default 5)")
+    p.add_argument("--pairs", type=_positive_int, default=4, help="sender->receiver client pairs (default 4)")
+    p.add_argument("--size", type=int, default=PACKET_SIZE, help=f"packet bytes (default {PACKET_SIZE})")
+    p.add_argument("--workers", type=_worker_list, default=[1, 2], help="relay worker counts (default 1,2)")
+    p.add_argument("--rate-mbit", type=_positive_float, default=200.0,
+                   help="total offered load of the paced runs in Mbit/s (default 200)")
+    p.add_argument("--gen-procs", type=_positive_int, default=2, help="load generator processes (default 2)")
+    p.add_argument("--json", default="bench-relay.json", help="raw runs (default bench-relay.json)")
+    p.add_argument("--png", default="bench-relay.png", help="bar chart (default bench-relay.png; '' for none)")
+    p.set_defaults(func=run_relay_bench)
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    print("turbowg bench relay: not available yet")
-    return 2
+def register(subparsers: Any) -> None:
+    """`turbowg bench relay` when a caller has a bench subparser group (same as add_relay_bench)."""
+    add_relay_bench(subparsers)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--loadgen":
+        sys.exit(_loadgen_entry(sys.argv[2]))
+    print("usage: turbowg bench relay [options]  (this module's own entry is for load generators)", file=sys.stderr)
+    sys.exit(2)
