@@ -58,6 +58,61 @@ HANDSHAKE_TIMEOUT = 10.0
 MAX_HTTP_HEADER = 16 << 10
 
 
+class MeshProtocolError(Exception):
+    """The peer relay did something a DERP server must not."""
+
+
+async def derp_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, private_key: bytes,
+    mesh_key: str = "", refuse_server_keys: Iterable[bytes | None] = (),
+) -> tuple[bytes, FrameDecoder, list[tuple[int, bytes]]]:
+    """HTTP upgrade + ServerKey/ClientInfo/ServerInfo on a fresh stream.
+
+    Returns (server key, the decoder to keep feeding, frames that arrived after ServerInfo). Used by
+    mesh links and by the relay benchmark's load generator, which both want the raw stream afterwards.
+    """
+    host_header = f"[{host}]" if ":" in host else host
+    writer.write(
+        (
+            f"GET /derp HTTP/1.1\r\nHost: {host_header}\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n"
+            "User-Agent: turbowg-mesh\r\n\r\n"
+        ).encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    if len(head) > MAX_HTTP_HEADER:
+        raise MeshProtocolError("HTTP response header too large")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    if " 101 " not in status_line + " ":
+        raise MeshProtocolError(f"relay refused the DERP upgrade: {status_line!r}")
+    decoder = FrameDecoder(lambda _t: MAX_PACKET_SIZE + 2 * KEY_LEN)
+    frames: list[tuple[int, bytes]] = []
+    while not frames:
+        data = await reader.read(1 << 16)
+        if not data:
+            raise EOFError("closed before ServerKey")
+        frames = decoder.feed(data)
+    ftype, payload = frames.pop(0)
+    if ftype != FrameType.SERVER_KEY:
+        raise MeshProtocolError(f"expected ServerKey, got frame 0x{ftype:02x}")
+    server_key = parse_server_key(payload)
+    if server_key in set(refuse_server_keys):
+        raise MeshProtocolError("mesh peer is this relay itself")
+    info = ClientInfo(mesh_key=mesh_key).to_json()
+    public = keys.public_key(private_key)
+    writer.write(encode_client_info(public, keys.seal_to(private_key, server_key, info)))
+    while not frames:
+        data = await reader.read(1 << 16)
+        if not data:
+            raise EOFError("relay closed the connection after ClientInfo (wrong mesh key?)")
+        frames = decoder.feed(data)
+    ftype, payload = frames.pop(0)
+    if ftype != FrameType.SERVER_INFO:
+        raise MeshProtocolError(f"expected ServerInfo, got frame 0x{ftype:02x}")
+    if keys.open_from(private_key, server_key, payload) is None:
+        raise MeshProtocolError("ServerInfo does not open with the relay's key")
+    return server_key, decoder, frames
+
+
 class MeshConfigError(ValueError):
     """A --mesh-with entry that cannot be used."""
 
@@ -229,46 +284,11 @@ class MeshPeer:
             writer.close()
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> FrameDecoder:
-        addr = self.address
-        host = f"[{addr.host}]" if ":" in addr.host else addr.host
-        writer.write(
-            (
-                f"GET /derp HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n"
-                "User-Agent: turbowg-mesh\r\n\r\n"
-            ).encode()
+        server_key, decoder, frames = await derp_handshake(
+            reader, writer, self.address.host, self._private_key, self._mesh_key,
+            refuse_server_keys=(self.public_key, getattr(self.server, "public_key", None)),
         )
-        head = await reader.readuntil(b"\r\n\r\n")
-        if len(head) > MAX_HTTP_HEADER:
-            raise MeshProtocolError("HTTP response header too large")
-        status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        if " 101 " not in status_line + " ":
-            raise MeshProtocolError(f"peer relay refused the DERP upgrade: {status_line!r}")
-        decoder = FrameDecoder(lambda _t: MAX_PACKET_SIZE + 2 * KEY_LEN)
-        frames: list[tuple[int, bytes]] = []
-        while not frames:
-            data = await reader.read(1 << 16)
-            if not data:
-                raise EOFError("closed before ServerKey")
-            frames = decoder.feed(data)
-        ftype, payload = frames.pop(0)
-        if ftype != FrameType.SERVER_KEY:
-            raise MeshProtocolError(f"expected ServerKey, got frame 0x{ftype:02x}")
-        server_key = parse_server_key(payload)
-        if server_key == self.public_key or server_key == getattr(self.server, "public_key", None):
-            raise MeshProtocolError("mesh peer is this relay itself")
         self.remote_server_key = server_key
-        info = ClientInfo(mesh_key=self._mesh_key).to_json()
-        writer.write(encode_client_info(self.public_key, keys.seal_to(self._private_key, server_key, info)))
-        while not frames:
-            data = await reader.read(1 << 16)
-            if not data:
-                raise EOFError("peer relay closed the connection after ClientInfo (wrong mesh key?)")
-            frames = decoder.feed(data)
-        ftype, payload = frames.pop(0)
-        if ftype != FrameType.SERVER_INFO:
-            raise MeshProtocolError(f"expected ServerInfo, got frame 0x{ftype:02x}")
-        if keys.open_from(self._private_key, server_key, payload) is None:
-            raise MeshProtocolError("ServerInfo does not open with the relay's key")
         writer.write(WATCH_CONNS_FRAME)
         for ftype, payload in frames:  # anything that came in the same read
             self._on_frame(ftype, payload)
@@ -292,8 +312,6 @@ class MeshPeer:
         # RecvPacket, KeepAlive, Health, ...: nothing for a mesh link to do.
 
 
-class MeshProtocolError(Exception):
-    """The peer relay did something a DERP server must not."""
 
 
 @dataclass
