@@ -162,6 +162,9 @@ def test_summary_ratio_and_table() -> None:
     assert by_path["turbowg"].n_failed == 1
     table = tunnel.format_table(rows)
     assert "2.00 [1.80, 2.20]" in table and "3 (1 failed)" in table
+    assert "probability 75%, not 95%" in table  # 3 runs: [min, max] covers 1 - 2/8
+    many = [tunnel.RunResult("wireguard-go", "tcp1", i, True, gbps=1.0 + i / 10) for i in range(6)]
+    assert "note:" not in tunnel.format_table(tunnel.summarize_runs(many, ["wireguard-go"], ["tcp1"]))
 
 
 def test_bad_choices_are_clear_errors() -> None:

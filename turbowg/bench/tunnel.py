@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from turbowg.bench.stats import median_ci
+from turbowg.bench.stats import median_ci, median_ci_with_coverage
 from turbowg.bench.topology import (
     UNDERLAY,
     NetPath,
@@ -260,6 +260,7 @@ class Row:
     ratio_to_baseline: float | None
     cpu_seconds_per_gb: float | None
     loss_percent: float | None
+    coverage: float | None = None  # what [lo, hi] really covers: below 0.95 when there are fewer than 6 runs
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -273,13 +274,13 @@ def summarize_runs(runs: Sequence[RunResult], paths: Sequence[str], tests: Seque
         for path in paths:
             ok = [r for r in runs if r.path == path and r.test == test and r.ok]
             failed = sum(1 for r in runs if r.path == path and r.test == test and not r.ok)
-            med = lo = hi = None
+            med = lo = hi = coverage = None
             if ok:
-                med, lo, hi = median_ci([r.gbps for r in ok])
+                med, lo, hi, coverage = median_ci_with_coverage([r.gbps for r in ok])
             medians[path] = med
             rows.append(Row(path, test, len(ok), failed, med, lo, hi, None,
                             _median([r.cpu_seconds_per_gb for r in ok if r.cpu_seconds_per_gb is not None]),
-                            _median([r.loss_percent for r in ok if r.loss_percent is not None])))
+                            _median([r.loss_percent for r in ok if r.loss_percent is not None]), coverage))
         base = medians.get(BASELINE)
         for row in rows:
             if row.test == test and base and row.median_gbps is not None:
@@ -305,6 +306,10 @@ def format_table(rows: Sequence[Row]) -> str:
         out.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
         if index == 0:
             out.append("  ".join("-" * width for width in widths))
+    short = [r.coverage for r in rows if r.coverage is not None and r.coverage < 0.95]
+    if short:
+        out.append(f"note: with fewer than 6 runs the interval is [min, max]; it covers the median with "
+                   f"probability {min(short):.0%}, not 95% (use --runs 6 or more)")
     return "\n".join(out)
 
 
