@@ -557,3 +557,20 @@ def test_random_frames_never_crash_the_server(frames: list[tuple[int, bytes]], t
         assert victim.key not in s.clients and victim.conn not in s.conns
 
     run(main())
+
+
+def test_order_kept_across_congestion_and_resume() -> None:
+    async def main() -> None:
+        s = DerpServer(keys.generate_private_key(), keepalive_interval=0, write_timeout=0)
+        a, b = Peer(s, 1), Peer(s, 2)
+        b.conn.enqueue_packet(a.key, b"framed before the pause")  # sits in this turn's output buffer
+        b.conn.pause_writing()
+        for i in range(3):
+            b.conn.enqueue_packet(a.key, b"held %d" % i)
+        s.flush_dirty()
+        assert b.t.writes == []  # nothing written while congested
+        b.conn.resume_writing()
+        assert [p for _, p in b.packets()] == [b"framed before the pause", b"held 0", b"held 1", b"held 2"]
+        assert s.metrics.packets_sent == 4
+
+    run(main())
