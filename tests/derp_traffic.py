@@ -29,7 +29,6 @@ async def exchange(sender: DerpClient, receiver: DerpClient, count: int, *, wind
     """Send `count` packets sender -> receiver; raise AssertionError on any loss, reordering or alteration."""
     acked = 0
     ack_event = asyncio.Event()
-    done = asyncio.Event()
     ack_every = max(1, window // 4)
 
     async def receive() -> None:
@@ -44,17 +43,14 @@ async def exchange(sender: DerpClient, receiver: DerpClient, count: int, *, wind
                 expected += 1
                 if expected % ack_every == 0 or expected == count:
                     receiver.send(sender.public_key, _ACK + expected.to_bytes(8, "big"))
-        done.set()
 
     async def read_acks() -> None:
         nonlocal acked
-        while not done.is_set():
+        while acked < count:
             for msg in await sender.recv_many():
                 if isinstance(msg, ReceivedPacket) and msg.source == receiver.public_key and msg.data[:4] == _ACK:
                     acked = max(acked, int.from_bytes(msg.data[4:12], "big"))
                     ack_event.set()
-                    if acked == count:
-                        return
 
     async def send() -> None:
         seq = 0

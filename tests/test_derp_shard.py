@@ -59,17 +59,25 @@ def _free_port() -> int:
 
 
 @contextmanager
-def sharded_relay(workers: int) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+def sharded_relay(workers: int, via_cli: bool = False) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WORKER_SCRIPT, str(port), str(workers)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    if via_cli:
+        cmd = [sys.executable, "-m", "turbowg", "relay", "--dev", "-a", f"127.0.0.1:{port}", "--stun", "false",
+               "--workers", str(workers)]
+    else:
+        cmd = [sys.executable, "-c", WORKER_SCRIPT, str(port), str(workers)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout is not None
-        ready = 0
         deadline = time.monotonic() + 20
-        while ready < workers:
+        if via_cli:  # the CLI prints nothing on stdout; wait until every worker process exists and listens
+            while len(_worker_pids(proc.pid)) < workers or not _accepts(port):
+                assert proc.poll() is None, f"relay exited early: {proc.stdout.read()}"
+                assert time.monotonic() < deadline, "relay did not start"
+                time.sleep(0.05)
+            time.sleep(0.3)
+        ready = 0
+        while ready < workers and not via_cli:
             line = proc.stdout.readline()
             assert line, f"relay exited early (code {proc.poll()})"
             ready += "ready" in line
@@ -83,6 +91,14 @@ def sharded_relay(workers: int) -> Iterator[tuple[int, subprocess.Popen[str]]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 def _worker_pids(parent: int) -> list[int]:
@@ -106,6 +122,28 @@ def _shard_of_connections(relay_port: int) -> dict[int, int]:
     return owners
 
 
+async def _clients_on_each_shard(port: int, workers: list[int], per_shard: int,
+                                 clients: list[DerpClient]) -> dict[int, list[DerpClient]]:
+    """Connect clients until every worker holds `per_shard` (SO_REUSEPORT hashes the 4-tuple)."""
+    by_shard: dict[int, list[DerpClient]] = {pid: [] for pid in workers}
+    for _ in range(64):
+        c = DerpClient()
+        await c.connect(host="127.0.0.1", port=port, tls=False)
+        clients.append(c)
+        local_port = c._protocol.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
+        owner = None
+        for _ in range(50):
+            owner = _shard_of_connections(port).get(local_port)
+            if owner is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert owner in by_shard, f"connection owned by unexpected pid {owner}"
+        by_shard[owner].append(c)
+        if all(len(v) >= per_shard for v in by_shard.values()):
+            return by_shard
+    raise AssertionError(f"64 connections did not reach every shard: {[len(v) for v in by_shard.values()]}")
+
+
 def test_two_shards_forward_100k_packets_between_clients_on_different_shards() -> None:
     with sharded_relay(2) as (port, proc):
         workers = _worker_pids(proc.pid)
@@ -113,23 +151,8 @@ def test_two_shards_forward_100k_packets_between_clients_on_different_shards() -
 
         async def scenario() -> None:
             clients: list[DerpClient] = []
-            by_shard: dict[int, list[DerpClient]] = {pid: [] for pid in workers}
             try:
-                # SO_REUSEPORT spreads connections by hash of the 4-tuple; connect until both shards hold one.
-                for _ in range(64):
-                    c = DerpClient()
-                    await c.connect(host="127.0.0.1", port=port, tls=False)
-                    clients.append(c)
-                    local_port = c._protocol.transport.get_extra_info("sockname")[1]  # type: ignore[union-attr]
-                    for _ in range(50):
-                        owner = _shard_of_connections(port).get(local_port)
-                        if owner is not None:
-                            break
-                        await asyncio.sleep(0.02)
-                    assert owner in by_shard, f"connection owned by unexpected pid {owner}"
-                    by_shard[owner].append(c)
-                    if all(len(v) >= 2 for v in by_shard.values()):
-                        break
+                by_shard = await _clients_on_each_shard(port, workers, 2, clients)
                 (a, a2), (b, b2) = (by_shard[workers[0]][:2], by_shard[workers[1]][:2])
                 # Announcements are asynchronous: wait until each side's key is usable from the other shard.
                 await asyncio.sleep(0.2)
@@ -161,3 +184,30 @@ def test_parent_stops_when_a_shard_dies() -> None:
         os.kill(workers[0], signal.SIGKILL)
         assert proc.wait(20) == 1
         assert not os.path.exists(f"/proc/{workers[1]}")
+
+
+def test_cli_relay_with_two_workers_carries_packets_across_shards() -> None:
+    with sharded_relay(2, via_cli=True) as (port, proc):
+        workers = _worker_pids(proc.pid)
+        assert len(workers) == 2
+
+        async def scenario() -> None:
+            clients: list[DerpClient] = []
+            try:
+                by_shard = await _clients_on_each_shard(port, workers, 4, clients)
+                first, second = by_shard[workers[0]][:4], by_shard[workers[1]][:4]
+                await asyncio.sleep(0.2)
+                # four cross-shard pairs at once, half in each direction
+                await asyncio.gather(
+                    exchange(first[0], second[0], 100_000), exchange(second[1], first[1], 25_000),
+                    exchange(first[2], second[2], 25_000), exchange(second[3], first[3], 25_000),
+                )
+            finally:
+                for c in clients:
+                    await c.close()
+
+        asyncio.run(scenario())
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)
+        assert proc.returncode == 0, out
+        assert "Traceback" not in out, out

@@ -71,6 +71,10 @@ class ShardCounters:
 class ShardPeer(asyncio.Protocol):
     """This shard's view of one other shard: the channel to it, and the forwarder for its keys."""
 
+    # Marks a forwarder that reaches another shard of this same relay (not another relay), so the
+    # server may treat its keys as local: list them to mesh watchers and pass mesh-forwarded packets on.
+    same_relay = True
+
     def __init__(self, server: DerpServer, peer_index: int, max_backlog: int = DEFAULT_MAX_BACKLOG) -> None:
         self.server = server
         self.peer_index = peer_index
