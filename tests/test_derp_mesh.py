@@ -148,3 +148,21 @@ def test_peer_address_parsing(text: str, expected: PeerAddress) -> None:
 def test_bad_peer_addresses_are_clear_errors(text: str) -> None:
     with pytest.raises(MeshConfigError):
         PeerAddress.parse(text, default_tls=True)
+
+
+def test_region_list_entry_that_is_this_relay_is_dropped() -> None:
+    async def scenario() -> None:
+        relay = DerpServer(keys.generate_private_key(), mesh_key=MESH_KEY)
+        listener, port = await _listen(relay)
+        # Listed under a name that differs from self_name: only the key in ServerKey reveals it is us.
+        mesh = await start_mesh(relay, MESH_KEY, [f"127.0.0.1:{port}"], "relay.example", tls=False)
+        try:
+            await _until(lambda: mesh.peers[0].self_connect, 10, "self-connect detection")
+            assert mesh.peers[0]._task is not None and mesh.peers[0]._task.done()
+            assert not list(relay.forwarder_keys())
+        finally:
+            await mesh.close()
+            relay.close()
+            listener.close()
+
+    asyncio.run(scenario())

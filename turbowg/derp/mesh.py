@@ -62,6 +62,10 @@ class MeshProtocolError(Exception):
     """The peer relay did something a DERP server must not."""
 
 
+class SelfConnectError(MeshProtocolError):
+    """The "peer" answered with this relay's own key: the region list includes us under another name."""
+
+
 async def derp_handshake(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, private_key: bytes,
     mesh_key: str = "", refuse_server_keys: Iterable[bytes | None] = (),
@@ -96,7 +100,7 @@ async def derp_handshake(
         raise MeshProtocolError(f"expected ServerKey, got frame 0x{ftype:02x}")
     server_key = parse_server_key(payload)
     if server_key in set(refuse_server_keys):
-        raise MeshProtocolError("mesh peer is this relay itself")
+        raise SelfConnectError("mesh peer is this relay itself")
     info = ClientInfo(mesh_key=mesh_key).to_json()
     public = keys.public_key(private_key)
     writer.write(encode_client_info(public, keys.seal_to(private_key, server_key, info)))
@@ -175,6 +179,7 @@ class MeshPeer:
         self._ssl = ssl_context
         self.counters = MeshCounters()
         self.remote_server_key: bytes | None = None
+        self.self_connect = False
         self.registered: set[bytes] = set()
         self.connected = asyncio.Event()
         self._loop = asyncio.get_running_loop()
@@ -241,6 +246,12 @@ class MeshPeer:
                 backoff = BACKOFF_MIN  # the connection was established; start over quickly
             except asyncio.CancelledError:
                 raise
+            except SelfConnectError:
+                # As derper: every relay gets the whole region list; the entry that is us is dropped.
+                log.info("mesh %s is this relay itself; not meshing with it", self.address.name)
+                self.self_connect = True
+                self._clear()
+                return
             except (OSError, EOFError, FrameError, ssl.SSLError, TimeoutError, MeshProtocolError) as exc:
                 self.counters.connect_failures += 1
                 log.warning("mesh %s: %s; retrying in %.1f s", self.address.name, exc or type(exc).__name__, backoff)
