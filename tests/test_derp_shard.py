@@ -211,3 +211,37 @@ def test_cli_relay_with_two_workers_carries_packets_across_shards() -> None:
         out, _ = proc.communicate(timeout=15)
         assert proc.returncode == 0, out
         assert "Traceback" not in out, out
+
+
+def test_channel_congestion_pauses_and_resumes_client_reads() -> None:
+    """A batch over the high-water mark pauses this shard's client reads at once; draining resumes them."""
+    from turbowg.derp import keys, shard
+    from turbowg.derp.server import DerpServer
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        server = DerpServer(keys.generate_private_key())
+        events: list[bool] = []
+        peer = shard.ShardPeer(server, 1, on_congestion=lambda _p, congested: events.append(congested))
+        transport, _ = await loop.connect_accepted_socket(lambda: peer, ours)
+        peer._transport = transport  # type: ignore[assignment]
+        packet = bytes(1400)
+        sent = 0
+        while sent * 1500 < shard.CHANNEL_HIGH + (1 << 20):  # one loop turn, more than the high-water mark
+            assert peer.forward_packet(b"s" * 32, b"d" * 32, packet)
+            sent += 1
+        assert events == [True]  # signalled inside the turn, before any flush
+        received = 0
+        async with asyncio.timeout(10):
+            while received < sent * (shard._REC_HEADER_LEN + 64 + 1400) or events[-1]:
+                try:
+                    received += len(await loop.sock_recv(theirs, 1 << 20))
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+        assert events[-1] is False and peer.counters.dropped_backlog == 0
+        transport.close()
+        theirs.close()
+
+    asyncio.run(scenario())

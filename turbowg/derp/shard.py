@@ -52,6 +52,12 @@ MAX_RECORD = 1 << 20  # DERP packets are at most 64 KiB; anything larger means a
 # Above this many bytes not yet taken by the kernel/peer shard, forwarded packets are dropped (like a
 # full client send queue) instead of buffering without bound.
 DEFAULT_MAX_BACKLOG = 8 << 20
+# Flow control between shards: when the channel to a sibling holds more than CHANNEL_HIGH unsent
+# bytes, this shard stops reading from its clients until it drains below CHANNEL_LOW. Without it a
+# shard that reads its senders faster than the sibling can deliver would only fill the backlog and
+# drop; with it the senders feel TCP backpressure, as they do when one event loop does everything.
+CHANNEL_HIGH = 2 << 20
+CHANNEL_LOW = 512 << 10
 STOP_GRACE_SECONDS = 10.0
 
 WorkerMain = Callable[["ShardContext"], Coroutine[Any, Any, None]]
@@ -71,12 +77,16 @@ class ShardCounters:
 class ShardPeer(asyncio.Protocol):
     """This shard's view of one other shard: the channel to it, and the forwarder for its keys."""
 
-    # Marks a forwarder that reaches another shard of this same relay (not another relay), so the
-    # server may treat its keys as local: list them to mesh watchers and pass mesh-forwarded packets on.
-    same_relay = True
+    # Marks a forwarder that reaches a sibling shard of this same relay (not another relay): the server
+    # may pass a mesh-forwarded packet on to it, since the sibling only ever delivers locally.
+    intra_server = True
 
-    def __init__(self, server: DerpServer, peer_index: int, max_backlog: int = DEFAULT_MAX_BACKLOG) -> None:
+    def __init__(
+        self, server: DerpServer, peer_index: int, max_backlog: int = DEFAULT_MAX_BACKLOG,
+        on_congestion: Callable[[ShardPeer, bool], None] | None = None,
+    ) -> None:
         self.server = server
+        self.on_congestion = on_congestion
         self.peer_index = peer_index
         self.max_backlog = max_backlog
         self.counters = ShardCounters()
@@ -87,6 +97,11 @@ class ShardPeer(asyncio.Protocol):
         self._out = bytearray()
         self._flush_scheduled = False
         self._rx = b""
+        # Congested = the transport says its buffer is over high water, or this turn's batch already is
+        # (uvloop reads up to MBs per connection per turn, so waiting for the flush would be too late).
+        self._transport_paused = False
+        self._batch_full = False
+        self._congested = False
 
     # -- sending side (called from the DerpServer's forwarding path) --------------------------------
 
@@ -104,6 +119,9 @@ class ShardPeer(asyncio.Protocol):
         out += dst
         out += packet
         self.counters.packets_out += 1
+        if not self._batch_full and len(out) > CHANNEL_HIGH:
+            self._batch_full = True
+            self._update_congestion()
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
@@ -128,12 +146,31 @@ class ShardPeer(asyncio.Protocol):
         self.counters.bytes_out += len(batch)
         self.counters.batches_out += 1
         self._transport.write(batch)
+        if self._batch_full:
+            self._batch_full = False
+            self._update_congestion()
+
+    def _update_congestion(self) -> None:
+        congested = self._transport_paused or self._batch_full
+        if congested != self._congested:
+            self._congested = congested
+            if self.on_congestion is not None:
+                self.on_congestion(self, congested)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's Unix transport does not subclass asyncio.Transport, hence a cast, not an isinstance check.
         self._transport = cast(asyncio.Transport, transport)
+        self._transport.set_write_buffer_limits(high=CHANNEL_HIGH, low=CHANNEL_LOW)
+
+    def pause_writing(self) -> None:
+        self._transport_paused = True
+        self._update_congestion()
+
+    def resume_writing(self) -> None:
+        self._transport_paused = False
+        self._update_congestion()
 
     def data_received(self, data: bytes) -> None:
         if self._rx:
@@ -179,6 +216,8 @@ class ShardPeer(asyncio.Protocol):
             self.server.unregister_forwarder(key, self)
         self.remote_keys.clear()
         self._transport = None
+        self._transport_paused = self._batch_full = False
+        self._update_congestion()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -216,8 +255,28 @@ class ShardContext:
         """Wire this shard's DerpServer to the other shards (call once, inside the worker's loop)."""
         loop = asyncio.get_running_loop()
         peers: dict[int, ShardPeer] = {}
+        congested: set[int] = set()
+        paused: list[asyncio.BaseTransport] = []
+
+        def on_congestion(peer: ShardPeer, is_congested: bool) -> None:
+            if is_congested:
+                if not congested:  # first congested channel: stop reading from every client of this shard
+                    for conn in list(server.conns):
+                        t = conn.transport
+                        if t is not None and not t.is_closing():
+                            t.pause_reading()
+                            paused.append(t)
+                congested.add(peer.peer_index)
+            elif peer.peer_index in congested:
+                congested.discard(peer.peer_index)
+                if not congested:
+                    for t in paused:
+                        if not t.is_closing():
+                            t.resume_reading()
+                    paused.clear()
+
         for peer_index, sock in sorted(self.channels.items()):
-            peer = ShardPeer(server, peer_index)
+            peer = ShardPeer(server, peer_index, on_congestion=on_congestion)
             transport, _ = await loop.connect_accepted_socket(lambda p=peer: p, sock)
             peer._transport = cast(asyncio.Transport, transport)
             peers[peer_index] = peer
