@@ -544,6 +544,28 @@ def test_mesh_forward_reaches_sibling_shard_but_never_another_relay() -> None:
     run(main())
 
 
+def test_mesh_watchers_see_keys_held_by_sibling_shards() -> None:
+    # With --workers 2, a mesh peer's WatchConns lands on one shard; it must still learn every key of the relay.
+    async def main() -> None:
+        s = DerpServer(keys.generate_private_key(), mesh_key=MESH_KEY, keepalive_interval=0)
+        early, late, remote = bytes(range(32)), bytes(range(2, 34)), bytes(range(3, 35))
+        sibling = SiblingShard()
+        s.register_forwarder(early, sibling)
+        s.register_forwarder(remote, RecordingForwarder())  # another relay's key: not ours to announce
+        watcher = Peer(s, 3, mesh_key=MESH_KEY)
+        watcher.feed(codec.WATCH_CONNS_FRAME)
+        announced = [m.peer for m in watcher.received() if isinstance(m, codec.PeerPresent)]
+        assert announced == [watcher.key, early]  # its own connection, then the sibling's key
+        s.register_forwarder(late, sibling)
+        await asyncio.sleep(0)
+        assert [m.peer for m in watcher.received() if isinstance(m, codec.PeerPresent)] == [late]
+        s.unregister_forwarder(late, sibling)
+        await asyncio.sleep(0)
+        assert watcher.received() == [codec.PeerGone(late, 0)]
+
+    run(main())
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 0x20), st.binary(max_size=80)), max_size=30), st.binary(max_size=64))
 def test_random_frames_never_crash_the_server(frames: list[tuple[int, bytes]], tail: bytes) -> None:

@@ -479,12 +479,18 @@ class DerpServer:
         lst = self._forwarders.setdefault(key, [])
         if not any(f is fwd for f in lst):
             lst.append(fwd)
+            # A key on a sibling shard is part of this relay: mesh watchers must hear of it too.
+            if getattr(fwd, "intra_server", False) and key not in self.clients and self._sibling_count(key) == 1:
+                self._broadcast_frame(encode_peer_present(key))
 
     def unregister_forwarder(self, key: bytes, fwd: PacketForwarder) -> None:
         lst = self._forwarders.get(key)
         if not lst:
             return
+        was_sibling = self._sibling_count(key) > 0
         lst[:] = [f for f in lst if f is not fwd]
+        if was_sibling and self._sibling_count(key) == 0 and key not in self.clients:
+            self._broadcast_frame(encode_peer_gone(key, PeerGoneReason.DISCONNECTED))
         if not lst:
             del self._forwarders[key]
             if key not in self.clients:
@@ -677,7 +683,18 @@ class DerpServer:
             return  # a mesh peer that is us
         for key, c in self.clients.items():
             conn.push_control(encode_peer_present(key, c.remote_ip, c.remote_port, c.present_flags()))
+        for key in self._forwarders:
+            if key not in self.clients and self._sibling_count(key):
+                conn.push_control(encode_peer_present(key))
         self.watchers.add(conn)
+
+    def _sibling_count(self, key: bytes) -> int:
+        """How many forwarders for `key` lead to another shard of this relay (not another relay)."""
+        return sum(1 for f in self._forwarders.get(key, ()) if getattr(f, "intra_server", False))
+
+    def _broadcast_frame(self, frame: bytes) -> None:
+        for w in self.watchers:
+            w.push_control(frame)
 
     def _broadcast_presence(self, key: bytes, conn: ClientConn, present: bool) -> None:
         if not self.watchers:
