@@ -41,7 +41,7 @@ class Group:
     __slots__ = ("packets", "kind", "t", "hlen", "gso_size", "total", "next_seq", "sig", "psh")
 
     def __init__(self, packet, kind: int = GSO_NONE, t: int = 0, hlen: int = 0, gso_size: int = 0,
-                 next_seq: int = 0, sig: bytes = b"", psh: bool = False) -> None:
+                 next_seq: int = 0, sig: object = None, psh: bool = False) -> None:
         self.packets = [packet]
         self.kind = kind
         self.t = t
@@ -55,7 +55,9 @@ class Group:
 
 def coalesce(packets: list, *, tcp: bool = True, udp: bool = True) -> list[Group]:
     groups: list[Group] = []
-    open_groups: dict[bytes, Group] = {}
+    # Open groups per protocol, keyed by addresses + ports (one slice: the cheapest hashable flow key).
+    open_tcp: dict[bytes, Group] = {}
+    open_udp: dict[bytes, Group] = {}
     append = groups.append
     for pkt in packets:
         n = len(pkt)
@@ -71,11 +73,15 @@ def coalesce(packets: list, *, tcp: bool = True, udp: bool = True) -> list[Group
             if proto != IPPROTO_TCP and proto != IPPROTO_UDP or n < t + 8 or t < 20:
                 append(Group(pkt))
                 continue
-            key = bytes(pkt[9:10]) + bytes(pkt[12:20]) + bytes(pkt[t:t + 4])
-            if (t != 20 or _unpack_from("!H", pkt, 2)[0] != n or pkt[6] & 0x3F or pkt[7]):
-                joinable = False  # options, fragments or length mismatch
+            if t == 20:
+                key = bytes(pkt[12:24])
+                if _unpack_from("!H", pkt, 2)[0] != n or pkt[6] & 0x3F or pkt[7]:
+                    joinable = False  # fragments or length mismatch
+                else:
+                    ipsig = pkt[1] << 8 | pkt[8]  # TOS, TTL
             else:
-                ipsig = bytes(pkt[1:2]) + bytes(pkt[8:9])  # TOS, TTL
+                key = bytes(pkt[12:20]) + bytes(pkt[t:t + 4])
+                joinable = False  # IPv4 options
             kind = GSO_TCPV4 if proto == IPPROTO_TCP else GSO_UDP_L4
         elif version == 6:
             t = 40
@@ -83,17 +89,18 @@ def coalesce(packets: list, *, tcp: bool = True, udp: bool = True) -> list[Group
             if proto != IPPROTO_TCP and proto != IPPROTO_UDP or n < 48:
                 append(Group(pkt))
                 continue
-            key = bytes(pkt[6:7]) + bytes(pkt[8:44])
+            key = bytes(pkt[8:44])
             if _unpack_from("!H", pkt, 4)[0] != n - 40:
                 joinable = False
             else:
-                ipsig = bytes(pkt[0:4]) + bytes(pkt[7:8])  # traffic class, flow label, hop limit
+                ipsig = _unpack_from("!I", pkt, 0)[0] << 8 | pkt[7]  # traffic class, flow label, hop limit
             kind = GSO_TCPV6 if proto == IPPROTO_TCP else GSO_UDP_L4
         else:
             append(Group(pkt))
             continue
 
         if proto == IPPROTO_TCP:
+            open_groups = open_tcp
             if joinable and tcp and n >= t + 20:
                 hlen = t + (pkt[t + 12] >> 4) * 4
                 flags = pkt[t + 13]
@@ -103,7 +110,7 @@ def coalesce(packets: list, *, tcp: bool = True, udp: bool = True) -> list[Group
                 joinable = False
             if joinable:
                 seq = _unpack_from("!I", pkt, t + 4)[0]
-                sig = ipsig + bytes(pkt[t + 8:t + 13]) + bytes(pkt[t + 14:t + 16]) + bytes(pkt[t + 18:hlen])
+                sig = (ipsig, bytes(pkt[t + 8:t + 13]) + bytes(pkt[t + 14:t + 16]) + bytes(pkt[t + 18:hlen]))
                 psh = flags == TCP_ACK | TCP_PSH
                 g = open_groups.get(key)
                 if g is not None:
@@ -123,6 +130,7 @@ def coalesce(packets: list, *, tcp: bool = True, udp: bool = True) -> list[Group
                     open_groups[key] = g
                 continue
         else:
+            open_groups = open_udp
             if joinable and udp and _unpack_from("!H", pkt, t + 4)[0] == n - t and n > t + 8:
                 plen = n - t - 8
                 g = open_groups.get(key)
