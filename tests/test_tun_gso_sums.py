@@ -27,3 +27,22 @@ def test_vectorised_and_plain_sums_agree(monkeypatch: pytest.MonkeyPatch, v6: bo
         assert all(transport_checksum_ok(s) for s in segs)
         results.append([bytes(s) for s in segs])
     assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("udp", [False, True])
+@pytest.mark.parametrize("total", [0, 1, 2, 1391, 1392, 9001])
+def test_finish_checksum_vectorised_and_plain_agree(monkeypatch: pytest.MonkeyPatch, v6: bool, udp: bool,
+                                                    total: int) -> None:
+    payload = make_payload(total, total + 1)
+    pkt = udp_packet(v6, payload, partial=True) if udp else tcp_packet(v6, payload, seq=1, flags=0x18,
+                                                                       options=b"", partial=True)
+    t = 40 if v6 else 20
+    offset = 6 if udp else 16
+    results = []
+    for numpy_module in (gso._np, None):
+        monkeypatch.setattr(gso, "_np", numpy_module)
+        done = gso.finish_checksum(memoryview(pkt), t, offset)
+        assert transport_checksum_ok(done)
+        results.append(bytes(done))
+    assert results[0] == results[1]

@@ -24,6 +24,8 @@ from .vnet import GSO_ECN, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4
 
 try:  # optional: sums every segment's payload in one vectorised pass (about 7x faster than one int per segment)
     import numpy as _np
+
+    _np_add_reduce = _np.add.reduce
 except ImportError:  # pragma: no cover - numpy is optional at run time
     _np = None
 
@@ -178,9 +180,19 @@ def finish_checksum(packet: bytes | bytearray | memoryview, csum_start: int, csu
     if at + 2 > n or csum_start >= n:
         raise MalformedPacket("checksum offsets beyond the packet")
     seg = bytearray(packet)
-    l4 = memoryview(seg)[csum_start:]
-    csum = checksum(l4)
-    l4.release()
+    if _np is not None:
+        # One C reduction instead of a big-int conversion (~2 us instead of ~5.7 us for 1400 bytes).
+        words = (n - csum_start) // 2
+        le_sum = int(_np_add_reduce(_np.frombuffer(seg, dtype="<u2", count=words, offset=csum_start),
+                                    dtype=_np.uint64))
+        total = le_sum << 8  # byte-swapped 16-bit sums differ by a factor 256 (mod 0xFFFF)
+        if (n - csum_start) & 1:
+            total += seg[n - 1] << 8  # odd tail: high byte of a zero-padded big-endian word
+        csum = ~_fold(total) & 0xFFFF
+    else:
+        l4 = memoryview(seg)[csum_start:]
+        csum = checksum(l4)
+        l4.release()
     if csum == 0 and csum_offset == 6:
         csum = 0xFFFF  # UDP transmits a zero checksum as all ones
     _pack_into("!H", seg, at, csum)
