@@ -60,6 +60,70 @@ def _free_port() -> int:
 
 @contextmanager
 def sharded_relay(workers: int, via_cli: bool = False) -> Iterator[tuple[int, subprocess.Popen[str]]]:
+    # Start-up is bounded: on a loaded machine a worker has been seen not to report ready (open question,
+    # see the issue notes); one fresh start is tried before the test fails, never an endless wait.
+    for attempt in range(2):
+        try:
+            cm = _sharded_relay_once(workers, via_cli)
+            started = cm.__enter__()
+        except _NotReady:
+            if attempt == 1:
+                raise AssertionError("sharded relay did not start twice in a row") from None
+            continue
+        try:
+            yield started
+        except BaseException:
+            if not cm.__exit__(*sys.exc_info()):
+                raise
+        else:
+            cm.__exit__(None, None, None)
+        return
+
+
+class _NotReady(Exception):
+    pass
+
+
+def _readline_until(proc: subprocess.Popen[str], deadline: float) -> str:
+    """proc.stdout.readline(), but giving up at `deadline` (a reader thread feeds a queue)."""
+    import queue
+    import threading
+
+    lines = getattr(proc, "_lines", None)
+    if lines is None:
+        lines = queue.Queue()
+        proc._lines = lines  # type: ignore[attr-defined]
+        assert proc.stdout is not None
+        stream = proc.stdout
+
+        def pump() -> None:
+            for line in iter(stream.readline, ""):
+                lines.put(line)
+            lines.put("")
+
+        threading.Thread(target=pump, daemon=True).start()
+    try:
+        return lines.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        raise _NotReady from None
+
+
+def _rest_of_output(proc: subprocess.Popen[str], timeout: float) -> str:
+    """Wait for the relay to exit and return what it printed after start-up."""
+    proc.wait(timeout)
+    lines = getattr(proc, "_lines", None)
+    if lines is None:
+        out, _ = proc.communicate(timeout=timeout)
+        return out
+    out = []
+    deadline = time.monotonic() + timeout
+    while (line := _readline_until(proc, deadline)) != "":
+        out.append(line)
+    return "".join(out)
+
+
+@contextmanager
+def _sharded_relay_once(workers: int, via_cli: bool) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     port = _free_port()
     if via_cli:
         cmd = [sys.executable, "-m", "turbowg", "relay", "--dev", "-a", f"127.0.0.1:{port}", "--stun", "false",
@@ -78,10 +142,9 @@ def sharded_relay(workers: int, via_cli: bool = False) -> Iterator[tuple[int, su
             time.sleep(0.3)
         ready = 0
         while ready < workers and not via_cli:
-            line = proc.stdout.readline()
+            line = _readline_until(proc, deadline)
             assert line, f"relay exited early (code {proc.poll()})"
             ready += "ready" in line
-            assert time.monotonic() < deadline, "relay did not start"
         yield port, proc
     finally:
         if proc.poll() is None:
@@ -169,7 +232,7 @@ def test_two_shards_forward_100k_packets_between_clients_on_different_shards() -
 
         asyncio.run(scenario())
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=15)
+        out = _rest_of_output(proc, 15)
         assert proc.returncode == 0, out
         moved = [int(m) for m in re.findall(r"out=(\d+)", out)]
         assert len(moved) == 2 and all(n >= 20_000 for n in moved), out  # both directions crossed shards
