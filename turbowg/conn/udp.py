@@ -9,6 +9,12 @@ Public API (stable; the device runtime drives it)::
     bind.set_fwmark(mark); bind.fwmark     # SO_MARK (0 clears); the mark in effect
     n = bind.recv_batch(out, max_calls=64)  # appends (datagram: bytes, endpoint) until EAGAIN or max_calls
     bind.send_batch(endpoint, datagrams)    # endpoint = (host, port); host is a plain IPv4 or IPv6 string
+    cursor = bind.recv_packed(buf, cursor, limit, chunks, endpoints, max_calls=64)
+                                            # reads straight into buf; per read appends (offset, end, stride)
+                                            # to chunks (stride = UDP_GRO segment size) and the sender
+    bind.send_packed(endpoint, buf, offset, sizes, sizes_start, count)
+                                            # `count` datagrams back to back in buf from offset, sizes in an
+                                            # int32 array: runs of equal size go out as one UDP_SEGMENT sendmsg
     bind.gso, bind.gro: bool                # UDP_SEGMENT sends / UDP_GRO receives in use
     bind.counters: dict[str, int]
     bind.close()
@@ -161,6 +167,51 @@ class UDPBind:
         self.counters["recv_datagrams"] += count
         return count
 
+    def recv_packed(self, buf: bytearray, cursor: int, limit: int, chunks: list[int], endpoints: list,
+                    max_calls: int = 64) -> int:
+        """Up to `max_calls` reads into buf[cursor:] (each up to RECV_BUFFER bytes) until EAGAIN or past
+        `limit`; returns the cursor after the last read."""
+        recvmsg_into = self._sock.recvmsg_into
+        mv = memoryview(buf)
+        anc = _GRO_CMSG_SPACE if self.gro else 0
+        known = self._from_sockaddr
+        counters = self.counters
+        from_bytes = int.from_bytes
+        calls = 0
+        datagrams = 0
+        while calls < max_calls and cursor <= limit:
+            try:
+                n, ancdata, _flags, addr = recvmsg_into([mv[cursor:cursor + RECV_BUFFER]], anc)
+            except BlockingIOError:
+                break
+            except OSError:
+                counters["recv_errors"] += 1
+                calls += 1
+                continue
+            calls += 1
+            key = (addr[0], addr[1])
+            endpoint = known.get(key)
+            if endpoint is None:
+                endpoint = self._endpoint_of(key)
+            stride = n
+            if ancdata:
+                for level, kind, data in ancdata:
+                    if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
+                        seg = from_bytes(data[:4] if len(data) >= 4 else data[:2], sys.byteorder)
+                        if 0 < seg < n:
+                            stride = seg
+            if n == 0:
+                stride = 1  # an empty datagram: one (too short) datagram, not an endless run
+            chunks.append(cursor)
+            chunks.append(cursor + n)
+            chunks.append(stride)
+            endpoints.append(endpoint)
+            datagrams += -(-n // stride) if n else 1
+            cursor += n
+        counters["recv_calls"] += calls
+        counters["recv_datagrams"] += datagrams
+        return cursor
+
     def _endpoint_of(self, key: tuple[str, int]) -> Endpoint:
         host = key[0]
         if host.startswith("::ffff:") and "." in host:
@@ -236,6 +287,68 @@ class UDPBind:
             counters["send_calls"] += 1
             counters["send_datagrams"] += len(batch)
             i = j
+
+    def send_packed(self, endpoint: Endpoint, buf: bytearray, offset: int, sizes, sizes_start: int,
+                    count: int) -> None:
+        """Send `count` datagrams lying back to back in buf from `offset` (sizes[sizes_start:]): each run of
+        equal sizes (a shorter one may end it; at most 64 and 65507/65527 bytes) in one UDP_SEGMENT sendmsg."""
+        if count <= 0:
+            return
+        addr = self._sockaddr(endpoint)
+        mv = memoryview(buf)
+        counters = self.counters
+        if not self.gso:
+            self._send_each(addr, self._slices(mv, offset, sizes, sizes_start, count), 0)
+            return
+        limit = MAX_SEND_V4 if addr[0].startswith("::ffff:") else MAX_SEND_V6
+        sendmsg = self._sock.sendmsg
+        pack = struct.pack
+        i = sizes_start
+        stop = sizes_start + count
+        pos = offset
+        while i < stop:
+            size = sizes[i]
+            j = i + 1
+            total = size
+            while j < stop and j - i < MAX_SEGMENTS:
+                length = sizes[j]
+                if length > size or total + length > limit:
+                    break
+                total += length
+                j += 1
+                if length < size:
+                    break
+            try:
+                if j - i == 1:
+                    self._sock.sendto(mv[pos:pos + size], addr)
+                else:
+                    sendmsg([mv[pos:pos + total]], [(SOL_UDP, UDP_SEGMENT, pack("=H", size))], 0, addr)
+            except BlockingIOError:
+                counters["send_dropped_eagain"] += stop - i
+                return
+            except OSError as exc:
+                if j - i > 1 and exc.errno in _GSO_REFUSALS:
+                    self._disable_gso(exc)
+                    rest = stop - i
+                    self._send_each(addr, self._slices(mv, pos, sizes, i, rest), 0)
+                    return
+                counters["send_errors"] += j - i
+                i = j
+                pos += total
+                continue
+            counters["send_calls"] += 1
+            counters["send_datagrams"] += j - i
+            i = j
+            pos += total
+
+    @staticmethod
+    def _slices(mv: memoryview, offset: int, sizes, start: int, count: int) -> list:
+        out = []
+        for k in range(start, start + count):
+            size = sizes[k]
+            out.append(mv[offset:offset + size])
+            offset += size
+        return out
 
     def _disable_gso(self, exc: OSError) -> None:
         self.gso = False

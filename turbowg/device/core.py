@@ -20,6 +20,7 @@ import ipaddress
 import random
 import struct
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,26 @@ class Transmit:
 
     endpoint: Endpoint
     datagrams: list[bytes | bytearray]
+
+
+@dataclass(slots=True)
+class PackedTransmit:
+    """Sealed messages to one endpoint lying back to back in `Device.tx_buffer`.
+
+    `count` messages, `nbytes` in all, from byte `offset`; their sizes are `Device.tx_sizes[sizes_start:]`."""
+
+    endpoint: Endpoint
+    offset: int
+    nbytes: int
+    sizes_start: int
+    count: int
+
+
+# Room of the packed send path: what one batch of TUN reads can produce (the runtime stays below).
+TX_BUFFER_SIZE = 4 << 20
+TX_MAX_MESSAGES = 8192
+# Room of the packed receive path: inner packets one batch of UDP reads can hold (32 bytes each at least).
+RX_MAX_PACKETS = 65536
 
 
 # DESIGN.md calls the same thing "Outgoing".
@@ -140,6 +161,10 @@ class Device:
         self._scratch = memoryview(bytearray(MAX_MESSAGE_SIZE + 16))
         # Output produced outside a batch call (by apply_update), handed out by the next tick.
         self._queued: _Out = {}
+        # Packed data path (handle_tun_packed / handle_udp_packed): preallocated, reused every batch.
+        self.tx_buffer = bytearray(TX_BUFFER_SIZE)
+        self.tx_sizes = array("i", bytes(4 * TX_MAX_MESSAGES))
+        self.rx_layout = array("i", bytes(8 * RX_MAX_PACKETS))
         if private_key is not None:
             self._set_private_key(self._check_key(private_key, "private key"), self._clock())
 
@@ -210,6 +235,8 @@ class Device:
             for peer in list(self.peers.values()):
                 self._remove_peer(peer)
         touched: dict[Peer, bool] = {}  # peer -> persistent keepalive just switched on
+        for peer in self.peers.values():
+            peer.allowed_src = b""  # allowed IPs may change below: prove sources anew
         for peer_update in update.peers:
             peer, switched_on = self._apply_peer_update(peer_update)
             if peer is not None:
@@ -470,6 +497,9 @@ class Device:
             append(message)
             sent_bytes += TRANSPORT_MIN_SIZE + padded
         keypair.send_counter = counter
+        self._after_send(peer, sent_bytes, sent_data, now, out)
+
+    def _after_send(self, peer: Peer, sent_bytes: int, sent_data: bool, now: float, out: _Out) -> None:
         peer.tx_bytes += sent_bytes
         timers = peer.timers
         timers.any_authenticated_packet_traversal(now)
@@ -529,6 +559,82 @@ class Device:
             self._send_staged(peer, now, out)
             return
         self._encrypt_and_send(peer, keypair, packets, now, out)
+
+    def handle_tun_packed(
+        self, buf: bytearray, layout: array, runs: list[int], now: float
+    ) -> tuple[list[PackedTransmit], list[Transmit]]:
+        """The packed send path: packets lie in `buf` as described by `layout` (int32 offset, length pairs);
+        `runs` is flat (start, count) pairs of consecutive packets going to one destination (one split GSO
+        monster, or one plain packet). Sealed messages go to `tx_buffer` (PackedTransmit, one per peer);
+        handshakes and staged output come back as ordinary Transmits. Nothing is copied per packet unless the
+        peer has no usable session (then the packets are staged, as `handle_tun_batch` does)."""
+        counters = self.counters
+        lookup = self.allowed_ips.lookup
+        per_peer: dict[Peer, list[int]] = {}
+        for i in range(0, len(runs), 2):
+            start = runs[i]
+            off = layout[2 * start]
+            length = layout[2 * start + 1]
+            version = buf[off] >> 4 if length else 0
+            if version == 4 and length >= 20:
+                peer = lookup(bytes(buf[off + 16:off + 20]))
+            elif version == 6 and length >= 40:
+                peer = lookup(bytes(buf[off + 24:off + 40]))
+            else:
+                counters["tun_bad_packet" if length >= 20 else "tun_too_short"] += runs[i + 1]
+                continue
+            if peer is None:
+                counters["tun_no_route"] += runs[i + 1]
+                continue
+            peer_runs = per_peer.get(peer)
+            if peer_runs is None:
+                per_peer[peer] = [start, runs[i + 1]]
+            else:
+                peer_runs.append(start)
+                peer_runs.append(runs[i + 1])
+        out: _Out = {}
+        packed: list[PackedTransmit] = []
+        cursor = 0
+        sizes_at = 0
+        mtu = self.mtu
+        tx_buffer = self.tx_buffer
+        tx_sizes = self.tx_sizes
+        for peer, peer_runs in per_peer.items():
+            total = sum(peer_runs[1::2])
+            keypair = peer.keypairs.current
+            if (
+                peer.staged
+                or keypair is None
+                or not self.up
+                or not keypair.usable_for_sending(now)
+                or keypair.send_counter + total > REJECT_AFTER_MESSAGES
+            ):
+                packets = []
+                for j in range(0, len(peer_runs), 2):
+                    for k in range(peer_runs[j], peer_runs[j] + peer_runs[j + 1]):
+                        off = layout[2 * k]
+                        packets.append(bytes(buf[off:off + layout[2 * k + 1]]))
+                self._send_packets(peer, packets, now, out)
+                continue
+            endpoint = peer.endpoint
+            if endpoint is None:
+                counters["tx_no_endpoint"] += total
+                continue
+            seal = keypair.send_aead.seal_batch
+            receiver = keypair.remote_index
+            counter = keypair.send_counter
+            first_byte = cursor
+            first_size = sizes_at
+            for j in range(0, len(peer_runs), 2):
+                count = peer_runs[j + 1]
+                cursor += seal(buf, layout, peer_runs[j], count, tx_buffer, cursor, mtu, receiver, counter,
+                               tx_sizes, sizes_at)
+                counter += count
+                sizes_at += count
+            keypair.send_counter = counter
+            packed.append(PackedTransmit(endpoint, first_byte, cursor - first_byte, first_size, total))
+            self._after_send(peer, cursor - first_byte, True, now, out)
+        return packed, self._transmits(out)
 
     # -- receiving --------------------------------------------------------------------------------
 
@@ -612,6 +718,107 @@ class Device:
                 counters["rx_source_not_allowed"] += 1
                 continue
             tun_packets.append(plaintext if inner_length == length else plaintext[:inner_length])
+        self._after_receive(heard, now, out)
+        return tun_packets, self._transmits(out)
+
+    def handle_udp_packed(
+        self, buf: bytearray, chunks: list[int], endpoints: list[Endpoint], now: float, under_load: bool = False
+    ) -> tuple[int, list[Transmit]]:
+        """The packed receive path. `chunks` is flat (offset, end, stride) triples, one per UDP read into
+        `buf` (a UDP_GRO read holds datagrams of `stride` bytes, the last maybe shorter), `endpoints` the
+        sender of each. Transport messages are opened in place in batches; the inner packets to write to the
+        TUN are described by `rx_layout[:2 * n]` (offsets into `buf`); returns (n, datagrams to send)."""
+        counters = self.counters
+        indices = self._indices
+        unpack_type = _MESSAGE_TYPE.unpack_from
+        layout = self.rx_layout
+        n_out = 0
+        out: _Out = {}
+        heard: dict[Peer, bool] = {}
+        for c, endpoint in enumerate(endpoints):
+            pos, end, stride = chunks[3 * c], chunks[3 * c + 1], chunks[3 * c + 2]
+            while pos < end:
+                size = end - pos if end - pos < stride else stride
+                kind = unpack_type(buf, pos)[0] if size >= 4 else -1
+                if kind != MESSAGE_TRANSPORT or size < TRANSPORT_MIN_SIZE:
+                    self._receive_other(kind, bytes(buf[pos:pos + size]), endpoint, now, under_load, out)
+                    pos += stride
+                    continue
+                receiver = unpack_type(buf, pos + 4)[0]
+                entry = indices.get(receiver)
+                keypair = entry.keypair if entry is not None else None
+                if keypair is None:
+                    counters["rx_unknown_index"] += 1
+                    pos += stride
+                    continue
+                if now - keypair.created >= REJECT_AFTER_TIME:
+                    counters["rx_expired_keypair"] += 1
+                    pos += stride
+                    continue
+                peer = entry.peer  # type: ignore[union-attr]
+                (next_pos, got, auth_fail, replayed, expired, keepalive, bad_inner, mismatch, rx_bytes,
+                 authenticated, _max_counter) = keypair.receive_aead.open_batch(
+                    buf, pos, end, stride, receiver, keypair.replay, peer.allowed_src, layout, n_out)
+                if next_pos == pos:
+                    counters["rx_layout_full"] += 1  # cannot happen with RX_MAX_PACKETS sized to the buffer
+                    break
+                pos = next_pos
+                if auth_fail:
+                    counters["rx_decrypt_failed"] += auth_fail
+                if replayed:
+                    counters["rx_replay"] += replayed
+                if expired:
+                    counters["rx_expired_keypair"] += expired
+                if bad_inner:
+                    counters["rx_bad_inner_packet"] += bad_inner
+                if keepalive:
+                    counters["rx_keepalive"] += keepalive
+                if not authenticated:
+                    continue
+                if mismatch:
+                    got = self._check_sources(peer, buf, layout, n_out, got)
+                n_out += got
+                peer.endpoint = endpoint
+                peer.rx_bytes += rx_bytes
+                if peer.keypairs.next is keypair:
+                    self._confirm_keypair(peer, keypair, now, out)
+                if authenticated > keepalive:
+                    heard[peer] = True
+                elif peer not in heard:
+                    heard[peer] = False
+        self._after_receive(heard, now, out)
+        return n_out, self._transmits(out)
+
+    def _check_sources(self, peer: Peer, buf: bytearray, layout: array, start: int, count: int) -> int:
+        """Keep the packets layout[start:start+count] whose inner source routes to `peer` (compacting the
+        layout); returns how many were kept."""
+        lookup = self.allowed_ips.lookup
+        kept = start
+        for k in range(start, start + count):
+            off = layout[2 * k]
+            source = bytes(buf[off + 12:off + 16]) if buf[off] >> 4 == 4 else bytes(buf[off + 8:off + 24])
+            if lookup(source) is not peer:
+                self.counters["rx_source_not_allowed"] += 1
+                continue
+            peer.allowed_src = source
+            layout[2 * kept] = off
+            layout[2 * kept + 1] = layout[2 * k + 1]
+            kept += 1
+        return kept - start
+
+    def _receive_other(self, kind: int, data: bytes, endpoint: Endpoint, now: float, under_load: bool,
+                       out: _Out) -> None:
+        """A datagram that is not a well-formed transport message."""
+        if kind < 0:
+            self.counters["rx_too_short"] += 1
+        elif kind == MESSAGE_TRANSPORT:
+            self.counters["rx_transport_too_short"] += 1
+        elif MESSAGE_INITIATION <= kind <= MESSAGE_COOKIE_REPLY:
+            self._handle_handshake_message(kind, data, endpoint, now, under_load, out)
+        else:
+            self.counters["rx_unknown_type"] += 1
+
+    def _after_receive(self, heard: dict[Peer, bool], now: float, out: _Out) -> None:
         for peer, got_data in heard.items():
             timers = peer.timers
             timers.any_authenticated_packet_traversal(now)
@@ -621,7 +828,6 @@ class Device:
             if not peer.sent_last_minute_handshake and needs_rekey_on_receive(peer.keypairs.current, now):
                 peer.sent_last_minute_handshake = True
                 self._initiate_handshake(peer, now, out)
-        return tun_packets, self._transmits(out)
 
     def _confirm_keypair(self, peer: Peer, keypair: Keypair, now: float, out: _Out) -> None:
         """First data under the responder's `next` keypair: the initiator has the keys."""

@@ -16,7 +16,11 @@ from turbowg.device.constants import (
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
 )
-from turbowg.device.replay import ReplayWindow
+from turbowg.device.replay import ReplayWindow as _PyReplayWindow
+from turbowg.noise import transport
+
+# The C open_batch needs the C window; both have the same accept(counter) used by the slow path.
+ReplayWindow = transport.CReplayWindow or _PyReplayWindow
 
 # Transport header: type (u32 LE, 4) | receiver index (u32 LE) | counter (u64 LE).
 TRANSPORT_HEADER = struct.Struct("<IIQ")
@@ -38,6 +42,8 @@ class Keypair:
         "is_initiator",
         "send_nonce",
         "receive_nonce",
+        "send_aead",
+        "receive_aead",
     )
 
     def __init__(
@@ -51,6 +57,9 @@ class Keypair:
     ) -> None:
         self.send = ChaCha20Poly1305(bytes(send_key))
         self.receive = ChaCha20Poly1305(bytes(receive_key))
+        # Batch sealing/opening for the packed data path (turbowg/noise/transport.py).
+        self.send_aead = transport.Aead(bytes(send_key))
+        self.receive_aead = transport.Aead(bytes(receive_key))
         self.send_counter = 0  # the next counter to use
         self.replay = ReplayWindow()
         self.local_index = local_index

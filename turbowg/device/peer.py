@@ -36,6 +36,7 @@ class Peer:
         "last_sent_handshake",
         "handshake_index",
         "sent_last_minute_handshake",
+        "allowed_src",
     )
 
     def __init__(
@@ -60,6 +61,9 @@ class Peer:
         self.last_sent_handshake: float | None = None  # monotonic; None = never
         self.handshake_index: int | None = None  # local index of our in-flight handshake
         self.sent_last_minute_handshake = False
+        # An inner source address last proved to route to this peer: the packed receive path checks
+        # packets against it in C and looks up only the others. The device clears it when allowed IPs change.
+        self.allowed_src = b""
         self.set_local(local)
 
     def set_local(self, local: LocalIdentity | None) -> None:

@@ -12,10 +12,11 @@ import asyncio
 import logging
 import os
 import time
+from array import array
 from collections.abc import Callable
 
-from turbowg.conn.udp import UDPBind
-from turbowg.device.core import Device
+from turbowg.conn.udp import RECV_BUFFER, UDPBind
+from turbowg.device.core import RX_MAX_PACKETS, TX_MAX_MESSAGES, Device
 from turbowg.tun.device import TunDevice, open_tun
 from turbowg.uapi.server import UAPIServer, start_uapi_server
 
@@ -29,6 +30,12 @@ LINK_CHECK_INTERVAL = 1.0  # seconds between checks that the interface still exi
 # Handshake messages per second above which the device counts as under load (cookie replies start).
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 64
 UNDER_LOAD_HOLD = 1.0
+# Packed batches: all TUN reads of one wake land in one staging buffer, all UDP reads in one receive buffer.
+TUN_STAGE_BYTES = 1 << 20
+TUN_STAGE_ROOM = 2 * 65536 + 4096  # what one read may add (a split 64 KiB monster plus its headers)
+TUN_STAGE_PACKETS = TX_MAX_MESSAGES - 256
+UDP_RECV_BYTES = 2 << 20  # RX_MAX_PACKETS * 32 bytes: every datagram here fits Device.rx_layout
+assert UDP_RECV_BYTES <= RX_MAX_PACKETS * 32
 
 
 class Runtime:
@@ -46,8 +53,12 @@ class Runtime:
         self.uapi: UAPIServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
-        self._tun_batch: list = []
-        self._udp_batch: list = []
+        self._stage = bytearray(TUN_STAGE_BYTES + TUN_STAGE_ROOM)
+        self._stage_layout = array("i", bytes(8 * TX_MAX_MESSAGES))
+        self._runs: list[int] = []
+        self._rxbuf = bytearray(UDP_RECV_BYTES + RECV_BUFFER)
+        self._chunks: list[int] = []
+        self._senders: list = []
         self._handshake_window_start = 0.0
         self._handshake_count = 0
         self._under_load_until = 0.0
@@ -126,47 +137,81 @@ class Runtime:
 
     # ---- data path ------------------------------------------------------------------------------
     def _on_tun_readable(self) -> None:
+        """Read the TUN until it would block (bounded), seal the whole batch per peer, send per peer."""
         tun = self.tun
         if tun is None:
             return
-        batch = self._tun_batch
-        batch.clear()
+        stage = self._stage
+        layout = self._stage_layout
+        runs = self._runs
+        runs.clear()
+        cursor = 0
+        count = 0
+        read_packed = tun.read_packed
         try:
             for _ in range(MAX_TUN_READS_PER_WAKE):
-                if tun.read_batch(batch) == 0:
+                if cursor > TUN_STAGE_BYTES or count > TUN_STAGE_PACKETS:
                     break
-        except BlockingIOError:
-            pass
+                got, cursor = read_packed(stage, cursor, layout, count)
+                if got < 0:
+                    break
+                if got:
+                    runs.append(count)
+                    runs.append(got)
+                    count += got
         except OSError as exc:
             self.stop(f"TUN read failed: {exc}")
             return
-        if batch:
-            self._send(self.device.handle_tun_batch(batch, time.monotonic()))
-            batch.clear()
-
-    def _on_udp_readable(self) -> None:
+        if not runs:
+            return
+        packed, transmits = self.device.handle_tun_packed(stage, layout, runs, time.monotonic())
         udp = self.udp
         if udp is None:
             return
-        batch = self._udp_batch
-        batch.clear()
-        udp.recv_batch(batch, max_calls=MAX_UDP_READS_PER_WAKE)
-        if not batch:
-            return
-        now = time.monotonic()
-        packets, transmits = self.device.handle_udp_batch(batch, now, under_load=self._under_load(batch, now))
-        batch.clear()
-        if packets and self.tun is not None:
-            self.tun.write_batch(packets)
+        device = self.device
+        for item in packed:
+            udp.send_packed(item.endpoint, device.tx_buffer, item.offset, device.tx_sizes, item.sizes_start,
+                            item.count)
         if transmits:
             self._send(transmits)
 
-    def _under_load(self, batch: list, now: float) -> bool:
-        # Count handshake messages (types 1 and 2) per second; a flood turns on cookie replies for a while.
+    def _on_udp_readable(self) -> None:
+        """Read the UDP socket until it would block (bounded), open everything in place, write the inner
+        packets to the TUN coalesced per flow."""
+        udp = self.udp
+        if udp is None:
+            return
+        chunks = self._chunks
+        senders = self._senders
+        chunks.clear()
+        senders.clear()
+        buf = self._rxbuf
+        udp.recv_packed(buf, 0, UDP_RECV_BYTES, chunks, senders, max_calls=MAX_UDP_READS_PER_WAKE)
+        if not senders:
+            return
+        now = time.monotonic()
+        count, transmits = self.device.handle_udp_packed(buf, chunks, senders, now,
+                                                         under_load=self._under_load_packed(buf, chunks, now))
+        if count and self.tun is not None:
+            try:
+                self.tun.write_packed(buf, self.device.rx_layout, count)
+            except OSError as exc:
+                self.stop(f"TUN write failed: {exc}")
+                return
+        if transmits:
+            self._send(transmits)
+
+    def _under_load_packed(self, buf: bytearray, chunks: list[int], now: float) -> bool:
+        # Handshake messages come alone (one datagram per read): count reads that start with type 1 or 2.
         handshakes = 0
-        for datagram, _endpoint in batch:
-            if len(datagram) >= 4 and datagram[0] in (1, 2):
+        for i in range(0, len(chunks), 3):
+            offset = chunks[i]
+            if chunks[i + 1] - offset >= 4 and buf[offset] in (1, 2) and not buf[offset + 1]:
                 handshakes += 1
+        return self._count_handshakes(handshakes, now)
+
+    def _count_handshakes(self, handshakes: int, now: float) -> bool:
+        # Handshake messages (types 1 and 2) per second; a flood turns on cookie replies for a while.
         if handshakes:
             if now - self._handshake_window_start > 1.0:
                 self._handshake_window_start = now
