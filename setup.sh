@@ -7,10 +7,15 @@ need=()
 for pair in wireguard-go:wireguard-go wg:wireguard-tools iperf3:iperf3 ip:iproute2 ethtool:ethtool ps:procps ping:iputils-ping; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
+# Headers for the optional C accelerators (turbowg/noise/_aead.c links libcrypto); without them pip still
+# installs turbowg, on the pure-Python data path.
+[ -f /usr/include/openssl/evp.h ] || need+=(libssl-dev)
+command -v gcc >/dev/null 2>&1 || need+=(gcc)
 if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     # No recommends: wireguard-tools recommends a kernel module package we neither need nor can load here.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test,bench]'
-echo "setup.sh: turbowg installed ($(command -v turbowg))"
+accel=$(python3 -c 'from turbowg.noise import transport; from turbowg.tun import fast; print("C" if transport.HAVE_C and fast.HAVE_C else "pure Python (C extensions not built)")')
+echo "setup.sh: turbowg installed ($(command -v turbowg)); data path: $accel"

@@ -15,7 +15,7 @@ from netns import needs_netns, ns_run, run
 
 from turbowg import doctor
 
-SECTIONS = {"kernel", "tun", "udp", "default-route", "cpu-idle"}
+SECTIONS = {"kernel", "tun", "udp", "default-route", "cpu-idle", "accel"}
 
 
 @contextlib.contextmanager

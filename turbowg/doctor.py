@@ -292,12 +292,35 @@ def check_cpu_idle(sysfs: str = "/sys") -> list[Finding]:
     return findings
 
 
+def check_accelerators() -> list[Finding]:
+    """Whether the C data path (batched AEAD, GSO split / GRO coalesce) is built; without it turbowg runs the
+    same protocol in pure Python, several times slower."""
+    from turbowg.noise import transport
+    from turbowg.tun import fast
+
+    fix = ("apt-get install -y gcc libssl-dev && python3 -m pip install --force-reinstall --no-deps -e . "
+           "(in the turbowg checkout)")
+    findings = []
+    for label, have in (("batched ChaCha20-Poly1305 (turbowg.noise._aead)", transport.HAVE_C),
+                        ("GSO split / GRO coalesce (turbowg.tun._offload)", fast.HAVE_C)):
+        if have:
+            findings.append(Finding("accel", OK, f"C accelerator for {label} in use"))
+        elif os.environ.get("TURBOWG_NO_C", "").strip() not in ("", "0"):
+            findings.append(Finding("accel", INFO, f"C accelerator for {label} switched off by TURBOWG_NO_C",
+                                    "unset TURBOWG_NO_C"))
+        else:
+            findings.append(Finding("accel", WARN, f"C accelerator for {label} not built: pure-Python fallback",
+                                    fix))
+    return findings
+
+
 # ---------------------------------------------------------------- report
 
 CHECKS = (("kernel", check_kernel), ("tun", check_tun), ("udp", check_udp),
-          ("default-route", check_default_route), ("cpu-idle", check_cpu_idle))
+          ("default-route", check_default_route), ("cpu-idle", check_cpu_idle), ("accel", check_accelerators))
 TITLES = {"kernel": "Kernel", "tun": "TUN offloads", "udp": "UDP GSO/GRO",
-          "default-route": "Default-route interface (subnet router / exit node)", "cpu-idle": "CPU idle states"}
+          "default-route": "Default-route interface (subnet router / exit node)", "cpu-idle": "CPU idle states",
+          "accel": "Data path accelerators"}
 
 
 def collect() -> list[Finding]:

@@ -86,7 +86,7 @@ class Runtime:
             self._loop.remove_reader(self.udp.fileno())
             self.udp.close()
             self.udp = None
-        self.udp = UDPBind(port, fwmark=fwmark)
+        self.udp = UDPBind(port, fwmark=fwmark, gso=self.offloads, gro=self.offloads)
         self.device.set_bound_port(self.udp.port)
         self._loop.add_reader(self.udp.fileno(), self._on_udp_readable)
         log.info("listening on UDP port %d", self.udp.port)
