@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,13 @@ def wg_dump(side: Side) -> list[list[str]]:
 XFER = os.path.join(os.path.dirname(__file__), "xfer.py")
 
 
+def wait_ready(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait (bounded) for a helper started with stdout=PIPE, text=True to print its "ready" line."""
+    assert proc.stdout is not None
+    readable, _, _ = select.select([proc.stdout], [], [], timeout)
+    return bool(readable) and proc.stdout.readline().strip() == "ready"
+
+
 def tcp_transfer(sender: Side, receiver: Side, dst_ip: str, nbytes: int, port: int = 5201,
                  timeout: float = 240) -> tuple[str, str]:
     """Send `nbytes` over TCP through the tunnel; return (sent "n sha", received "n sha")."""
@@ -165,7 +173,7 @@ def tcp_transfer(sender: Side, receiver: Side, dst_ip: str, nbytes: int, port: i
                                "--timeout", str(timeout)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stdout is not None
-        assert server.stdout.readline().strip() == "ready"
+        assert wait_ready(server, 15), "receiver did not get ready"
         sent = sender.sh(sys.executable, XFER, "send", dst_ip, str(port), "--bytes", str(nbytes),
                          "--timeout", str(timeout), timeout=timeout + 10).stdout.strip()
         received, err = server.communicate(timeout=timeout)
