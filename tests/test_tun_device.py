@@ -251,17 +251,17 @@ def test_refused_gro_write_turns_gro_off_and_rewrites_uncoalesced(tun_ns, monkey
     get a checksum offset beyond the packet, which tun rejects with EINVAL; lone packets are untouched."""
     import turbowg.tun.device as device_mod
 
-    real_frame_iov = device_mod.frame_iov
+    real_coalesce = device_mod.fast.coalesce
 
-    def broken_frame_iov(group):
-        iov = real_frame_iov(group)
-        if len(group.packets) > 1:
-            hdr = bytearray(iov[0])
-            struct.pack_into("=H", hdr, 8, 60000)
-            iov[0] = bytes(hdr)
-        return iov
+    def broken_coalesce(src, layout, count, dst, frames, tcp, udp):
+        nframes = real_coalesce(src, layout, count, dst, frames, tcp, udp)
+        for j in range(nframes):
+            off = frames[2 * j]
+            if dst[off + 1]:  # a GSO frame: point its checksum beyond the packet
+                struct.pack_into("=H", dst, off + 8, 60000)
+        return nframes
 
-    monkeypatch.setattr(device_mod, "frame_iov", broken_frame_iov)
+    monkeypatch.setattr(device_mod.fast, "coalesce", broken_coalesce)
     _ns, dev = tun_ns
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with rx:

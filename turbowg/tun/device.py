@@ -45,8 +45,6 @@ import struct
 from array import array
 
 from . import fast, vnet
-from .gro import coalesce, frame_iov
-from .gso import MalformedPacket, finish_checksum, split
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +119,8 @@ class TunDevice:
         self._frames = array("i", bytes(8 * WRITE_MAX_FRAMES))
         self._split_buf = bytearray(2 * 65536 + 64 * 128)
         self._split_layout = array("i", bytes(8 * 512))
+        self._one_stage = bytearray(2 * 65536 + 64 * 128)  # read_batch: one read's packets
+        self._one_layout = array("i", bytes(8 * 512))
         self.counters: dict[str, int] = {
             "read_frames": 0, "read_packets": 0, "read_malformed": 0,
             "write_frames": 0, "write_packets": 0, "write_dropped_eagain": 0, "write_errors": 0,
@@ -174,40 +174,15 @@ class TunDevice:
 
     # -- data path ------------------------------------------------------------------------------------------
     def read_batch(self, out: list) -> int:
-        try:
-            n = os.readv(self._fd, self._rlist)
-        except BlockingIOError:
+        """One read (see read_packed); appends the packets to `out` as bytearrays owned by the caller."""
+        count, _ = self.read_packed(self._one_stage, 0, self._one_layout, 0)
+        if count <= 0:
             return 0
-        except OSError as exc:
-            if exc.errno in _GONE_ERRNOS or (exc.errno == errno.EIO and not self.exists()):
-                raise self._gone_error(exc) from None
-            raise
-        counters = self.counters
-        counters["read_frames"] += 1
-        if not self.vnet_hdr:
-            out.append(self._rbuf[:n])
-            counters["read_packets"] += 1
-            return 1
-        if n < vnet.VNET_HDR_LEN:
-            counters["read_malformed"] += 1
-            return 0
-        flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = vnet.unpack_from(self._rbuf, 0)
-        pkt = self._rmv[vnet.VNET_HDR_LEN:n]
-        try:
-            if gso_type != vnet.GSO_NONE:
-                count = split(pkt, gso_type, gso_size, csum_start, out)
-            elif flags & vnet.NEEDS_CSUM:
-                out.append(finish_checksum(pkt, csum_start, csum_offset))
-                count = 1
-            else:
-                out.append(bytes(pkt))
-                count = 1
-        except MalformedPacket:
-            counters["read_malformed"] += 1
-            return 0
-        finally:
-            pkt.release()
-        counters["read_packets"] += count
+        layout = self._one_layout
+        stage = self._one_stage
+        for k in range(count):
+            off = layout[2 * k]
+            out.append(stage[off:off + layout[2 * k + 1]])
         return count
 
     def read_packed(self, dst: bytearray, dst_off: int, layout: array, idx: int) -> tuple[int, int]:
@@ -293,33 +268,14 @@ class TunDevice:
             self._write(os.writev, self._fd, [zero, mv[off:off + layout[2 * k + 1]]], 1)
 
     def write_batch(self, packets: list) -> None:
-        counters = self.counters
-        fd = self._fd
-        if not self.vnet_hdr:
-            for pkt in packets:
-                self._write(os.write, fd, pkt, 1)
-            return
-        if not (self.gro_tcp or self.gro_udp):
-            zero = vnet.ZERO_HDR
-            for pkt in packets:
-                self._write(os.writev, fd, [zero, pkt], 1)
-            return
-        groups = coalesce(packets, tcp=self.gro_tcp, udp=self.gro_udp)
-        for i, group in enumerate(groups):
-            try:
-                self._write(os.writev, fd, frame_iov(group), len(group.packets))
-            except OSError as exc:
-                if exc.errno != errno.EINVAL or len(group.packets) == 1:
-                    counters["write_errors"] += 1
-                    continue
-                self.gro_tcp = self.gro_udp = False
-                counters["gro_disabled"] += 1
-                if not self._gro_warned:
-                    self._gro_warned = True
-                    log.warning("TUN %s refused a coalesced write (EINVAL); GRO turned off", self.name)
-                rest = [pkt for g in groups[i:] for pkt in g.packets]
-                self.write_batch(rest)
-                return
+        """Write IP packets (bytes-like), coalesced as write_packed does."""
+        buf = bytearray()
+        layout = array("i", bytes(8 * len(packets)))
+        for k, pkt in enumerate(packets):
+            layout[2 * k] = len(buf)
+            layout[2 * k + 1] = len(pkt)
+            buf += pkt
+        self.write_packed(buf, layout, len(packets))
 
     def _write(self, write, fd: int, data, npackets: int) -> None:
         """One write; EAGAIN drops and counts. Raises OSError only for EINVAL (caller decides)."""
