@@ -382,7 +382,8 @@ static PyObject *offload_ingest(PyObject *self, PyObject *const *args, Py_ssize_
         return NULL;
     }
     Py_ssize_t frame_len, dst_off, idx;
-    if (get_index(args[1], &frame_len) < 0 || get_index(args[3], &dst_off) < 0 || get_index(args[5], &idx) < 0)
+    if (get_index(args[1], &frame_len) < 0 || get_index(args[3], &dst_off) < 0 ||
+        get_index(args[5], &idx) < 0)
         return NULL;
     buf_arg b[3];
     memset(b, 0, sizeof(b));

@@ -15,9 +15,9 @@ the C side, and give byte-identical results:
   ``dst`` back to back from offset 0 and recorded as ``frames[2j] = offset``, ``frames[2j+1] = length``.
 
 Errors: malformed input (everything ``gso.MalformedPacket`` covers, a frame shorter than the virtio header,
-``frame_len`` beyond the frame, a layout entry outside ``src``, negative offsets/counts) raises ``ValueError``;
-output that would not fit ``dst`` / ``layout`` / ``frames`` raises ``BufferError`` before anything is
-written; wrong argument types (including read-only output buffers) raise ``TypeError``.
+``frame_len`` beyond the frame, a layout entry outside ``src``, negative offsets/counts) raises
+``ValueError``; output that would not fit ``dst`` / ``layout`` / ``frames`` raises ``BufferError`` before
+anything is written; wrong argument types (including read-only output buffers) raise ``TypeError``.
 
 ``TURBOWG_NO_C=1`` in the environment (read once, at import) forces the Python versions.
 """
