@@ -58,6 +58,8 @@ def known_implementations() -> dict[str, Implementation]:
     return {
         "turbowg": Implementation("turbowg", turbowgd),
         "turbowg-nooffload": Implementation("turbowg-nooffload", turbowgd, {"TURBOWG_OFFLOADS": "0"}),
+        # Offloads on, C accelerators off: the pure-Python fallback of the same data path.
+        "turbowg-python": Implementation("turbowg-python", turbowgd, {"TURBOWG_NO_C": "1"}),
         "wireguard-go": Implementation("wireguard-go", ("wireguard-go",)),
     }
 

@@ -1,6 +1,7 @@
 """`turbowg bench tunnel`: throughput through each WireGuard implementation in one topology, one run.
 
-All tunnels (turbowg with offloads, turbowg without, Debian wireguard-go) and the bare veth live in
+All tunnels (turbowg with offloads, turbowg without (TURBOWG_OFFLOADS=0), turbowg with offloads but without
+its C accelerators (TURBOWG_NO_C=1, the pure-Python fallback), Debian wireguard-go) and the bare veth live in
 the same two namespaces at once (see topology.py), and repetitions are interleaved: every repetition
 runs every test on every path, with the path order rotated per repetition, so slow drift of the
 machine (thermal, noisy neighbours) hits all implementations alike. Tests:
@@ -40,7 +41,7 @@ from turbowg.bench.topology import (
 )
 
 TESTS = ("tcp1", "tcp4", "udp", "udp-gso")
-PATHS = ("turbowg", "turbowg-nooffload", "wireguard-go", UNDERLAY)
+PATHS = ("turbowg", "turbowg-nooffload", "turbowg-python", "wireguard-go", UNDERLAY)
 BASELINE = "wireguard-go"
 UDP_PAYLOAD = 1420 - 28  # IPv4 + UDP headers inside the tunnel MTU: no fragmentation
 UDP_PAYLOAD_V6 = 1420 - 48  # IPv6 + UDP headers
