@@ -659,7 +659,7 @@ def _bench() -> None:  # pragma: no cover
                                   repeat=5)) / n
         t_coal = min(timeit.repeat(lambda f=coal: f(src, lay, 45, out, frames, True, True), number=n,
                                    repeat=5)) / n
-        print(f"{name}: ingest 64 KiB TCPv4 monster (45 x 1448) {t_ing * 1e6:8.1f} us   "
+        print(f"{name}: ingest 64 KiB TCPv4 monster (46 x 1448) {t_ing * 1e6:8.1f} us   "
               f"coalesce 45 x 1420-byte TCP packets {t_coal * 1e6:8.1f} us")
 
 
