@@ -279,6 +279,13 @@ def test_udp_refusals() -> None:
         assert sizes(coalesce(dgrams[:2] + [udp_packet(v6, b"a" * 300, ttl=9)])) == [2, 1]
         assert sizes(coalesce(dgrams, udp=False)) == [1, 1, 1]
         assert sizes(coalesce(run_of(v6, 3), tcp=False)) == [1, 1, 1]
+    # IPv4 DF differs: the kernel would give every segment the first one's DF, so they must not coalesce.
+    plain = udp_packet(False, b"a" * 300)
+    with_df = bytearray(plain)
+    with_df[6] |= 0x40
+    with_df[10:12] = b"\0\0"
+    with_df[10:12] = (~ones_sum(bytes(with_df[:20])) & 0xFFFF).to_bytes(2, "big")
+    assert sizes(coalesce([plain, plain, bytes(with_df)])) == [2, 1]
 
 
 def test_non_ip_and_garbage_pass_through_alone() -> None:

@@ -562,7 +562,7 @@ static void gro_place(gro_ctx *c, const uint8_t *src, const uint8_t *lay, int32_
         if (t != 20 || rd16(pkt + 2) != n || (pkt[6] & 0x3F) || pkt[7])
             joinable = 0; /* IPv4 options, fragments or a length mismatch */
         else
-            ipsig = (uint64_t)pkt[1] << 8 | pkt[8];
+            ipsig = (uint64_t)(pkt[6] & 0x40) << 16 | (uint64_t)pkt[1] << 8 | pkt[8]; /* DF, TOS, TTL */
         kind = proto == IPPROTO_TCP_ ? GSO_TCPV4 : GSO_UDP_L4;
     } else if (version == 6) {
         t = 40;

@@ -78,7 +78,7 @@ def coalesce(packets: list, *, tcp: bool = True, udp: bool = True) -> list[Group
                 if _unpack_from("!H", pkt, 2)[0] != n or pkt[6] & 0x3F or pkt[7]:
                     joinable = False  # fragments or length mismatch
                 else:
-                    ipsig = pkt[1] << 8 | pkt[8]  # TOS, TTL
+                    ipsig = (pkt[6] & 0x40) << 16 | pkt[1] << 8 | pkt[8]  # DF, TOS, TTL: all must match
             else:
                 key = bytes(pkt[12:20]) + bytes(pkt[t:t + 4])
                 joinable = False  # IPv4 options
