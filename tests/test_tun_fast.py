@@ -672,7 +672,7 @@ def test_c_coalesce_keeps_different_df_apart() -> None:
     """IPv4 DF must match within a group (the kernel gives every segment the first one's flags)."""
     plain = udp_packet(False, b"a" * 300)
     with_df = bytearray(plain)
-    with_df[6] |= 0x40
+    with_df[6] ^= 0x40  # flip DF
     fix_ipv4_checksum(with_df)
     packets = [plain, plain, bytes(with_df), bytes(with_df)]
     run = run_coalesce(fast.coalesce, packets)

@@ -282,7 +282,7 @@ def test_udp_refusals() -> None:
     # IPv4 DF differs: the kernel would give every segment the first one's DF, so they must not coalesce.
     plain = udp_packet(False, b"a" * 300)
     with_df = bytearray(plain)
-    with_df[6] |= 0x40
+    with_df[6] ^= 0x40  # flip DF
     with_df[10:12] = b"\0\0"
     with_df[10:12] = (~ones_sum(bytes(with_df[:20])) & 0xFFFF).to_bytes(2, "big")
     assert sizes(coalesce([plain, plain, bytes(with_df)])) == [2, 1]
