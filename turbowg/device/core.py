@@ -3,14 +3,17 @@
 `Device` owns the peers, the allowed-IPs table, the index table (random 32-bit local
 indices naming handshakes and keypairs) and the local identity. The runtime feeds it
 
-* `handle_tun_batch(packets, now)`: IP packets read from the TUN -> datagrams to send,
-* `handle_udp_batch(datagrams, now, under_load)`: datagrams received -> (IP packets for the
-  TUN, datagrams to send),
+* `handle_tun_packed(buf, layout, runs, now)`: IP packets read from the TUN, back to back in
+  `buf` -> sealed messages in `tx_buffer` per endpoint (PackedTransmit) + other datagrams,
+* `handle_udp_packed(buf, chunks, endpoints, now, under_load)`: UDP reads (GRO runs of equal
+  datagrams) -> inner packets opened in place, described by `rx_layout` + datagrams to send,
 * `tick(now)`: timers -> datagrams to send,
 
-and sends each `Transmit` (one endpoint, many datagrams: a natural GSO batch). Nothing here
-touches a socket or a clock except through arguments. Malformed or unauthenticated input is
-dropped, counted in `Device.counters` and never answered (except cookie replies under load).
+and sends each PackedTransmit / `Transmit` (one endpoint, many datagrams: a natural GSO batch).
+`handle_tun_batch` / `handle_udp_batch` are the same paths for packets held as objects (the
+protocol tests drive them). Nothing here touches a socket or a clock except through arguments.
+Malformed or unauthenticated input is dropped, counted in `Device.counters` and never answered
+(except cookie replies under load).
 """
 
 from __future__ import annotations
@@ -24,8 +27,6 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-
-from cryptography.exceptions import InvalidTag
 
 from turbowg.device.allowedips import AllowedIPs
 from turbowg.device.constants import (
@@ -41,10 +42,9 @@ from turbowg.device.constants import (
     REKEY_TIMEOUT,
     REKEY_TIMEOUT_JITTER_MAX,
     RESPONSE_SIZE,
-    TRANSPORT_HEADER_SIZE,
     TRANSPORT_MIN_SIZE,
 )
-from turbowg.device.keypair import NONCE_COUNTER, TRANSPORT_HEADER, Keypair
+from turbowg.device.keypair import Keypair
 from turbowg.device.peer import Peer
 from turbowg.device.timers import TimerAction, needs_rekey_on_receive, needs_rekey_on_send
 from turbowg.noise.cookie import CookieChecker
@@ -58,10 +58,10 @@ from turbowg.noise.handshake import (
     create_initiation,
     create_response,
 )
+from turbowg.noise.transport import OVERHEAD, padded_length
 from turbowg.uapi.model import DeviceSnapshot, DeviceUpdate, Endpoint, PeerSnapshot, PeerUpdate, UAPIError
 
 _MESSAGE_TYPE = struct.Struct("<I")
-_ZERO_PADDING = memoryview(bytes(16))
 _KEY_SIZE = 32
 _ZERO_KEY = bytes(_KEY_SIZE)
 
@@ -129,6 +129,17 @@ def _canonical_endpoint(endpoint: Endpoint) -> Endpoint:
     return (str(address), port)
 
 
+def _pack(packets: Iterable[bytes | memoryview]) -> tuple[bytearray, array, int]:
+    """Packets back to back in one buffer plus their int32 (offset, length) layout."""
+    buf = bytearray()
+    offsets: list[int] = []
+    for packet in packets:
+        offsets.append(len(buf))
+        offsets.append(len(packet))
+        buf += packet
+    return buf, array("i", offsets), len(offsets) // 2
+
+
 class Device:
     """A WireGuard device without I/O. See the module docstring for the batch interface."""
 
@@ -157,8 +168,6 @@ class Device:
         self.fwmark = 0
         # Whether the interface is up: the runtime may clear it; nothing is sent while down.
         self.up = True
-        # Padding scratch: a plaintext that needs padding is copied here first.
-        self._scratch = memoryview(bytearray(MAX_MESSAGE_SIZE + 16))
         # Output produced outside a batch call (by apply_update), handed out by the next tick.
         self._queued: _Out = {}
         # Packed data path (handle_tun_packed / handle_udp_packed): preallocated, reused every batch.
@@ -455,7 +464,8 @@ class Device:
     def _encrypt_and_send(
         self, peer: Peer, keypair: Keypair, packets: Sequence[bytes | memoryview], now: float, out: _Out
     ) -> None:
-        """Encrypt `packets` under `keypair` into type-4 messages for the peer's endpoint."""
+        """Encrypt `packets` (staged ones, keepalives) under `keypair` into type-4 messages for the peer's
+        endpoint, as separate datagrams (the bulk path, handle_tun_packed, seals into tx_buffer instead)."""
         endpoint = peer.endpoint
         if endpoint is None:
             self.counters["tx_no_endpoint"] += len(packets)
@@ -463,41 +473,18 @@ class Device:
         datagrams = out.get(endpoint)
         if datagrams is None:
             datagrams = out[endpoint] = []
-        append = datagrams.append
         mtu = self.mtu
-        scratch = self._scratch
-        nonce = keypair.send_nonce
-        pack_header = TRANSPORT_HEADER.pack_into
-        pack_nonce = NONCE_COUNTER.pack_into
-        encrypt_into = keypair.send.encrypt_into
-        remote_index = keypair.remote_index
-        counter = keypair.send_counter
-        sent_bytes = 0
-        sent_data = False
-        for packet in packets:
-            length = len(packet)
-            if length:
-                sent_data = True
-            last = length % mtu if length > mtu else length
-            padded_last = (last + 15) & ~15
-            if padded_last > mtu:
-                padded_last = mtu
-            padded = length + padded_last - last
-            message = bytearray(TRANSPORT_MIN_SIZE + padded)
-            pack_header(message, 0, MESSAGE_TRANSPORT, remote_index, counter)
-            pack_nonce(nonce, 4, counter)
-            counter += 1
-            if padded == length:
-                plaintext = packet
-            else:
-                scratch[:length] = packet
-                scratch[length:padded] = _ZERO_PADDING[: padded - length]
-                plaintext = scratch[:padded]
-            encrypt_into(nonce, plaintext, None, memoryview(message)[TRANSPORT_HEADER_SIZE:])
-            append(message)
-            sent_bytes += TRANSPORT_MIN_SIZE + padded
-        keypair.send_counter = counter
-        self._after_send(peer, sent_bytes, sent_data, now, out)
+        count = len(packets)
+        sealed = bytearray(sum(OVERHEAD + padded_length(len(p), mtu) for p in packets))
+        sizes = array("i", bytes(4 * count))
+        keypair.send_aead.seal_list(list(packets), sealed, 0, mtu, keypair.remote_index, keypair.send_counter,
+                                    sizes, 0)
+        keypair.send_counter += count
+        pos = 0
+        for size in sizes:
+            datagrams.append(sealed[pos:pos + size])
+            pos += size
+        self._after_send(peer, len(sealed), any(len(p) for p in packets), now, out)
 
     def _after_send(self, peer: Peer, sent_bytes: int, sent_data: bool, now: float, out: _Out) -> None:
         peer.tx_bytes += sent_bytes
@@ -510,36 +497,25 @@ class Device:
             self._initiate_handshake(peer, now, out)
 
     def handle_tun_batch(self, packets: Iterable[bytes | memoryview], now: float) -> list[Transmit]:
-        """Route and encrypt IP packets read from the TUN; returns what to send, grouped per endpoint."""
-        counters = self.counters
-        lookup = self.allowed_ips.lookup
-        per_peer: dict[Peer, list[bytes | memoryview]] = {}
-        for packet in packets:
-            length = len(packet)
-            if length < 20:
-                counters["tun_too_short"] += 1
-                continue
-            version = packet[0] >> 4
-            if version == 4:
-                destination = packet[16:20]
-            elif version == 6 and length >= 40:
-                destination = packet[24:40]
-            else:
-                counters["tun_bad_packet"] += 1
-                continue
-            peer = lookup(destination)
-            if peer is None:
-                counters["tun_no_route"] += 1
-                continue
-            batch = per_peer.get(peer)
-            if batch is None:
-                per_peer[peer] = [packet]
-            else:
-                batch.append(packet)
-        out: _Out = {}
-        for peer, batch in per_peer.items():
-            self._send_packets(peer, batch, now, out)
-        return self._transmits(out)
+        """Route and encrypt IP packets read from the TUN; returns what to send, grouped per endpoint.
+        (The list form of handle_tun_packed, for callers that hold packets as objects.)"""
+        buf, layout, count = _pack(packets)
+        packed, transmits = self.handle_tun_packed(buf, layout, [k for i in range(count) for k in (i, 1)], now)
+        return self._merge(packed, transmits)
+
+    def _merge(self, packed: list[PackedTransmit], transmits: list[Transmit]) -> list[Transmit]:
+        """PackedTransmits as datagram lists (copies out of tx_buffer), then the other transmits."""
+        per_endpoint: _Out = {}
+        for item in packed:
+            datagrams = per_endpoint.setdefault(item.endpoint, [])
+            pos = item.offset
+            for k in range(item.sizes_start, item.sizes_start + item.count):
+                size = self.tx_sizes[k]
+                datagrams.append(bytes(self.tx_buffer[pos:pos + size]))
+                pos += size
+        for transmit in transmits:
+            per_endpoint.setdefault(transmit.endpoint, []).extend(transmit.datagrams)
+        return self._transmits(per_endpoint)
 
     def _send_packets(self, peer: Peer, packets: list[bytes | memoryview], now: float, out: _Out) -> None:
         keypair = peer.keypairs.current
@@ -641,85 +617,20 @@ class Device:
     def handle_udp_batch(
         self, datagrams: Iterable[tuple[bytes, Endpoint]], now: float, under_load: bool = False
     ) -> tuple[list[bytes], list[Transmit]]:
-        """Process received datagrams; returns (IP packets for the TUN, datagrams to send)."""
-        counters = self.counters
-        indices = self._indices
-        lookup = self.allowed_ips.lookup
-        unpack_type = _MESSAGE_TYPE.unpack_from
-        unpack_header = TRANSPORT_HEADER.unpack_from
-        pack_nonce = NONCE_COUNTER.pack_into
-        tun_packets: list[bytes] = []
-        out: _Out = {}
-        # Peers heard from in this batch -> whether any of it was data (not keepalive).
-        heard: dict[Peer, bool] = {}
+        """Process received datagrams; returns (IP packets for the TUN, datagrams to send).
+        (The list form of handle_udp_packed: each datagram a read of its own.)"""
+        buf = bytearray()
+        chunks: list[int] = []
+        endpoints: list[Endpoint] = []
         for data, endpoint in datagrams:
-            size = len(data)
-            if size < 4:
-                counters["rx_too_short"] += 1
-                continue
-            kind = unpack_type(data)[0]
-            if kind != MESSAGE_TRANSPORT:
-                if MESSAGE_INITIATION <= kind <= MESSAGE_COOKIE_REPLY:
-                    self._handle_handshake_message(kind, data, endpoint, now, under_load, out)
-                else:
-                    counters["rx_unknown_type"] += 1
-                continue
-            if size < TRANSPORT_MIN_SIZE:
-                counters["rx_transport_too_short"] += 1
-                continue
-            _, receiver, counter = unpack_header(data)
-            entry = indices.get(receiver)
-            keypair = entry.keypair if entry is not None else None
-            if keypair is None:
-                counters["rx_unknown_index"] += 1
-                continue
-            if now - keypair.created >= REJECT_AFTER_TIME or counter >= REJECT_AFTER_MESSAGES:
-                counters["rx_expired_keypair"] += 1
-                continue
-            nonce = keypair.receive_nonce
-            pack_nonce(nonce, 4, counter)
-            try:
-                plaintext = keypair.receive.decrypt(nonce, memoryview(data)[TRANSPORT_HEADER_SIZE:], None)
-            except InvalidTag:
-                counters["rx_decrypt_failed"] += 1
-                continue
-            if not keypair.replay.accept(counter):
-                counters["rx_replay"] += 1
-                continue
-            peer = entry.peer  # type: ignore[union-attr]
-            # Roaming: the peer lives where its latest authenticated packet came from.
-            peer.endpoint = endpoint
-            peer.rx_bytes += size
-            if peer.keypairs.next is keypair:
-                self._confirm_keypair(peer, keypair, now, out)
-            length = len(plaintext)
-            if length == 0:
-                if peer not in heard:
-                    heard[peer] = False
-                counters["rx_keepalive"] += 1
-                continue
-            heard[peer] = True
-            version = plaintext[0] >> 4
-            if version == 4 and length >= 20:
-                inner_length = (plaintext[2] << 8) | plaintext[3]
-                source = plaintext[12:16]
-                minimum = 20
-            elif version == 6 and length >= 40:
-                inner_length = 40 + ((plaintext[4] << 8) | plaintext[5])
-                source = plaintext[8:24]
-                minimum = 40
-            else:
-                counters["rx_bad_inner_packet"] += 1
-                continue
-            if not minimum <= inner_length <= length:
-                counters["rx_bad_inner_packet"] += 1
-                continue
-            if lookup(source) is not peer:
-                counters["rx_source_not_allowed"] += 1
-                continue
-            tun_packets.append(plaintext if inner_length == length else plaintext[:inner_length])
-        self._after_receive(heard, now, out)
-        return tun_packets, self._transmits(out)
+            start = len(buf)
+            buf += data
+            chunks += (start, len(buf), max(len(data), 1))
+            endpoints.append(endpoint)
+        count, transmits = self.handle_udp_packed(buf, chunks, endpoints, now, under_load)
+        layout = self.rx_layout
+        packets = [bytes(buf[layout[2 * k]:layout[2 * k] + layout[2 * k + 1]]) for k in range(count)]
+        return packets, transmits
 
     def handle_udp_packed(
         self, buf: bytearray, chunks: list[int], endpoints: list[Endpoint], now: float, under_load: bool = False
@@ -737,6 +648,9 @@ class Device:
         heard: dict[Peer, bool] = {}
         for c, endpoint in enumerate(endpoints):
             pos, end, stride = chunks[3 * c], chunks[3 * c + 1], chunks[3 * c + 2]
+            if pos >= end:
+                counters["rx_too_short"] += 1  # an empty datagram
+                continue
             while pos < end:
                 size = end - pos if end - pos < stride else stride
                 kind = unpack_type(buf, pos)[0] if size >= 4 else -1

@@ -7,12 +7,7 @@ WireGuard paper, section 5.4.7, as wireguard-go's ReceivedWithKeypair).
 
 from __future__ import annotations
 
-import struct
-
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-
 from turbowg.device.constants import (
-    MESSAGE_TRANSPORT,
     REJECT_AFTER_MESSAGES,
     REJECT_AFTER_TIME,
 )
@@ -22,26 +17,18 @@ from turbowg.noise import transport
 # The C open_batch needs the C window; both have the same accept(counter) used by the slow path.
 ReplayWindow = transport.CReplayWindow or _PyReplayWindow
 
-# Transport header: type (u32 LE, 4) | receiver index (u32 LE) | counter (u64 LE).
-TRANSPORT_HEADER = struct.Struct("<IIQ")
-# AEAD nonce: 4 zero bytes then the counter, little endian.
-NONCE_COUNTER = struct.Struct("<Q")
 
 
 class Keypair:
     """One direction pair of transport keys with its counters and indices."""
 
     __slots__ = (
-        "send",
-        "receive",
         "send_counter",
         "replay",
         "local_index",
         "remote_index",
         "created",
         "is_initiator",
-        "send_nonce",
-        "receive_nonce",
         "send_aead",
         "receive_aead",
     )
@@ -55,8 +42,6 @@ class Keypair:
         created: float,
         is_initiator: bool,
     ) -> None:
-        self.send = ChaCha20Poly1305(bytes(send_key))
-        self.receive = ChaCha20Poly1305(bytes(receive_key))
         # Batch sealing/opening for the packed data path (turbowg/noise/transport.py).
         self.send_aead = transport.Aead(bytes(send_key))
         self.receive_aead = transport.Aead(bytes(receive_key))
@@ -66,12 +51,6 @@ class Keypair:
         self.remote_index = remote_index
         self.created = created
         self.is_initiator = is_initiator
-        # Scratch nonces reused for every packet: only bytes 4..12 change.
-        self.send_nonce = bytearray(12)
-        self.receive_nonce = bytearray(12)
-
-    def header_into(self, buf: bytearray, counter: int) -> None:
-        TRANSPORT_HEADER.pack_into(buf, 0, MESSAGE_TRANSPORT, self.remote_index, counter)
 
     def usable_for_sending(self, now: float) -> bool:
         """Not expired by age or message count (wireguard-go's SendStagedPackets check)."""
