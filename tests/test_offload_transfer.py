@@ -6,12 +6,14 @@ coalesced frames written, GSO on the underlay), and `ethtool -k` on its interfac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 from netns import needs_netns
@@ -89,6 +91,18 @@ def assert_offloads_used(tun: Tunnel, sender: Side, receiver: Side, before, afte
                 assert d["udp_recv_calls"] < d["udp_recv_datagrams"], f"no GRO on the underlay: {d}"
 
 
+@contextlib.contextmanager
+def ready_tunnel(impls: tuple[str, str], direction: str, tmp_path) -> Iterator[tuple[Tunnel, Side, Side]]:
+    """The tunnel, up and pinging, with offloads shown on by ethtool on every turbowg side."""
+    with tunnel(*impls, tmp_path=str(tmp_path)) as tun:
+        sender, receiver = ends(tun, direction)
+        for side in (tun.a, tun.b):
+            if side.impl == "turbowg":
+                assert_offloads_on(side)
+        assert ping(sender, receiver.inner_ip), "no tunnel"
+        yield tun, sender, receiver
+
+
 def peer_counters(side: Side) -> tuple[int, int]:
     peer = wg_dump(side)[1]  # public-key psk endpoint allowed-ips latest-handshake rx tx keepalive
     return int(peer[5]), int(peer[6])
@@ -97,12 +111,7 @@ def peer_counters(side: Side) -> tuple[int, int]:
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("impls", PAIRS)
 def test_tcp_200mb_with_offloads_arrives_intact(impls: tuple[str, str], direction: str, tmp_path) -> None:
-    with tunnel(*impls, tmp_path=str(tmp_path)) as tun:
-        sender, receiver = ends(tun, direction)
-        for side in (tun.a, tun.b):
-            if side.impl == "turbowg":
-                assert_offloads_on(side)
-        assert ping(sender, receiver.inner_ip), "no tunnel"
+    with ready_tunnel(impls, direction, tmp_path) as (tun, sender, receiver):
         before = counters(tun)
         started = time.monotonic()
         sent, received = tcp_transfer(sender, receiver, receiver.inner_ip, TCP_BYTES, timeout=60)
@@ -143,12 +152,7 @@ def udp_transfer(sender: Side, receiver: Side, timeout: float = 40) -> tuple[dic
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("impls", PAIRS)
 def test_udp_gso_gro_file_with_offloads_arrives_intact(impls: tuple[str, str], direction: str, tmp_path) -> None:
-    with tunnel(*impls, tmp_path=str(tmp_path)) as tun:
-        sender, receiver = ends(tun, direction)
-        for side in (tun.a, tun.b):
-            if side.impl == "turbowg":
-                assert_offloads_on(side)
-        assert ping(sender, receiver.inner_ip), "no tunnel"
+    with ready_tunnel(impls, direction, tmp_path) as (tun, sender, receiver):
         before = counters(tun)
         sent, got, seconds = udp_transfer(sender, receiver)
         after = counters(tun)

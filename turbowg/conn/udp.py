@@ -36,6 +36,7 @@ import logging
 import socket
 import struct
 import sys
+from array import array
 
 log = logging.getLogger(__name__)
 
@@ -242,53 +243,14 @@ class UDPBind:
         return addr
 
     def send_batch(self, endpoint: Endpoint, datagrams: list) -> None:
-        addr = self._sockaddr(endpoint)
+        """Send datagrams (bytes-like) to one endpoint, batched as send_packed does."""
+        self._sockaddr(endpoint)  # a malformed endpoint raises even for an empty batch
         if not datagrams:
             return
-        if not self.gso:
-            self._send_each(addr, datagrams, 0)
-            return
-        limit = MAX_SEND_V4 if addr[0].startswith("::ffff:") else MAX_SEND_V6
-        sendmsg = self._sock.sendmsg
-        counters = self.counters
-        n = len(datagrams)
-        i = 0
-        while i < n:
-            size = len(datagrams[i])
-            j = i + 1
-            total = size
-            while j < n and j - i < MAX_SEGMENTS:
-                length = len(datagrams[j])
-                if length > size or total + length > limit:
-                    break
-                total += length
-                j += 1
-                if length < size:
-                    break
-            if j - i == 1:
-                if not self._send_each(addr, datagrams, i, i + 1):
-                    return
-                i = j
-                continue
-            batch = datagrams[i:j]
-            try:
-                sendmsg(batch, [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))], 0, addr)
-            except BlockingIOError:
-                counters["send_dropped_eagain"] += n - i
-                return
-            except OSError as exc:
-                if exc.errno in _GSO_REFUSALS:
-                    self._disable_gso(exc)
-                    self._send_each(addr, datagrams, i)
-                    return
-                counters["send_errors"] += len(batch)
-                i = j
-                continue
-            counters["send_calls"] += 1
-            counters["send_datagrams"] += len(batch)
-            i = j
+        sizes = array("i", [len(d) for d in datagrams])
+        self.send_packed(endpoint, b"".join(datagrams), 0, sizes, 0, len(datagrams))
 
-    def send_packed(self, endpoint: Endpoint, buf: bytearray, offset: int, sizes, sizes_start: int,
+    def send_packed(self, endpoint: Endpoint, buf: bytes | bytearray, offset: int, sizes, sizes_start: int,
                     count: int) -> None:
         """Send `count` datagrams lying back to back in buf from `offset` (sizes[sizes_start:]): each run of
         equal sizes (a shorter one may end it; at most 64 and 65507/65527 bytes) in one UDP_SEGMENT sendmsg."""
@@ -298,7 +260,7 @@ class UDPBind:
         mv = memoryview(buf)
         counters = self.counters
         if not self.gso:
-            self._send_each(addr, self._slices(mv, offset, sizes, sizes_start, count), 0)
+            self._send_each(addr, self._slices(mv, offset, sizes, sizes_start, count))
             return
         limit = MAX_SEND_V4 if addr[0].startswith("::ffff:") else MAX_SEND_V6
         sendmsg = self._sock.sendmsg
@@ -330,7 +292,7 @@ class UDPBind:
                 if j - i > 1 and exc.errno in _GSO_REFUSALS:
                     self._disable_gso(exc)
                     rest = stop - i
-                    self._send_each(addr, self._slices(mv, pos, sizes, i, rest), 0)
+                    self._send_each(addr, self._slices(mv, pos, sizes, i, rest))
                     return
                 counters["send_errors"] += j - i
                 i = j
@@ -358,13 +320,12 @@ class UDPBind:
             log.warning("UDP port %d: segmented send refused (%s); sending one datagram per call",
                         self.port, exc.strerror)
 
-    def _send_each(self, addr: tuple, datagrams: list, start: int, stop: int | None = None) -> bool:
+    def _send_each(self, addr: tuple, datagrams: list) -> bool:
         """sendto per datagram; False when EAGAIN dropped the rest of the batch."""
         sendto = self._sock.sendto
         counters = self.counters
-        stop = len(datagrams) if stop is None else stop
         sent = 0
-        for k in range(start, stop):
+        for k in range(len(datagrams)):
             try:
                 sendto(datagrams[k], addr)
             except BlockingIOError:

@@ -449,12 +449,8 @@ class Device:
         staged = peer.staged
         if not staged or not self.up:
             return
-        keypair = peer.keypairs.current
-        if (
-            keypair is None
-            or not keypair.usable_for_sending(now)
-            or keypair.send_counter + len(staged) > REJECT_AFTER_MESSAGES
-        ):
+        keypair = self._sending_keypair(peer, len(staged), now)
+        if keypair is None:
             self._initiate_handshake(peer, now, out)
             return
         packets = list(staged)
@@ -485,6 +481,18 @@ class Device:
             datagrams.append(sealed[pos:pos + size])
             pos += size
         self._after_send(peer, len(sealed), any(len(p) for p in packets), now, out)
+
+    @staticmethod
+    def _sending_keypair(peer: Peer, count: int, now: float) -> Keypair | None:
+        """The current keypair if it may seal `count` more messages now, else None."""
+        keypair = peer.keypairs.current
+        if (
+            keypair is None
+            or not keypair.usable_for_sending(now)
+            or keypair.send_counter + count > REJECT_AFTER_MESSAGES
+        ):
+            return None
+        return keypair
 
     def _after_send(self, peer: Peer, sent_bytes: int, sent_data: bool, now: float, out: _Out) -> None:
         peer.tx_bytes += sent_bytes
@@ -518,14 +526,8 @@ class Device:
         return self._transmits(per_endpoint)
 
     def _send_packets(self, peer: Peer, packets: list[bytes | memoryview], now: float, out: _Out) -> None:
-        keypair = peer.keypairs.current
-        if (
-            peer.staged
-            or keypair is None
-            or not self.up
-            or not keypair.usable_for_sending(now)
-            or keypair.send_counter + len(packets) > REJECT_AFTER_MESSAGES
-        ):
+        keypair = None if peer.staged or not self.up else self._sending_keypair(peer, len(packets), now)
+        if keypair is None:
             staged = peer.staged
             overflow = len(staged) + len(packets) - staged.maxlen  # type: ignore[operator]
             if overflow > 0:
@@ -577,14 +579,8 @@ class Device:
         tx_sizes = self.tx_sizes
         for peer, peer_runs in per_peer.items():
             total = sum(peer_runs[1::2])
-            keypair = peer.keypairs.current
-            if (
-                peer.staged
-                or keypair is None
-                or not self.up
-                or not keypair.usable_for_sending(now)
-                or keypair.send_counter + total > REJECT_AFTER_MESSAGES
-            ):
+            keypair = None if peer.staged or not self.up else self._sending_keypair(peer, total, now)
+            if keypair is None:
                 packets = []
                 for j in range(0, len(peer_runs), 2):
                     for k in range(peer_runs[j], peer_runs[j] + peer_runs[j + 1]):
