@@ -87,9 +87,7 @@ class UDPBind:
         self.fwmark = 0
         if fwmark:
             self.set_fwmark(fwmark)
-        self._buf = bytearray(RECV_BUFFER)
-        self._bufs = [self._buf]
-        self._mv = memoryview(self._buf)
+        self._list_buf = bytearray()  # recv_batch's reads, allocated on first use
         self._to_sockaddr: dict[Endpoint, tuple] = {}
         self._from_sockaddr: dict[tuple[str, int], Endpoint] = {}
         self.counters: dict[str, int] = {
@@ -132,40 +130,24 @@ class UDPBind:
 
     # -- receive --------------------------------------------------------------------------------------------
     def recv_batch(self, out: list, max_calls: int = 64) -> int:
-        """Up to `max_calls` reads until EAGAIN; appends (datagram, endpoint); returns datagrams appended."""
-        recvmsg_into = self._sock.recvmsg_into
-        bufs = self._bufs
-        mv = self._mv
-        anc = _GRO_CMSG_SPACE if self.gro else 0
-        endpoints = self._from_sockaddr
+        """Up to `max_calls` reads until EAGAIN; appends (datagram: bytes, endpoint); returns datagrams
+        appended. (The list form of recv_packed, for callers that want objects.)"""
+        if len(self._list_buf) < max_calls * RECV_BUFFER:
+            self._list_buf = bytearray(max_calls * RECV_BUFFER)
+        buf = self._list_buf
+        chunks: list[int] = []
+        endpoints: list = []
+        self.recv_packed(buf, 0, len(buf) - RECV_BUFFER, chunks, endpoints, max_calls)
         count = 0
-        calls = 0
-        for calls in range(1, max_calls + 1):  # noqa: B007 - calls is read after the loop
-            try:
-                n, ancdata, _flags, addr = recvmsg_into(bufs, anc)
-            except BlockingIOError:
-                calls -= 1
-                break
-            except OSError:
-                self.counters["recv_errors"] += 1
-                continue
-            key = (addr[0], addr[1])
-            endpoint = endpoints.get(key)
-            if endpoint is None:
-                endpoint = self._endpoint_of(key)
-            seg = 0
-            for level, kind, data in ancdata:
-                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
-                    seg = int.from_bytes(data[:4] if len(data) >= 4 else data[:2], sys.byteorder)
-            if seg and seg < n:
-                for off in range(0, n, seg):
-                    out.append((bytes(mv[off:min(off + seg, n)]), endpoint))
-                    count += 1
-            else:
-                out.append((bytes(mv[:n]), endpoint))
+        for c, endpoint in enumerate(endpoints):
+            pos, end, stride = chunks[3 * c], chunks[3 * c + 1], chunks[3 * c + 2]
+            if pos == end:
+                out.append((b"", endpoint))
                 count += 1
-        self.counters["recv_calls"] += calls
-        self.counters["recv_datagrams"] += count
+            while pos < end:
+                out.append((bytes(buf[pos:min(pos + stride, end)]), endpoint))
+                pos += stride
+                count += 1
         return count
 
     def recv_packed(self, buf: bytearray, cursor: int, limit: int, chunks: list[int], endpoints: list,
