@@ -567,6 +567,8 @@ class Device:
             peer_runs = per_peer.get(peer)
             if peer_runs is None:
                 per_peer[peer] = [start, runs[i + 1]]
+            elif peer_runs[-2] + peer_runs[-1] == start:
+                peer_runs[-1] += runs[i + 1]  # adjacent in the stage: one seal call for both
             else:
                 peer_runs.append(start)
                 peer_runs.append(runs[i + 1])
