@@ -241,6 +241,8 @@ class TunDevice:
             segments = -(-(size - vnet.VNET_HDR_LEN - hdr_len) // gso_size)
             try:
                 self._write(write, fd, frame, segments)
+            except TunGone:
+                raise
             except OSError:  # EINVAL: this kernel refuses coalesced writes
                 self._refuse_gro()
                 self._write_split(frame)
