@@ -121,6 +121,9 @@ def split(packet: bytes | bytearray | memoryview, gso_type: int, gso_size: int, 
     header[csum_at:csum_at + 2] = b"\0\0"
     l4_base = ones_sum(header[t:hlen], addr_sum)
     payload_len = n - hlen
+    longest = hlen + min(payload_len, gso_size)  # the first segment's length fields must fit 16 bits
+    if (longest if v4 else longest - 40) > 0xFFFF:
+        raise MalformedPacket("segment too long")
     count = max(1, -(-payload_len // gso_size))
     payload_sums = _payload_sums(pkt, hlen, n, gso_size, count)
     last = count - 1
