@@ -176,3 +176,43 @@ def test_packed_send_routes_per_peer_and_counts_unroutable() -> None:
     packed, _ = pair.a.handle_tun_packed(buf, layout, runs, pair.now)
     assert len(packed) == 1 and packed[0].count == 1
     assert pair.a.counters["tun_no_route"] == 1 and pair.a.counters["tun_too_short"] == 1
+
+
+def test_interleaved_packets_to_two_peers_go_to_each_intact() -> None:
+    """a has peers b (10.0.0.2) and c (10.0.0.3): one staged batch interleaving both is split per peer,
+    in order, each peer's messages back to back in tx_buffer."""
+    import random
+
+    from turbowg.noise.primitives import generate_private_key
+
+    pair = Pair()
+    pair.handshake()
+    c_key = generate_private_key()
+    c = Device(private_key=c_key, wall_clock=pair.wall_clock, rng=random.Random(3))
+    c_endpoint = ("192.0.2.3", 51822)
+    c.apply_update(DeviceUpdate(listen_port=c_endpoint[1], peers=[PeerUpdate(
+        public_key=public_key(pair.a_key), allowed_ips=[ipaddress.ip_network("10.0.0.1/32")])]), now=pair.now)
+    pair.a.apply_update(DeviceUpdate(peers=[PeerUpdate(
+        public_key=public_key(c_key), endpoint=c_endpoint,
+        allowed_ips=[ipaddress.ip_network("10.0.0.3/32")])]), now=pair.now)
+    # Handshake a <-> c through the packed paths.
+    buf, layout, runs = stage([ipv4_packet(A_V4, "10.0.0.3", b"hi")])
+    _, init = pair.a.handle_tun_packed(buf, layout, runs, pair.now)
+    rbuf, chunks = as_reads(pair.datagrams(init, c_endpoint))
+    _, resp = c.handle_udp_packed(rbuf, chunks, [A_ENDPOINT], pair.now)
+    rbuf, chunks = as_reads(pair.datagrams(resp, A_ENDPOINT))
+    _, staged = pair.a.handle_udp_packed(rbuf, chunks, [c_endpoint], pair.now)
+    rbuf, chunks = as_reads(pair.datagrams(staged, c_endpoint))
+    c.handle_udp_packed(rbuf, chunks, [A_ENDPOINT], pair.now)
+
+    to_b = [ipv4_packet(A_V4, B_V4, bytes([i]) * 700) for i in range(6)]
+    to_c = [ipv4_packet(A_V4, "10.0.0.3", bytes([100 + i]) * 700) for i in range(6)]
+    mixed = [p for pair_ in zip(to_b, to_c, strict=True) for p in pair_] + to_b[:1] + to_b[:1]
+    buf, layout, runs = stage(mixed)
+    packed, other = pair.a.handle_tun_packed(buf, layout, runs, pair.now)
+    assert other == [] and {item.endpoint for item in packed} == {B_ENDPOINT, c_endpoint}
+    for item in packed:
+        device, expected = (pair.b, to_b + to_b[:1] * 2) if item.endpoint == B_ENDPOINT else (c, to_c)
+        rbuf, chunks = as_reads(messages(pair.a, item))
+        n, _ = device.handle_udp_packed(rbuf, chunks, [A_ENDPOINT] * (len(chunks) // 3), pair.now)
+        assert inner(device, rbuf, n) == expected
