@@ -678,3 +678,19 @@ def test_c_coalesce_keeps_different_df_apart() -> None:
     run = run_coalesce(fast.coalesce, packets)
     assert frames_out(run) == python_frames(packets)
     assert run[0] == 2
+
+
+@pytest.mark.parametrize("fn", [fast.ingest, fast.ingest_py])
+def test_smallest_mss_monster_fits_the_read_room(fn) -> None:
+    """The room TunDevice promises per read (READ_ROOM_*) holds the worst a TUN read can bring: a 64 KiB
+    TCPv6 monster with 40 bytes of options cut at Linux's smallest MSS (48)."""
+    from turbowg.tun.device import READ_ROOM_BYTES, READ_ROOM_PACKETS
+
+    options = b"\x01" * 40
+    pkt = build_monster(True, False, 65535 - 40 - 20 - 40, 3, options=options)
+    frame = monster_frame(pkt, 48)
+    dst = bytearray(READ_ROOM_BYTES)
+    layout = array.array("i", bytes(8 * READ_ROOM_PACKETS))
+    count, end = fn(frame, len(frame), dst, 0, layout, 0)
+    assert count == -(-(65535 - 100) // 48) and end <= READ_ROOM_BYTES
+    assert all(transport_checksum_ok(dst[layout[2 * k]:layout[2 * k] + layout[2 * k + 1]]) for k in (0, count - 1))

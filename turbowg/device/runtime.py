@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from turbowg.conn.udp import RECV_BUFFER, UDPBind
 from turbowg.device.core import RX_MAX_PACKETS, TX_MAX_MESSAGES, Device
-from turbowg.tun.device import TunDevice, open_tun
+from turbowg.tun.device import READ_ROOM_BYTES, READ_ROOM_PACKETS, TunDevice, open_tun
 from turbowg.uapi.server import UAPIServer, start_uapi_server
 
 log = logging.getLogger("turbowg.runtime")
@@ -32,8 +32,8 @@ UNDER_LOAD_HANDSHAKES_PER_SECOND = 64
 UNDER_LOAD_HOLD = 1.0
 # Packed batches: all TUN reads of one wake land in one staging buffer, all UDP reads in one receive buffer.
 TUN_STAGE_BYTES = 1 << 20
-TUN_STAGE_ROOM = 2 * 65536 + 4096  # what one read may add (a split 64 KiB monster plus its headers)
-TUN_STAGE_PACKETS = TX_MAX_MESSAGES - 256
+TUN_STAGE_ROOM = READ_ROOM_BYTES  # what one read may add (see turbowg/tun/device.py)
+TUN_STAGE_PACKETS = TX_MAX_MESSAGES - READ_ROOM_PACKETS
 UDP_RECV_BYTES = 2 << 20  # RX_MAX_PACKETS * 32 bytes: every datagram here fits Device.rx_layout
 assert UDP_RECV_BYTES <= RX_MAX_PACKETS * 32
 

@@ -75,6 +75,10 @@ OFFLOAD_CHOICES = (
 )
 
 READ_BUFFER_SIZE = 65535 + vnet.VNET_HDR_LEN
+# Room read_packed needs in the caller's buffers: a 64 KiB TSO monster cut at the smallest MSS Linux allows
+# (48 bytes) is ~1400 segments, each with up to 120 bytes of IP+TCP header.
+READ_ROOM_PACKETS = 2048
+READ_ROOM_BYTES = 65536 + READ_ROOM_PACKETS * 128
 # write_packed: frames of one batch are built here (the runtime hands at most this much per call).
 WRITE_BUFFER_SIZE = 4 << 20
 WRITE_MAX_FRAMES = 65536
@@ -117,12 +121,12 @@ class TunDevice:
         self._wbuf = bytearray(WRITE_BUFFER_SIZE)
         self._wmv = memoryview(self._wbuf)
         self._frames = array("i", bytes(8 * WRITE_MAX_FRAMES))
-        self._split_buf = bytearray(2 * 65536 + 64 * 128)
-        self._split_layout = array("i", bytes(8 * 512))
-        self._one_stage = bytearray(2 * 65536 + 64 * 128)  # read_batch: one read's packets
-        self._one_layout = array("i", bytes(8 * 512))
+        self._split_buf = bytearray(READ_ROOM_BYTES)
+        self._split_layout = array("i", bytes(8 * READ_ROOM_PACKETS))
+        self._one_stage = bytearray(READ_ROOM_BYTES)  # read_batch: one read's packets
+        self._one_layout = array("i", bytes(8 * READ_ROOM_PACKETS))
         self.counters: dict[str, int] = {
-            "read_frames": 0, "read_packets": 0, "read_malformed": 0,
+            "read_frames": 0, "read_packets": 0, "read_malformed": 0, "read_dropped_no_room": 0,
             "write_frames": 0, "write_packets": 0, "write_dropped_eagain": 0, "write_errors": 0,
             "gro_disabled": 0,
         }
@@ -188,7 +192,7 @@ class TunDevice:
     def read_packed(self, dst: bytearray, dst_off: int, layout: array, idx: int) -> tuple[int, int]:
         """One read; its packets (split, checksums completed) go to dst[dst_off:] and layout[2*idx:].
         Returns (count, next offset); count is -1 when nothing was ready, 0 for a dropped malformed frame.
-        The caller leaves 2 * 65536 bytes and 256 layout entries of room."""
+        The caller leaves READ_ROOM_BYTES and READ_ROOM_PACKETS layout entries of room."""
         try:
             n = os.readv(self._fd, self._rlist)
         except BlockingIOError:
@@ -209,6 +213,9 @@ class TunDevice:
             count, next_off = fast.ingest(self._rbuf, n, dst, dst_off, layout, idx)
         except ValueError:
             counters["read_malformed"] += 1
+            return 0, dst_off
+        except BufferError:  # more segments than the room promised: drop the frame, count it, go on
+            counters["read_dropped_no_room"] += 1
             return 0, dst_off
         counters["read_packets"] += count
         return count, next_off
