@@ -210,6 +210,26 @@ def test_udp_gro_writes_arrive_in_order(tun_ns, v6: bool) -> None:
     assert dev.counters["write_errors"] == 0
 
 
+def test_batch_larger_than_the_write_buffer_is_written_in_order(tun_ns, monkeypatch) -> None:
+    import turbowg.tun.device as device_mod
+
+    monkeypatch.setattr(device_mod, "WRITE_MAX_BYTES", 5000)  # ~4 packets per coalesce pass
+    _ns, dev = tun_ns
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with rx:
+        rx.bind((TUN_IP, 0))
+        rx.settimeout(2)
+        port = rx.getsockname()[1]
+        payloads = [i.to_bytes(2, "big") * 500 for i in range(30)]
+        src, dst = socket.inet_aton(PEER_IP), socket.inet_aton(TUN_IP)
+        dev.write_batch([udp_packet(False, p, dport=port, src=src, dst=dst) for p in payloads])
+        got = [rx.recv(65536) for _ in payloads]
+    assert got == payloads
+    assert dev.counters["write_packets"] == 30 and dev.counters["write_errors"] == 0
+    if dev.gro_udp:
+        assert 30 / 5 <= dev.counters["write_frames"] < 30
+
+
 def test_without_vnet_header_and_deletion_detected() -> None:
     with namespace_pair("tt") as pair, inside(pair.a):
         name = "tt" + uuid.uuid4().hex[:8]

@@ -90,8 +90,9 @@ class PackedTransmit:
 # Room of the packed send path: what one batch of TUN reads can produce (the runtime stays below).
 TX_BUFFER_SIZE = 4 << 20
 TX_MAX_MESSAGES = 8192
-# Room of the packed receive path: inner packets one batch of UDP reads can hold (32 bytes each at least).
-RX_MAX_PACKETS = 65536
+# Room of the packed receive path: inner packets one batch of UDP reads can hold (32 bytes each at least:
+# the runtime's 2 MiB receive buffer plus one last 64 KiB read).
+RX_MAX_PACKETS = 68 << 10
 
 
 # DESIGN.md calls the same thing "Outgoing".

@@ -17,7 +17,14 @@ from collections.abc import Callable
 
 from turbowg.conn.udp import RECV_BUFFER, UDPBind
 from turbowg.device.core import RX_MAX_PACKETS, TX_MAX_MESSAGES, Device
-from turbowg.tun.device import READ_ROOM_BYTES, READ_ROOM_PACKETS, TunDevice, open_tun
+from turbowg.tun.device import (
+    READ_ROOM_BYTES,
+    READ_ROOM_PACKETS,
+    WRITE_MAX_BYTES,
+    WRITE_MAX_FRAMES,
+    TunDevice,
+    open_tun,
+)
 from turbowg.uapi.server import UAPIServer, start_uapi_server
 
 log = logging.getLogger("turbowg.runtime")
@@ -34,8 +41,10 @@ UNDER_LOAD_HOLD = 1.0
 TUN_STAGE_BYTES = 1 << 20
 TUN_STAGE_ROOM = READ_ROOM_BYTES  # what one read may add (see turbowg/tun/device.py)
 TUN_STAGE_PACKETS = TX_MAX_MESSAGES - READ_ROOM_PACKETS
-UDP_RECV_BYTES = 2 << 20  # RX_MAX_PACKETS * 32 bytes: every datagram here fits Device.rx_layout
-assert UDP_RECV_BYTES <= RX_MAX_PACKETS * 32
+UDP_RECV_BYTES = 2 << 20  # reads stop past this; every datagram of a batch fits Device.rx_layout
+assert UDP_RECV_BYTES + RECV_BUFFER <= RX_MAX_PACKETS * 32
+# ... and one TUN write_packed call takes all of them without cutting the batch.
+assert UDP_RECV_BYTES + RECV_BUFFER <= WRITE_MAX_BYTES and RX_MAX_PACKETS <= WRITE_MAX_FRAMES
 
 
 class Runtime:

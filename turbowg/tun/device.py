@@ -79,9 +79,10 @@ READ_BUFFER_SIZE = 65535 + vnet.VNET_HDR_LEN
 # (48 bytes) is ~1400 segments, each with up to 120 bytes of IP+TCP header.
 READ_ROOM_PACKETS = 2048
 READ_ROOM_BYTES = 65536 + READ_ROOM_PACKETS * 128
-# write_packed: frames of one batch are built here (the runtime hands at most this much per call).
+# write_packed: frames of one call are built here; a call with more packets or bytes is cut into several.
 WRITE_BUFFER_SIZE = 4 << 20
-WRITE_MAX_FRAMES = 65536
+WRITE_MAX_FRAMES = 1 << 17
+WRITE_MAX_BYTES = WRITE_BUFFER_SIZE - 10 * WRITE_MAX_FRAMES  # packet bytes; each frame adds a 10-byte header
 _GONE_ERRNOS = (errno.EBADFD,)
 
 
@@ -233,6 +234,13 @@ class TunDevice:
                 self._write(os.write, fd, mv[off:off + layout[2 * k + 1]], 1)
             return
         frames = self._frames
+        # Packets lie within buf, so a buf that fits the write buffer needs no counting (the runtime's does).
+        stop = self._fits(layout, count) if count > WRITE_MAX_FRAMES or len(buf) > WRITE_MAX_BYTES else count
+        if stop < count:  # more than one write buffer: in order, a slice at a time
+            view = memoryview(layout)
+            self.write_packed(buf, layout, stop)
+            self.write_packed(buf, view[2 * stop:], count - stop)
+            return
         nframes = fast.coalesce(buf, layout, count, self._wbuf, frames, self.gro_tcp, self.gro_udp)
         wmv = self._wmv
         write = os.write
@@ -253,6 +261,18 @@ class TunDevice:
             except OSError:  # EINVAL: this kernel refuses coalesced writes
                 self._refuse_gro()
                 self._write_split(frame)
+
+    @staticmethod
+    def _fits(layout, count: int) -> int:
+        """How many of the first `count` packets one coalesce into the write buffer takes."""
+        if count > WRITE_MAX_FRAMES:
+            count = WRITE_MAX_FRAMES
+        total = 0
+        for k in range(count):
+            total += layout[2 * k + 1]
+            if total > WRITE_MAX_BYTES:
+                return max(k, 1)
+        return count
 
     def _refuse_gro(self) -> None:
         if self.gro_tcp or self.gro_udp:
