@@ -210,19 +210,26 @@ def test_udp_gro_writes_arrive_in_order(tun_ns, v6: bool) -> None:
     assert dev.counters["write_errors"] == 0
 
 
-def test_batch_larger_than_the_write_buffer_is_written_in_order(tun_ns, monkeypatch) -> None:
-    import turbowg.tun.device as device_mod
-
-    monkeypatch.setattr(device_mod, "WRITE_MAX_BYTES", 5000)  # ~4 packets per coalesce pass
-    _ns, dev = tun_ns
+@contextlib.contextmanager
+def udp_sink() -> Iterator[tuple[socket.socket, object]]:
+    """A UDP socket at the TUN's address, and a maker of IPv4 packets from the peer to it."""
     rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with rx:
         rx.bind((TUN_IP, 0))
         rx.settimeout(2)
         port = rx.getsockname()[1]
-        payloads = [i.to_bytes(2, "big") * 500 for i in range(30)]
         src, dst = socket.inet_aton(PEER_IP), socket.inet_aton(TUN_IP)
-        dev.write_batch([udp_packet(False, p, dport=port, src=src, dst=dst) for p in payloads])
+        yield rx, lambda payloads: [udp_packet(False, p, dport=port, src=src, dst=dst) for p in payloads]
+
+
+def test_batch_larger_than_the_write_buffer_is_written_in_order(tun_ns, monkeypatch) -> None:
+    import turbowg.tun.device as device_mod
+
+    monkeypatch.setattr(device_mod, "WRITE_MAX_BYTES", 5000)  # ~4 packets per coalesce pass
+    _ns, dev = tun_ns
+    with udp_sink() as (rx, packets_for):
+        payloads = [i.to_bytes(2, "big") * 500 for i in range(30)]
+        dev.write_batch(packets_for(payloads))
         got = [rx.recv(65536) for _ in payloads]
     assert got == payloads
     assert dev.counters["write_packets"] == 30 and dev.counters["write_errors"] == 0
@@ -283,16 +290,11 @@ def test_refused_gro_write_turns_gro_off_and_rewrites_uncoalesced(tun_ns, monkey
 
     monkeypatch.setattr(device_mod.fast, "coalesce", broken_coalesce)
     _ns, dev = tun_ns
-    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with rx:
-        rx.bind((TUN_IP, 0))
-        rx.settimeout(2)
-        port = rx.getsockname()[1]
+    with udp_sink() as (rx, packets_for):
         payloads = [i.to_bytes(2, "big") * 500 for i in range(30)]
-        src, dst = socket.inet_aton(PEER_IP), socket.inet_aton(TUN_IP)
         with caplog.at_level("WARNING", logger="turbowg.tun.device"):
-            dev.write_batch([udp_packet(False, p, dport=port, src=src, dst=dst) for p in payloads[:20]])
-            dev.write_batch([udp_packet(False, p, dport=port, src=src, dst=dst) for p in payloads[20:]])
+            dev.write_batch(packets_for(payloads[:20]))
+            dev.write_batch(packets_for(payloads[20:]))
         got = [rx.recv(65536) for _ in payloads]
     assert got == payloads
     assert not dev.gro_tcp and not dev.gro_udp
