@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from turbowg.bench.stats import median_ci_with_coverage
+from turbowg.device.replay import ReplayWindow as PyReplayWindow
 from turbowg.noise import transport
 from turbowg.tun import fast
 from turbowg.tun.checksum import ones_sum
@@ -83,8 +84,6 @@ def build_cases() -> list[Case]:
             return impl.open_batch(work, 0, nbytes, stride, RECEIVER, window(), b"", out_layout, 0)
 
         return run
-
-    from turbowg.device.replay import ReplayWindow as PyReplayWindow
 
     c_aead = transport.Aead(key) if transport.HAVE_C else None
     py_aead = transport.PyAead(key)

@@ -36,7 +36,8 @@ import logging
 import socket
 import struct
 import sys
-from array import array
+
+from turbowg.packed import pack
 
 log = logging.getLogger(__name__)
 
@@ -229,8 +230,8 @@ class UDPBind:
         self._sockaddr(endpoint)  # a malformed endpoint raises even for an empty batch
         if not datagrams:
             return
-        sizes = array("i", [len(d) for d in datagrams])
-        self.send_packed(endpoint, b"".join(datagrams), 0, sizes, 0, len(datagrams))
+        buf, layout = pack(datagrams)
+        self.send_packed(endpoint, buf, 0, layout[1::2], 0, len(datagrams))
 
     def send_packed(self, endpoint: Endpoint, buf: bytes | bytearray, offset: int, sizes, sizes_start: int,
                     count: int) -> None:

@@ -59,6 +59,7 @@ from turbowg.noise.handshake import (
     create_response,
 )
 from turbowg.noise.transport import OVERHEAD, padded_length
+from turbowg.packed import pack
 from turbowg.uapi.model import DeviceSnapshot, DeviceUpdate, Endpoint, PeerSnapshot, PeerUpdate, UAPIError
 
 _MESSAGE_TYPE = struct.Struct("<I")
@@ -128,17 +129,6 @@ def _canonical_endpoint(endpoint: Endpoint) -> Endpoint:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return (str(address), port)
-
-
-def _pack(packets: Iterable[bytes | memoryview]) -> tuple[bytearray, array, int]:
-    """Packets back to back in one buffer plus their int32 (offset, length) layout."""
-    buf = bytearray()
-    offsets: list[int] = []
-    for packet in packets:
-        offsets.append(len(buf))
-        offsets.append(len(packet))
-        buf += packet
-    return buf, array("i", offsets), len(offsets) // 2
 
 
 class Device:
@@ -508,7 +498,8 @@ class Device:
     def handle_tun_batch(self, packets: Iterable[bytes | memoryview], now: float) -> list[Transmit]:
         """Route and encrypt IP packets read from the TUN; returns what to send, grouped per endpoint.
         (The list form of handle_tun_packed, for callers that hold packets as objects.)"""
-        buf, layout, count = _pack(packets)
+        buf, layout = pack(packets)
+        count = len(layout) // 2
         packed, transmits = self.handle_tun_packed(buf, layout, [k for i in range(count) for k in (i, 1)], now)
         return self._merge(packed, transmits)
 
@@ -526,18 +517,14 @@ class Device:
             per_endpoint.setdefault(transmit.endpoint, []).extend(transmit.datagrams)
         return self._transmits(per_endpoint)
 
-    def _send_packets(self, peer: Peer, packets: list[bytes | memoryview], now: float, out: _Out) -> None:
-        keypair = None if peer.staged or not self.up else self._sending_keypair(peer, len(packets), now)
-        if keypair is None:
-            staged = peer.staged
-            overflow = len(staged) + len(packets) - staged.maxlen  # type: ignore[operator]
-            if overflow > 0:
-                self.counters["staged_overflow"] += overflow
-            # The runtime may reuse its read buffers: keep copies.
-            staged.extend(p if type(p) is bytes else bytes(p) for p in packets)
-            self._send_staged(peer, now, out)
-            return
-        self._encrypt_and_send(peer, keypair, packets, now, out)
+    def _stage_packets(self, peer: Peer, packets: list[bytes], now: float, out: _Out) -> None:
+        """No usable session for `packets` (copies): queue them and start or await a handshake."""
+        staged = peer.staged
+        overflow = len(staged) + len(packets) - staged.maxlen  # type: ignore[operator]
+        if overflow > 0:
+            self.counters["staged_overflow"] += overflow
+        staged.extend(packets)
+        self._send_staged(peer, now, out)
 
     def handle_tun_packed(
         self, buf: bytearray, layout: array, runs: list[int], now: float
@@ -584,12 +571,12 @@ class Device:
             total = sum(peer_runs[1::2])
             keypair = None if peer.staged or not self.up else self._sending_keypair(peer, total, now)
             if keypair is None:
-                packets = []
+                packets = []  # copies: the runtime reuses its stage
                 for j in range(0, len(peer_runs), 2):
                     for k in range(peer_runs[j], peer_runs[j] + peer_runs[j + 1]):
                         off = layout[2 * k]
                         packets.append(bytes(buf[off:off + layout[2 * k + 1]]))
-                self._send_packets(peer, packets, now, out)
+                self._stage_packets(peer, packets, now, out)
                 continue
             endpoint = peer.endpoint
             if endpoint is None:

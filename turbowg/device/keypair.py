@@ -18,7 +18,6 @@ from turbowg.noise import transport
 ReplayWindow = transport.CReplayWindow or _PyReplayWindow
 
 
-
 class Keypair:
     """One direction pair of transport keys with its counters and indices."""
 

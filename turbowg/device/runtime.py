@@ -200,7 +200,7 @@ class Runtime:
             return
         now = time.monotonic()
         count, transmits = self.device.handle_udp_packed(buf, chunks, senders, now,
-                                                         under_load=self._under_load_packed(buf, chunks, now))
+                                                         under_load=self._under_load(buf, chunks, now))
         if count and self.tun is not None:
             try:
                 self.tun.write_packed(buf, self.device.rx_layout, count)
@@ -210,17 +210,14 @@ class Runtime:
         if transmits:
             self._send(transmits)
 
-    def _under_load_packed(self, buf: bytearray, chunks: list[int], now: float) -> bool:
-        # Handshake messages come alone (one datagram per read): count reads that start with type 1 or 2.
+    def _under_load(self, buf: bytearray, chunks: list[int], now: float) -> bool:
+        # Handshake messages (types 1 and 2) per second; a flood turns on cookie replies for a while.
+        # They come alone (one datagram per read): count the reads that start with one.
         handshakes = 0
         for i in range(0, len(chunks), 3):
             offset = chunks[i]
             if chunks[i + 1] - offset >= 4 and buf[offset] in (1, 2) and not buf[offset + 1]:
                 handshakes += 1
-        return self._count_handshakes(handshakes, now)
-
-    def _count_handshakes(self, handshakes: int, now: float) -> bool:
-        # Handshake messages (types 1 and 2) per second; a flood turns on cookie replies for a while.
         if handshakes:
             if now - self._handshake_window_start > 1.0:
                 self._handshake_window_start = now

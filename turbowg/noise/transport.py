@@ -104,12 +104,12 @@ class PyAead:
             kind, index, counter = _HEADER.unpack_from(mv, pos)
             if kind != MESSAGE_TRANSPORT or index != receiver or out_idx + n_out >= out_cap:
                 break
+            start = pos
             pos += stride
             if counter >= REJECT_AFTER_MESSAGES:
                 expired += 1
                 continue
             _NONCE.pack_into(nonce, 4, counter)
-            start = pos - stride
             body = start + HEADER_SIZE
             try:
                 plain = self._cipher.decrypt(nonce, mv[body:start + length], None)

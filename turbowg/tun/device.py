@@ -44,6 +44,8 @@ import socket
 import struct
 from array import array
 
+from turbowg.packed import pack
+
 from . import fast, vnet
 
 log = logging.getLogger(__name__)
@@ -122,10 +124,9 @@ class TunDevice:
         self._wbuf = bytearray(WRITE_BUFFER_SIZE)
         self._wmv = memoryview(self._wbuf)
         self._frames = array("i", bytes(8 * WRITE_MAX_FRAMES))
-        self._split_buf = bytearray(READ_ROOM_BYTES)
-        self._split_layout = array("i", bytes(8 * READ_ROOM_PACKETS))
-        self._one_stage = bytearray(READ_ROOM_BYTES)  # read_batch: one read's packets
-        self._one_layout = array("i", bytes(8 * READ_ROOM_PACKETS))
+        # One read's packets, for read_batch and for cutting up a refused GRO frame (never both at once).
+        self._scratch = bytearray(READ_ROOM_BYTES)
+        self._scratch_layout = array("i", bytes(8 * READ_ROOM_PACKETS))
         self.counters: dict[str, int] = {
             "read_frames": 0, "read_packets": 0, "read_malformed": 0, "read_dropped_no_room": 0,
             "write_frames": 0, "write_packets": 0, "write_dropped_eagain": 0, "write_errors": 0,
@@ -180,11 +181,11 @@ class TunDevice:
     # -- data path ------------------------------------------------------------------------------------------
     def read_batch(self, out: list) -> int:
         """One read (see read_packed); appends the packets to `out` as bytearrays owned by the caller."""
-        count, _ = self.read_packed(self._one_stage, 0, self._one_layout, 0)
+        count, _ = self.read_packed(self._scratch, 0, self._scratch_layout, 0)
         if count <= 0:
             return 0
-        layout = self._one_layout
-        stage = self._one_stage
+        layout = self._scratch_layout
+        stage = self._scratch
         for k in range(count):
             off = layout[2 * k]
             out.append(stage[off:off + layout[2 * k + 1]])
@@ -285,12 +286,12 @@ class TunDevice:
     def _write_split(self, frame: memoryview) -> None:
         """Cut a refused coalesced frame back into its packets and write them one by one."""
         try:
-            count, _ = fast.ingest(frame, len(frame), self._split_buf, 0, self._split_layout, 0)
+            count, _ = fast.ingest(frame, len(frame), self._scratch, 0, self._scratch_layout, 0)
         except (ValueError, BufferError):
             self.counters["write_errors"] += 1
             return
-        mv = memoryview(self._split_buf)
-        layout = self._split_layout
+        mv = memoryview(self._scratch)
+        layout = self._scratch_layout
         zero = vnet.ZERO_HDR
         for k in range(count):
             off = layout[2 * k]
@@ -298,12 +299,7 @@ class TunDevice:
 
     def write_batch(self, packets: list) -> None:
         """Write IP packets (bytes-like), coalesced as write_packed does."""
-        buf = bytearray()
-        layout = array("i", bytes(8 * len(packets)))
-        for k, pkt in enumerate(packets):
-            layout[2 * k] = len(buf)
-            layout[2 * k + 1] = len(pkt)
-            buf += pkt
+        buf, layout = pack(packets)
         self.write_packed(buf, layout, len(packets))
 
     def _write(self, write, fd: int, data, npackets: int) -> None:
