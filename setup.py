@@ -16,5 +16,8 @@ setup(
         # Batched ChaCha20-Poly1305 seal/open of transport messages (OpenSSL libcrypto) + replay window.
         Extension("turbowg.noise._aead", ["turbowg/noise/_aead.c"], extra_compile_args=_CFLAGS,
                   libraries=["crypto"], optional=True),
+        # Inner IP header + allowed-source checks of opened packets (the device's side of the receive path).
+        Extension("turbowg.device._route", ["turbowg/device/_route.c"], extra_compile_args=_CFLAGS,
+                  optional=True),
     ],
 )
