@@ -9,13 +9,55 @@ removing its UAPI socket.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
 
 from turbowg import __version__
 
-USAGE = "Usage: turbowgd [-f/--foreground] INTERFACE-NAME"
+# The kernel's dev_valid_name(): what it refuses, we refuse before creating anything.
+IFNAMSIZ = 16
+
+
+def interface_name_error(name: str) -> str | None:
+    """Why `name` cannot be a Linux interface name (None if it can).
+
+    The kernel (net/core/dev.c dev_valid_name) refuses an empty name, one of IFNAMSIZ-1 = 15 bytes or more
+    after encoding, "." and "..", and any '/', ':' or whitespace byte. turbowgd also refuses a leading '-' (an
+    option typed where the name goes, e.g. `turbowgd --hlep`) and '%' (TUNSETIFF would expand "%d" into a
+    number, so the interface would not be the one the UAPI socket is named after).
+    """
+    if not name:
+        return "the interface name is empty"
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) >= IFNAMSIZ:
+        return f"the interface name is {len(encoded)} bytes; Linux allows at most {IFNAMSIZ - 1} bytes"
+    if name in (".", ".."):
+        return f"the interface name cannot be {name!r}"
+    if name.startswith("-"):
+        return "the interface name starts with '-' (an option where the name goes?)"
+    for char in ("/", ":", "%", "\0"):
+        if char in name:
+            return f"the interface name contains {char!r}"
+    # The kernel's isspace() is byte-wise and counts 0xA0 too (lib/ctype.c).
+    if any(byte in b" \t\n\v\f\r\xa0" for byte in encoded) or any(c.isspace() for c in name):
+        return "the interface name contains whitespace (a byte the kernel's isspace() accepts)"
+    return None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="turbowgd",
+        description="Userspace WireGuard daemon, a drop-in for wireguard-go: creates the TUN interface "
+                    "INTERFACE-NAME and its UAPI socket /var/run/wireguard/INTERFACE-NAME.sock, then goes to the "
+                    "background. Configure it with wg(8) or wg-quick(8).",
+        epilog="Environment: WG_PROCESS_FOREGROUND=1 (as -f), LOG_LEVEL=verbose|debug|info|error|silent "
+               "(default error), TURBOWG_OFFLOADS=0 (no TUN/UDP offloads).")
+    parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    parser.add_argument("-v", "--version", action="version", version=f"turbowgd v{__version__}")
+    parser.add_argument("ifname", metavar="INTERFACE-NAME", help="the interface to create (at most 15 bytes)")
+    return parser
 
 
 def _log_level() -> int | None:
@@ -38,26 +80,14 @@ def _setup_logging(ifname: str) -> None:
                         stream=sys.stderr)
 
 
-def _valid_ifname(name: str) -> bool:
-    return 0 < len(name) < 16 and "/" not in name and not any(c.isspace() for c in name) and name not in (".", "..")
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args in (["--version"], ["-v"]):
-        print(f"turbowgd v{__version__}")
-        return 0
-    foreground = os.environ.get("WG_PROCESS_FOREGROUND") == "1"
-    if args and args[0] in ("-f", "--foreground"):
-        foreground = True
-        args = args[1:]
-    if len(args) != 1:
-        print(USAGE, file=sys.stderr)
-        return 2
-    ifname = args[0]
-    if not _valid_ifname(ifname):
-        print(f"turbowgd: invalid interface name {ifname!r}", file=sys.stderr)
-        return 2
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)  # --help/--version/usage exit here
+    ifname = args.ifname
+    problem = interface_name_error(ifname)
+    if problem is not None:
+        print(f"turbowgd: invalid interface name {ifname!r}: {problem}", file=sys.stderr)
+        return 1
+    foreground = args.foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
 
     from turbowg.device import runtime
 
