@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from turbowg.device import route
 from turbowg.device.replay import ReplayWindow as PyReplayWindow
 from turbowg.noise import transport
 from turbowg.noise.transport import PyAead, padded_length
@@ -84,6 +85,18 @@ def test_seal_batch_subrange_and_bounds(impl) -> None:
         impl(KEY).seal_batch(buf, bad, 0, 1, dst, 0, MTU, 9, 0, sizes, 0)
 
 
+def open_and_route(impl, key: bytes, buf, off: int, end: int, stride: int, receiver: int, replay,
+                   allowed_src: bytes, out, out_idx: int) -> tuple[int, ...]:
+    """The receive path's two steps, as the device runs them: the noise layer opens, the device checks the inner
+    headers and sources (C with C, Python with Python). Returns (end, n_out, auth_fail, replay, expired,
+    keepalive, bad_inner, src_mismatch, rx_bytes, authenticated, max_counter)."""
+    opened = impl(key).open_batch(buf, off, end, stride, receiver, replay, out, out_idx)
+    check = route.check_inner_sources_py if impl is PyAead else route.check_inner_sources
+    inner = check(buf, out, out_idx, opened.count, allowed_src)
+    return (opened.end, inner.kept, opened.auth_fail, opened.replay, opened.expired, opened.keepalive,
+            inner.bad_inner, inner.src_mismatch, opened.rx_bytes, opened.authenticated, opened.max_counter)
+
+
 def gro_read(messages: list[bytes]) -> tuple[bytearray, int]:
     """Messages back to back, as one UDP_GRO read: all of the first one's size but maybe the last."""
     stride = len(messages[0])
@@ -101,7 +114,7 @@ def test_open_batch_opens_checks_and_stops(impl) -> None:
     buf, stride = gro_read(messages)
     out = array("i", [0] * 64)
     replay = transport.CReplayWindow() if impl is not PyAead else PyReplayWindow()
-    result = impl(KEY).open_batch(buf, 0, len(buf), stride, receiver, replay, b"\x0a\x00\x00\x01", out, 3)
+    result = open_and_route(impl, KEY, buf, 0, len(buf), stride, receiver, replay, b"\x0a\x00\x00\x01", out, 3)
     end, n_out, auth_fail, replayed, expired, keepalive, bad_inner, mismatch, rx_bytes, authenticated, top = result
     assert (end, n_out, auth_fail, replayed, mismatch, authenticated, top) == (len(buf), 5, 1, 0, 1, 5, 5)
     assert rx_bytes == 5 * stride and keepalive == 0 and bad_inner == 0 and expired == 0
@@ -109,7 +122,7 @@ def test_open_batch_opens_checks_and_stops(impl) -> None:
     assert got[:2] == inner[:2] and got[2] == inner[3] and got[4] == inner[5]
     # The same counters again: the window refuses all but counter 2, whose first copy was forged.
     buf2, _ = gro_read([reference_message(KEY, p, receiver, i) for i, p in enumerate(inner)])
-    result = impl(KEY).open_batch(buf2, 0, len(buf2), stride, receiver, replay, b"", out, 0)
+    result = open_and_route(impl, KEY, buf2, 0, len(buf2), stride, receiver, replay, b"", out, 0)
     assert result[1] == 1 and result[3] == 5 and result[2] == 0 and result[9] == 1
 
 
@@ -120,17 +133,17 @@ def test_open_batch_stops_before_other_receivers_and_handshakes(impl) -> None:
     buf = bytearray(m0 + m1)
     out = array("i", [0] * 8)
     replay = transport.CReplayWindow() if impl is not PyAead else PyReplayWindow()
-    result = impl(KEY).open_batch(buf, 0, len(buf), len(m0), 5, replay, b"", out, 0)
+    result = open_and_route(impl, KEY, buf, 0, len(buf), len(m0), 5, replay, b"", out, 0)
     assert result[0] == len(m0) and result[1] == 1
     initiation = bytearray(148)
     initiation[0] = 1
-    result = impl(KEY).open_batch(initiation, 0, 148, 148, 5, replay, b"", out, 0)
+    result = open_and_route(impl, KEY, initiation, 0, 148, 148, 5, replay, b"", out, 0)
     assert result[0] == 0 and result[1] == 0
     keepalive = reference_message(KEY, b"", 5, 9)
-    result = impl(KEY).open_batch(bytearray(keepalive), 0, 32, 32, 5, replay, b"", out, 0)
+    result = open_and_route(impl, KEY, bytearray(keepalive), 0, 32, 32, 5, replay, b"", out, 0)
     assert result[1] == 0 and result[5] == 1 and result[9] == 1
     garbage = reference_message(KEY, b"\x00" * 30, 5, 10)  # authenticated, but not an IP packet
-    result = impl(KEY).open_batch(bytearray(garbage), 0, len(garbage), len(garbage), 5, replay, b"", out, 0)
+    result = open_and_route(impl, KEY, bytearray(garbage), 0, len(garbage), len(garbage), 5, replay, b"", out, 0)
     assert result[1] == 0 and result[6] == 1
 
 
@@ -163,7 +176,7 @@ def test_open_batch_never_crashes_on_junk(data: bytes, stride: int) -> None:
 
     buf = bytearray(struct.pack("<II", 4, 5) + data)
     out = array("i", [0] * 8)
-    result = Aead(KEY).open_batch(buf, 0, len(buf), stride, 5, transport.CReplayWindow(), b"", out, 0)
+    result = open_and_route(Aead, KEY, buf, 0, len(buf), stride, 5, transport.CReplayWindow(), b"", out, 0)
     assert result[1] == 0 and 0 <= result[0] <= len(buf)
 
 
@@ -179,6 +192,121 @@ def test_random_keys_interoperate_between_c_and_python() -> None:
     pos = 0
     for k in range(3):
         one = bytearray(dst[pos:pos + sizes[k]])
-        result = PyAead(key).open_batch(one, 0, len(one), len(one), 1, PyReplayWindow(), b"", out, k)
+        result = open_and_route(PyAead, key, one, 0, len(one), len(one), 1, PyReplayWindow(), b"", out, k)
         assert result[1] == 1 and bytes(one[out[2 * k]:out[2 * k] + out[2 * k + 1]]) == packets[k]
         pos += sizes[k]
+
+
+@pytest.mark.parametrize("impl", implementations())
+def test_open_batch_leaves_forged_messages_as_they_came(impl) -> None:
+    """A forged tag over genuine ciphertext must not leave the genuine plaintext in the caller's buffer."""
+    receiver = 7
+    secret = ipv4(b"secret!!" * 25)
+    messages = [reference_message(KEY, ipv4(b"g" * 200), receiver, 0),
+                reference_message(KEY, secret, receiver, 1),
+                reference_message(KEY, ipv4(b"h" * 200), receiver, 2)]
+    forged = bytearray(messages[1])
+    forged[-1] ^= 1  # the tag
+    messages[1] = bytes(forged)
+    buf, stride = gro_read(messages)
+    before = bytes(buf)
+    out = array("i", [0] * 8)
+    replay = transport.CReplayWindow() if impl is not PyAead else PyReplayWindow()
+    result = impl(KEY).open_batch(buf, 0, len(buf), stride, receiver, replay, out, 0)
+    assert (result.count, result.auth_fail, result.authenticated) == (2, 1, 2)
+    assert bytes(buf[stride:2 * stride]) == before[stride:2 * stride]
+    assert secret[20:] not in bytes(buf)
+
+
+# -- differential: C against Python on forged, truncated and mixed batches ------------------------------------
+
+_KINDS = ("ipv4", "ipv4_other_src", "ipv6", "ipv4_bad_length", "not_ip", "forged_tag", "forged_body", "replayed",
+          "other_receiver", "expired", "handshake_type")
+
+
+def _plaintext(kind: str, body: bytes) -> bytes:
+    """`body` (the plaintext length of the batch) dressed as `kind`'s inner packet."""
+    p = bytearray(body)
+    length = len(p)
+    if kind in ("ipv4", "ipv4_other_src", "ipv4_bad_length", "forged_tag", "forged_body", "replayed") \
+            and length >= 20:
+        p[0] = 0x45
+        total = length + 1 if kind == "ipv4_bad_length" else max(20, length - (p[1] & 15))
+        p[2:4] = total.to_bytes(2, "big")
+        p[12:16] = b"\x0a\x00\x00\x09" if kind == "ipv4_other_src" else b"\x0a\x00\x00\x01"
+    elif kind == "ipv6" and length >= 40:
+        p[0] = 0x60
+        p[4:6] = (length - 40).to_bytes(2, "big")
+    elif kind == "not_ip" and length:
+        p[0] = 0x10
+    return bytes(p)
+
+
+def _message(kind: str, body: bytes, receiver: int, counter: int) -> bytes:
+    if kind == "other_receiver":
+        receiver += 1
+    if kind == "expired":
+        counter = 2**64 - 1
+    message = bytearray(reference_message(KEY, _plaintext(kind, body), receiver, counter))
+    if kind == "forged_tag":
+        message[-1] ^= 0x80
+    elif kind == "forged_body" and len(message) > 32:
+        message[16] ^= 1
+    elif kind == "handshake_type":
+        message[0] = 1
+    return bytes(message)
+
+
+def _open_all(impl, check, buf: bytearray, stride: int, receiver: int, replay, allowed: bytes) -> tuple:
+    """Open a whole read as the device does: resume after each stop, skip a datagram that is not ours."""
+    out = array("i", bytes(8 * 64))
+    results = []
+    pos, n = 0, 0
+    aead = impl(KEY)
+    while pos < len(buf):
+        opened = aead.open_batch(buf, pos, len(buf), stride, receiver, replay, out, n)
+        inner = check(buf, out, n, opened.count, allowed)
+        results.append((tuple(opened), tuple(inner)))
+        n += inner.kept
+        pos = opened.end if opened.end > pos else pos + stride
+    return results, list(out[:2 * n])
+
+
+@needs_c
+@given(st.sampled_from([0, 20, 40, 64, 100, 333]), st.lists(st.sampled_from(_KINDS), min_size=1, max_size=10),
+       st.integers(0, 80), st.sampled_from([b"", b"\x0a\x00\x00\x01", bytes(16)]), st.data())
+@settings(max_examples=150, deadline=None)
+def test_open_and_route_c_matches_python(length: int, kinds: list[str], cut: int, allowed: bytes, data) -> None:
+    from turbowg.noise._aead import Aead
+
+    receiver = 0x0A0B0C0D
+    messages = []
+    for counter, kind in enumerate(kinds):
+        body = data.draw(st.binary(min_size=length, max_size=length))
+        messages.append(_message(kind, body, receiver, max(0, counter - 1) if kind == "replayed" else counter))
+    messages[-1] = messages[-1][:max(0, len(messages[-1]) - cut)]  # maybe truncated
+    stride = len(messages[0]) if len(messages) > 1 else max(1, len(messages[0]))
+    original = b"".join(messages)
+    buf_c, buf_py = bytearray(original), bytearray(original)
+    got_c = _open_all(Aead, route.check_inner_sources, buf_c, stride, receiver, transport.CReplayWindow(), allowed)
+    got_py = _open_all(PyAead, route.check_inner_sources_py, buf_py, stride, receiver, PyReplayWindow(), allowed)
+    assert got_c == got_py
+    assert buf_c == buf_py
+    # Nothing that failed authentication was touched.
+    for k, kind in enumerate(kinds):
+        if kind.startswith("forged"):
+            assert buf_c[k * stride:(k + 1) * stride] == original[k * stride:(k + 1) * stride]
+
+
+@pytest.mark.skipif(not route.HAVE_C, reason="C extension turbowg.device._route not built")
+@given(st.binary(max_size=600), st.lists(st.tuples(st.integers(0, 600), st.integers(0, 120)), max_size=12),
+       st.sampled_from([b"", b"\x0a\x00\x00\x01", bytes(16)]))
+@settings(max_examples=200, deadline=None)
+def test_check_inner_sources_c_matches_python(data: bytes, spans: list[tuple[int, int]], allowed: bytes) -> None:
+    buf = bytearray(data)
+    spans = [(off, length) for off, length in spans if off + length <= len(buf)]
+    layout_c = array("i", [v for span in spans for v in span] + [0, 0])
+    layout_py = array("i", layout_c)
+    assert tuple(route.check_inner_sources(buf, layout_c, 0, len(spans), allowed)) == \
+        tuple(route.check_inner_sources_py(buf, layout_py, 0, len(spans), allowed))
+    assert layout_c == layout_py

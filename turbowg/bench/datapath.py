@@ -81,7 +81,7 @@ def build_cases() -> list[Case]:
 
         def run() -> object:
             work[:] = sealed[:nbytes]  # opening is in place: start from the sealed bytes every time
-            return impl.open_batch(work, 0, nbytes, stride, RECEIVER, window(), b"", out_layout, 0)
+            return impl.open_batch(work, 0, nbytes, stride, RECEIVER, window(), out_layout, 0)
 
         return run
 

@@ -46,6 +46,7 @@ from turbowg.device.constants import (
 )
 from turbowg.device.keypair import Keypair
 from turbowg.device.peer import Peer
+from turbowg.device.route import check_inner_sources
 from turbowg.device.timers import TimerAction, needs_rekey_on_receive, needs_rekey_on_send
 from turbowg.noise.cookie import CookieChecker
 from turbowg.noise.handshake import (
@@ -656,33 +657,34 @@ class Device:
                     pos += stride
                     continue
                 peer = entry.peer  # type: ignore[union-attr]
-                (next_pos, got, auth_fail, replayed, expired, keepalive, bad_inner, mismatch, rx_bytes,
-                 authenticated, _max_counter) = keypair.receive_aead.open_batch(
-                    buf, pos, end, stride, receiver, keypair.replay, peer.allowed_src, layout, n_out)
-                if next_pos == pos:
+                opened = keypair.receive_aead.open_batch(buf, pos, end, stride, receiver, keypair.replay, layout,
+                                                         n_out)
+                if opened.end == pos:
                     counters["rx_layout_full"] += 1  # cannot happen with RX_MAX_PACKETS sized to the buffer
                     break
-                pos = next_pos
-                if auth_fail:
-                    counters["rx_decrypt_failed"] += auth_fail
-                if replayed:
-                    counters["rx_replay"] += replayed
-                if expired:
-                    counters["rx_expired_keypair"] += expired
-                if bad_inner:
-                    counters["rx_bad_inner_packet"] += bad_inner
-                if keepalive:
-                    counters["rx_keepalive"] += keepalive
+                pos = opened.end
+                if opened.auth_fail:
+                    counters["rx_decrypt_failed"] += opened.auth_fail
+                if opened.replay:
+                    counters["rx_replay"] += opened.replay
+                if opened.expired:
+                    counters["rx_expired_keypair"] += opened.expired
+                if opened.keepalive:
+                    counters["rx_keepalive"] += opened.keepalive
+                authenticated = opened.authenticated
                 if not authenticated:
                     continue
+                got, bad_inner, mismatch = check_inner_sources(buf, layout, n_out, opened.count, peer.allowed_src)
+                if bad_inner:
+                    counters["rx_bad_inner_packet"] += bad_inner
                 if mismatch:
                     got = self._check_sources(peer, buf, layout, n_out, got)
                 n_out += got
                 peer.endpoint = endpoint
-                peer.rx_bytes += rx_bytes
+                peer.rx_bytes += opened.rx_bytes
                 if peer.keypairs.next is keypair:
                     self._confirm_keypair(peer, keypair, now, out)
-                if authenticated > keepalive:
+                if authenticated > opened.keepalive:
                     heard[peer] = True
                 elif peer not in heard:
                     heard[peer] = False

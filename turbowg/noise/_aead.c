@@ -9,8 +9,10 @@
  *   Aead(key: 32 bytes)
  *     .seal_batch(src, layout, start, count, dst, dst_off, mtu, receiver, counter, sizes, sizes_idx) -> int
  *     .seal_list(packets, dst, dst_off, mtu, receiver, counter, sizes, sizes_idx) -> int
- *     .open_batch(buf, off, end, stride, receiver, replay, allowed_src, out_layout, out_idx) -> tuple
+ *     .open_batch(buf, off, end, stride, receiver, replay, out_layout, out_idx) -> OpenResult
  *   ReplayWindow()  .accept(counter) -> bool, .reset()
+ *   OpenResult: named tuple (end, count, auth_fail, replay, expired, keepalive, rx_bytes, authenticated,
+ *               max_counter)
  * `layout`, `sizes`, `out_layout` are writable buffers of native int32 (array('i')).
  */
 #define PY_SSIZE_T_CLEAN
@@ -19,6 +21,7 @@
 #include <string.h>
 #include <openssl/evp.h>
 
+/* MESSAGE_TRANSPORT, HEADER_SIZE and TAG_SIZE repeat turbowg/wire.py (tests/test_constants.py checks). */
 #define MESSAGE_TRANSPORT 4u
 #define HEADER_SIZE 16
 #define TAG_SIZE 16
@@ -309,33 +312,53 @@ done:
     return result;
 }
 
-/* Result slots of open_batch, in tuple order. */
+/* The result of open_batch: a C-level named tuple (PyStructSequence), built once per batch. The pure-Python
+ * twin is transport.OpenResult (a NamedTuple with the same fields in the same order). */
 enum {
-    R_END, R_OUT, R_AUTH_FAIL, R_REPLAY, R_EXPIRED, R_KEEPALIVE, R_BAD_INNER, R_SRC_MISMATCH, R_RX_BYTES,
-    R_AUTHENTICATED, R_MAX_COUNTER, R_COUNT
+    R_END, R_COUNT, R_AUTH_FAIL, R_REPLAY, R_EXPIRED, R_KEEPALIVE, R_RX_BYTES, R_AUTHENTICATED, R_MAX_COUNTER,
+    R_FIELDS
 };
 
-/* open_batch(buf, off, end, stride, receiver, replay, allowed_src, out_layout, out_idx) -> tuple
+static PyStructSequence_Field open_result_fields[] = {
+    {"end", "offset where opening stopped (the first datagram not opened, or the end)"},
+    {"count", "plaintexts recorded in out_layout"},
+    {"auth_fail", "messages whose tag did not verify (left as they were)"},
+    {"replay", "authentic messages refused by the replay window"},
+    {"expired", "messages with a counter past REJECT_AFTER_MESSAGES"},
+    {"keepalive", "authentic empty messages"},
+    {"rx_bytes", "bytes of the authentic messages, headers included"},
+    {"authenticated", "messages that verified and passed the replay window"},
+    {"max_counter", "highest counter among the authenticated messages"},
+    {NULL, NULL},
+};
+
+static PyStructSequence_Desc open_result_desc = {
+    "turbowg.noise._aead.OpenResult", "What one open_batch call did.", open_result_fields, R_FIELDS,
+};
+
+static PyTypeObject OpenResultType;
+
+/* open_batch(buf, off, end, stride, receiver, replay, out_layout, out_idx) -> OpenResult
  *
  * Datagrams lie at off, off+stride, ... up to end (the last may be shorter): one UDP_GRO read, or one
  * datagram with stride >= its length. Each type-4 message for `receiver` is authenticated and decrypted in
- * place (plaintext at datagram+16), checked against the replay window and its inner IP header; inner packets
- * are recorded in out_layout as (offset, inner length). Stops before the first datagram that is not a
- * transport message for `receiver` (the caller handles it and calls again after it).
+ * place (plaintext at datagram+16) and checked against the replay window; each authentic non-empty plaintext
+ * (padding included) is recorded in out_layout as (offset, length). Routing the plaintexts (inner IP header,
+ * allowed source) is the device's job (turbowg/device/route.py). Stops before the first datagram that is not
+ * a transport message for `receiver` (the caller handles it and calls again after it).
  *
- * allowed_src: the 4- or 16-byte source address last proved allowed for this peer; packets whose source
- * differs are still recorded but counted in src_mismatch, and the caller then checks every packet.
- *
- * Returns (end_offset, n_out, auth_fail, replay, expired, keepalive, bad_inner, src_mismatch, rx_bytes,
- * authenticated, max_counter).
+ * A message whose tag does not verify is left exactly as it came: OpenSSL decrypts before it checks the
+ * tag, so the keystream is applied once more to turn the unauthenticated plaintext back into ciphertext
+ * (only forgeries pay for it). An authentic message refused by the replay window keeps its plaintext, as in
+ * the Python version.
  */
 static PyObject *Aead_open_batch(AeadObject *self, PyObject *args) {
-    Py_buffer buf, allowed, out_b;
+    Py_buffer buf, out_b;
     Py_ssize_t off, end, stride, out_idx;
     unsigned int receiver;
     PyObject *replay_o, *out_o;
-    if (!PyArg_ParseTuple(args, "w*nnnIO!y*On:open_batch", &buf, &off, &end, &stride, &receiver, &ReplayType,
-                          &replay_o, &allowed, &out_o, &out_idx))
+    if (!PyArg_ParseTuple(args, "w*nnnIO!On:open_batch", &buf, &off, &end, &stride, &receiver, &ReplayType,
+                          &replay_o, &out_o, &out_idx))
         return NULL;
     PyObject *result = NULL;
     int have_out = 0;
@@ -349,10 +372,8 @@ static PyObject *Aead_open_batch(AeadObject *self, PyObject *args) {
     int32_t *out = out_b.buf;
     Py_ssize_t out_cap = out_b.len / 8;
     ReplayObject *replay = (ReplayObject *)replay_o;
-    const uint8_t *src_ok = allowed.buf;
-    Py_ssize_t src_ok_len = allowed.len;
     uint8_t *base = buf.buf;
-    uint64_t r[R_COUNT] = {0};
+    uint64_t r[R_FIELDS] = {0};
     Py_ssize_t n_out = 0, pos = off;
     int crypto_error = 0;
     uint8_t nonce[12] = {0};
@@ -382,6 +403,12 @@ static PyObject *Aead_open_batch(AeadObject *self, PyObject *args) {
             && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, body + plen) == 1
             && EVP_DecryptFinal_ex(ctx, body + n1, &n2) == 1;
         if (!ok) {
+            /* No unauthenticated plaintext may stay in the caller's buffer: XOR the same keystream again. */
+            if (plen && (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1
+                         || EVP_DecryptUpdate(ctx, body, &n1, body, (int)plen) != 1)) {
+                crypto_error = 1;
+                break;
+            }
             r[R_AUTH_FAIL]++;
             continue;
         }
@@ -397,32 +424,8 @@ static PyObject *Aead_open_batch(AeadObject *self, PyObject *args) {
             r[R_KEEPALIVE]++;
             continue;
         }
-        unsigned version = body[0] >> 4;
-        Py_ssize_t inner, minimum;
-        const uint8_t *source;
-        Py_ssize_t source_len;
-        if (version == 4 && plen >= 20) {
-            inner = ((Py_ssize_t)body[2] << 8) | body[3];
-            minimum = 20;
-            source = body + 12;
-            source_len = 4;
-        } else if (version == 6 && plen >= 40) {
-            inner = 40 + (((Py_ssize_t)body[4] << 8) | body[5]);
-            minimum = 40;
-            source = body + 8;
-            source_len = 16;
-        } else {
-            r[R_BAD_INNER]++;
-            continue;
-        }
-        if (inner < minimum || inner > plen) {
-            r[R_BAD_INNER]++;
-            continue;
-        }
-        if (source_len != src_ok_len || memcmp(source, src_ok, (size_t)source_len) != 0)
-            r[R_SRC_MISMATCH]++;
         out[2 * (out_idx + n_out)] = (int32_t)(pos + HEADER_SIZE);
-        out[2 * (out_idx + n_out) + 1] = (int32_t)inner;
+        out[2 * (out_idx + n_out) + 1] = (int32_t)plen;
         n_out++;
     }
     Py_END_ALLOW_THREADS
@@ -431,21 +434,20 @@ static PyObject *Aead_open_batch(AeadObject *self, PyObject *args) {
         goto done;
     }
     r[R_END] = (uint64_t)(pos < end ? pos : end);
-    r[R_OUT] = (uint64_t)n_out;
-    result = PyTuple_New(R_COUNT);
+    r[R_COUNT] = (uint64_t)n_out;
+    result = PyStructSequence_New(&OpenResultType);
     if (result == NULL)
         goto done;
-    for (int i = 0; i < R_COUNT; i++) {
+    for (int i = 0; i < R_FIELDS; i++) {
         PyObject *v = PyLong_FromUnsignedLongLong(r[i]);
         if (v == NULL) {
             Py_CLEAR(result);
             goto done;
         }
-        PyTuple_SET_ITEM(result, i, v);
+        PyStructSequence_SET_ITEM(result, i, v);
     }
 done:
     PyBuffer_Release(&buf);
-    PyBuffer_Release(&allowed);
     if (have_out)
         PyBuffer_Release(&out_b);
     return result;
@@ -478,13 +480,17 @@ static struct PyModuleDef aead_module = {
 PyMODINIT_FUNC PyInit__aead(void) {
     if (PyType_Ready(&AeadType) < 0 || PyType_Ready(&ReplayType) < 0)
         return NULL;
+    if (OpenResultType.tp_name == NULL && PyStructSequence_InitType2(&OpenResultType, &open_result_desc) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&aead_module);
     if (m == NULL)
         return NULL;
     Py_INCREF(&AeadType);
     Py_INCREF(&ReplayType);
+    Py_INCREF(&OpenResultType);
     if (PyModule_AddObject(m, "Aead", (PyObject *)&AeadType) < 0
-        || PyModule_AddObject(m, "ReplayWindow", (PyObject *)&ReplayType) < 0) {
+        || PyModule_AddObject(m, "ReplayWindow", (PyObject *)&ReplayType) < 0
+        || PyModule_AddObject(m, "OpenResult", (PyObject *)&OpenResultType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -1,7 +1,7 @@
 """Transport-message AEAD in batches: the one import point for sealing and opening type-4 messages.
 
 `Aead(key)` is the C version from `turbowg.noise._aead` when that extension is built, else `PyAead` below
-(same signatures, same bytes; `TURBOWG_NO_C=1` forces Python). The C `open_batch` needs the C replay window
+(same signatures, same results, same bytes left in the buffers; `TURBOWG_NO_C=1` forces Python). The C `open_batch` needs the C replay window
 (`CReplayWindow`); the Python one takes any object with `accept(counter)` (turbowg/device/replay.py). Buffers:
 `layout`, `sizes` and `out_layout` are writable native int32 buffers (`array('i')`); a packet k of a layout is
 ``src[layout[2k] : layout[2k] + layout[2k+1]]``.
@@ -10,21 +10,30 @@
   seal packets start..start+count-1 into consecutive messages at dst[dst_off:] (header, padded ciphertext,
   tag) with counters counter, counter+1, ...; message sizes go to sizes[sizes_idx:]; returns bytes written.
 - ``seal_list(packets, dst, dst_off, mtu, receiver, counter, sizes, sizes_idx) -> int``: the same for a list.
-- ``open_batch(buf, off, end, stride, receiver, replay, allowed_src, out_layout, out_idx) -> tuple``: open the
-  datagrams at off, off+stride, ... < end in place; see `_aead.c` for the result tuple.
+- ``open_batch(buf, off, end, stride, receiver, replay, out_layout, out_idx) -> OpenResult``: authenticate and
+  decrypt the transport messages for `receiver` at off, off+stride, ... < end in place, check their counters
+  against `replay`, and record each authentic non-empty plaintext (padding included) in
+  out_layout[2 * out_idx:] as (offset, length). Stops before the first datagram that is not a transport
+  message for `receiver`. A message that fails authentication is left as it came (no unauthenticated
+  plaintext ever stays in `buf`). What the plaintexts are and whether they may come from that peer is the
+  device's business (turbowg/device/route.py), not cryptography's.
 """
 
 from __future__ import annotations
 
-import os
 import struct
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-MESSAGE_TRANSPORT = 4
-HEADER_SIZE = 16
-OVERHEAD = 32
+from turbowg import accel
+from turbowg.wire import AEAD_TAG_SIZE, MESSAGE_TRANSPORT, TRANSPORT_HEADER_SIZE
+
+HEADER_SIZE = TRANSPORT_HEADER_SIZE
+OVERHEAD = TRANSPORT_HEADER_SIZE + AEAD_TAG_SIZE
+# Counters at or past this are never used (as turbowg/device/constants.py; the noise layer must not import
+# the device package, which imports it).
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 
 _HEADER = struct.Struct("<IIQ")
@@ -38,6 +47,20 @@ def padded_length(length: int, mtu: int) -> int:
     if padded_last > mtu:
         padded_last = mtu
     return length + padded_last - last
+
+
+class OpenResult(NamedTuple):
+    """What one open_batch call did (the C version returns a struct sequence with the same fields)."""
+
+    end: int  # offset where opening stopped: the first datagram not opened, or the end
+    count: int  # plaintexts recorded in out_layout
+    auth_fail: int  # messages whose tag did not verify (left as they were)
+    replay: int  # authentic messages refused by the replay window
+    expired: int  # messages with a counter past REJECT_AFTER_MESSAGES
+    keepalive: int  # authentic empty messages
+    rx_bytes: int  # bytes of the authentic messages, headers included
+    authenticated: int  # messages that verified and passed the replay window
+    max_counter: int  # highest counter among the authenticated messages
 
 
 class PyAead:
@@ -88,12 +111,11 @@ class PyAead:
             cur += size
         return cur - dst_off
 
-    def open_batch(self, buf, off: int, end: int, stride: int, receiver: int, replay, allowed_src: bytes,
-                   out_layout, out_idx: int) -> tuple[int, ...]:
+    def open_batch(self, buf, off: int, end: int, stride: int, receiver: int, replay, out_layout,
+                   out_idx: int) -> OpenResult:
         mv = memoryview(buf)
         out_cap = len(out_layout) // 2
-        auth_fail = replay_n = expired = keepalive = bad_inner = mismatch = rx_bytes = authenticated = 0
-        max_counter = 0
+        auth_fail = replay_n = expired = keepalive = rx_bytes = authenticated = max_counter = 0
         n_out = 0
         nonce = self._nonce
         pos = off
@@ -114,42 +136,29 @@ class PyAead:
             try:
                 plain = self._cipher.decrypt(nonce, mv[body:start + length], None)
             except InvalidTag:
-                auth_fail += 1
+                auth_fail += 1  # the buffer keeps the forged bytes as they came
                 continue
+            plen = len(plain)
+            # Authentic: the plaintext replaces the ciphertext (a replayed one too, as the C version leaves it).
+            mv[body:body + plen] = plain
             if not replay.accept(counter):
                 replay_n += 1
                 continue
             authenticated += 1
             rx_bytes += length
             max_counter = max(max_counter, counter)
-            plen = len(plain)
-            mv[body:body + plen] = plain
             if plen == 0:
                 keepalive += 1
                 continue
-            version = plain[0] >> 4
-            if version == 4 and plen >= 20:
-                inner, minimum, source = (plain[2] << 8) | plain[3], 20, plain[12:16]
-            elif version == 6 and plen >= 40:
-                inner, minimum, source = 40 + ((plain[4] << 8) | plain[5]), 40, plain[8:24]
-            else:
-                bad_inner += 1
-                continue
-            if not minimum <= inner <= plen:
-                bad_inner += 1
-                continue
-            if source != allowed_src:
-                mismatch += 1
             out_layout[2 * (out_idx + n_out)] = body
-            out_layout[2 * (out_idx + n_out) + 1] = inner
+            out_layout[2 * (out_idx + n_out) + 1] = plen
             n_out += 1
-        return (min(pos, end), n_out, auth_fail, replay_n, expired, keepalive, bad_inner, mismatch, rx_bytes,
-                authenticated, max_counter)
+        return OpenResult(min(pos, end), n_out, auth_fail, replay_n, expired, keepalive, rx_bytes, authenticated,
+                          max_counter)
 
 
-_FORCE_PY = os.environ.get("TURBOWG_NO_C", "").strip() not in ("", "0")
 try:
-    if _FORCE_PY:
+    if not accel.use_c():
         raise ImportError("TURBOWG_NO_C set")
     from turbowg.noise._aead import Aead
     from turbowg.noise._aead import ReplayWindow as CReplayWindow
@@ -160,4 +169,4 @@ except ImportError:
     CReplayWindow = None  # the caller uses turbowg.device.replay.ReplayWindow
     HAVE_C = False
 
-__all__ = ["Aead", "CReplayWindow", "PyAead", "HAVE_C", "padded_length", "OVERHEAD"]
+__all__ = ["Aead", "CReplayWindow", "HAVE_C", "OVERHEAD", "OpenResult", "PyAead", "padded_length"]
