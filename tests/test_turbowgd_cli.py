@@ -5,14 +5,32 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from netns import needs_netns, ns_run, run
-from wgenv import SOCKET_DIR, impl_command
+
+SOCKET_DIR = "/var/run/wireguard"
+needs_netns = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"),
+    reason="needs root, iproute2 and /dev/net/tun")
+
+
+def run(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), check=check, timeout=timeout, capture_output=True, text=True)
+
+
+def ns_run(ns: str, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    return run("ip", "netns", "exec", ns, *args, check=check, timeout=timeout)
+
+
+def turbowgd_command() -> list[str]:
+    exe = shutil.which("turbowgd")
+    return [exe] if exe else [sys.executable, "-m", "turbowg.turbowgd"]
 
 
 @contextlib.contextmanager
@@ -38,7 +56,7 @@ def turbowgd(ns: str, *args: str, env: dict[str, str] | None = None) -> subproce
     full_env.pop("LOG_LEVEL", None)  # with LOG_LEVEL set, the daemon would keep our pipes open
     full_env.pop("WG_PROCESS_FOREGROUND", None)
     full_env.update(env or {})
-    return subprocess.run(["ip", "netns", "exec", ns, *impl_command("turbowg"), *args], env=full_env,
+    return subprocess.run(["ip", "netns", "exec", ns, *turbowgd_command(), *args], env=full_env,
                           capture_output=True, text=True, timeout=30)
 
 
@@ -158,7 +176,7 @@ def test_valid_name_still_starts(how: str) -> None:
                 args = [ifname] if how == "WG_PROCESS_FOREGROUND" else [how, ifname]
                 if how == "WG_PROCESS_FOREGROUND":
                     env["WG_PROCESS_FOREGROUND"] = "1"
-                fg = subprocess.Popen(["ip", "netns", "exec", ns, *impl_command("turbowg"), *args], env=env,
+                fg = subprocess.Popen(["ip", "netns", "exec", ns, *turbowgd_command(), *args], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 assert wait_for(lambda: os.path.exists(sock)), "no UAPI socket"
                 assert fg.poll() is None, "a foreground daemon must not return"
