@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     foreground = args.foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
 
-    from turbowg.device import runtime
+    from turbowg.daemon import runtime
 
     offloads = runtime.offloads_from_env()
     if foreground:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _daemonize(ifname: str, offloads: bool) -> int:
     """Fork; the child runs the interface and tells the parent through a pipe when it is ready."""
-    from turbowg.device import runtime
+    from turbowg.daemon import runtime
 
     read_fd, write_fd = os.pipe()
     pid = os.fork()
