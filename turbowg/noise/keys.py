@@ -21,6 +21,8 @@ def decode_key(text: str) -> bytes:
         raise KeyFormatError(f"key is not valid base64: {stripped[:48]!r}") from None
     if len(raw) != KEY_SIZE:
         raise KeyFormatError(f"key must decode to {KEY_SIZE} bytes, got {len(raw)}")
+    if base64.b64encode(raw).decode("ascii") != stripped:  # nonzero padding bits: wg(8) refuses it too
+        raise KeyFormatError(f"key is not canonical base64: {stripped[:48]!r}")
     return raw
 
 
@@ -36,9 +38,12 @@ def decode_hex_key(text: str) -> bytes:
     if len(stripped) != 2 * KEY_SIZE:
         raise KeyFormatError(f"hex key must be {2 * KEY_SIZE} characters, got {len(stripped)}")
     try:
-        return bytes.fromhex(stripped)
+        raw = bytes.fromhex(stripped)
     except ValueError:
         raise KeyFormatError(f"key is not valid hex: {stripped!r}") from None
+    if len(raw) != KEY_SIZE:  # fromhex skips whitespace: '00 11 ...' is 64 characters but fewer bytes
+        raise KeyFormatError(f"hex key must be {2 * KEY_SIZE} hex digits: {stripped!r}")
+    return raw
 
 
 def encode_hex_key(key: bytes) -> str:
