@@ -10,7 +10,7 @@ import pytest
 from netns import namespace_pair, needs_netns, ns_run
 from test_tun_device import inside
 
-from turbowg.conn import UDPBind
+from turbowg.conn.udp import UDPBind
 
 
 def receive(bind: UDPBind, want: int, timeout: float = 5.0) -> list:

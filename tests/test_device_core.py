@@ -10,7 +10,7 @@ import struct
 
 import pytest
 
-from turbowg.device.core import Device, Transmit
+from turbowg.device import Device, Transmit
 from turbowg.noise.primitives import generate_private_key, public_key
 from turbowg.uapi.model import DeviceUpdate, PeerUpdate, UAPIError
 

@@ -9,7 +9,7 @@ from array import array
 
 from test_device_core import A_ENDPOINT, A_V4, A_V6, B_ENDPOINT, B_V4, B_V6, Pair, ipv4_packet, ipv6_packet
 
-from turbowg.device.core import Device, PackedTransmit
+from turbowg.device import Device, PackedTransmit
 from turbowg.noise.primitives import public_key
 from turbowg.uapi.model import DeviceUpdate, PeerUpdate
 

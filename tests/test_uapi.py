@@ -17,7 +17,7 @@ import pytest
 import uvloop
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from turbowg.device.core import Device
+from turbowg.device import Device
 from turbowg.uapi.model import (
     DeviceSnapshot,
     DeviceUpdate,

@@ -37,16 +37,11 @@ import socket
 import struct
 import sys
 
+from turbowg.conn.endpoint import Endpoint
+from turbowg.linux import SO_MARK, SO_RCVBUFFORCE, SO_SNDBUFFORCE, SOL_UDP, UDP_GRO, UDP_SEGMENT
 from turbowg.packed import pack
 
 log = logging.getLogger(__name__)
-
-SOL_UDP = 17
-UDP_SEGMENT = 103
-UDP_GRO = 104
-SO_MARK = 36
-SO_SNDBUFFORCE = 32
-SO_RCVBUFFORCE = 33
 
 SOCKET_BUFFER = 7 << 20
 MAX_SEGMENTS = 64
@@ -56,8 +51,6 @@ RECV_BUFFER = 65536 + 1024
 _GSO_REFUSALS = (errno.EIO, errno.EINVAL, errno.EMSGSIZE)
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _ENDPOINT_CACHE_MAX = 4096
-
-Endpoint = tuple[str, int]
 
 
 class UDPBind:

@@ -4,19 +4,29 @@ One event loop, three readers: the TUN fd (packets out of the kernel -> encrypt 
 (datagrams -> decrypt -> TUN), and the UAPI unix socket. Both data directions work in batches: drain the
 fd until it would block (bounded), hand the whole batch to the core, then flush the core's output per peer
 with as few system calls as the kernel allows (UDP GSO, TUN GRO).
+
+Timers: no polling. The device reports its earliest deadline (`Device.next_deadline()`, O(1)); the runtime
+keeps one `call_later` armed for it and moves it earlier after every batch and every UAPI `set` that armed
+something sooner (a later deadline only costs one tick that finds nothing to do and re-arms).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import signal
 import time
 from array import array
 from collections.abc import Callable
 
+import uvloop
+
 from turbowg.conn.udp import RECV_BUFFER, UDPBind
-from turbowg.device.core import RX_MAX_PACKETS, TX_MAX_MESSAGES, Device
+from turbowg.device import Device
+from turbowg.device.receive import RX_MAX_PACKETS
+from turbowg.device.send import TX_MAX_MESSAGES
 from turbowg.tun.device import (
     READ_ROOM_BYTES,
     READ_ROOM_PACKETS,
@@ -32,7 +42,9 @@ log = logging.getLogger("turbowg.runtime")
 # Bounds on one reader callback, so one busy direction cannot starve the other or the UAPI.
 MAX_TUN_READS_PER_WAKE = 64
 MAX_UDP_READS_PER_WAKE = 64
-TIMER_INTERVAL = 0.1  # seconds between timer ticks; handshake retries need ~1/3 s resolution
+# The device timer fires this much after the deadline, so that a loop clock rounding to the millisecond never
+# wakes it just before (which would find nothing due and re-arm at once).
+TIMER_SLACK = 0.001
 LINK_CHECK_INTERVAL = 1.0  # seconds between checks that the interface still exists
 # Handshake messages per second above which the device counts as under load (cookie replies start).
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 64
@@ -71,6 +83,8 @@ class Runtime:
         self._handshake_window_start = 0.0
         self._handshake_count = 0
         self._under_load_until = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline = math.inf  # the device deadline self._timer is armed for
         self.stop_reason = ""
 
     # ---- life cycle -------------------------------------------------------------------------
@@ -86,7 +100,7 @@ class Runtime:
                                             on_removed=lambda: self.stop("UAPI socket removed"),
                                             stats=self.stats)
         self._loop.add_reader(self.tun.fileno(), self._on_tun_readable)
-        self._loop.call_later(TIMER_INTERVAL, self._on_timer)
+        self._schedule_timer()
         self._loop.call_later(LINK_CHECK_INTERVAL, self._on_link_check)
 
     def _bind(self, port: int, fwmark: int) -> None:
@@ -109,6 +123,7 @@ class Runtime:
         elif self.device.fwmark != udp.fwmark:
             udp.set_fwmark(self.device.fwmark)
         self._send(self.device.tick(time.monotonic()))
+        self._schedule_timer()
 
     def stats(self) -> dict[str, int]:
         """Device counters plus the I/O layers' own (prefixed udp_ and tunio_), for `stats=1`."""
@@ -130,6 +145,9 @@ class Runtime:
 
     async def close(self) -> None:
         loop = self._loop
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.uapi is not None:
             self.uapi.close()
             self.uapi = None
@@ -174,6 +192,7 @@ class Runtime:
         if not runs:
             return
         packed, transmits = self.device.handle_tun_packed(stage, layout, runs, time.monotonic())
+        self._reschedule_timer()
         udp = self.udp
         if udp is None:
             return
@@ -201,6 +220,7 @@ class Runtime:
         now = time.monotonic()
         count, transmits = self.device.handle_udp_packed(buf, chunks, senders, now,
                                                          under_load=self._under_load(buf, chunks, now))
+        self._reschedule_timer()
         if count and self.tun is not None:
             try:
                 self.tun.write_packed(buf, self.device.rx_layout, count)
@@ -235,14 +255,37 @@ class Runtime:
             udp.send_batch(transmit.endpoint, transmit.datagrams)
 
     # ---- timers -----------------------------------------------------------------------------------
+    def _reschedule_timer(self) -> None:
+        """After a batch: move the timer earlier if the device now has an earlier deadline (one compare)."""
+        deadline = self.device.next_deadline()
+        if deadline is not None and deadline < self._timer_deadline:
+            self._schedule_timer()
+
+    def _schedule_timer(self) -> None:
+        """Arm the one device timer for the device's earliest deadline (or none)."""
+        loop = self._loop
+        if loop is None or (self._stopped is not None and self._stopped.is_set()):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.device.next_deadline()
+        if deadline is None:
+            self._timer_deadline = math.inf
+            return
+        self._timer_deadline = deadline
+        delay = deadline - time.monotonic() + TIMER_SLACK
+        self._timer = loop.call_later(max(0.0, delay), self._on_timer)
+
     def _on_timer(self) -> None:
-        assert self._loop is not None
+        self._timer = None
+        self._timer_deadline = math.inf
         if self._stopped is not None and self._stopped.is_set():
             return
         try:
             self._send(self.device.tick(time.monotonic()))
         finally:
-            self._loop.call_later(TIMER_INTERVAL, self._on_timer)
+            self._schedule_timer()
 
     def _on_link_check(self) -> None:
         assert self._loop is not None
@@ -260,14 +303,7 @@ class Runtime:
 def run(ifname: str, *, offloads: bool = True, on_ready: Callable[[], None] | None = None,
         on_error: Callable[[str], None] | None = None) -> int:
     """Run an interface until SIGTERM/SIGINT or until the interface is deleted. Returns an exit code."""
-    import signal
-
-    try:
-        import uvloop
-
-        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    except ImportError:  # uvloop is optional at run time; asyncio's loop works the same, slower
-        loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     runtime = Runtime(ifname, offloads=offloads)
 

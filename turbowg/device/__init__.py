@@ -1,5 +1,6 @@
-"""turbowg.device: the WireGuard device core (sans-IO) and its runtime."""
+"""turbowg.device: the sans-IO WireGuard device core (no sockets, no event loop: turbowg/daemon runs it)."""
 
-from turbowg.device.core import Device, Outgoing, Transmit
+from turbowg.device.device import Device
+from turbowg.device.output import Outgoing, PackedTransmit, Transmit
 
-__all__ = ["Device", "Outgoing", "Transmit"]
+__all__ = ["Device", "Outgoing", "PackedTransmit", "Transmit"]

@@ -1,7 +1,8 @@
 """State of one configured peer: identity, handshake, keypairs, timers, staged packets, stats.
 
 Only state and tiny helpers live here; the protocol logic that moves packets between
-peers lives in `core.Device`, which owns the index table and the local identity.
+peers lives in `device.Device` (and the files of its jobs: send.py, receive.py, handshake.py, config.py),
+which owns the index table and the local identity.
 """
 
 from __future__ import annotations
@@ -9,13 +10,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from turbowg.conn.endpoint import Endpoint
 from turbowg.device.constants import MAX_STAGED_PACKETS
 from turbowg.device.keypair import Keypairs
-from turbowg.device.timers import PeerTimers, default_jitter
+from turbowg.device.timers import PeerTimers, Schedule, default_jitter
 from turbowg.noise.cookie import CookieGenerator
 from turbowg.noise.handshake import Handshake, LocalIdentity
 from turbowg.noise.primitives import ZERO32
-from turbowg.uapi.model import Endpoint
 
 
 class Peer:
@@ -44,6 +45,7 @@ class Peer:
         public_key: bytes,
         local: LocalIdentity | None,
         jitter: Callable[[], float] = default_jitter,
+        schedule: Schedule | None = None,
     ) -> None:
         self.public_key = bytes(public_key)
         self.preshared_key = ZERO32
@@ -52,7 +54,7 @@ class Peer:
         self.cookie_generator = CookieGenerator(self.public_key)
         self.endpoint: Endpoint | None = None
         self.keypairs = Keypairs()
-        self.timers = PeerTimers(jitter)
+        self.timers = PeerTimers(jitter, schedule)
         # Packets waiting for a session; the oldest is dropped when full (as wireguard-go).
         self.staged: deque[bytes | memoryview] = deque(maxlen=MAX_STAGED_PACKETS)
         self.rx_bytes = 0

@@ -4,11 +4,16 @@ The device reports events (`data_sent`, `handshake_initiated`, ...) with the cur
 monotonic time; `expired(now)` returns the actions whose deadlines have passed, and the
 device carries them out (send a keepalive, retransmit an initiation, zero keys, ...).
 `next_deadline()` tells an event loop when to call again.
+
+Every arming also lowers the device's shared `Schedule`, so the device can report its earliest deadline in
+O(1) after any batch (never later than the true earliest; a timer disarmed since only costs one early tick,
+after which the device recomputes the exact value).
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import random
 from collections.abc import Callable
 
@@ -36,6 +41,19 @@ class TimerAction(enum.Enum):
     PERSISTENT_KEEPALIVE = "persistent_keepalive"
 
 
+class Schedule:
+    """The earliest deadline armed by any peer of a device since the device last recomputed it."""
+
+    __slots__ = ("earliest",)
+
+    def __init__(self) -> None:
+        self.earliest = math.inf
+
+    def arm(self, deadline: float) -> None:
+        if deadline < self.earliest:
+            self.earliest = deadline
+
+
 def default_jitter() -> float:
     return random.uniform(0.0, REKEY_TIMEOUT_JITTER_MAX)
 
@@ -53,9 +71,10 @@ class PeerTimers:
         "handshake_attempts",
         "persistent_keepalive_interval",
         "_jitter",
+        "_schedule",
     )
 
-    def __init__(self, jitter: Callable[[], float] = default_jitter) -> None:
+    def __init__(self, jitter: Callable[[], float] = default_jitter, schedule: Schedule | None = None) -> None:
         self.retransmit_handshake: float | None = None
         self.send_keepalive: float | None = None
         self.new_handshake: float | None = None
@@ -65,6 +84,7 @@ class PeerTimers:
         self.handshake_attempts = 0
         self.persistent_keepalive_interval = 0
         self._jitter = jitter
+        self._schedule = schedule if schedule is not None else Schedule()
 
     # -- events -------------------------------------------------------------------------------
 
@@ -72,11 +92,13 @@ class PeerTimers:
         """A non-keepalive data packet went out: expect to hear back within 15 s (+ jitter)."""
         if self.new_handshake is None:
             self.new_handshake = now + NEW_HANDSHAKE_AFTER + self._jitter()
+            self._schedule.arm(self.new_handshake)
 
     def data_received(self, now: float) -> None:
         """A non-keepalive data packet came in: answer within 10 s, with a keepalive if need be."""
         if self.send_keepalive is None:
             self.send_keepalive = now + KEEPALIVE_TIMEOUT
+            self._schedule.arm(self.send_keepalive)
         else:
             self.need_another_keepalive = True
 
@@ -91,9 +113,11 @@ class PeerTimers:
     def any_authenticated_packet_traversal(self, now: float) -> None:
         if self.persistent_keepalive_interval > 0:
             self.persistent_keepalive = now + self.persistent_keepalive_interval
+            self._schedule.arm(self.persistent_keepalive)
 
     def handshake_initiated(self, now: float) -> None:
         self.retransmit_handshake = now + REKEY_TIMEOUT + self._jitter()
+        self._schedule.arm(self.retransmit_handshake)
 
     def handshake_complete(self, now: float) -> None:
         self.retransmit_handshake = None
@@ -101,6 +125,7 @@ class PeerTimers:
 
     def session_derived(self, now: float) -> None:
         self.zero_key_material = now + ZERO_KEYS_AFTER
+        self._schedule.arm(self.zero_key_material)
 
     def stop(self) -> None:
         """Disarm everything (peer removed or device down)."""
@@ -114,18 +139,13 @@ class PeerTimers:
     # -- expiry -------------------------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        deadlines = [
-            d
-            for d in (
-                self.retransmit_handshake,
-                self.send_keepalive,
-                self.new_handshake,
-                self.zero_key_material,
-                self.persistent_keepalive,
-            )
-            if d is not None
-        ]
-        return min(deadlines) if deadlines else None
+        """The earliest armed deadline of this peer, or None (no list built: the device asks every tick)."""
+        earliest: float | None = None
+        for deadline in (self.retransmit_handshake, self.send_keepalive, self.new_handshake,
+                         self.zero_key_material, self.persistent_keepalive):
+            if deadline is not None and (earliest is None or deadline < earliest):
+                earliest = deadline
+        return earliest
 
     def expired(self, now: float) -> list[TimerAction]:
         """Fire every timer due at `now`, in wireguard-go's order of concerns."""
@@ -137,6 +157,7 @@ class PeerTimers:
                 # Without a session in sight, make sure the old keys die eventually.
                 if self.zero_key_material is None:
                     self.zero_key_material = now + ZERO_KEYS_AFTER
+                    self._schedule.arm(self.zero_key_material)
             else:
                 self.handshake_attempts += 1
                 actions.append(TimerAction.RETRANSMIT_HANDSHAKE)
@@ -146,6 +167,7 @@ class PeerTimers:
             if self.need_another_keepalive:
                 self.need_another_keepalive = False
                 self.send_keepalive = now + KEEPALIVE_TIMEOUT
+                self._schedule.arm(self.send_keepalive)
         if self.new_handshake is not None and self.new_handshake <= now:
             self.new_handshake = None
             actions.append(TimerAction.NEW_HANDSHAKE)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from turbowg.conn.endpoint import Endpoint
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-# An endpoint is (host, port); host is a literal IPv4 or IPv6 address string.
-Endpoint = tuple[str, int]
 
 
 @dataclass
@@ -57,6 +57,9 @@ class DeviceSnapshot:
     listen_port: int
     fwmark: int
     peers: list[PeerSnapshot]
+
+
+__all__ = ["DeviceSnapshot", "DeviceUpdate", "Endpoint", "IPNetwork", "PeerSnapshot", "PeerUpdate", "UAPIError"]
 
 
 class UAPIError(Exception):

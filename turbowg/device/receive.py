@@ -1,0 +1,164 @@
+"""The receive path (UDP -> TUN), as wireguard-go's device/receive.go: find the keypair a transport message
+names, have the noise layer open it, route what came out (inner header, allowed source), and hand handshake
+messages to handshake.py.
+
+`handle_udp_packed` is the runtime's hot path: datagrams lie in the runtime's receive buffer; one
+`open_batch` (turbowg/noise/transport.py: authenticate, decrypt in place, replay window) and one
+`check_inner_sources` (turbowg/device/route.py: inner IP header, allowed source) call per run of messages to
+one keypair; the packets for the TUN are described by the preallocated `Device.rx_layout`.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections.abc import Iterable
+
+from turbowg.conn.endpoint import Endpoint
+from turbowg.device.constants import REJECT_AFTER_TIME
+from turbowg.device.output import Out, Transmit, transmits
+from turbowg.device.peer import Peer
+from turbowg.device.route import check_inner_sources
+from turbowg.device.state import DeviceState
+from turbowg.device.timers import needs_rekey_on_receive
+from turbowg.wire import MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION, MESSAGE_TRANSPORT, TRANSPORT_MIN_SIZE
+
+_MESSAGE_TYPE = struct.Struct("<I")
+
+# Room of the packed receive path: inner packets one batch of UDP reads can hold (32 bytes each at least:
+# the runtime's 2 MiB receive buffer plus one last 64 KiB read).
+RX_MAX_PACKETS = 68 << 10
+
+
+class ReceivePath(DeviceState):
+    """The UDP -> TUN methods of `Device`."""
+
+    def handle_udp_batch(
+        self, datagrams: Iterable[tuple[bytes, Endpoint]], now: float, under_load: bool = False
+    ) -> tuple[list[bytes], list[Transmit]]:
+        """Process received datagrams; returns (IP packets for the TUN, datagrams to send).
+        (The list form of handle_udp_packed: each datagram a read of its own.)"""
+        buf = bytearray()
+        chunks: list[int] = []
+        endpoints: list[Endpoint] = []
+        for data, endpoint in datagrams:
+            start = len(buf)
+            buf += data
+            chunks += (start, len(buf), max(len(data), 1))
+            endpoints.append(endpoint)
+        count, out = self.handle_udp_packed(buf, chunks, endpoints, now, under_load)
+        layout = self.rx_layout
+        packets = [bytes(buf[layout[2 * k]:layout[2 * k] + layout[2 * k + 1]]) for k in range(count)]
+        return packets, out
+
+    def handle_udp_packed(
+        self, buf: bytearray, chunks: list[int], endpoints: list[Endpoint], now: float, under_load: bool = False
+    ) -> tuple[int, list[Transmit]]:
+        """The packed receive path. `chunks` is flat (offset, end, stride) triples, one per UDP read into
+        `buf` (a UDP_GRO read holds datagrams of `stride` bytes, the last maybe shorter), `endpoints` the
+        sender of each. Transport messages are opened in place in batches; the inner packets to write to the
+        TUN are described by `rx_layout[:2 * n]` (offsets into `buf`); returns (n, datagrams to send)."""
+        counters = self.counters
+        indices = self._indices
+        unpack_type = _MESSAGE_TYPE.unpack_from
+        layout = self.rx_layout
+        n_out = 0
+        out: Out = {}
+        heard: dict[Peer, bool] = {}
+        for c, endpoint in enumerate(endpoints):
+            pos, end, stride = chunks[3 * c], chunks[3 * c + 1], chunks[3 * c + 2]
+            if pos >= end:
+                counters["rx_too_short"] += 1  # an empty datagram
+                continue
+            while pos < end:
+                size = end - pos if end - pos < stride else stride
+                kind = unpack_type(buf, pos)[0] if size >= 4 else -1
+                if kind != MESSAGE_TRANSPORT or size < TRANSPORT_MIN_SIZE:
+                    self._receive_other(kind, bytes(buf[pos:pos + size]), endpoint, now, under_load, out)
+                    pos += stride
+                    continue
+                receiver = unpack_type(buf, pos + 4)[0]
+                entry = indices.get(receiver)
+                keypair = entry.keypair if entry is not None else None
+                if keypair is None:
+                    counters["rx_unknown_index"] += 1
+                    pos += stride
+                    continue
+                if now - keypair.created >= REJECT_AFTER_TIME:
+                    counters["rx_expired_keypair"] += 1
+                    pos += stride
+                    continue
+                peer = entry.peer  # type: ignore[union-attr]
+                opened = keypair.receive_aead.open_batch(buf, pos, end, stride, receiver, keypair.replay, layout,
+                                                         n_out)
+                if opened.end == pos:
+                    counters["rx_layout_full"] += 1  # cannot happen with RX_MAX_PACKETS sized to the buffer
+                    break
+                pos = opened.end
+                if opened.auth_fail:
+                    counters["rx_decrypt_failed"] += opened.auth_fail
+                if opened.replay:
+                    counters["rx_replay"] += opened.replay
+                if opened.expired:
+                    counters["rx_expired_keypair"] += opened.expired
+                if opened.keepalive:
+                    counters["rx_keepalive"] += opened.keepalive
+                authenticated = opened.authenticated
+                if not authenticated:
+                    continue
+                got, bad_inner, mismatch = check_inner_sources(buf, layout, n_out, opened.count, peer.allowed_src)
+                if bad_inner:
+                    counters["rx_bad_inner_packet"] += bad_inner
+                if mismatch:
+                    got = self._check_sources(peer, buf, layout, n_out, got)
+                n_out += got
+                peer.endpoint = endpoint
+                peer.rx_bytes += opened.rx_bytes
+                if peer.keypairs.next is keypair:
+                    self._confirm_keypair(peer, keypair, now, out)
+                if authenticated > opened.keepalive:
+                    heard[peer] = True
+                elif peer not in heard:
+                    heard[peer] = False
+        self._after_receive(heard, now, out)
+        return n_out, transmits(out)
+
+    def _check_sources(self, peer: Peer, buf: bytearray, layout: array, start: int, count: int) -> int:
+        """Keep the packets layout[start:start+count] whose inner source routes to `peer` (compacting the
+        layout); returns how many were kept."""
+        lookup = self.allowed_ips.lookup
+        kept = start
+        for k in range(start, start + count):
+            off = layout[2 * k]
+            source = bytes(buf[off + 12:off + 16]) if buf[off] >> 4 == 4 else bytes(buf[off + 8:off + 24])
+            if lookup(source) is not peer:
+                self.counters["rx_source_not_allowed"] += 1
+                continue
+            peer.allowed_src = source
+            layout[2 * kept] = off
+            layout[2 * kept + 1] = layout[2 * k + 1]
+            kept += 1
+        return kept - start
+
+    def _receive_other(self, kind: int, data: bytes, endpoint: Endpoint, now: float, under_load: bool,
+                       out: Out) -> None:
+        """A datagram that is not a well-formed transport message."""
+        if kind < 0:
+            self.counters["rx_too_short"] += 1
+        elif kind == MESSAGE_TRANSPORT:
+            self.counters["rx_transport_too_short"] += 1
+        elif MESSAGE_INITIATION <= kind <= MESSAGE_COOKIE_REPLY:
+            self._handle_handshake_message(kind, data, endpoint, now, under_load, out)
+        else:
+            self.counters["rx_unknown_type"] += 1
+
+    def _after_receive(self, heard: dict[Peer, bool], now: float, out: Out) -> None:
+        for peer, got_data in heard.items():
+            timers = peer.timers
+            timers.any_authenticated_packet_traversal(now)
+            timers.any_authenticated_packet_received(now)
+            if got_data:
+                timers.data_received(now)
+            if not peer.sent_last_minute_handshake and needs_rekey_on_receive(peer.keypairs.current, now):
+                peer.sent_last_minute_handshake = True
+                self._initiate_handshake(peer, now, out)
