@@ -15,6 +15,8 @@ Differences from wireguard-go, all deliberate:
   the request is consumed and the connection stays usable.
 - Error messages never echo private or preshared key values.
 - Requests pipelined behind a `set` are not lost (wireguard-go's line scanner may swallow them).
+- A `set` longer than MAX_REQUEST_SIZE is refused with EMSGSIZE and closes the connection (wireguard-go,
+  applying as it reads, has no limit).
 
 Line semantics reproduced from wireguard-go (device/uapi.go):
 - Device keys come before the first `public_key`; after it every key is a peer key, so a device key in
@@ -47,6 +49,15 @@ ERR_UNKNOWN = errno_codes.ENOANO  # wireguard-go's IpcErrorUnknown: an error tha
 
 # bufio.Scanner's default token limit in wireguard-go; a longer set line fails the request with EIO.
 MAX_LINE_LENGTH = 64 * 1024
+# The most text one `set=1` request may carry; a longer one is refused with EMSGSIZE ("Message too long")
+# and the connection closed. wireguard-go applies a set line by line and so has no such limit, but a set is
+# parsed whole here before anything is applied (see above), so its lines are held in memory: this bounds
+# what one connection can make the daemon hold. 8 MiB is ~25,000 peers as `wg setconf` writes them
+# (public key, preshared key, endpoint, keepalive, replace_allowed_ips and two allowed IPs: ~320 bytes)
+# or ~350,000 allowed-IP lines, well beyond what a Python data plane serves; held as Python strings it
+# costs at most ~25 MB, transiently.
+MAX_REQUEST_SIZE = 8 * 1024 * 1024
+ERR_TOO_BIG = errno_codes.EMSGSIZE
 
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 _UNSIGNED = re.compile(r"[0-9]+")
@@ -300,29 +311,43 @@ def get_reply(snapshot: DeviceSnapshot) -> bytes:
 class UAPIConnection:
     """Frames the byte stream of one UAPI connection into requests.
 
-    Feed it bytes with `receive_data` and the end of the stream with `receive_eof`; it returns the
-    requests that became complete. After an "invalid" request (or an oversized line) it is `closed`
-    and ignores further input; the I/O layer should close the socket once its replies are written.
+    Feed it bytes with `feed` and take the requests that became complete one at a time with `next_request`
+    (or both at once with `receive_data`); `receive_eof` ends the stream. After an "invalid" request, an
+    oversized line or an oversized `set` it is `closed` and ignores further input; the I/O layer should close
+    the socket once its replies are written.
+
+    What it holds is bounded: the unframed bytes are what was fed and not yet taken as requests (an I/O
+    layer that feeds one read at a time and takes every request before reading again holds one read plus a
+    partial line of at most MAX_LINE_LENGTH), and the lines of the `set` being read are at most
+    MAX_REQUEST_SIZE bytes.
     """
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._state: Literal["operation", "get", "stats", "set", "closed"] = "operation"
         self._set_lines: list[str] = []
+        self._set_size = 0
 
     @property
     def closed(self) -> bool:
         return self._state == "closed"
 
-    def receive_data(self, data: bytes) -> list[Request]:
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the connection; take the requests with `next_request`."""
+        if self._state != "closed":
+            self._buffer += data
+
+    def next_request(self) -> Request | None:
+        """The next complete request of what was fed, or None until more bytes arrive (or once closed)."""
         if self._state == "closed":
-            return []
-        self._buffer += data
+            return None
+        return self._next_request()
+
+    def receive_data(self, data: bytes) -> list[Request]:
+        """`feed(data)`, then every request that became complete."""
+        self.feed(data)
         requests: list[Request] = []
-        while self._state != "closed":
-            request = self._next_request()
-            if request is None:
-                break
+        while (request := self.next_request()) is not None:
             requests.append(request)
         return requests
 
@@ -335,6 +360,7 @@ class UAPIConnection:
             requests.append(Request("set", self._set_lines))
         self._buffer.clear()
         self._set_lines = []
+        self._set_size = 0
         self._state = "closed"
         return requests
 
@@ -367,6 +393,7 @@ class UAPIConnection:
                 if raw == b"set=1":
                     self._state = "set"
                     self._set_lines = []
+                    self._set_size = 0
                     continue
                 self._state = "closed"
                 buffer.clear()
@@ -374,6 +401,9 @@ class UAPIConnection:
             # state "set"
             if len(raw) > MAX_LINE_LENGTH:
                 return self._overflow()
+            self._set_size += end + 1
+            if self._set_size > MAX_REQUEST_SIZE:
+                return self._too_big()
             line = self._decode_line(raw)
             if line == "":
                 lines, self._set_lines = self._set_lines, []
@@ -387,11 +417,21 @@ class UAPIConnection:
             raw = raw[:-1]
         return raw.decode("utf-8", "replace")
 
-    def _overflow(self) -> Request:
-        was_set = self._state == "set"
+    def _close(self) -> None:
         self._state = "closed"
         self._buffer.clear()
         self._set_lines = []
+        self._set_size = 0
+
+    def _too_big(self) -> Request:
+        self._close()
+        return Request("set", error=UAPIError(
+            ERR_TOO_BIG, f"set request longer than {MAX_REQUEST_SIZE} bytes ({MAX_REQUEST_SIZE >> 20} MiB): "
+                         "nothing applied, closing the connection"))
+
+    def _overflow(self) -> Request:
+        was_set = self._state == "set"
+        self._close()
         if was_set:
             return Request("set", error=UAPIError(ERR_IO, f"line longer than {MAX_LINE_LENGTH} bytes"))
         return Request("invalid", operation=f"<operation line longer than {MAX_LINE_LENGTH} bytes>")

@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Protocol
 
 from turbowg.uapi.model import DeviceSnapshot, DeviceUpdate, UAPIError
@@ -122,17 +122,27 @@ class UAPIServer:
 
     # ---- connections -----------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request at a time: execute it, queue its answer, and wait while the client is not reading
+        its answers (the transport's write buffer is over its high-water mark) before taking the next one.
+        Nothing is read meanwhile, so the StreamReader's buffer fills, it pauses reading the socket and the
+        client blocks in its writes. What one connection holds is bounded by about one read (READ_SIZE,
+        plus the StreamReader's 2 x 64 KiB) + one partial line or `set` (see UAPIConnection) + the write
+        buffer's high-water mark (64 KiB) + one answer, however many requests the client pipelines."""
         self._writers.add(writer)
         connection = UAPIConnection()
         try:
             while not connection.closed:
                 data = await reader.read(READ_SIZE)
-                requests = connection.receive_data(data) if data else connection.receive_eof()
+                if data:
+                    connection.feed(data)
+                    requests: Iterable[Request] = iter(connection.next_request, None)
+                else:
+                    requests = connection.receive_eof()
                 for request in requests:
                     reply = await self._execute(request)
                     if reply:
                         writer.write(reply)
-                await writer.drain()
+                        await writer.drain()
         except (ConnectionError, OSError):
             pass  # the client went away mid-reply; nothing to answer
         finally:
