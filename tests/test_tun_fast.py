@@ -26,10 +26,12 @@ from test_tun_offload import (
     V4_DST,
     V4_SRC,
     addr_of,
+    assert_exact_checksum,
     gso_type_of,
     make_payload,
     tcp_packet,
     udp_packet,
+    zero_sum_payload,
 )
 
 from turbowg.tun import fast, vnet
@@ -217,6 +219,28 @@ def test_needs_csum_zero_result(fn) -> None:
                                                      csum_offset=off)))
         assert got[21 + off:23 + off] == b"\xff\xff"
         assert got == bytes(finish_checksum(zero, 21, off))
+
+
+@pytest.mark.parametrize("fn", IMPLS)
+@pytest.mark.parametrize("v6", [False, True])
+@pytest.mark.parametrize("udp", [False, True])
+def test_gso_segment_checksum_computing_to_zero(fn, v6: bool, udp: bool) -> None:
+    """A GSO segment whose checksum computes to 0 gets exactly 0xFFFF (UDP) or 0x0000 (TCP), and every other
+    segment exactly its checksum: compared with the value itself, not with a verification that accepts both."""
+    size = 1000
+    body = zero_sum_payload(v6, udp, size, 5)
+    # UDP: the zero-sum payload in the middle segment (same header as the first); TCP: in the first (seq 1000).
+    parts = [make_payload(size, 1), body, make_payload(size, 2)] if udp else [body, make_payload(size, 1),
+                                                                               make_payload(size, 2)]
+    monster = (udp_packet if udp else tcp_packet)(v6, b"".join(parts), partial=True)
+    got = packets_out(run_ingest(fn, monster_frame(monster, size)))
+    assert len(got) == 3
+    t = 40 if v6 else 20
+    at = t + (6 if udp else 16)
+    zero_seg = got[1] if udp else got[0]
+    assert zero_seg[at:at + 2] == (b"\xff\xff" if udp else b"\0\0")
+    for seg in got:
+        assert_exact_checksum(seg)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -73,6 +73,48 @@ def udp_packet(v6: bool, payload: bytes, *, sport: int = 51820, dport: int = 518
     return pkt
 
 
+def l4_layout(pkt: bytes | bytearray) -> tuple[int, int, int]:
+    """(transport offset, protocol, checksum field offset in the packet) of an IPv4/IPv6 TCP or UDP packet."""
+    if pkt[0] >> 4 == 4:
+        t, proto = (pkt[0] & 0x0F) * 4, pkt[9]
+    else:
+        t, proto = 40, pkt[6]
+    return t, proto, t + (6 if proto == UDP else 16)
+
+
+def exact_l4_checksum(pkt: bytes | bytearray) -> int:
+    """The one right value of the TCP/UDP checksum field: the complement of the ones' complement sum of the
+    pseudo header and the transport header+payload with the field zeroed; UDP sends a computed 0 as 0xFFFF
+    (RFC 768: 0 means "no checksum"), TCP keeps it 0. transport_checksum_ok cannot tell 0x0000 from 0xFFFF
+    here (both sum to all ones), this can."""
+    t, proto, at = l4_layout(pkt)
+    l4 = bytearray(pkt[t:])
+    l4[at - t:at - t + 2] = b"\0\0"
+    s, d = addr_of(pkt)
+    value = checksum(l4, pseudo_header_sum(s, d, proto, len(l4)))
+    return 0xFFFF if proto == UDP and value == 0 else value
+
+
+def assert_exact_checksum(pkt: bytes | bytearray) -> None:
+    at = l4_layout(pkt)[2]
+    got, want = struct.unpack_from("!H", pkt, at)[0], exact_l4_checksum(pkt)
+    assert got == want, f"checksum field {got:#06x}, want {want:#06x}"
+
+
+def zero_sum_payload(v6: bool, udp: bool, size: int, seed: int) -> bytes:
+    """A payload of `size` bytes (even, >= 2) whose packet (default ports and addresses, seq 1000, ACK, as
+    udp_packet/tcp_packet build it) has a computed checksum of exactly 0: its last word is the complement of
+    the sum of everything else."""
+    assert size >= 2 and size % 2 == 0
+    body = bytearray(make_payload(size, seed))
+    body[-2:] = b"\0\0"
+    pkt = udp_packet(v6, bytes(body)) if udp else tcp_packet(v6, bytes(body))
+    field = struct.unpack_from("!H", pkt, l4_layout(pkt)[2])[0]
+    raw = 0 if udp and field == 0xFFFF else field  # udp_packet already turned a computed 0 into 0xFFFF
+    body[-2:] = raw.to_bytes(2, "big")
+    return bytes(body)
+
+
 def gso_type_of(pkt: bytes | bytearray) -> int:
     proto = pkt[9] if pkt[0] >> 4 == 4 else pkt[6]
     if proto == UDP:
@@ -108,10 +150,46 @@ def test_ones_sum_matches_word_loop(data: bytes) -> None:
         total += (padded[i] << 8) | padded[i + 1]
         total = (total & 0xFFFF) + (total >> 16)
     total = (total & 0xFFFF) + (total >> 16)
-    assert ones_sum(data) % 0xFFFF == total % 0xFFFF
+    assert ones_sum(data) == total  # exactly: 0 only for all zeros, 0xFFFF ("negative zero") otherwise
     # A buffer with its checksum appended sums to all ones.
     if len(data) % 2 == 0 and any(data):
         assert ones_sum(data + checksum(data).to_bytes(2, "big")) == 0xFFFF
+
+
+def test_ones_sum_zero_and_negative_zero_are_distinct() -> None:
+    """0x0000 and 0xFFFF are the same number modulo 0xFFFF, but not the same checksum."""
+    assert ones_sum(b"") == 0 and ones_sum(bytes(10)) == 0 and ones_sum(bytes(10), 0) == 0
+    assert ones_sum(b"\xff\xff") == 0xFFFF and ones_sum(b"\x80\x00\x7f\xff") == 0xFFFF
+    assert ones_sum(b"\x00\x01", 0xFFFE) == 0xFFFF and ones_sum(b"\x00\x02", 0xFFFE) == 1
+    assert fold(0) == 0 and fold(0xFFFF) == 0xFFFF and fold(0x1FFFE) == 0xFFFF and fold(0x10000) == 1
+    assert checksum(b"\xff\xff") == 0 and checksum(bytes(4)) == 0xFFFF
+
+
+def test_udp_zero_checksum_is_sent_as_all_ones_tcp_keeps_zero() -> None:
+    """A UDP checksum that computes to 0 goes out as 0xFFFF (0 would mean "no checksum") from every path
+    that completes one: finish_checksum, split (first segment), and the packet builders; a TCP checksum that
+    computes to 0 stays 0."""
+    for v6 in (False, True):
+        t = 40 if v6 else 20
+        body = zero_sum_payload(v6, True, 100, 7)
+        full = udp_packet(v6, body)
+        assert struct.unpack_from("!H", full, t + 6)[0] == 0xFFFF == exact_l4_checksum(full)
+        done = finish_checksum(udp_packet(v6, body, partial=True), t, 6)
+        assert struct.unpack_from("!H", done, t + 6)[0] == 0xFFFF
+        assert bytes(done) == bytes(full)
+        # A monster whose first 100-byte segment has that payload: that segment's field is 0xFFFF.
+        monster = udp_packet(v6, body + make_payload(150, 3), partial=True)
+        segs: list = []
+        assert split(memoryview(monster), vnet.GSO_UDP_L4, 100, t, segs) == 3
+        assert struct.unpack_from("!H", segs[0], t + 6)[0] == 0xFFFF
+        for seg in segs:
+            assert_exact_checksum(seg)
+        # TCP: the same situation keeps 0x0000.
+        tbody = zero_sum_payload(v6, False, 100, 7)
+        tfull = tcp_packet(v6, tbody)
+        assert struct.unpack_from("!H", tfull, t + 16)[0] == 0 == exact_l4_checksum(tfull)
+        tdone = finish_checksum(tcp_packet(v6, tbody, partial=True), t, 16)
+        assert struct.unpack_from("!H", tdone, t + 16)[0] == 0 and bytes(tdone) == bytes(tfull)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,6 +220,7 @@ def test_split_then_coalesce_round_trip(v6: bool, udp: bool, gso_size: int, tota
     assert b"".join(bytes(s[hlen:]) for s in segs) == payload
     for i, seg in enumerate(segs):
         assert transport_checksum_ok(seg)
+        assert_exact_checksum(seg)
         if not v6:
             assert ipv4_header_ok(seg)
             assert struct.unpack_from("!H", seg, 2)[0] == len(seg)
@@ -167,8 +246,10 @@ def test_split_then_coalesce_round_trip(v6: bool, udp: bool, gso_size: int, tota
         vnet.NEEDS_CSUM, gso_type_of(monster), hlen, gso_size, t, csum_offset)
     # Byte-identical to the monster the kernel produced (partial checksum included)...
     assert frame[10:] == monster
-    # ...and once its checksum is completed it verifies.
-    assert transport_checksum_ok(finish_checksum(frame[10:], t, csum_offset))
+    # ...and once its checksum is completed it verifies, with exactly the right value.
+    completed = finish_checksum(frame[10:], t, csum_offset)
+    assert transport_checksum_ok(completed)
+    assert_exact_checksum(completed)
 
 
 @settings(max_examples=60, deadline=None)
@@ -207,7 +288,9 @@ def test_finish_checksum_for_plain_packets() -> None:
         for pkt, off in ((tcp_packet(v6, b"hello", flags=SYN, partial=True), 16),
                          (udp_packet(v6, b"hello world", partial=True), 6)):
             assert not transport_checksum_ok(pkt)
-            assert transport_checksum_ok(finish_checksum(pkt, t, off))
+            done = finish_checksum(pkt, t, off)
+            assert transport_checksum_ok(done)
+            assert_exact_checksum(done)
 
 
 # ---------------------------------------------------------------------------------------------------------
