@@ -463,7 +463,7 @@ class ClientInfo:
     def from_json(cls, raw: bytes) -> ClientInfo:
         try:
             fields = _lower_keys(json.loads(raw))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: '[' * 100000
             raise FrameError(f"bad ClientInfo JSON: {exc}") from None
         version = fields.get("version", 0)
         mesh_key = fields.get("meshkey", "")
@@ -492,7 +492,7 @@ class ServerInfo:
     def from_json(cls, raw: bytes) -> ServerInfo:
         try:
             fields = _lower_keys(json.loads(raw))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: '[' * 100000
             raise FrameError(f"bad ServerInfo JSON: {exc}") from None
         version = fields.get("version", 0)
         if not isinstance(version, int):

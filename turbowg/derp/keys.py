@@ -73,7 +73,7 @@ def load_or_create_config(path: str | os.PathLike[str]) -> bytes:
         try:
             data = json.loads(p.read_text())
             return parse_private_key(str(data["PrivateKey"]))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: '[' * 100000
             raise KeyFormatError(f"{p}: not a derper key file ({exc})") from None
     private = generate_private_key()
     p.parent.mkdir(parents=True, exist_ok=True)
