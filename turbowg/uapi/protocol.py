@@ -96,7 +96,10 @@ def _fail(code: int, number: int, line: str, reason: str) -> UAPIError:
 def _parse_unsigned(value: str, limit: int) -> int | None:
     if not _UNSIGNED.fullmatch(value):
         return None
-    number = int(value)
+    digits = value.lstrip("0")
+    if len(digits) > len(str(limit)):  # int() refuses more than 4300 digits with a ValueError
+        return None
+    number = int(digits or "0")
     return number if number <= limit else None
 
 
