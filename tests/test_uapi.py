@@ -117,6 +117,39 @@ def test_parse_allowed_ip_masks_host_bits() -> None:
                                            net("192.0.2.9/32"), net("2001:db8::1/128")]
 
 
+def test_parse_allowed_ip_removal() -> None:
+    """`allowed_ip=-PREFIX` (wireguard-go since 2025, `wg set ... allowed-ips -PREFIX`) removes one prefix."""
+    update = parse_set([f"public_key={K2.hex()}", "allowed_ip=-10.0.0.7/24", "allowed_ip=-fd00::1/64",
+                        "allowed_ip=10.9.0.0/16"])
+    assert update.peers == [PeerUpdate(public_key=K2, allowed_ips=[net("10.9.0.0/16")],
+                                       remove_allowed_ips=[net("10.0.0.0/24"), net("fd00::/64")])]
+
+
+def test_parse_allowed_ip_removal_in_line_order() -> None:
+    # A removal cancels an addition of the same prefix earlier in the section; an addition after a removal
+    # stands (the device removes first, then adds).
+    update = parse_set([f"public_key={K2.hex()}", "allowed_ip=10.1.0.0/16", "allowed_ip=10.2.0.0/16",
+                        "allowed_ip=-10.1.0.0/16", "allowed_ip=-10.3.0.0/16", "allowed_ip=10.3.0.0/16"])
+    peer = update.peers[0]
+    assert peer.allowed_ips == [net("10.2.0.0/16"), net("10.3.0.0/16")]
+    assert peer.remove_allowed_ips == [net("10.1.0.0/16"), net("10.3.0.0/16")]
+    # replace_allowed_ips drops every earlier line about allowed IPs, removals included.
+    update = parse_set([f"public_key={K2.hex()}", "allowed_ip=-10.1.0.0/16", "replace_allowed_ips=true",
+                        "allowed_ip=-10.2.0.0/16"])
+    assert update.peers[0].replace_allowed_ips and update.peers[0].remove_allowed_ips == [net("10.2.0.0/16")]
+    # remove=true wins over removals too.
+    update = parse_set([f"public_key={K2.hex()}", "allowed_ip=-10.1.0.0/16", "remove=true",
+                        "allowed_ip=-10.2.0.0/16"])
+    assert update.peers == [PeerUpdate(public_key=K2, remove=True)]
+
+
+@pytest.mark.parametrize("value", ["-", "--10.0.0.0/24", "-10.0.0.0", "- 10.0.0.0/24", "-10.0.0.0/33"])
+def test_parse_refuses_malformed_allowed_ip_removal(value: str) -> None:
+    with pytest.raises(UAPIError) as info:
+        parse_set([f"public_key={K2.hex()}", f"allowed_ip={value}"])
+    assert info.value.errno == errno.EINVAL and "allowed_ip" in str(info.value)
+
+
 def test_parse_remove_wins_over_other_lines_of_that_peer() -> None:
     update = parse_set([f"public_key={K2.hex()}", "endpoint=192.0.2.1:1", "allowed_ip=10.0.0.0/8", "remove=true",
                         "allowed_ip=10.9.0.0/16", "persistent_keepalive_interval=5", f"public_key={K3.hex()}",

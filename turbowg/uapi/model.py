@@ -25,6 +25,9 @@ class PeerUpdate:
     persistent_keepalive_interval: int | None = None  # seconds, 0 = off
     replace_allowed_ips: bool = False
     allowed_ips: list[IPNetwork] = field(default_factory=list)  # appended after any replace
+    # `allowed_ip=-PREFIX`: each removed after any replace and before `allowed_ips` are added, only if this
+    # peer holds exactly that prefix (wireguard-go's allowedips.Remove).
+    remove_allowed_ips: list[IPNetwork] = field(default_factory=list)
     protocol_version: int | None = None  # only 1 is accepted
 
 

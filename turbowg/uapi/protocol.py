@@ -25,6 +25,12 @@ Line semantics reproduced from wireguard-go (device/uapi.go):
   else said about the peer in the request.
 - `replace_allowed_ips=true` discards the allowed IPs listed before it for that peer.
 - `allowed_ip` is masked to its prefix (10.0.0.7/24 -> 10.0.0.0/24); the prefix length is required.
+- `allowed_ip=-PREFIX` (wireguard-go since 2025; `wg set ... allowed-ips -PREFIX` in newer wg-tools)
+  removes PREFIX from the peer if the peer holds exactly that prefix, and does nothing otherwise. In line
+  order: a removal cancels earlier additions of the same prefix in that peer section, an addition after a
+  removal stands (the device applies replace, then removals, then additions). One corner differs:
+  wireguard-go's `allowed_ip=X` then `allowed_ip=-X` for a prefix another peer holds first moves X to this
+  peer, then deletes it; here the other peer keeps X.
 - `endpoint` is a literal `ip:port` or `[ipv6]:port` (a zone such as `%eth0` allowed); hostnames are refused.
 - Boolean keys accept only `true`; numbers are unsigned decimal within the field width.
 """
@@ -205,6 +211,7 @@ def _parse_peer_line(peer: PeerUpdate, number: int, line: str, key: str, value: 
         else:
             peer.replace_allowed_ips = True
             peer.allowed_ips.clear()
+            peer.remove_allowed_ips.clear()
     elif key == "preshared_key":
         preshared_key = _parse_hex_key(value)
         if preshared_key is None:
@@ -224,10 +231,18 @@ def _parse_peer_line(peer: PeerUpdate, number: int, line: str, key: str, value: 
         if not removed:
             peer.persistent_keepalive_interval = seconds
     elif key == "allowed_ip":
-        network = parse_allowed_ip(value)
+        removal = value.startswith("-")
+        network = parse_allowed_ip(value[1:] if removal else value)
         if network is None:
-            raise _fail(ERR_INVALID, number, line, "allowed_ip is not an ip/prefix-length")
-        if not removed:
+            raise _fail(ERR_INVALID, number, line, "allowed_ip is not an ip/prefix-length or -ip/prefix-length")
+        if removed:
+            return
+        if removal:
+            # Later lines win: the removal cancels this section's earlier additions of the prefix.
+            peer.allowed_ips[:] = [n for n in peer.allowed_ips if n != network]
+            if network not in peer.remove_allowed_ips:
+                peer.remove_allowed_ips.append(network)
+        else:
             peer.allowed_ips.append(network)
     elif key == "protocol_version":
         if value != "1":
@@ -247,6 +262,7 @@ def _mark_removed(peer: PeerUpdate) -> None:
     peer.persistent_keepalive_interval = None
     peer.replace_allowed_ips = False
     peer.allowed_ips.clear()
+    peer.remove_allowed_ips.clear()
     peer.protocol_version = None
 
 
