@@ -57,7 +57,7 @@ def parse_addr(addr: str, default_port: int) -> tuple[str, int]:
     """derper's `-a` forms: ":443", "1.2.3.4:443", "[::1]:443", "host:443", or a bare port."""
     addr = addr.strip()
     if addr.isdigit():
-        return "", int(addr)
+        addr = ":" + addr  # a bare port, range-checked below
     if addr.startswith("["):
         host, _, rest = addr[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
@@ -66,6 +66,8 @@ def parse_addr(addr: str, default_port: int) -> tuple[str, int]:
         if not sep:
             host, port_text = addr, ""
     try:
+        if port_text and not (port_text.isascii() and port_text.isdigit()):  # int() takes '+1', '1_0', '١'
+            raise ValueError(port_text)
         port = int(port_text) if port_text else default_port
     except ValueError:
         raise RelayConfigError(f"bad listen address {addr!r}") from None

@@ -134,6 +134,10 @@ class PeerAddress:
         raw = text.strip()
         if not raw:
             raise MeshConfigError("empty mesh peer")
+        try:
+            urlsplit(raw if "://" in raw else "//" + raw)
+        except ValueError:  # e.g. '[::1' or '[host]': "Invalid IPv6 URL"
+            raise MeshConfigError(f"mesh peer {text!r}: bad host") from None
         if "://" in raw:
             parts = urlsplit(raw)
             if parts.scheme not in ("http", "https") or not parts.hostname:
