@@ -102,3 +102,25 @@ def test_default_routes_and_cache_invalidation() -> None:
     for i in range(LOOKUP_CACHE_MAX + 100):
         assert table.lookup(i.to_bytes(4, "big")) == "v4"
     assert len(table._cache) <= LOOKUP_CACHE_MAX
+
+
+def test_remove_one_prefix_of_its_owner_only() -> None:
+    """What `allowed_ip=-PREFIX` uses: the exact prefix, only if `peer` holds it (wireguard-go's Remove)."""
+    table: AllowedIPs[str] = AllowedIPs()
+    table.insert("10.0.0.0/16", "a")
+    table.insert("10.0.1.0/24", "a")
+    table.insert("fd00::/64", "a")
+    table.insert("10.9.0.0/16", "b")
+    inside = bytes([10, 0, 1, 7])
+    assert table.lookup(inside) == "a"  # cached
+    assert not table.remove("10.9.0.0/16", "a")  # another peer's prefix
+    assert not table.remove("10.0.0.0/8", "a") and not table.remove("10.0.0.0/24", "a")  # not exactly held
+    assert table.remove("10.0.1.99/24", "a")  # host bits in text are cleared, as on insert
+    assert not table.remove("10.0.1.0/24", "a")  # already gone
+    assert table.lookup(inside) == "a"  # now through 10.0.0.0/16: the cached /24 answer was dropped
+    assert table.remove(ipaddress.ip_network("10.0.0.0/16"), "a")
+    assert table.lookup(inside) is None
+    assert table.entries_for_peer("a") == [ipaddress.ip_network("fd00::/64")]
+    assert table.entries_for_peer("b") == [ipaddress.ip_network("10.9.0.0/16")]
+    assert table.remove("fd00::/64", "a") and table.entries_for_peer("a") == [] and len(table) == 1
+    assert table.lookup(bytes([10, 9, 0, 1])) == "b"

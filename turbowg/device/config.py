@@ -61,7 +61,7 @@ class Configuration(DeviceState):
             interval = peer_update.persistent_keepalive_interval
             if interval is not None and not 0 <= interval <= 65535:
                 raise UAPIError(errno.EINVAL, f"persistent_keepalive_interval {interval} out of range")
-            for network in peer_update.allowed_ips:
+            for network in (*peer_update.allowed_ips, *peer_update.remove_allowed_ips):
                 if not isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network):
                     raise UAPIError(errno.EINVAL, f"allowed ip {network!r} is not a network")
 
@@ -133,6 +133,8 @@ class Configuration(DeviceState):
                 switched_on = True
         if update.replace_allowed_ips:
             self.allowed_ips.remove_by_peer(peer)
+        for network in update.remove_allowed_ips:  # allowed_ip=-PREFIX: only if this peer holds exactly it
+            self.allowed_ips.remove(network, peer)
         for network in update.allowed_ips:
             self.allowed_ips.insert(network, peer)
         return peer, switched_on
