@@ -30,20 +30,24 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from turbowg import accel
+from turbowg.linux import (
+    IFF_NO_PI,
+    IFF_TUN,
+    IFF_VNET_HDR,
+    SOL_UDP,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_USO4,
+    TUN_F_USO6,
+    TUNSETIFF,
+    TUNSETOFFLOAD,
+    UDP_GRO,
+    UDP_SEGMENT,
+)
+
 OK, WARN, UNKNOWN, INFO = "ok", "warn", "unknown", "info"
-
-# linux/if_tun.h
-TUNSETIFF = 0x400454CA
-TUNSETOFFLOAD = 0x400454D0
-IFF_TUN = 0x0001
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
-TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
-TUN_F_USO4, TUN_F_USO6 = 0x20, 0x40
-
-SOL_UDP = getattr(socket, "SOL_UDP", 17)
-UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
-UDP_GRO = getattr(socket, "UDP_GRO", 104)
 
 DEEP_CSTATE_LATENCY_US = 10  # idle states slower than this to wake up are "deep"
 
@@ -295,6 +299,7 @@ def check_cpu_idle(sysfs: str = "/sys") -> list[Finding]:
 def check_accelerators() -> list[Finding]:
     """Whether the C data path (batched AEAD, GSO split / GRO coalesce) is built; without it turbowg runs the
     same protocol in pure Python, several times slower."""
+    from turbowg.device import route
     from turbowg.noise import transport
     from turbowg.tun import fast
 
@@ -302,10 +307,11 @@ def check_accelerators() -> list[Finding]:
            "(in the turbowg checkout)")
     findings = []
     for label, have in (("batched ChaCha20-Poly1305 (turbowg.noise._aead)", transport.HAVE_C),
-                        ("GSO split / GRO coalesce (turbowg.tun._offload)", fast.HAVE_C)):
+                        ("GSO split / GRO coalesce (turbowg.tun._offload)", fast.HAVE_C),
+                        ("inner-packet checks (turbowg.device._route)", route.HAVE_C)):
         if have:
             findings.append(Finding("accel", OK, f"C accelerator for {label} in use"))
-        elif os.environ.get("TURBOWG_NO_C", "").strip() not in ("", "0"):
+        elif accel.forced_python():
             findings.append(Finding("accel", INFO, f"C accelerator for {label} switched off by TURBOWG_NO_C",
                                     "unset TURBOWG_NO_C"))
         else:

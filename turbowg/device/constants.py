@@ -1,6 +1,6 @@
 """Protocol constants of WireGuard (paper section 6 and wireguard-go's device/constants.go).
 
-Times are in seconds of the injected monotonic clock.
+Times are in seconds of the injected monotonic clock. Message types and sizes are turbowg/wire.py's.
 """
 
 from __future__ import annotations
@@ -29,20 +29,5 @@ NEW_HANDSHAKE_AFTER = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
 
 # Packets queued per peer while waiting for a handshake (the oldest is dropped when full).
 MAX_STAGED_PACKETS = 128
-
-# Message types and sizes on the wire.
-MESSAGE_INITIATION = 1
-MESSAGE_RESPONSE = 2
-MESSAGE_COOKIE_REPLY = 3
-MESSAGE_TRANSPORT = 4
-INITIATION_SIZE = 148
-RESPONSE_SIZE = 92
-COOKIE_REPLY_SIZE = 64
-TRANSPORT_HEADER_SIZE = 16
-AEAD_TAG_SIZE = 16
-TRANSPORT_MIN_SIZE = TRANSPORT_HEADER_SIZE + AEAD_TAG_SIZE
-# Largest datagram accepted at all (as wireguard-go's MaxMessageSize).
-MAX_MESSAGE_SIZE = 65535
-PADDING_MULTIPLE = 16
 
 DEFAULT_MTU = 1420

@@ -1,7 +1,6 @@
 """WireGuard's Noise_IKpsk2 handshake, cookies and the primitives beneath them (sans-IO)."""
 
-from .cookie import COOKIE_REFRESH_TIME, CookieChecker, CookieGenerator
-from .handshake import (
+from turbowg.wire import (
     COOKIE_REPLY_SIZE,
     INITIATION_SIZE,
     MESSAGE_COOKIE_REPLY,
@@ -10,6 +9,10 @@ from .handshake import (
     MESSAGE_TRANSPORT,
     RESPONSE_SIZE,
     TRANSPORT_HEADER_SIZE,
+)
+
+from .cookie import COOKIE_REFRESH_TIME, CookieChecker, CookieGenerator
+from .handshake import (
     Handshake,
     HandshakeError,
     HandshakeState,

@@ -10,7 +10,9 @@ import os
 import struct
 import time
 
-from .handshake import COOKIE_REPLY_SIZE, LABEL_COOKIE, LABEL_MAC1, MESSAGE_COOKIE_REPLY
+from turbowg.wire import COOKIE_REPLY_SIZE, MESSAGE_COOKIE_REPLY
+
+from .handshake import LABEL_COOKIE, LABEL_MAC1
 from .primitives import MAC_SIZE, XNONCE_SIZE, hash_, mac, xaead_open, xaead_seal
 
 # The responder's cookie secret lives this long; an initiator's cookie is used for as long

@@ -12,6 +12,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from turbowg.wire import INITIATION_SIZE, MESSAGE_INITIATION, MESSAGE_RESPONSE, RESPONSE_SIZE
+
 from .primitives import (
     HASH_SIZE,
     KEY_SIZE,
@@ -32,16 +34,6 @@ CONSTRUCTION = b"Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s"
 IDENTIFIER = b"WireGuard v1 zx2c4 Jason@zx2c4.com"
 LABEL_MAC1 = b"mac1----"
 LABEL_COOKIE = b"cookie--"
-
-MESSAGE_INITIATION = 1
-MESSAGE_RESPONSE = 2
-MESSAGE_COOKIE_REPLY = 3
-MESSAGE_TRANSPORT = 4
-
-INITIATION_SIZE = 148  # type(4) sender(4) ephemeral(32) static(32+16) timestamp(12+16) mac1(16) mac2(16)
-RESPONSE_SIZE = 92  # type(4) sender(4) receiver(4) ephemeral(32) empty(0+16) mac1(16) mac2(16)
-COOKIE_REPLY_SIZE = 64  # type(4) receiver(4) nonce(24) cookie(16+16)
-TRANSPORT_HEADER_SIZE = 16  # type(4) receiver(4) counter(8)
 
 # Nanoseconds of our TAI64N timestamps are rounded down to ~16.8 ms, as wireguard-go does, so that
 # initiations do not reveal our precise clock.

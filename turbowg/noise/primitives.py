@@ -17,7 +17,8 @@ from nacl.bindings import (
 )
 from nacl.exceptions import CryptoError
 
-KEY_SIZE = 32
+from turbowg.wire import KEY_SIZE
+
 HASH_SIZE = 32
 MAC_SIZE = 16
 TAG_SIZE = 16

@@ -44,31 +44,30 @@ import socket
 import struct
 from array import array
 
+from turbowg.linux import (
+    IFF_NO_PI,
+    IFF_TUN,
+    IFF_UP,
+    IFF_VNET_HDR,
+    SIOCGIFFLAGS,
+    SIOCGIFMTU,
+    SIOCSIFFLAGS,
+    SIOCSIFMTU,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_USO4,
+    TUN_F_USO6,
+    TUNGETIFF,
+    TUNSETIFF,
+    TUNSETOFFLOAD,
+    TUNSETVNETHDRSZ,
+)
 from turbowg.packed import pack
 
 from . import fast, vnet
 
 log = logging.getLogger(__name__)
-
-TUNSETIFF = 0x400454CA
-TUNGETIFF = 0x800454D2
-TUNSETOFFLOAD = 0x400454D0
-TUNSETVNETHDRSZ = 0x400454D8
-IFF_TUN = 0x0001
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
-IFF_UP = 0x1
-
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
-TUN_F_TSO6 = 0x04
-TUN_F_USO4 = 0x20
-TUN_F_USO6 = 0x40
-
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-SIOCGIFMTU = 0x8921
-SIOCSIFMTU = 0x8922
 
 OFFLOAD_CHOICES = (
     TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_USO4 | TUN_F_USO6,

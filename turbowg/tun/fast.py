@@ -25,8 +25,9 @@ anything is written; wrong argument types (including read-only output buffers) r
 from __future__ import annotations
 
 import operator
-import os
 from collections.abc import Callable
+
+from turbowg import accel
 
 from . import vnet
 from .gro import coalesce as _gro_coalesce
@@ -154,7 +155,7 @@ ingest: IngestFn = ingest_py
 coalesce: CoalesceFn = coalesce_py
 HAVE_C = False
 
-if os.environ.get("TURBOWG_NO_C", "") in ("", "0"):  # any other value forces the Python versions
+if accel.use_c():  # TURBOWG_NO_C forces the Python versions
     try:
         from . import _offload
     except ImportError:  # extension not built (optional in setup.py)
