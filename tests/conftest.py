@@ -1,5 +1,1 @@
-import os
-import sys
-
-# Tests import helpers such as tests/netns.py by plain module name.
-sys.path.insert(0, os.path.dirname(__file__))
+"""Network-namespace helpers live in turbowg.testing (installed with the package); nothing to set up here."""

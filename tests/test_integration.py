@@ -11,8 +11,11 @@ import time
 import uuid
 
 import pytest
-from netns import namespace_pair, needs_netns, ns_run
-from wgenv import SOCKET_DIR, impl_command, ping, stop_daemon, tcp_transfer, tunnel, wg_dump
+
+from turbowg.testing.marks import needs_netns
+from turbowg.testing.netns import namespace_pair, ns_run, wait_until
+from turbowg.testing.tcpxfer import tcp_transfer
+from turbowg.testing.tunnel import SOCKET_DIR, impl_command, ping, stop_daemon, tunnel, wg_dump
 
 pytestmark = [needs_netns, pytest.mark.netns]
 have_wggo = pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="needs Debian wireguard-go")
@@ -97,17 +100,11 @@ def test_daemon_lifecycle_sigterm_and_link_delete() -> None:
             assert ns_run(pair.a, "ip", "link", "show", name).returncode == 0
             # Deleting the interface makes the daemon exit and remove its socket.
             ns_run(pair.a, "ip", "link", "del", name)
-            deadline = time.monotonic() + 5
-            while os.path.exists(sock) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not os.path.exists(sock)
+            assert wait_until(lambda: not os.path.exists(sock), 5)
             # Foreground mode, then SIGTERM: exits 0 and removes the socket and the interface.
             fg = subprocess.Popen(["ip", "netns", "exec", pair.a, *impl_command("turbowg"), "-f", name],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            deadline = time.monotonic() + 15
-            while not os.path.exists(sock) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert os.path.exists(sock)
+            assert wait_until(lambda: os.path.exists(sock), 15)
             fg.terminate()
             assert fg.wait(timeout=10) == 0
             assert not os.path.exists(sock)
@@ -184,10 +181,7 @@ def test_wg_quick_up_and_down(tmp_path) -> None:
             down = subprocess.run(["ip", "netns", "exec", a.ns, "wg-quick", "down", str(conf)], env=env,
                                   capture_output=True, text=True, timeout=60)
             assert down.returncode == 0, down.stderr
-            deadline = time.monotonic() + 5
-            while os.path.exists(sock) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert not os.path.exists(sock)
+            assert wait_until(lambda: not os.path.exists(sock), 5)
         finally:
             ns_run(a.ns, "ip", "link", "del", name, check=False)
             if os.path.exists(sock):
@@ -216,8 +210,7 @@ def test_bad_input_is_dropped_counted_and_unanswered(tmp_path) -> None:
     here = os.path.dirname(__file__)
     with tunnel("turbowg", "turbowg", tmp_path=str(tmp_path)) as tun:
         a, b = tun.a, tun.b
-        veth_b = next(line.split(":")[1].strip().split("@")[0]
-                      for line in b.sh("ip", "-o", "link", "show").stdout.splitlines() if "vb" in line)
+        veth_b = b.veth
         sniffer = subprocess.Popen(["ip", "netns", "exec", b.ns, sys.executable, os.path.join(here, "sniff.py"),
                                     veth_b, str(b.port), "20"], stdout=subprocess.PIPE, text=True)
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import hashlib
 import os
 import select
@@ -19,7 +18,6 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
-from netns import namespace_pair, needs_netns, ns_run
 
 from turbowg.noise import (
     INITIATION_SIZE,
@@ -45,6 +43,9 @@ from turbowg.noise import (
     public_key,
 )
 from turbowg.noise.primitives import aead_open, aead_seal, dh, kdf, tai64n
+from turbowg.testing.marks import needs_netns
+from turbowg.testing.netns import entered, namespace_pair, ns_run
+from turbowg.testing.tunnel import Daemon, known_implementations
 
 # ---------------------------------------------------------------------------------------------------
 # Independent reference: the WireGuard paper (section 5.4) written out with hashlib/cryptography only.
@@ -346,23 +347,6 @@ def test_handshake_key_validation() -> None:
 # ---------------------------------------------------------------------------------------------------
 # Interoperability with wireguard-go (Debian package) in a network namespace.
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-@contextlib.contextmanager
-def entered_netns(name: str) -> Iterator[None]:
-    """Switch this thread into a named netns; sockets created inside stay bound to it."""
-    with open("/proc/thread-self/ns/net", "rb") as home, open(f"/var/run/netns/{name}", "rb") as target:
-        if _libc.setns(target.fileno(), CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), "setns into test namespace failed")
-        try:
-            yield
-        finally:
-            if _libc.setns(home.fileno(), CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns back failed")
-
-
 def ip_checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\x00"
@@ -421,27 +405,15 @@ def recv_until(sock: socket.socket, want_type: int, deadline: float) -> tuple[by
 class WireguardGo:
     """wireguard-go on interface `ifname` inside namespace `ns`, 10.99.0.1/24, one peer (us, 10.99.0.2)."""
 
-    def __init__(self, ns: str, ifname: str) -> None:
+    def __init__(self, ns: str, ifname: str, workdir: str) -> None:
         self.ns, self.ifname = ns, ifname
         self.private = generate_private_key()
         self.public = public_key(self.private)
         self.port = 51820
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.daemon = Daemon(known_implementations(with_versions=False)["wireguard-go"], ns, ifname, workdir)
 
     def start(self, peer_public: bytes, peer_endpoint: str | None) -> None:
-        env = dict(os.environ, WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1", LOG_LEVEL="error")
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, "wireguard-go", "-f", self.ifname],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        sock_path = f"/var/run/wireguard/{self.ifname}.sock"
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock_path):
-            assert self.proc.poll() is None, "wireguard-go exited at start"
-            assert time.monotonic() < deadline, "wireguard-go UAPI socket did not appear"
-            time.sleep(0.05)
+        self.daemon.start(timeout=10)
         with tempfile.NamedTemporaryFile("w", suffix=".key") as keyfile:
             keyfile.write(base64.b64encode(self.private).decode() + "\n")
             keyfile.flush()
@@ -454,22 +426,14 @@ class WireguardGo:
         ns_run(self.ns, "ip", "link", "set", self.ifname, "up")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"/var/run/wireguard/{self.ifname}.sock")
+        self.daemon.stop()
 
 
 @contextlib.contextmanager
 def wireguard_go_peer(peer_public: bytes, with_endpoint: bool) -> Iterator[tuple[WireguardGo, socket.socket]]:
-    with namespace_pair("twn") as pair:
-        wg = WireguardGo(pair.a, "wg" + pair.a[-6:])
-        with entered_netns(pair.a):
+    with namespace_pair("twn") as pair, tempfile.TemporaryDirectory() as workdir:
+        wg = WireguardGo(pair.a, "wg" + pair.a[-6:], workdir)
+        with entered(pair.a):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.bind(("127.0.0.1", 0))

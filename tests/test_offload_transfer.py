@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,9 +15,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from netns import needs_netns
 from test_integration import device_stats
-from wgenv import Side, Tunnel, ping, tcp_transfer, tunnel, wait_ready, wg_dump
+
+from turbowg.testing.marks import needs_netns
+from turbowg.testing.tcpxfer import tcp_transfer, wait_ready
+from turbowg.testing.tunnel import Side, Tunnel, ping, tunnel, wg_dump
 
 pytestmark = [needs_netns, pytest.mark.netns]
 have_wggo = pytest.mark.skipif(shutil.which("wireguard-go") is None, reason="needs Debian wireguard-go")
@@ -33,7 +34,7 @@ UDP_BYTES = 32 * 1024 * 1024
 UDP_RATE_MBIT = 200  # first round paced well below what the tunnel carries (~0.5-1 Gbit/s here)
 UDP_WITHHOLD_EVERY = 200  # the first round leaves out every 200th datagram, so the resend path always runs
 UDP_MAX_ROUNDS = 8
-UDP_HELPER = os.path.join(os.path.dirname(__file__), "udpxfer.py")
+UDP_HELPER = ["-m", "turbowg.testing.udpgen"]  # its file-serve / file-send modes
 FEATURES = ("tx-checksumming", "tcp-segmentation-offload", "tx-udp-segmentation")
 
 
@@ -127,14 +128,14 @@ def test_tcp_200mb_with_offloads_arrives_intact(impls: tuple[str, str], directio
 
 
 def udp_transfer(sender: Side, receiver: Side, timeout: float = 40) -> tuple[dict, dict, float]:
-    """Run tests/udpxfer.py: receiver in its namespace, sender in its; return both JSON results."""
-    server = subprocess.Popen(["ip", "netns", "exec", receiver.ns, sys.executable, UDP_HELPER, "serve",
+    """Run turbowg.testing.udpgen's file transfer: receiver in its namespace, sender in its; return both JSON results."""
+    server = subprocess.Popen(["ip", "netns", "exec", receiver.ns, sys.executable, *UDP_HELPER, "file-serve",
                                receiver.inner_ip, "9000", "9001", "--timeout", str(timeout)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_ready(server, 15), "UDP receiver did not get ready"
         started = time.monotonic()
-        proc = sender.sh(sys.executable, UDP_HELPER, "send", receiver.inner_ip, "9000", "9001",
+        proc = sender.sh(sys.executable, *UDP_HELPER, "file-send", receiver.inner_ip, "9000", "9001",
                          "--bytes", str(UDP_BYTES), "--rate-mbit", str(UDP_RATE_MBIT),
                          "--withhold-every", str(UDP_WITHHOLD_EVERY), "--rounds", str(UDP_MAX_ROUNDS),
                          "--timeout", str(timeout), check=False, timeout=timeout + 10)

@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from turbowg import demo, doctor
     from turbowg.bench import cli as bench_cli
     from turbowg.derp import cli as derp_cli
+    from turbowg.fuzz import runner as fuzz_cli
 
     demo.register(sub)
     bench_cli.register(sub)

@@ -1,0 +1,552 @@
+"""WireGuard tunnels between two namespaces, one implementation per side, configured only with stock `wg`.
+
+An `Implementation` is a command that takes the interface name last, as `wireguard-go IFNAME` does:
+turbowgd (our daemon), Debian's wireguard-go, or any other binary (`implementation_from_binary`). Every
+daemon runs in the foreground (`WG_PROCESS_FOREGROUND=1`) as a process we started, so its pid is known
+(CPU accounting, "did it really run") and tear-down can always stop it.
+
+`build_topology(specs)` is the general form: namespaces a and b joined by one veth (the "underlay"
+path), and one tunnel per `TunnelSpec` over it. Tunnel i uses 10.201.i.0/24 and fd00:201:i::/64
+(a = .1, b = .2) over the veth 10.200.0.1 <-> 10.200.0.2 (fd00:200::1/2); side a listens on UDP port
+51820 + 2i, side b on 51821 + 2i. `tunnel(impl_a, impl_b)` is the one-tunnel shorthand the tests use.
+Tear-down always happens, also when the body or the set-up raises: daemons are stopped, interfaces and
+namespaces deleted, UAPI sockets (/var/run/wireguard is shared by all namespaces) removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from turbowg.testing.netns import (
+    HarnessError,
+    Pair,
+    check_prerequisites,
+    exec_args,
+    namespace_pair,
+    ns_run,
+    run,
+    wait_until,
+)
+
+UAPI_DIR = "/var/run/wireguard"
+SOCKET_DIR = UAPI_DIR
+TUNNEL_MTU = 1420
+LISTEN_PORT_BASE = 51820
+UNDERLAY = "underlay"
+
+
+# ---------------------------------------------------------------- implementations
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """A userspace WireGuard implementation: a command that takes the interface name last.
+
+    `version` is what the binary says about itself (`wireguard-go 0.0.20220316`), for reports."""
+
+    name: str
+    command: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    version: str = ""
+
+    @property
+    def label(self) -> str:
+        """The name, with the version when it adds something: `wireguard-go (0.0.20220316)`."""
+        if not self.version or self.version in self.name:
+            return self.name
+        return f"{self.name} ({self.version.split()[-1]})"
+
+
+def turbowgd_command() -> tuple[str, ...]:
+    found = shutil.which("turbowgd")
+    if found:
+        return (found,)
+    beside_python = os.path.join(os.path.dirname(sys.executable), "turbowgd")
+    if os.access(beside_python, os.X_OK):
+        return (beside_python,)
+    return (sys.executable, "-m", "turbowg.turbowgd")
+
+
+def impl_command(impl: str) -> list[str]:
+    """The command line of a known implementation by name (for tests that start daemons by hand)."""
+    return list(known_implementations(with_versions=False)[impl].command)
+
+
+_VERSION = re.compile(r"v?(\d+(?:\.\d+)+\S*)")
+
+
+def binary_version(command: Sequence[str], timeout: float = 10) -> str:
+    """`<program> <version>` from `<command> --version` (`wireguard-go 0.0.20220316`), or "" if it says none."""
+    try:
+        proc = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    for line in (proc.stdout + "\n" + proc.stderr).splitlines():
+        words = line.split()
+        for index, word in enumerate(words):
+            match = _VERSION.fullmatch(word)
+            if match:
+                program = words[index - 1] if index else os.path.basename(command[-1])
+                return f"{program} {match.group(1)}"
+    return ""
+
+
+def known_implementations(with_versions: bool = True) -> dict[str, Implementation]:
+    turbowgd = turbowgd_command()
+    turbo_version = binary_version(turbowgd) if with_versions else ""
+    wggo_version = binary_version(("wireguard-go",)) if with_versions and shutil.which("wireguard-go") else ""
+    return {
+        "turbowg": Implementation("turbowg", turbowgd, {}, turbo_version),
+        "turbowg-nooffload": Implementation("turbowg-nooffload", turbowgd, {"TURBOWG_OFFLOADS": "0"}, turbo_version),
+        # Offloads on, C accelerators off: the pure-Python fallback of the same data path.
+        "turbowg-python": Implementation("turbowg-python", turbowgd, {"TURBOWG_NO_C": "1"}, turbo_version),
+        "wireguard-go": Implementation("wireguard-go", ("wireguard-go",), {}, wggo_version),
+    }
+
+
+def implementation_from_binary(path: str) -> Implementation:
+    """Any wireguard-go compatible binary; named `<basename> <version>` (plus the path if it says no version)."""
+    resolved = shutil.which(path) or path
+    if not (os.path.isfile(resolved) and os.access(resolved, os.X_OK)):
+        raise HarnessError(f"not an executable file: {path}")
+    resolved = os.path.abspath(resolved)
+    version = binary_version((resolved,))
+    name = version or f"{os.path.basename(resolved)} ({resolved})"
+    return Implementation(name, (resolved,), {}, version)
+
+
+def resolve_implementation(impl: str | Implementation) -> Implementation:
+    if isinstance(impl, Implementation):
+        return impl
+    known = known_implementations(with_versions=False)
+    if impl in known:
+        return known[impl]
+    if os.sep in impl:
+        return implementation_from_binary(impl)
+    raise HarnessError(f"unknown implementation {impl!r}; choose from {', '.join(known)} or give a path")
+
+
+# ---------------------------------------------------------------- one daemon
+
+
+def log_tail(path: str, limit: int = 1500) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()[-limit:].strip()
+    except OSError:
+        return ""
+
+
+class Daemon:
+    """One implementation running on interface `ifname` in namespace `ns`, in the foreground."""
+
+    def __init__(self, impl: Implementation, ns: str, ifname: str, workdir: str,
+                 env: Mapping[str, str] | None = None) -> None:
+        self.impl, self.ns, self.ifname, self.workdir = impl, ns, ifname, workdir
+        self.extra_env = dict(env or {})
+        self.socket = os.path.join(UAPI_DIR, f"{ifname}.sock")
+        self.log_path = os.path.join(workdir, f"{ifname}.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start and wait (bounded) until the interface and the UAPI socket exist."""
+        if os.path.exists(self.socket):
+            raise HarnessError(f"UAPI socket {self.socket} already exists; refusing to reuse {self.ifname}")
+        env = dict(os.environ)
+        env.setdefault("LOG_LEVEL", "error")
+        env["WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD"] = "1"
+        env.update(self.impl.env)
+        env.update(self.extra_env)
+        env["WG_PROCESS_FOREGROUND"] = "1"  # keep the pid: the daemon is the process we started
+        with open(self.log_path, "wb") as log:
+            try:
+                self.proc = subprocess.Popen(exec_args(self.ns, *self.impl.command, self.ifname), env=env,
+                                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True)
+            except OSError as exc:
+                raise HarnessError(f"cannot start {self.impl.name}: {exc}") from exc
+        deadline = time.monotonic() + timeout
+        for _ in range(int(timeout / 0.05) + 10):
+            if self.proc.poll() is not None:
+                raise HarnessError(f"{self.impl.name} exited with {self.proc.returncode} before it was ready:\n"
+                                   f"{log_tail(self.log_path)}")
+            if os.path.exists(self.socket) and self.link_exists():
+                return
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        raise HarnessError(f"{self.impl.name} did not create {self.ifname} and {self.socket} within {timeout} s:\n"
+                           f"{log_tail(self.log_path)}")
+
+    def link_exists(self) -> bool:
+        return run("ip", "-n", self.ns, "link", "show", self.ifname, check=False, timeout=10).returncode == 0
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return log_tail(self.log_path)
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """SIGTERM (then SIGKILL) the daemon's process group, delete the interface, remove the socket."""
+        proc = self.proc
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=timeout)
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=2.0)
+        run("ip", "-n", self.ns, "link", "del", self.ifname, check=False, timeout=10)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+
+
+# ---------------------------------------------------------------- tunnels
+
+
+def genkey() -> tuple[str, str]:
+    private = run("wg", "genkey").stdout.strip()
+    public = run("wg", "pubkey", input=private + "\n").stdout.strip()
+    return private, public
+
+
+def genpsk() -> str:
+    return run("wg", "genpsk").stdout.strip()
+
+
+def write_secret(directory: str, name: str, text: str) -> str:
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    return path
+
+
+@dataclass
+class Side:
+    """One end of a tunnel. `impl` is the implementation's name; `implementation` the whole thing."""
+
+    ns: str
+    ifname: str
+    impl: str
+    private: str
+    public: str
+    port: int
+    underlay_ip: str
+    underlay_ip6: str
+    inner_ip: str
+    inner_ip6: str
+    keyfile: str
+    veth: str
+    implementation: Implementation
+    daemon: Daemon | None = None
+    psk: str | None = None  # base64, as configured on this side (None: no preshared key)
+
+    def wg(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return ns_run(self.ns, "wg", *args, check=check)
+
+    def sh(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        return ns_run(self.ns, *args, check=check, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class TunnelSpec:
+    """One tunnel to build. psk: None (none), "same" (one key, both sides) or "mismatch" (a key on side a
+    only: side b has none); psk_a/psk_b (base64) set each side explicitly instead."""
+
+    name: str
+    impl_a: Implementation
+    impl_b: Implementation
+    endpoints: str = "both"  # "both", "a" (only a knows b's endpoint) or "b"
+    psk: str | None = None
+    psk_a: str | None = None
+    psk_b: str | None = None
+    v6_endpoint: bool = False
+    keepalive: int = 0
+    env_a: Mapping[str, str] = field(default_factory=dict)
+    env_b: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Tunnel:
+    """A tunnel from side a (client) to side b (server); also a bench path."""
+
+    name: str
+    pair: Pair
+    a: Side
+    b: Side
+    mtu: int = TUNNEL_MTU
+
+    @property
+    def server_v4(self) -> str:
+        return self.b.inner_ip
+
+    @property
+    def server_v6(self) -> str:
+        return self.b.inner_ip6
+
+    @property
+    def client_v4(self) -> str:
+        return self.a.inner_ip
+
+    @property
+    def client_v6(self) -> str:
+        return self.a.inner_ip6
+
+    @property
+    def ifname_a(self) -> str:
+        return self.a.ifname
+
+    @property
+    def ifname_b(self) -> str:
+        return self.b.ifname
+
+    @property
+    def daemon_pids(self) -> list[int]:
+        return [side.daemon.pid for side in (self.a, self.b) if side.daemon is not None and side.daemon.proc]
+
+    @property
+    def implementations(self) -> tuple[Implementation, Implementation]:
+        return self.a.implementation, self.b.implementation
+
+
+@dataclass
+class NetPath:
+    """The bare veth between the namespaces, with the same attributes as a Tunnel used as a bench path."""
+
+    name: str
+    server_v4: str
+    server_v6: str
+    client_v4: str
+    client_v6: str
+    ifname_a: str
+    ifname_b: str
+    mtu: int
+    daemon_pids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Topology:
+    pair: Pair
+    workdir: str
+    tunnels: dict[str, Tunnel]
+    paths: dict[str, Tunnel | NetPath]
+
+    @property
+    def ns_a(self) -> str:
+        return self.pair.a
+
+    @property
+    def ns_b(self) -> str:
+        return self.pair.b
+
+    def exec_args(self, ns: str, *args: str) -> list[str]:
+        return exec_args(ns, *args)
+
+    def run(self, ns: str, *args: str, timeout: float = 30, check: bool = True,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return ns_run(ns, *args, timeout=timeout, check=check, input=input)
+
+
+def _configure(side: Side, peer: Side, *, endpoint: bool, keepalive: int, psk_file: str | None,
+               v6_endpoint: bool) -> None:
+    args = ["set", side.ifname, "private-key", side.keyfile, "listen-port", str(side.port),
+            "peer", peer.public, "allowed-ips", f"{peer.inner_ip}/32,{peer.inner_ip6}/128"]
+    if endpoint:
+        host = f"[{peer.underlay_ip6}]" if v6_endpoint else peer.underlay_ip
+        args += ["endpoint", f"{host}:{peer.port}"]
+    if keepalive:
+        args += ["persistent-keepalive", str(keepalive)]
+    if psk_file:
+        args += ["preshared-key", psk_file]
+    side.wg(*args)
+    side.sh("ip", "addr", "add", f"{side.inner_ip}/24", "dev", side.ifname)
+    side.sh("ip", "-6", "addr", "add", f"{side.inner_ip6}/64", "dev", side.ifname, "nodad")
+    side.sh("ip", "link", "set", side.ifname, "mtu", str(TUNNEL_MTU), "up")
+
+
+def _psks(spec: TunnelSpec) -> tuple[str | None, str | None]:
+    if spec.psk_a is not None or spec.psk_b is not None:
+        return spec.psk_a, spec.psk_b
+    if spec.psk == "same":
+        key = genpsk()
+        return key, key
+    if spec.psk == "mismatch":
+        return genpsk(), None
+    if spec.psk is not None:
+        raise HarnessError(f"psk must be None, 'same' or 'mismatch', not {spec.psk!r}")
+    return None, None
+
+
+def _add_tunnel(topo: Topology, spec: TunnelSpec, index: int, daemons: list[Daemon], start_timeout: float) -> Tunnel:
+    pair = topo.pair
+    psk_a, psk_b = _psks(spec)
+    sides: list[Side] = []
+    for name, ns, veth, impl, ul4, ul6, host, env, psk in (
+            ("a", pair.a, pair.veth_a, spec.impl_a, pair.a_ip, pair.a_ip6, 1, spec.env_a, psk_a),
+            ("b", pair.b, pair.veth_b, spec.impl_b, pair.b_ip, pair.b_ip6, 2, spec.env_b, psk_b)):
+        private, public = genkey()
+        ifname = f"tw{index}{name}{pair.tag}"
+        keyfile = write_secret(topo.workdir, f"{ifname}.key", private)
+        port = LISTEN_PORT_BASE + 2 * index + (host - 1)
+        side = Side(ns, ifname, impl.name, private, public, port, ul4, ul6, f"10.201.{index}.{host}",
+                    f"fd00:201:{index}::{host}", keyfile, veth, impl, psk=psk)
+        side.daemon = Daemon(impl, ns, ifname, topo.workdir, env)
+        daemons.append(side.daemon)
+        side.daemon.start(start_timeout)
+        sides.append(side)
+    a, b = sides
+    for side, peer, knows in ((a, b, spec.endpoints in ("both", "a")), (b, a, spec.endpoints in ("both", "b"))):
+        psk_file = write_secret(topo.workdir, f"{side.ifname}.psk", side.psk) if side.psk else None
+        _configure(side, peer, endpoint=knows, keepalive=spec.keepalive, psk_file=psk_file,
+                   v6_endpoint=spec.v6_endpoint)
+    return Tunnel(spec.name, pair, a, b)
+
+
+def wait_for_ping(ns: str, address: str, timeout: float) -> bool:
+    """Ping until one reply arrives (this also drives the WireGuard handshake); bounded in time and count."""
+    deadline = time.monotonic() + timeout
+    flag = "-6" if ":" in address else "-4"
+    for _ in range(200):
+        if ns_run(ns, "ping", flag, "-c", "1", "-W", "1", address, check=False, timeout=5).returncode == 0:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return False
+
+
+@contextlib.contextmanager
+def build_topology(specs: Sequence[TunnelSpec] | Sequence[Implementation], *, handshake_timeout: float = 15.0,
+                   start_timeout: float = 15.0, wait: bool = True, tag: str | None = None,
+                   prefix: str = "twt", workdir: str | None = None) -> Iterator[Topology]:
+    """Namespaces a and b joined by veth; one tunnel per spec (an Implementation means: that one on both
+    sides, named after it). paths[UNDERLAY] is the bare veth. With `wait`, every tunnel must answer an
+    IPv4 and an IPv6 ping from a within `handshake_timeout`, or HarnessError (with `wg show` and logs).
+    Namespaces are <prefix>a<TAG> and <prefix>b<TAG>; TAG (1-6 of [0-9a-z]) is random unless given."""
+    check_prerequisites()
+    tunnel_specs = [TunnelSpec(s.name, s, s) if isinstance(s, Implementation) else s for s in specs]
+    if len(tunnel_specs) > 200:
+        raise HarnessError("too many tunnels")
+    if len({s.name for s in tunnel_specs}) != len(tunnel_specs):
+        raise HarnessError("tunnel names must be unique")
+    if tag is None:
+        tag = uuid.uuid4().hex[:6]
+    elif not re.fullmatch(r"[0-9a-z]{1,6}", tag):
+        raise HarnessError(f"bad topology tag {tag!r}: 1-6 lowercase letters or digits")
+    own_workdir = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix=f"turbowg-topo-{tag}-")
+    daemons: list[Daemon] = []
+    try:
+        with namespace_pair(prefix, v4="10.200.0", v6="fd00:200::", tag=tag) as pair:
+            try:
+                topo = Topology(pair, workdir, {}, {})
+                topo.paths[UNDERLAY] = NetPath(UNDERLAY, pair.b_ip, pair.b_ip6, pair.a_ip, pair.a_ip6,
+                                               pair.veth_a, pair.veth_b, 1500)
+                for index, spec in enumerate(tunnel_specs):
+                    try:
+                        tun = _add_tunnel(topo, spec, index, daemons, start_timeout)
+                    except HarnessError as exc:
+                        raise HarnessError(f"{spec.name}: {exc}") from exc
+                    topo.tunnels[spec.name] = tun
+                    topo.paths[spec.name] = tun
+                if wait:
+                    for tun in topo.tunnels.values():
+                        _wait_tunnel(tun, handshake_timeout)
+                yield topo
+            finally:
+                for daemon in daemons:
+                    daemon.stop()
+    finally:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _wait_tunnel(tun: Tunnel, timeout: float) -> None:
+    for address in (tun.server_v4, tun.server_v6):
+        if not wait_for_ping(tun.a.ns, address, timeout):
+            shows = "\n".join(side.wg("show", side.ifname, check=False).stdout.strip() for side in (tun.a, tun.b))
+            logs = "\n".join(side.daemon.log()[-600:] for side in (tun.a, tun.b) if side.daemon)
+            raise HarnessError(f"{tun.name}: no ping reply from {address} across the tunnel within {timeout} s "
+                               f"(handshake failed?)\n{shows}\n{logs}".rstrip())
+
+
+@contextlib.contextmanager
+def tunnel(impl_a: str | Implementation, impl_b: str | Implementation, *, endpoints: str = "both",
+           env_a: Mapping[str, str] | None = None, env_b: Mapping[str, str] | None = None,
+           tmp_path: str | None = None, psk: bool | str | None = None, psk_a: str | None = None,
+           psk_b: str | None = None, v6_endpoint: bool = False, keepalive: int = 0) -> Iterator[Tunnel]:
+    """Two namespaces, one tunnel, configured but not yet used (no handshake has happened)."""
+    spec = TunnelSpec("tunnel", resolve_implementation(impl_a), resolve_implementation(impl_b), endpoints=endpoints,
+                      psk="same" if psk is True else (psk or None), psk_a=psk_a, psk_b=psk_b,
+                      v6_endpoint=v6_endpoint, keepalive=keepalive, env_a=env_a or {}, env_b=env_b or {})
+    with build_topology([spec], wait=False, workdir=tmp_path) as topo:
+        yield topo.tunnels["tunnel"]
+
+
+# ---------------------------------------------------------------- looking at a tunnel
+
+
+def ping(side: Side, dst: str, count: int = 3, timeout: float = 20) -> bool:
+    """Ping until `count` replies in a row arrive or `timeout` passes (a first handshake takes a moment)."""
+    deadline = time.monotonic() + timeout
+    for _ in range(100):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        proc = side.sh("ping", "-c", str(count), "-i", "0.2", "-W", "1", "-w", str(max(1, int(left) + 1)), dst,
+                       check=False, timeout=left + count + 5)
+        if proc.returncode == 0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def wg_dump(side: Side) -> list[list[str]]:
+    """`wg show IF dump`: the interface line, then one line per peer (public-key psk endpoint allowed-ips
+    latest-handshake rx tx keepalive)."""
+    return [line.split("\t") for line in side.wg("show", side.ifname, "dump").stdout.strip().splitlines()]
+
+
+def latest_handshake(side: Side) -> int:
+    """Seconds since the epoch of the latest handshake with the (only) peer; 0 if there has been none."""
+    return int(wg_dump(side)[1][4])
+
+
+def transfer(side: Side) -> tuple[int, int]:
+    """(rx, tx) bytes the (only) peer's counters show."""
+    peer = wg_dump(side)[1]
+    return int(peer[5]), int(peer[6])
+
+
+def stop_daemon(side: Side, timeout: float = 5.0) -> bool:
+    """Delete the interface; the daemon must notice, exit and remove its socket. True if it did in time."""
+    side.sh("ip", "link", "del", side.ifname, check=False)
+    sock = os.path.join(UAPI_DIR, f"{side.ifname}.sock")
+    gone = wait_until(lambda: not os.path.exists(sock), timeout)
+    if side.daemon is not None and side.daemon.proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            side.daemon.proc.wait(timeout=max(0.1, timeout))
+    return gone
