@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.register(sub)
     bench_cli.register(sub)
     doctor.register(sub)
+    fuzz_cli.register(sub)
     derp_cli.register(sub)
     return parser
 
