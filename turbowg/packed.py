@@ -1,8 +1,8 @@
 """The packed batch: packets back to back in one buffer, described by an int32 layout.
 
 The data path (turbowg/device/send.py and receive.py, turbowg/tun/device.py, turbowg/conn/udp.py) moves
-packets this way so that a batch costs no Python object per packet; `pack` turns a list of packets into that form for the list
-APIs kept beside the packed ones.
+packets this way so that a batch costs no Python object per packet; `pack` turns a list of packets into that
+form for the list APIs kept beside the packed ones.
 """
 
 from __future__ import annotations
