@@ -118,7 +118,7 @@ def load_tls_context(config: RelayConfig, server_public: bytes | None = None) ->
 def read_mesh_key(path: str) -> str:
     try:
         text = Path(path).read_text().strip()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:  # a binary file is not a mesh key either
         raise RelayConfigError(f"cannot read mesh PSK file: {exc}") from None
     try:
         if len(bytes.fromhex(text)) != 32:
