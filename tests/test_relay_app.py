@@ -26,12 +26,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from turbowg.derp import codec, keys
-from turbowg.derp.app import RelayConfig, RelayConfigError, parse_addr, prepare, serve_worker
 from turbowg.derp.client import DerpClient, DerpClientError
 from turbowg.derp.client_proto import ClientConnection
 from turbowg.derp.codec import FrameType
-from turbowg.derp.http import RelayHTTPProtocol
-from turbowg.derp.server import DerpServer
+from turbowg.relay.app import RelayConfig, RelayConfigError, parse_addr, prepare, serve_worker
+from turbowg.relay.http import RelayHTTPProtocol
+from turbowg.relay.server import DerpServer
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]], timeout: float = 60.0) -> Any:

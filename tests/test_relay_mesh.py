@@ -12,9 +12,9 @@ from derp_traffic import exchange
 from turbowg.derp import keys
 from turbowg.derp.client import DerpClient
 from turbowg.derp.codec import PeerGone
-from turbowg.derp.http import RelayHTTPProtocol
-from turbowg.derp.mesh import MeshConfigError, PeerAddress, start_mesh
-from turbowg.derp.server import DerpServer
+from turbowg.relay.http import RelayHTTPProtocol
+from turbowg.relay.mesh import MeshConfigError, PeerAddress, start_mesh
+from turbowg.relay.server import DerpServer
 
 MESH_KEY = "ab" * 32
 

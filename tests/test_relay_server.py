@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from turbowg.derp import codec, keys
 from turbowg.derp.client_proto import ClientConnection, ClientProtocolError, Connected
 from turbowg.derp.codec import FrameType
-from turbowg.derp.server import ClientConn, DerpServer
-from turbowg.derp.server_proto import ProtocolError, ServerConnection, ServerState
+from turbowg.relay.conn import ClientConn
+from turbowg.relay.server import DerpServer
+from turbowg.relay.server_proto import ProtocolError, ServerConnection, ServerState
 
 MESH_KEY = "ab" * 32
 

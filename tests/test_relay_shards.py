@@ -25,9 +25,9 @@ WORKER_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys
     from turbowg.derp import keys
-    from turbowg.derp.http import RelayHTTPProtocol
-    from turbowg.derp.server import DerpServer
-    from turbowg.derp.shard import reuseport_listener, run_sharded
+    from turbowg.relay.http import RelayHTTPProtocol
+    from turbowg.relay.server import DerpServer
+    from turbowg.relay.shards.supervisor import reuseport_listener, run_sharded
 
     port, workers = int(sys.argv[1]), int(sys.argv[2])
     private = keys.generate_private_key()  # one relay identity, shared by all shards
@@ -278,8 +278,9 @@ def test_cli_relay_with_two_workers_carries_packets_across_shards() -> None:
 
 def test_channel_congestion_pauses_and_resumes_client_reads() -> None:
     """A batch over the high-water mark pauses this shard's client reads at once; draining resumes them."""
-    from turbowg.derp import keys, shard
-    from turbowg.derp.server import DerpServer
+    from turbowg.derp import keys
+    from turbowg.relay.server import DerpServer
+    from turbowg.relay.shards import peer as shard
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from turbowg.derp import stun
+from turbowg.relay import stun
 
 TXID = bytes.fromhex("b7e7a701bc34d686fa87dfae")
 

@@ -17,11 +17,13 @@ def build_parser() -> argparse.ArgumentParser:
     from turbowg.bench import cli as bench_cli
     from turbowg.derp import cli as derp_cli
     from turbowg.fuzz import runner as fuzz_cli
+    from turbowg.relay import cli as relay_cli
 
     demo.register(sub)
     bench_cli.register(sub)
     doctor.register(sub)
     fuzz_cli.register(sub)
+    relay_cli.register(sub)
     derp_cli.register(sub)
     return parser
 

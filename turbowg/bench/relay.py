@@ -71,7 +71,7 @@ async def _open_raw(host: str, port: int, tls: bool) -> tuple[asyncio.StreamRead
     import ssl
 
     from turbowg.derp import keys
-    from turbowg.derp.mesh import derp_handshake
+    from turbowg.derp.handshake import derp_handshake
 
     ctx = None
     if tls:
@@ -213,9 +213,9 @@ async def _loadgen(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _loadgen_entry(cfg_json: str) -> int:
-    from turbowg.derp.shard import _new_event_loop
+    import uvloop
 
-    with asyncio.Runner(loop_factory=_new_event_loop) as runner:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         result = runner.run(_loadgen(json.loads(cfg_json)))
     print(json.dumps(result), flush=True)
     return 0

@@ -6,6 +6,9 @@
     msg = await client.recv()                   # ReceivedPacket, PeerGone, PeerPresent, Ping, ...
     rtt = await client.ping()
     await client.close()
+
+The HTTP upgrade and the DERP handshake come from handshake.py and client_proto.py (the same code the
+relay's mesh links use); this module only adds the asyncio transport, queues and backpressure.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from turbowg.derp.codec import (
     encode_send_packet,
     pack_header,
 )
+from turbowg.derp.handshake import HandshakeError, UpgradeResponse, upgrade_request
+from turbowg.wire import KEY_SIZE
 
-MAX_HTTP_RESPONSE = 16 << 10
 _SEND = FrameType.SEND_PACKET
 
 
@@ -49,8 +53,7 @@ class ConnectionClosed(DerpClientError):
 class _ClientProtocol(asyncio.Protocol):
     def __init__(self, owner: DerpClient, expect_http: bool) -> None:
         self.owner = owner
-        self.expect_http = expect_http
-        self.http_buf = bytearray()
+        self.upgrade: UpgradeResponse | None = UpgradeResponse() if expect_http else None
         self.transport: asyncio.Transport | None = None
         self.paused = False
         self.drain_waiters: list[asyncio.Future[None]] = []
@@ -59,21 +62,16 @@ class _ClientProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.expect_http:
-            self.http_buf += data
-            end = self.http_buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.http_buf) > MAX_HTTP_RESPONSE:
-                    self.owner._fail(DerpClientError("HTTP response header too long"))
+        if self.upgrade is not None:
+            try:
+                rest = self.upgrade.feed(data)
+            except HandshakeError as exc:
+                self.upgrade = None
+                self.owner._fail(DerpClientError(str(exc)))
                 return
-            head = bytes(self.http_buf[:end]).decode("latin-1")
-            rest = bytes(self.http_buf[end + 4 :])
-            self.http_buf.clear()
-            self.expect_http = False
-            status = head.split("\r\n", 1)[0].split(" ", 2)
-            if len(status) < 2 or status[1] != "101":
-                self.owner._fail(DerpClientError(f"relay refused the DERP upgrade: {head.splitlines()[0]!r}"))
+            if rest is None:
                 return
+            self.upgrade = None
             if not rest:
                 return
             data = rest
@@ -173,15 +171,7 @@ class DerpClient:
         self._connected = loop.create_future()
         self._error = None
         self._closed = False
-        host_header = f"[{host}]" if ":" in host else host
-        if port != (443 if tls else 80):
-            host_header += f":{port}"
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: turbowg-derp\r\n"
-            "Upgrade: DERP\r\nConnection: Upgrade\r\n"
-            + ("Derp-Fast-Start: 1\r\n" if fast_start else "")
-            + "\r\n"
-        ).encode()
+        request = upgrade_request(host, port, tls=tls, path=path, fast_start=fast_start)
         try:
             async with asyncio.timeout(timeout):
                 _, protocol = await loop.create_connection(
@@ -225,7 +215,7 @@ class DerpClient:
         for pkt in packets:
             if len(pkt) > 65536:
                 raise ValueError("packet exceeds 64 KiB")
-            parts += (pack_header(_SEND, 32 + len(pkt)), dst, pkt)
+            parts += (pack_header(_SEND, KEY_SIZE + len(pkt)), dst, pkt)
         self._write(b"".join(parts))
 
     async def drain(self) -> None:

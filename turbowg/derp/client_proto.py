@@ -1,7 +1,10 @@
 """Sans-IO client side of a DERP connection: ServerKey -> ClientInfo -> ServerInfo, then messages.
 
 `receive_data(bytes)` returns the messages the bytes completed; `data_to_send()` returns bytes the
-handshake produced. The encode helpers in codec.py build steady-state frames (SendPacket, Ping, ...).
+handshake produced. `receive_frames(bytes)` is the same handshake for callers that want the raw frames
+after it (the mesh links and the relay benchmark, through handshake.derp_handshake). The encode
+helpers in codec.py build steady-state frames (SendPacket, Ping, ...). No I/O here, so any transport
+(the asyncio DerpClient, a WireGuard device later) drives the same state machine.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from enum import Enum
 
 from turbowg.derp import keys
 from turbowg.derp.codec import (
-    KEY_LEN,
     MAX_INFO_LEN,
     MAX_PACKET_SIZE,
     NONCE_LEN,
@@ -26,6 +28,7 @@ from turbowg.derp.codec import (
     parse_server_info,
     parse_server_key,
 )
+from turbowg.wire import KEY_SIZE
 
 
 class ClientProtocolError(Exception):
@@ -49,7 +52,7 @@ class ClientState(Enum):
 
 def _client_limit(frame_type: int) -> int:
     if frame_type == FrameType.RECV_PACKET:
-        return KEY_LEN + MAX_PACKET_SIZE
+        return KEY_SIZE + MAX_PACKET_SIZE
     if frame_type == FrameType.SERVER_INFO:
         return NONCE_LEN + MAX_INFO_LEN
     return MAX_INFO_LEN  # derper's client reads frames of up to 1 MiB
@@ -81,20 +84,45 @@ class ClientConnection:
         self._out.clear()
         return out
 
+    @property
+    def decoder(self) -> FrameDecoder:
+        """The frame decoder, with whatever it buffered past the frames returned so far."""
+        return self._decoder
+
     def receive_data(self, data: bytes) -> list[ServerMessage | Connected]:
+        """Messages completed by `data` (a `Connected` first, when the handshake finishes in it)."""
+        if self.state is ClientState.CONNECTED:
+            try:
+                return [decode_server_message(ftype, payload) for ftype, payload in self._decoder.feed(data)]
+            except FrameError as exc:
+                self.state = ClientState.CLOSED
+                raise ClientProtocolError(str(exc)) from None
+        connected, frames = self.receive_frames(data)
+        out: list[ServerMessage | Connected] = [] if connected is None else [connected]
+        try:
+            for ftype, payload in frames:
+                out.append(decode_server_message(ftype, payload))
+        except FrameError as exc:
+            self.state = ClientState.CLOSED
+            raise ClientProtocolError(str(exc)) from None
+        return out
+
+    def receive_frames(self, data: bytes) -> tuple[Connected | None, list[tuple[int, bytes]]]:
+        """Runs the handshake on `data`: (Connected if it finished here, raw frames that came after it)."""
         if self.state is ClientState.CLOSED:
-            return []
+            return None, []
         try:
             frames = self._decoder.feed(data)
-            out: list[ServerMessage | Connected] = []
-            for ftype, payload in frames:
-                if self.state is ClientState.CONNECTED:
-                    out.append(decode_server_message(ftype, payload))
-                elif self.state is ClientState.AWAIT_SERVER_KEY:
+            connected: Connected | None = None
+            i = 0
+            while self.state is not ClientState.CONNECTED and i < len(frames):
+                ftype, payload = frames[i]
+                i += 1
+                if self.state is ClientState.AWAIT_SERVER_KEY:
                     self._on_server_key(ftype, payload)
                 else:
-                    out.append(self._on_server_info(ftype, payload))
-            return out
+                    connected = self._on_server_info(ftype, payload)
+            return connected, frames[i:] if i else frames
         except FrameError as exc:
             self.state = ClientState.CLOSED
             raise ClientProtocolError(str(exc)) from None

@@ -13,19 +13,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
+from turbowg.wire import KEY_SIZE
+
 MAGIC = b"DERP\xf0\x9f\x94\x91"  # "DERP🔑"
 PROTOCOL_VERSION = 2
-KEY_LEN = 32
 NONCE_LEN = 24
 FRAME_HEADER_LEN = 5
 MAX_PACKET_SIZE = 64 << 10
 MAX_CLIENT_INFO_LEN = 256 << 10  # derper refuses a longer ClientInfo before opening it
 MAX_INFO_LEN = 1 << 20  # largest ServerInfo a client accepts
 MAX_PING_LEN = 1000  # derper tolerates some extension bytes after the 8-byte ping payload
-MAX_UNKNOWN_FRAME_LEN = MAX_PACKET_SIZE + KEY_LEN  # derper's maxUnknownFrameLen
+MAX_UNKNOWN_FRAME_LEN = MAX_PACKET_SIZE + KEY_SIZE  # derper's maxUnknownFrameLen
 
 DISCO_MAGIC = b"TS\xf0\x9f\x92\xac"  # "TS💬", Tailscale disco message wrapper
-_DISCO_MIN_LEN = len(DISCO_MAGIC) + KEY_LEN + NONCE_LEN
+_DISCO_MIN_LEN = len(DISCO_MAGIC) + KEY_SIZE + NONCE_LEN
 
 
 class FrameType(IntEnum):
@@ -83,8 +84,8 @@ def encode_frame(frame_type: int, payload: bytes = b"") -> bytes:
 
 
 def _check_key(key: bytes) -> None:
-    if len(key) != KEY_LEN:
-        raise ValueError(f"DERP keys are {KEY_LEN} bytes, got {len(key)}")
+    if len(key) != KEY_SIZE:
+        raise ValueError(f"DERP keys are {KEY_SIZE} bytes, got {len(key)}")
 
 
 def encode_server_key(server_public: bytes) -> bytes:
@@ -106,11 +107,11 @@ def encode_send_packet(dst: bytes, packet: bytes) -> bytes:
     _check_key(dst)
     if len(packet) > MAX_PACKET_SIZE:
         raise ValueError(f"packet of {len(packet)} bytes exceeds DERP maximum {MAX_PACKET_SIZE}")
-    return _HEADER.pack(FrameType.SEND_PACKET, KEY_LEN + len(packet)) + dst + packet
+    return _HEADER.pack(FrameType.SEND_PACKET, KEY_SIZE + len(packet)) + dst + packet
 
 
 def encode_recv_packet(src: bytes, packet: bytes) -> bytes:
-    return _HEADER.pack(FrameType.RECV_PACKET, KEY_LEN + len(packet)) + src + packet
+    return _HEADER.pack(FrameType.RECV_PACKET, KEY_SIZE + len(packet)) + src + packet
 
 
 def encode_forward_packet(src: bytes, dst: bytes, packet: bytes) -> bytes:
@@ -118,7 +119,7 @@ def encode_forward_packet(src: bytes, dst: bytes, packet: bytes) -> bytes:
     _check_key(dst)
     if len(packet) > MAX_PACKET_SIZE:
         raise ValueError(f"packet of {len(packet)} bytes exceeds DERP maximum {MAX_PACKET_SIZE}")
-    return _HEADER.pack(FrameType.FORWARD_PACKET, 2 * KEY_LEN + len(packet)) + src + dst + packet
+    return _HEADER.pack(FrameType.FORWARD_PACKET, 2 * KEY_SIZE + len(packet)) + src + dst + packet
 
 
 KEEP_ALIVE_FRAME = encode_frame(FrameType.KEEP_ALIVE)
@@ -249,20 +250,20 @@ class FrameDecoder:
 
 def parse_server_key(payload: bytes) -> bytes:
     """Returns the server's public key; later bytes are reserved for future use, as derper."""
-    if len(payload) < len(MAGIC) + KEY_LEN:
+    if len(payload) < len(MAGIC) + KEY_SIZE:
         raise FrameError("short ServerKey frame")
     if payload[: len(MAGIC)] != MAGIC:
         raise FrameError("bad DERP magic")
-    return payload[len(MAGIC) : len(MAGIC) + KEY_LEN]
+    return payload[len(MAGIC) : len(MAGIC) + KEY_SIZE]
 
 
 def parse_client_info(payload: bytes) -> tuple[bytes, bytes]:
     """(client public key, sealed info = nonce + box)."""
-    if len(payload) < KEY_LEN + NONCE_LEN:
+    if len(payload) < KEY_SIZE + NONCE_LEN:
         raise FrameError("short ClientInfo frame")
     if len(payload) > MAX_CLIENT_INFO_LEN:
         raise FrameError("long ClientInfo frame")
-    return payload[:KEY_LEN], payload[KEY_LEN:]
+    return payload[:KEY_SIZE], payload[KEY_SIZE:]
 
 
 def parse_server_info(payload: bytes) -> bytes:
@@ -275,27 +276,27 @@ def parse_server_info(payload: bytes) -> bytes:
 
 def parse_send_packet(payload: bytes) -> tuple[bytes, bytes]:
     """(destination key, packet)."""
-    if len(payload) < KEY_LEN:
+    if len(payload) < KEY_SIZE:
         raise FrameError("short SendPacket frame")
-    if len(payload) - KEY_LEN > MAX_PACKET_SIZE:
+    if len(payload) - KEY_SIZE > MAX_PACKET_SIZE:
         raise FrameError("SendPacket packet exceeds 64 KiB")
-    return payload[:KEY_LEN], payload[KEY_LEN:]
+    return payload[:KEY_SIZE], payload[KEY_SIZE:]
 
 
 def parse_recv_packet(payload: bytes) -> tuple[bytes, bytes]:
     """(source key, packet)."""
-    if len(payload) < KEY_LEN:
+    if len(payload) < KEY_SIZE:
         raise FrameError("short RecvPacket frame")
-    return payload[:KEY_LEN], payload[KEY_LEN:]
+    return payload[:KEY_SIZE], payload[KEY_SIZE:]
 
 
 def parse_forward_packet(payload: bytes) -> tuple[bytes, bytes, bytes]:
     """(source key, destination key, packet)."""
-    if len(payload) < 2 * KEY_LEN:
+    if len(payload) < 2 * KEY_SIZE:
         raise FrameError("short ForwardPacket frame")
-    if len(payload) - 2 * KEY_LEN > MAX_PACKET_SIZE:
+    if len(payload) - 2 * KEY_SIZE > MAX_PACKET_SIZE:
         raise FrameError("ForwardPacket packet exceeds 64 KiB")
-    return payload[:KEY_LEN], payload[KEY_LEN : 2 * KEY_LEN], payload[2 * KEY_LEN :]
+    return payload[:KEY_SIZE], payload[KEY_SIZE : 2 * KEY_SIZE], payload[2 * KEY_SIZE :]
 
 
 def parse_note_preferred(payload: bytes) -> bool:
@@ -305,8 +306,8 @@ def parse_note_preferred(payload: bytes) -> bool:
 
 
 def parse_key_frame(payload: bytes, name: str) -> bytes:
-    if len(payload) != KEY_LEN:
-        raise FrameError(f"{name} frame is {KEY_LEN} bytes")
+    if len(payload) != KEY_SIZE:
+        raise FrameError(f"{name} frame is {KEY_SIZE} bytes")
     return payload
 
 
@@ -380,19 +381,19 @@ _KEEP_ALIVE = KeepAlive()
 
 def parse_peer_present(payload: bytes) -> PeerPresent:
     """At least a key; then optionally 16-byte IP + 2-byte port, then optionally a flags byte."""
-    if len(payload) < KEY_LEN:
+    if len(payload) < KEY_SIZE:
         raise FrameError("short PeerPresent frame")
-    peer = payload[:KEY_LEN]
+    peer = payload[:KEY_SIZE]
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     port = 0
     flags = 0
-    if len(payload) >= KEY_LEN + 18:
-        raw = payload[KEY_LEN : KEY_LEN + 16]
+    if len(payload) >= KEY_SIZE + 18:
+        raw = payload[KEY_SIZE : KEY_SIZE + 16]
         addr6 = ipaddress.IPv6Address(raw)
         ip = addr6.ipv4_mapped or addr6
-        (port,) = _PORT.unpack_from(payload, KEY_LEN + 16)
-        if len(payload) >= KEY_LEN + 19:
-            flags = payload[KEY_LEN + 18]
+        (port,) = _PORT.unpack_from(payload, KEY_SIZE + 16)
+        if len(payload) >= KEY_SIZE + 19:
+            flags = payload[KEY_SIZE + 18]
     return PeerPresent(peer, ip, port, flags)
 
 
@@ -404,10 +405,10 @@ def decode_server_message(frame_type: int, payload: bytes) -> ServerMessage:
     if frame_type == FrameType.KEEP_ALIVE:
         return _KEEP_ALIVE
     if frame_type == FrameType.PEER_GONE:
-        if len(payload) < KEY_LEN:
+        if len(payload) < KEY_SIZE:
             raise FrameError("short PeerGone frame")
-        reason = payload[KEY_LEN] if len(payload) > KEY_LEN else PeerGoneReason.DISCONNECTED
-        return PeerGone(payload[:KEY_LEN], reason)
+        reason = payload[KEY_SIZE] if len(payload) > KEY_SIZE else PeerGoneReason.DISCONNECTED
+        return PeerGone(payload[:KEY_SIZE], reason)
     if frame_type == FrameType.PEER_PRESENT:
         return parse_peer_present(payload)
     if frame_type == FrameType.PING:

@@ -14,7 +14,8 @@ from nacl.exceptions import CryptoError
 from nacl.public import Box, PrivateKey, PublicKey
 from nacl.utils import random as nacl_random
 
-KEY_LEN = 32
+from turbowg.wire import KEY_SIZE
+
 NONCE_LEN = 24
 PRIVATE_PREFIX = "privkey:"
 PUBLIC_PREFIX = "nodekey:"
@@ -37,8 +38,8 @@ def _parse_hex32(text: str, what: str) -> bytes:
         raw = bytes.fromhex(text)
     except ValueError:
         raise KeyFormatError(f"{what} is not hex: {text[:16]!r}...") from None
-    if len(raw) != KEY_LEN:
-        raise KeyFormatError(f"{what} must be {KEY_LEN} bytes (64 hex digits), got {len(raw)}")
+    if len(raw) != KEY_SIZE:
+        raise KeyFormatError(f"{what} must be {KEY_SIZE} bytes (64 hex digits), got {len(raw)}")
     return raw
 
 

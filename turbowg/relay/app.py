@@ -1,16 +1,16 @@
-"""`turbowg relay`: build and run the whole relay (listeners, TLS, HTTP front, STUN, mesh, workers).
+"""Build and run the whole relay (listeners, TLS, HTTP front, STUN, mesh, workers) from a RelayConfig.
 
-`RelayConfig` mirrors derper's flags; `run_relay(config)` blocks until SIGINT/SIGTERM and returns
-an exit code. With more than one worker, `turbowg.derp.shard.run_sharded` forks that many processes,
-each with its own event loop, `DerpServer` and SO_REUSEPORT listener.
+`RelayConfig` mirrors derper's flags (cli.py fills it); `prepare` checks everything that can be wrong
+before any process or socket starts; `serve_worker` is one worker; `run_relay(config)` blocks until
+SIGINT/SIGTERM and returns an exit code. With more than one worker, shards/supervisor.py's
+`run_sharded` forks that many processes, each with its own uvloop loop, `DerpServer` and SO_REUSEPORT
+listener.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import inspect
 import logging
 import os
 import signal
@@ -20,12 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from turbowg.derp import keys
-from turbowg.derp.http import RelayHTTPProtocol
-from turbowg.derp.metacert import server_tls_context
-from turbowg.derp.server import DerpServer
+import uvloop
 
-log = logging.getLogger("turbowg.derp.app")
+from turbowg.derp import keys
+from turbowg.relay.http import RelayHTTPProtocol
+from turbowg.relay.mesh import Mesh, MeshConfigError, mesh_ssl_context, start_mesh
+from turbowg.relay.metacert import server_tls_context
+from turbowg.relay.server import DerpServer
+from turbowg.relay.shards.links import ShardContext, ShardLinks
+from turbowg.relay.shards.supervisor import run_sharded
+from turbowg.relay.stun import serve_stun
+from turbowg.wire import KEY_SIZE
+
+log = logging.getLogger("turbowg.relay.app")
 
 DEV_PORT = 3340
 
@@ -45,6 +52,8 @@ class RelayConfig:
     stun_port: int = 3478
     mesh_with: list[str] = field(default_factory=list)
     mesh_psk_file: str = ""
+    mesh_ca: str = ""  # CA file for the peer relays' certificates ("" = system trust store)
+    mesh_insecure_skip_verify: bool = False
     dev: bool = False
     http_port: int = -1  # derper serves port 80 too; off unless asked
     workers: int = 0  # 0 = os.cpu_count()
@@ -121,7 +130,7 @@ def read_mesh_key(path: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:  # a binary file is not a mesh key either
         raise RelayConfigError(f"cannot read mesh PSK file: {exc}") from None
     try:
-        if len(bytes.fromhex(text)) != 32:
+        if len(bytes.fromhex(text)) != KEY_SIZE:
             raise ValueError
     except ValueError:
         raise RelayConfigError(f"{path}: mesh key must be 64 hex digits (as derper's key.ParseDERPMesh)") from None
@@ -156,41 +165,32 @@ def prepare(config: RelayConfig) -> PreparedRelay:
     mesh_key = read_mesh_key(config.mesh_psk_file) if config.mesh_psk_file else ""
     if config.mesh_with and not mesh_key:
         raise RelayConfigError("--mesh-with needs --mesh-psk-file")
+    if config.mesh_with:
+        try:
+            mesh_ssl_context(config.mesh_ca, config.mesh_insecure_skip_verify)  # a bad CA file fails here
+        except MeshConfigError as exc:
+            raise RelayConfigError(str(exc)) from None
     return PreparedRelay(private, host, port, tls, mesh_key)
 
 
-def _optional(module: str, name: str) -> Any:
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-
-
-async def _start_mesh(server: DerpServer, config: RelayConfig, mesh_key: str) -> Any:
-    start_mesh = _optional("turbowg.derp.mesh", "start_mesh")
+async def _start_mesh(server: DerpServer, config: RelayConfig, mesh_key: str) -> Mesh | None:
     peers = [p for p in config.mesh_with if p and p != config.hostname]
-    if start_mesh is None or not peers:
-        if peers:
-            log.warning("mesh requested but turbowg.derp.mesh is not available")
+    if not peers:
         return None
-    kwargs: dict[str, Any] = {}
-    if "tls" in inspect.signature(start_mesh).parameters:
-        kwargs["tls"] = not config.dev  # peers given without a scheme speak what we speak
-    result = start_mesh(server, mesh_key, peers, config.hostname, **kwargs)
-    if inspect.isawaitable(result):
-        result = await result
-    return result
+    # peers given without a scheme speak what we speak
+    return await start_mesh(server, mesh_key, peers, config.hostname, tls=not config.dev, ca_file=config.mesh_ca,
+                            insecure_skip_verify=config.mesh_insecure_skip_verify)
 
 
-async def serve_worker(config: RelayConfig, prepared: PreparedRelay, shard_ctx: Any = None) -> None:
+async def serve_worker(config: RelayConfig, prepared: PreparedRelay, shard_ctx: ShardContext | None = None) -> None:
     """One worker: DerpServer + listener(s) + (shard links, STUN, mesh); runs until cancelled."""
     loop = asyncio.get_running_loop()
     server = DerpServer(prepared.private_key, mesh_key=prepared.mesh_key, send_queue_depth=config.send_queue_depth,
                         loop=loop)
-    links = None
-    if shard_ctx is not None and getattr(shard_ctx, "workers", 1) > 1:
+    links: ShardLinks | None = None
+    if shard_ctx is not None and shard_ctx.workers > 1:
         links = await shard_ctx.attach(server)
-    first_worker = shard_ctx is None or getattr(shard_ctx, "index", 0) == 0
+    first_worker = shard_ctx is None or shard_ctx.index == 0
     listeners = []
     bound: list[tuple[str, int]] = []
     sock = make_listener(prepared.host, prepared.port)
@@ -202,12 +202,10 @@ async def serve_worker(config: RelayConfig, prepared: PreparedRelay, shard_ctx: 
         bound.append(sock80.getsockname()[:2])
     stun_transport = None
     if config.stun and first_worker:
-        serve_stun = _optional("turbowg.derp.stun", "serve_stun")
-        if serve_stun is not None:
-            try:
-                stun_transport = await serve_stun(prepared.host or "::", config.stun_port)
-            except OSError as exc:
-                log.warning("STUN not started on port %d: %s", config.stun_port, exc)
+        try:
+            stun_transport = await serve_stun(prepared.host or "::", config.stun_port)
+        except OSError as exc:
+            log.warning("STUN not started on port %d: %s", config.stun_port, exc)
     mesh = await _start_mesh(server, config, prepared.mesh_key) if config.mesh_with else None
     log.info("DERP relay %s listening on %s (%s)%s", keys.format_public_key(server.public_key), bound,
              "plain HTTP" if prepared.tls is None else "TLS",
@@ -222,32 +220,19 @@ async def serve_worker(config: RelayConfig, prepared: PreparedRelay, shard_ctx: 
         server.close()
         if stun_transport is not None:
             stun_transport.close()
-        for obj in (mesh, links):
-            close = getattr(obj, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    res = close()
-                    if inspect.isawaitable(res):
-                        await res
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+        if mesh is not None:
+            with contextlib.suppress(Exception):
+                await mesh.close()
+        if links is not None:
+            links.close()
 
 
 def run_relay(config: RelayConfig) -> int:
     """Run the relay in the foreground; returns the process exit code."""
     prepared = prepare(config)
     workers = config.workers or os.cpu_count() or 1
-    run_sharded = _optional("turbowg.derp.shard", "run_sharded")
-    if workers > 1 and run_sharded is not None:
-        return int(run_sharded(workers, lambda ctx: serve_worker(config, prepared, ctx)) or 0)
     if workers > 1:
-        log.warning("turbowg.derp.shard not available; running one worker")
+        return run_sharded(workers, lambda ctx: serve_worker(config, prepared, ctx))
 
     async def single() -> None:
         task = asyncio.current_task()
@@ -258,6 +243,6 @@ def run_relay(config: RelayConfig) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await serve_worker(config, prepared)
 
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(single())
     return 0

@@ -17,9 +17,10 @@ import logging
 import re
 
 from turbowg.derp.codec import PROTOCOL_VERSION
-from turbowg.derp.server import ClientConn, DerpServer
+from turbowg.relay.conn import ClientConn
+from turbowg.relay.server import DerpServer
 
-log = logging.getLogger("turbowg.derp.http")
+log = logging.getLogger("turbowg.relay.http")
 
 MAX_REQUEST_HEAD = 16 << 10
 HEADER_TIMEOUT = 30.0
@@ -143,7 +144,7 @@ class RelayHTTPProtocol(asyncio.Protocol):
                     f"Derp-Version: {PROTOCOL_VERSION}\r\nDerp-Public-Key: {self.server.public_key.hex()}\r\n\r\n"
                 ).encode()
             )
-        conn = ClientConn(self.server)
+        conn = self.server.protocol_factory()
         self.derp = conn
         conn.connection_made(t)
         rest = bytes(self.buf)

@@ -9,8 +9,13 @@ client only (one hop, never re-forwarded). If the connection breaks, every forwa
 is removed and the connection is re-dialled with exponential backoff; on reconnect the remote relay
 sends the full PeerPresent set again.
 
-The connection speaks only what the mesh needs (HTTP upgrade, ServerKey/ClientInfo/ServerInfo,
-WatchConns, ForwardPacket, Ping/Pong), on top of the sans-IO codec.
+The connection speaks only what the mesh needs (WatchConns, ForwardPacket, Ping/Pong) after the one
+client handshake of turbowg/derp/handshake.py (the same code DerpClient uses).
+
+TLS: the mesh key is sent to the peer relay inside the handshake, so whoever terminates the TLS
+connection gets it. Peer relays' certificates are therefore verified (chain and host name) against
+the system trust store, or against `ca_file` (relay flag -mesh-ca); `insecure_skip_verify`
+(-mesh-insecure-skip-verify) turns that off for self-signed test setups only.
 """
 
 from __future__ import annotations
@@ -23,15 +28,13 @@ import ssl
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from turbowg.derp import keys
+from turbowg.derp.client_proto import ClientProtocolError
 from turbowg.derp.codec import (
-    KEY_LEN,
     MAX_PACKET_SIZE,
     WATCH_CONNS_FRAME,
-    ClientInfo,
     FrameDecoder,
     FrameError,
     FrameType,
@@ -39,15 +42,13 @@ from turbowg.derp.codec import (
     PeerPresent,
     Ping,
     decode_server_message,
-    encode_client_info,
     encode_pong,
-    parse_server_key,
 )
+from turbowg.derp.handshake import HandshakeError, SelfConnectError, derp_handshake
+from turbowg.relay.server import DerpServer
+from turbowg.wire import KEY_SIZE
 
-if TYPE_CHECKING:
-    from turbowg.derp.server import DerpServer
-
-log = logging.getLogger(__name__)
+log = logging.getLogger("turbowg.relay.mesh")
 
 _FORWARD_HEADER = struct.Struct(">BI")
 MAX_BACKLOG = 8 << 20  # bytes queued towards one peer relay before forwarded packets are dropped
@@ -55,66 +56,6 @@ BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
 CONNECT_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0
-MAX_HTTP_HEADER = 16 << 10
-
-
-class MeshProtocolError(Exception):
-    """The peer relay did something a DERP server must not."""
-
-
-class SelfConnectError(MeshProtocolError):
-    """The "peer" answered with this relay's own key: the region list includes us under another name."""
-
-
-async def derp_handshake(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, private_key: bytes,
-    mesh_key: str = "", refuse_server_keys: Iterable[bytes | None] = (),
-) -> tuple[bytes, FrameDecoder, list[tuple[int, bytes]]]:
-    """HTTP upgrade + ServerKey/ClientInfo/ServerInfo on a fresh stream.
-
-    Returns (server key, the decoder to keep feeding, frames that arrived after ServerInfo). Used by
-    mesh links and by the relay benchmark's load generator, which both want the raw stream afterwards.
-    """
-    host_header = f"[{host}]" if ":" in host else host
-    writer.write(
-        (
-            f"GET /derp HTTP/1.1\r\nHost: {host_header}\r\nConnection: Upgrade\r\nUpgrade: DERP\r\n"
-            "User-Agent: turbowg-mesh\r\n\r\n"
-        ).encode()
-    )
-    head = await reader.readuntil(b"\r\n\r\n")
-    if len(head) > MAX_HTTP_HEADER:
-        raise MeshProtocolError("HTTP response header too large")
-    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-    if " 101 " not in status_line + " ":
-        raise MeshProtocolError(f"relay refused the DERP upgrade: {status_line!r}")
-    decoder = FrameDecoder(lambda _t: MAX_PACKET_SIZE + 2 * KEY_LEN)
-    frames: list[tuple[int, bytes]] = []
-    while not frames:
-        data = await reader.read(1 << 16)
-        if not data:
-            raise EOFError("closed before ServerKey")
-        frames = decoder.feed(data)
-    ftype, payload = frames.pop(0)
-    if ftype != FrameType.SERVER_KEY:
-        raise MeshProtocolError(f"expected ServerKey, got frame 0x{ftype:02x}")
-    server_key = parse_server_key(payload)
-    if server_key in set(refuse_server_keys):
-        raise SelfConnectError("mesh peer is this relay itself")
-    info = ClientInfo(mesh_key=mesh_key).to_json()
-    public = keys.public_key(private_key)
-    writer.write(encode_client_info(public, keys.seal_to(private_key, server_key, info)))
-    while not frames:
-        data = await reader.read(1 << 16)
-        if not data:
-            raise EOFError("relay closed the connection after ClientInfo (wrong mesh key?)")
-        frames = decoder.feed(data)
-    ftype, payload = frames.pop(0)
-    if ftype != FrameType.SERVER_INFO:
-        raise MeshProtocolError(f"expected ServerInfo, got frame 0x{ftype:02x}")
-    if keys.open_from(private_key, server_key, payload) is None:
-        raise MeshProtocolError("ServerInfo does not open with the relay's key")
-    return server_key, decoder, frames
 
 
 class MeshConfigError(ValueError):
@@ -171,6 +112,10 @@ class MeshCounters:
 class MeshPeer:
     """The link to one other relay: watches its clients and forwards packets for them."""
 
+    # server.SiblingForwarder: this forwarder leads to another relay, never used for a packet a mesh peer
+    # forwarded to us (one hop only).
+    intra_server = False
+
     def __init__(
         self, server: DerpServer, address: PeerAddress, mesh_key: str, private_key: bytes,
         ssl_context: ssl.SSLContext | None,
@@ -203,7 +148,7 @@ class MeshPeer:
         if len(out) + transport.get_write_buffer_size() > MAX_BACKLOG or len(packet) > MAX_PACKET_SIZE:
             self.counters.dropped_backlog += 1
             return False
-        out += _FORWARD_HEADER.pack(FrameType.FORWARD_PACKET, 2 * KEY_LEN + len(packet))
+        out += _FORWARD_HEADER.pack(FrameType.FORWARD_PACKET, 2 * KEY_SIZE + len(packet))
         out += src
         out += dst
         out += packet
@@ -256,7 +201,8 @@ class MeshPeer:
                 self.self_connect = True
                 self._clear()
                 return
-            except (OSError, EOFError, FrameError, ssl.SSLError, TimeoutError, MeshProtocolError) as exc:
+            except (OSError, EOFError, FrameError, ssl.SSLError, TimeoutError, HandshakeError,
+                    ClientProtocolError) as exc:
                 self.counters.connect_failures += 1
                 log.warning("mesh %s: %s; retrying in %.1f s", self.address.name, exc or type(exc).__name__, backoff)
             finally:
@@ -301,7 +247,7 @@ class MeshPeer:
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> FrameDecoder:
         server_key, decoder, frames = await derp_handshake(
             reader, writer, self.address.host, self._private_key, self._mesh_key,
-            refuse_server_keys=(self.public_key, getattr(self.server, "public_key", None)),
+            refuse_server_keys=(self.public_key, self.server.public_key),
         )
         self.remote_server_key = server_key
         writer.write(WATCH_CONNS_FRAME)
@@ -327,8 +273,6 @@ class MeshPeer:
         # RecvPacket, KeepAlive, Health, ...: nothing for a mesh link to do.
 
 
-
-
 @dataclass
 class Mesh:
     """Handle returned by start_mesh."""
@@ -343,9 +287,14 @@ class Mesh:
             await peer.stop()
 
 
-def _client_ssl_context(verify: bool) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    if not verify:
+def mesh_ssl_context(ca_file: str = "", insecure_skip_verify: bool = False) -> ssl.SSLContext:
+    """TLS client settings of the mesh links: verify the peer relay (system store or `ca_file`) unless told not to."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file or None)  # only ca_file's CAs when given
+    except (OSError, ssl.SSLError) as exc:
+        raise MeshConfigError(f"cannot load mesh CA file {ca_file}: {exc}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure_skip_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
@@ -358,19 +307,21 @@ async def start_mesh(
     self_name: str,
     *,
     tls: bool = True,
-    verify: bool = False,
+    ca_file: str = "",
+    insecure_skip_verify: bool = False,
     private_key: bytes | None = None,
 ) -> Mesh:
     """Dial every peer relay except `self_name` and keep forwarding to their clients until closed.
 
-    `tls` is the default for peers given without a scheme; `verify` checks their certificates
-    (off by default: relays of a region often use self-signed certificates and authenticate each
-    other with the mesh key). The mesh connections use `private_key`, by default the server's own.
+    `tls` is the default for peers given without a scheme. Their certificates are verified against
+    the system trust store, or only `ca_file`'s CAs when given; `insecure_skip_verify` disables that
+    (self-signed test setups: anyone on the path could then take the mesh key). The mesh connections
+    use `private_key`, by default the server's own.
     """
     if not mesh_key:
         raise MeshConfigError("meshing needs a mesh key")
     if private_key is None:
-        private_key = getattr(server, "private_key", None) or keys.generate_private_key()
+        private_key = server.private_key
     mesh = Mesh()
     ssl_context: ssl.SSLContext | None = None
     for text in peers:
@@ -378,7 +329,7 @@ async def start_mesh(
         if address.host == self_name or address.name == self_name:
             continue
         if address.use_tls and ssl_context is None:
-            ssl_context = _client_ssl_context(verify)
+            ssl_context = mesh_ssl_context(ca_file, insecure_skip_verify)
         peer = MeshPeer(server, address, mesh_key, private_key, ssl_context if address.use_tls else None)
         mesh.peers.append(peer)
         peer.start()

@@ -1,20 +1,19 @@
 """DERP server counters and their Prometheus exposition under derper's metric names.
 
 The packet path only increments plain integers on `ServerMetrics`; a per-server prometheus-client
-`CollectorRegistry` reads them when scraped, so the hot path never takes a metrics lock.
+`CollectorRegistry` reads them when scraped, so the hot path never takes a metrics lock. Sizes that
+are not counters (clients, duplicates, watchers) come from a `gauges()` callable returning
+`ServerGauges`. This module knows nothing else of the server, so it imports nothing from it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from turbowg.derp.server import DerpServer
 
 # derper's drop reasons (derpserver.dropReason)
 DROP_UNKNOWN_DEST = "unknown_dest"
@@ -57,6 +56,17 @@ class ServerMetrics:
         return sum(self.packets_dropped.values())
 
 
+@dataclass(frozen=True, slots=True)
+class ServerGauges:
+    """Current sizes of one DerpServer, read at scrape time (DerpServer.gauges)."""
+
+    clients_local: int  # distinct keys connected here
+    clients_remote: int  # distinct keys reachable only through forwarders
+    dup_client_keys: int
+    dup_client_conns: int
+    watchers: int
+
+
 def _counter(name: str, doc: str, value: int) -> Metric:
     # Untyped with the exact derper name: prometheus-client would rename a typed counter to *_total.
     m = Metric(name, doc, "unknown")
@@ -65,14 +75,15 @@ def _counter(name: str, doc: str, value: int) -> Metric:
 
 
 class DerpCollector(Collector):
-    def __init__(self, server: DerpServer) -> None:
-        self._server = server
+    def __init__(self, counters: ServerMetrics, gauges: Callable[[], ServerGauges]) -> None:
+        self._counters = counters
+        self._gauges = gauges
 
     def collect(self) -> Iterator[Metric]:
-        s = self._server
-        m = s.metrics
-        local = len(s.clients)
-        remote = sum(1 for k in s.forwarder_keys() if k not in s.clients)
+        m = self._counters
+        g = self._gauges()
+        local = g.clients_local
+        remote = g.clients_remote
         for name, doc, value in (
             ("derp_current_connections", "current DERP connections", m.current_connections),
             ("derp_current_home_connections", "connections that say this is their home region",
@@ -80,13 +91,13 @@ class DerpCollector(Collector):
             ("derp_clients_local", "distinct client keys connected here", local),
             ("derp_clients_remote", "distinct client keys reachable through forwarders only", remote),
             ("derp_clients_total", "distinct client keys, local or remote", local + remote),
-            ("derp_current_dup_client_keys", "keys with more than one connection", s.dup_key_count()),
-            ("derp_current_dup_client_conns", "connections sharing a key", s.dup_conn_count()),
-            ("derp_watchers", "mesh watchers", len(s.watchers)),
+            ("derp_current_dup_client_keys", "keys with more than one connection", g.dup_client_keys),
+            ("derp_current_dup_client_conns", "connections sharing a key", g.dup_client_conns),
+            ("derp_watchers", "mesh watchers", g.watchers),
         ):
-            g = GaugeMetricFamily(name, doc)
-            g.add_metric([], value)
-            yield g
+            family = GaugeMetricFamily(name, doc)
+            family.add_metric([], value)
+            yield family
         for name, doc in (
             ("accepts", "accepted connections"),
             ("packets_sent", "packets written to clients"),
@@ -121,8 +132,10 @@ class DerpCollector(Collector):
             yield fam
 
 
-def make_registry(server: DerpServer) -> tuple[CollectorRegistry, Callable[[], bytes]]:
-    """A registry private to `server` and a function rendering it as Prometheus text."""
+def make_registry(
+    counters: ServerMetrics, gauges: Callable[[], ServerGauges]
+) -> tuple[CollectorRegistry, Callable[[], bytes]]:
+    """A registry private to one server and a function rendering it as Prometheus text."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DerpCollector(server))
+    registry.register(DerpCollector(counters, gauges))
     return registry, lambda: generate_latest(registry)

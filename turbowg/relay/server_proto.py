@@ -15,7 +15,6 @@ from typing import Protocol
 from turbowg.derp import keys
 from turbowg.derp.codec import (
     FRAME_HEADER_LEN,
-    KEY_LEN,
     MAX_CLIENT_INFO_LEN,
     MAX_PACKET_SIZE,
     MAX_PING_LEN,
@@ -34,6 +33,7 @@ from turbowg.derp.codec import (
     parse_ping,
     parse_send_packet,
 )
+from turbowg.wire import KEY_SIZE
 
 
 class ProtocolError(Exception):
@@ -41,7 +41,7 @@ class ProtocolError(Exception):
 
 
 class ServerEvents(Protocol):
-    """What a server connection reports. Implemented by the I/O layer (server.py) and by tests."""
+    """What a server connection reports. Implemented by the I/O layer (conn.py's ClientConn) and by tests."""
 
     def on_authenticated(self, client_key: bytes, info: ClientInfo, can_mesh: bool, server_info_frame: bytes) -> None:
         """The ClientInfo opened: register the client, then write `server_info_frame` to it."""
@@ -77,11 +77,11 @@ def _handshake_limit(frame_type: int) -> int:
 
 
 _LIMITS: dict[int, int] = {
-    FrameType.SEND_PACKET: KEY_LEN + MAX_PACKET_SIZE,
-    FrameType.FORWARD_PACKET: 2 * KEY_LEN + MAX_PACKET_SIZE,
+    FrameType.SEND_PACKET: KEY_SIZE + MAX_PACKET_SIZE,
+    FrameType.FORWARD_PACKET: 2 * KEY_SIZE + MAX_PACKET_SIZE,
     FrameType.NOTE_PREFERRED: 1,
     FrameType.WATCH_CONNS: 0,
-    FrameType.CLOSE_PEER: KEY_LEN,
+    FrameType.CLOSE_PEER: KEY_SIZE,
     FrameType.PING: MAX_PING_LEN,
     FrameType.KEEP_ALIVE: MAX_UNKNOWN_FRAME_LEN,
     FrameType.PONG: MAX_UNKNOWN_FRAME_LEN,
@@ -168,9 +168,9 @@ class ServerConnection:
             if stop > end:
                 break
             if ftype == _SEND_PACKET and self.state is established:
-                if flen < KEY_LEN:
+                if flen < KEY_SIZE:
                     raise FrameError("short SendPacket frame")
-                key_end = off + FRAME_HEADER_LEN + KEY_LEN
+                key_end = off + FRAME_HEADER_LEN + KEY_SIZE
                 events.on_send_packet(data[off + FRAME_HEADER_LEN : key_end], data[key_end:stop])
             else:
                 self._frame(ftype, data[off + FRAME_HEADER_LEN : stop])

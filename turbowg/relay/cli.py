@@ -1,0 +1,83 @@
+"""`turbowg relay`: the command line of the relay, a drop-in for derper's.
+
+derper uses Go's flag package, so its flags are single-dash words (`-hostname=x`, `-stun=false`);
+both that form and `--hostname x` are accepted here. This module only turns flags into a
+`RelayConfig`; app.py builds and runs the relay from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from turbowg.relay.app import RelayConfig, RelayConfigError, run_relay
+
+
+def _bool(text: str) -> bool:
+    v = text.strip().lower()
+    if v in ("1", "t", "true", "yes", "on"):
+        return True
+    if v in ("0", "f", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kw: Any) -> None:
+    """Register `-name` and `--name` (derper/Go style and GNU style) plus any aliases."""
+    parser.add_argument(f"-{name}", f"--{name}", *aliases, **kw)
+
+
+def register(subparsers: Any) -> None:
+    relay = subparsers.add_parser(
+        "relay", help="run a DERP relay (derper-compatible flags)",
+        description="DERP relay, wire-compatible with Tailscale's derper (protocol version 2).",
+    )
+    relay.add_argument("-a", "--a", "--addr", dest="addr", default=None,
+                       help="listen address, e.g. ':443' (default :443, or :3340 with -dev)")
+    relay.add_argument("-c", "--c", "--config", dest="config", default="",
+                       help="derper JSON key file {\"PrivateKey\": \"privkey:...\"}, created if missing")
+    _flag(relay, "hostname", default="derp.example.com", help="TLS host name (certificate file stem)")
+    _flag(relay, "certmode", default="manual", help="only 'manual' (cert files in -certdir)")
+    _flag(relay, "certdir", default=".", help="directory with <hostname>.crt and <hostname>.key")
+    _flag(relay, "stun", type=_bool, nargs="?", const=True, default=True, help="run STUN (default true)")
+    _flag(relay, "stun-port", dest="stun_port", type=int, default=3478, help="STUN UDP port (default 3478)")
+    _flag(relay, "mesh-with", dest="mesh_with", default="", help="comma-separated peer relays of this region")
+    _flag(relay, "mesh-psk-file", dest="mesh_psk_file", default="", help="file with the region's mesh key")
+    _flag(relay, "mesh-ca", dest="mesh_ca", default="",
+          help="PEM file of CA certificate(s) that sign the peer relays' TLS certificates "
+               "(default: the system trust store); mesh links always verify the peer's certificate "
+               "and host name unless -mesh-insecure-skip-verify is given")
+    _flag(relay, "mesh-insecure-skip-verify", dest="mesh_insecure_skip_verify", type=_bool, nargs="?", const=True,
+          default=False,
+          help="do not verify the peer relays' TLS certificates (self-signed test setups only: anyone on "
+               "the path can then take the region's mesh key)")
+    _flag(relay, "dev", type=_bool, nargs="?", const=True, default=False,
+          help="plain HTTP on :3340 with an ephemeral key unless -c is given")
+    _flag(relay, "http-port", dest="http_port", type=int, default=-1,
+          help="also serve plain HTTP on this port (default off)")
+    relay.add_argument("--workers", type=int, default=0, help="worker processes (default: CPU count)")
+    relay.add_argument("--send-queue-depth", type=int, default=32, help="packets queued per client (default 32)")
+    relay.add_argument("-v", "--verbose", action="store_true")
+    relay.set_defaults(func=run_relay_command)
+
+
+def run_relay_command(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s")
+    config = RelayConfig(
+        addr=args.addr if args.addr is not None else (":3340" if args.dev else ":443"),
+        config_path=args.config, hostname=args.hostname, certmode=args.certmode, certdir=args.certdir,
+        stun=args.stun, stun_port=args.stun_port,
+        mesh_with=[p.strip() for p in args.mesh_with.split(",") if p.strip()],
+        mesh_psk_file=args.mesh_psk_file, mesh_ca=args.mesh_ca,
+        mesh_insecure_skip_verify=args.mesh_insecure_skip_verify,
+        dev=args.dev, http_port=args.http_port, workers=args.workers,
+        send_queue_depth=args.send_queue_depth,
+    )
+    try:
+        return run_relay(config)
+    except RelayConfigError as exc:
+        print(f"turbowg relay: {exc}", file=sys.stderr)
+        return 2
