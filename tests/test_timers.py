@@ -161,3 +161,46 @@ def test_rekey_transition_keeps_traffic_flowing() -> None:
     assert pair.a_to_b(pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"new")], pair.now))[0]
     assert pair.b_to_a(pair.b.handle_tun_batch([ipv4_packet(B_V4, A_V4, b"new")], pair.now))[0]
     assert len([e for e in pair.a._indices.values() if e.keypair is not None]) == 2
+
+
+def _true_earliest(device) -> float | None:
+    deadlines = [d for d in (p.timers.next_deadline() for p in device.peers.values()) if d is not None]
+    return min(deadlines) if deadlines else None
+
+
+def test_device_next_deadline_is_never_later_than_a_peer_timer_and_exact_after_tick() -> None:
+    """The runtime sleeps until `next_deadline()`: it may be early (one idle tick), never late."""
+    pair = Pair()
+    assert pair.a.next_deadline() is None
+    checks = []
+
+    def check(device) -> None:
+        reported, true = device.next_deadline(), _true_earliest(device)
+        checks.append((reported, true))
+        assert true is None or (reported is not None and reported <= true)
+
+    pair.handshake()
+    check(pair.a)
+    check(pair.b)
+    t0 = pair.now
+    pair.a_to_b(pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"data")], t0 + 1))
+    check(pair.a)
+    check(pair.b)  # b owes a keepalive at t0 + 11
+    assert pair.b.next_deadline() <= t0 + 11
+    for now in (t0 + 5, t0 + 11, t0 + 30, t0 + 200):
+        pair.a.tick(now)
+        pair.b.tick(now)
+        for device in (pair.a, pair.b):
+            assert device.next_deadline() == _true_earliest(device)  # exact right after a tick
+    assert len(checks) == 4
+
+
+def test_device_next_deadline_covers_a_handshake_started_by_a_batch() -> None:
+    """A batch that starts a handshake arms the retransmit: the runtime must learn of it from next_deadline."""
+    pair = Pair()
+    now = pair.now
+    pair.a.tick(now)
+    pair.a.handle_tun_batch([ipv4_packet(A_V4, B_V4, b"first")], now)
+    retransmit = pair.a_peer.timers.retransmit_handshake
+    assert retransmit is not None and retransmit <= now + REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX
+    assert pair.a.next_deadline() <= retransmit

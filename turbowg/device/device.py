@@ -131,16 +131,18 @@ class Device(Configuration, SendPath, ReceivePath, HandshakeDriver):
         Also hands out what `apply_update` queued."""
         out: Out = self._queued
         self._queued = {}
-        schedule = self._schedule
-        schedule.earliest = math.inf  # recomputed below: every peer's deadline, and whatever arms meanwhile
+        # Recompute the schedule exactly: a peer's timer actions change only that peer's timers, so each
+        # peer's deadline read after its actions is final (arms during the loop may have been superseded).
+        earliest = math.inf
         for peer in list(self.peers.values()):
             timers = peer.timers
             deadline = timers.next_deadline()
             if deadline is not None and deadline <= now:
                 self._run_timers(peer, now, out)
                 deadline = timers.next_deadline()
-            if deadline is not None:
-                schedule.arm(deadline)
+            if deadline is not None and deadline < earliest:
+                earliest = deadline
+        self._schedule.earliest = earliest
         return transmits(out)
 
     def _run_timers(self, peer: Peer, now: float, out: Out) -> None:
