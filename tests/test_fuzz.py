@@ -20,9 +20,9 @@ CORPUS = Path(__file__).parent / "fuzz_corpus"
 NAMES = sorted(targets.TARGETS)
 # Mutants per target in the plain pytest run; the slowest targets (a device or TCP connection built per
 # input) get fewer. The whole file stays well under a minute on one core.
-MUTANTS = {"wg_message": 300, "noise_handshake": 300, "relay_http": 300, "derp_client": 600,
-           "tun_ingest": 800, "derp_keys": 600}
-DEFAULT_MUTANTS = 1500
+MUTANTS = {"wg_message": 600, "noise_handshake": 800, "relay_http": 800, "derp_client": 1500,
+           "tun_ingest": 2000, "derp_keys": 1500}
+DEFAULT_MUTANTS = 3000
 HYPOTHESIS = settings(max_examples=120, derandomize=True, deadline=None, database=None,
                       suppress_health_check=list(HealthCheck))
 
@@ -172,3 +172,12 @@ def test_regression_mesh_peer_unbalanced_bracket() -> None:
         with pytest.raises(mesh.MeshConfigError):
             mesh.PeerAddress.parse(text, False)
         targets.relay_addr(text.encode())
+
+
+def test_regression_mesh_psk_file_not_utf8(tmp_path: Path) -> None:
+    """read_mesh_key on a file that is not UTF-8 raised UnicodeDecodeError, not RelayConfigError."""
+    app = targets.mod("relay_app")
+    path = tmp_path / "mesh.key"
+    path.write_bytes(b"96979899\x01a)b9c9d9e9fa0a1a2a3a4a5a6a7a8a9aaabacad\xe009\xba\\0\xf9c\x8a\xe7o\xf8\x90aeafb0b1b2b3b4b5\n")
+    with pytest.raises(app.RelayConfigError):
+        app.read_mesh_key(str(path))

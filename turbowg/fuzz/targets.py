@@ -739,7 +739,14 @@ class _Events:
         self.log = log
 
     def on_authenticated(self, client_key, info, can_mesh, server_info_frame) -> None:  # noqa: ANN001
-        self.log.append(("auth", client_key, info, can_mesh, server_info_frame))
+        # The frame's box has a random nonce: recorded as what our client makes of it.
+        server_info = None
+        if client_key == _derp_publics()[1]:
+            keys, codec = mod("derp_keys"), mod("derp_codec")
+            opened = keys.open_from(DERP_CLIENT_PRIVATE, _derp_publics()[0], server_info_frame[5:])
+            check(server_info_frame[:1] == b"\x03" and opened is not None, "ServerInfo frame does not open")
+            server_info = codec.ServerInfo.from_json(opened)
+        self.log.append(("auth", bytes(client_key), info, can_mesh, server_info))
 
     def on_send_packet(self, dst, packet) -> None:  # noqa: ANN001
         self.log.append(("send", bytes(dst), bytes(packet)))
@@ -804,7 +811,7 @@ def derp_server(data: bytes) -> None:
     events, _error = _feed_both(make, feed, stream, step, (proto.ProtocolError,))
     for event in events:
         if event[0] == "auth":
-            _tag, client_key, info, can_mesh, frame = event
+            _tag, client_key, info, can_mesh, _server_info = event
             check(client_key == stream[5:37], "authenticated a key that is not the ClientInfo's")
             check(isinstance(info.mesh_key, str) and isinstance(info.version, int), f"odd ClientInfo {info!r}")
             check(codec.ClientInfo.from_json(info.to_json()) == info, "ClientInfo JSON round trip")
