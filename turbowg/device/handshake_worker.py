@@ -1,0 +1,253 @@
+"""Handshake work off the data path, sans-IO: what the handshake worker process does with each message.
+
+The daemon (turbowg/daemon/handshake_worker.py) takes handshake messages (initiation, response, cookie reply)
+off the receive path at classification time and hands them in batches to a worker process. This module
+is everything that worker decides, without sockets or a clock of its own:
+
+* `HandshakeWorkerCore.process_batch(handed_total, entries, now)`: for each message (raw source address
+  bytes, port, bytes): size check; mac1 check (drop + count); the under-load decision (the backlog of
+  messages handed over but not yet processed is more than QUEUE_SIZE/8, and for UNDER_LOAD_HOLD seconds
+  after, as wireguard-go); under load: mac2 check, no valid mac2 -> a cookie reply (rate-limited per source)
+  and nothing else, valid mac2 -> the per-source rate limiter (turbowg/ratelimiter). Then an initiation is
+  identified (`identify_initiation`: the DH with our static key, decrypt of the initiator's static key and
+  timestamp -- the stateless part of noise.handshake.consume_initiation, which needs only our private key
+  and the precomputed static-static DH per peer); responses and cookie replies are forwarded as they are
+  (they need per-peer state). Returns (cookie replies to send, identified initiations, forwarded messages).
+* `accept_identified(handshake, identified, now)`: the per-peer rest of consume_initiation, run by the
+  main process on the peer's Handshake: timestamp replay and initiation-rate checks, then the state write.
+* the codec of the messages between the two processes (marshal of plain tuples: both ends are us).
+
+No `ipaddress` objects: sources are address bytes (4 or 16) and a port.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import marshal
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from turbowg.noise.cookie import CookieChecker
+from turbowg.noise.handshake import (
+    HANDSHAKE_INITIATION_RATE,
+    INITIAL_CHAINING_KEY,
+    Handshake,
+    HandshakeState,
+    LocalIdentity,
+)
+from turbowg.noise.primitives import MAC_SIZE, aead_open, dh, hash_, kdf, zero
+from turbowg.ratelimiter import RateLimiter
+from turbowg.wire import (
+    COOKIE_REPLY_SIZE,
+    INITIATION_SIZE,
+    MESSAGE_COOKIE_REPLY,
+    MESSAGE_INITIATION,
+    MESSAGE_RESPONSE,
+    RESPONSE_SIZE,
+)
+
+# wireguard-go QueueHandshakeSize; under load when more than 1/8 of it waits, and for a second after.
+QUEUE_SIZE = 4096
+UNDER_LOAD_BACKLOG = QUEUE_SIZE // 8
+UNDER_LOAD_HOLD = 1.0
+
+_SIZES = {MESSAGE_INITIATION: INITIATION_SIZE, MESSAGE_RESPONSE: RESPONSE_SIZE, MESSAGE_COOKIE_REPLY: COOKIE_REPLY_SIZE}
+
+# Inter-process messages: tuples, marshalled. First element is the tag.
+MSG_BATCH = 1  # main -> worker: (MSG_BATCH, handed_total, [(kind, addr, port, message), ...])
+MSG_CONFIG = 2  # main -> worker: (MSG_CONFIG, generation, private_key | None, [peer public key, ...])
+MSG_RESULTS = 3  # worker -> main: (MSG_RESULTS, processed_total, [identified...], [forwarded...], counters|None)
+
+Entry = tuple[int, bytes, int, bytes]  # kind, source address bytes, source port, message
+
+
+@dataclass(slots=True)
+class Identified:
+    """An initiation that decrypted under our static key to a configured peer (not yet replay-checked)."""
+
+    remote_static: bytes
+    sender: int
+    ephemeral: bytes
+    timestamp: bytes
+    hash: bytes
+    chaining_key: bytes
+
+    def as_tuple(self) -> tuple:
+        return (self.remote_static, self.sender, self.ephemeral, self.timestamp, self.hash, self.chaining_key)
+
+
+def identify_initiation(identity: LocalIdentity, msg: bytes,
+                        static_static: dict[bytes, bytes]) -> Identified | None:
+    """The stateless part of consume_initiation: which configured peer sent `msg`, and the handshake
+    hash/chaining key after its timestamp. `static_static` maps a peer's public key to DH(our private
+    key, its public key) (peers whose DH is all zero are left out). None if it does not decrypt."""
+    if len(msg) != INITIATION_SIZE or msg[0] != MESSAGE_INITIATION:
+        return None
+    ephemeral_public = bytes(msg[8:40])
+    h = hash_(identity.initial_hash, ephemeral_public)
+    (ck,) = kdf(INITIAL_CHAINING_KEY, ephemeral_public, 1)
+    es = dh(identity.private_key, ephemeral_public)
+    if es is None:
+        return None
+    ck, key = kdf(ck, es, 2)
+    encrypted_static = bytes(msg[40:88])
+    remote_static = aead_open(key, 0, encrypted_static, h)
+    if remote_static is None:
+        return None
+    h = hash_(h, encrypted_static)
+    ss = static_static.get(remote_static)
+    if ss is None:
+        return None
+    ck, key = kdf(ck, ss, 2)
+    encrypted_timestamp = bytes(msg[88:116])
+    timestamp = aead_open(key, 0, encrypted_timestamp, h)
+    if timestamp is None:
+        return None
+    h = hash_(h, encrypted_timestamp)
+    return Identified(remote_static, int.from_bytes(msg[4:8], "little"), ephemeral_public, timestamp, h, ck)
+
+
+def accept_identified(hs: Handshake, ident: Identified, now: float) -> bool:
+    """The per-peer rest of consume_initiation on the peer's Handshake: refuse a replayed timestamp or an
+    initiation within HANDSHAKE_INITIATION_RATE of the last one; else write the state (INITIATION_CONSUMED)."""
+    if hs.remote_static != ident.remote_static or hs.precomputed_static_static is None:
+        return False
+    replay = ident.timestamp <= hs.last_timestamp
+    flood = hs.last_initiation_consumption is not None and now - hs.last_initiation_consumption < HANDSHAKE_INITIATION_RATE
+    if replay or flood:
+        return False
+    hs.hash[:] = ident.hash
+    hs.chaining_key[:] = ident.chaining_key
+    hs.remote_ephemeral[:] = ident.ephemeral
+    zero(hs.local_ephemeral)
+    hs.remote_index = ident.sender
+    hs.last_timestamp = ident.timestamp
+    if hs.last_initiation_consumption is None or now > hs.last_initiation_consumption:
+        hs.last_initiation_consumption = now
+    hs.state = HandshakeState.INITIATION_CONSUMED
+    return True
+
+
+class HandshakeWorkerCore:
+    """The worker's state: identity, per-peer static-static DH, cookie secret, rate limiters, counters."""
+
+    def __init__(self) -> None:
+        self.identity: LocalIdentity | None = None
+        self.checker: CookieChecker | None = None
+        self.static_static: dict[bytes, bytes] = {}
+        self.generation = 0
+        self.limiter = RateLimiter()  # messages with a valid mac2, under load (wireguard-go)
+        self.cookie_limiter = RateLimiter()  # cookie replies per source
+        self.processed = 0  # messages taken from the queue, in all
+        self.under_load_until = float("-inf")
+        self.counters: Counter[str] = Counter()
+
+    def configure(self, generation: int, private_key: bytes | None, peer_keys: Iterable[bytes]) -> None:
+        """Adopt the device's identity and peers (after every UAPI set that changes them)."""
+        self.generation = generation
+        if private_key is None or not any(private_key):
+            self.identity = None
+            self.checker = None
+            self.static_static = {}
+            return
+        if self.identity is None or self.identity.private_key != private_key:
+            self.identity = LocalIdentity(private_key)
+            self.checker = CookieChecker(self.identity.public_key)
+        table = {}
+        for key in peer_keys:
+            key = bytes(key)
+            if len(key) == 32 and key != self.identity.public_key:
+                ss = dh(self.identity.private_key, key)
+                if ss is not None:
+                    table[key] = ss
+        self.static_static = table
+
+    def under_load(self, backlog: int, now: float) -> bool:
+        if backlog > UNDER_LOAD_BACKLOG:
+            self.under_load_until = now + UNDER_LOAD_HOLD
+        return now < self.under_load_until
+
+    def process_batch(self, handed_total: int, entries: Sequence[Entry], now: float,
+                      ) -> tuple[list[tuple[bytes, bytes, int]], list[tuple], list[Entry]]:
+        """Returns (cookie replies as (datagram, addr, port), identified initiations as
+        (generation, addr, port, *Identified.as_tuple()), forwarded responses/cookie replies as entries)."""
+        replies: list[tuple[bytes, bytes, int]] = []
+        identified: list[tuple] = []
+        forwarded: list[Entry] = []
+        counters = self.counters
+        identity = self.identity
+        checker = self.checker
+        blake2s = hashlib.blake2s
+        compare = hmac.compare_digest
+        for entry in entries:
+            kind, addr, port, msg = entry
+            backlog = handed_total - self.processed
+            self.processed += 1
+            size = len(msg)
+            if _SIZES.get(kind) != size:
+                counters["rx_cookie_reply_bad_size" if kind == MESSAGE_COOKIE_REPLY else "rx_handshake_bad_size"] += 1
+                continue
+            if kind == MESSAGE_COOKIE_REPLY:
+                forwarded.append(entry)
+                continue
+            if identity is None or checker is None:
+                counters["rx_handshake_no_private_key"] += 1
+                continue
+            mac1_at = size - 2 * MAC_SIZE
+            if not compare(blake2s(msg[:mac1_at], digest_size=MAC_SIZE, key=identity.mac1_key).digest(),
+                           msg[mac1_at:mac1_at + MAC_SIZE]):
+                counters["rx_bad_mac1"] += 1
+                continue
+            if self.under_load(backlog, now):
+                source = addr + port.to_bytes(2, "big")
+                if not checker.check_mac2(msg, source, now):
+                    if not self.cookie_limiter.allow(addr, now):
+                        counters["tx_cookie_reply_ratelimited"] += 1
+                        continue
+                    sender = int.from_bytes(msg[4:8], "little")
+                    replies.append((checker.create_reply(msg, sender, source, now), addr, port))
+                    counters["tx_cookie_reply"] += 1
+                    continue
+                if not self.limiter.allow(addr, now):
+                    counters["rx_handshake_ratelimited"] += 1
+                    continue
+            if kind == MESSAGE_INITIATION:
+                ident = identify_initiation(identity, msg, self.static_static)
+                if ident is None:
+                    counters["rx_initiation_rejected"] += 1
+                    continue
+                identified.append((self.generation, addr, port, *ident.as_tuple()))
+            else:
+                forwarded.append(entry)
+        return replies, identified, forwarded
+
+
+# ---------------------------------------------------------------- codec
+
+
+def encode_batch(handed_total: int, entries: list[Entry]) -> bytes:
+    return marshal.dumps((MSG_BATCH, handed_total, entries))
+
+
+def encode_config(generation: int, private_key: bytes | None, peer_keys: Iterable[bytes]) -> bytes:
+    return marshal.dumps((MSG_CONFIG, generation, private_key, [bytes(k) for k in peer_keys]))
+
+
+def encode_results(processed: int, identified: list[tuple], forwarded: list[Entry],
+                   counters: dict[str, int] | None) -> bytes:
+    return marshal.dumps((MSG_RESULTS, processed, identified, forwarded, counters))
+
+
+def decode(data: bytes) -> tuple:
+    message = marshal.loads(data)
+    if not isinstance(message, tuple) or not message or message[0] not in (MSG_BATCH, MSG_CONFIG, MSG_RESULTS):
+        raise ValueError("not a handshake worker message")
+    return message
+
+
+def identified_from_tuple(values: Sequence) -> Identified:
+    """The Identified part of one identified entry (after generation, addr, port)."""
+    return Identified(*values[3:9])
+
