@@ -104,12 +104,20 @@ class Runtime:
         self._loop.call_later(LINK_CHECK_INTERVAL, self._on_link_check)
 
     def _bind(self, port: int, fwmark: int) -> None:
+        """Bind UDP `port` (0: the kernel chooses) and report the port bound. The new socket is opened before
+        the old one is closed: a refused port (OSError) leaves the old socket, and its port reported."""
         assert self._loop is not None
-        if self.udp is not None:
-            self._loop.remove_reader(self.udp.fileno())
-            self.udp.close()
-            self.udp = None
-        self.udp = UDPBind(port, fwmark=fwmark, gso=self.offloads, gro=self.offloads)
+        old = self.udp
+        try:
+            udp = UDPBind(port, fwmark=fwmark, gso=self.offloads, gro=self.offloads)
+        except OSError:
+            if old is not None:
+                self.device.set_bound_port(old.port)
+            raise
+        if old is not None:
+            self._loop.remove_reader(old.fileno())
+            old.close()
+        self.udp = udp
         self.device.set_bound_port(self.udp.port)
         self._loop.add_reader(self.udp.fileno(), self._on_udp_readable)
         log.info("listening on UDP port %d", self.udp.port)
@@ -117,13 +125,15 @@ class Runtime:
     def _after_uapi_set(self) -> None:
         """A `set` may change the port or fwmark: rebind, and flush what the update queued (keepalives)."""
         udp = self.udp
-        wanted = self.device.listen_port
-        if udp is None or (wanted and wanted != udp.port):
-            self._bind(wanted or 0, self.device.fwmark)
-        elif self.device.fwmark != udp.fwmark:
-            udp.set_fwmark(self.device.fwmark)
-        self._send(self.device.tick(time.monotonic()))
-        self._schedule_timer()
+        wanted = self.device.listen_port  # the bound port unless this set named another (0: a new random one)
+        try:
+            if udp is None or wanted != udp.port:
+                self._bind(wanted, self.device.fwmark)  # OSError: the UAPI answers EADDRINUSE
+            elif self.device.fwmark != udp.fwmark:
+                udp.set_fwmark(self.device.fwmark)
+        finally:
+            self._send(self.device.tick(time.monotonic()))
+            self._schedule_timer()
 
     def stats(self) -> dict[str, int]:
         """Device counters plus the I/O layers' own (prefixed udp_ and tunio_), for `stats=1`."""
@@ -289,11 +299,17 @@ class Runtime:
 
     def _on_link_check(self) -> None:
         assert self._loop is not None
-        if self.tun is not None and not self.tun.exists():
-            self.stop(f"interface {self.ifname} was deleted")
+        try:
+            if self.tun is not None and not self.tun.exists():
+                self.stop(f"interface {self.ifname} was deleted")
+                return
+            mtu = self.tun.mtu if self.tun is not None else None
+        except OSError as exc:
+            # Raised out of this callback, it would end the checks for good and leave the daemon holding
+            # its TUN, UDP and UAPI sockets; stopping makes run() close them all.
+            self.stop(f"interface {self.ifname} check failed: {exc}")
             return
-        if self.tun is not None:
-            mtu = self.tun.mtu
+        if mtu is not None:
             if mtu != self.device.mtu:
                 log.info("MTU of %s is now %d", self.ifname, mtu)
                 self.device.mtu = mtu
