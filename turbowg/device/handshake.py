@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from turbowg.conn.endpoint import Endpoint, cookie_source
 from turbowg.device.constants import REJECT_AFTER_MESSAGES, REKEY_TIMEOUT
+from turbowg.device.handshake_worker import Identified, accept_identified
 from turbowg.device.keypair import Keypair
 from turbowg.device.output import Out, add_datagram
 from turbowg.device.peer import Peer
@@ -114,12 +115,23 @@ class HandshakeDriver(DeviceState):
         self, identity: LocalIdentity, data: bytes, endpoint: Endpoint, now: float, out: Out
     ) -> None:
         handshake = consume_initiation(identity, data, self._handshake_for_key, now)
+        self._answer_initiation(handshake, len(data), endpoint, now, out)
+
+    def _consume_identified(self, ident: Identified, endpoint: Endpoint, now: float, out: Out) -> None:
+        """An initiation the handshake worker identified (turbowg/device/handshake_worker.py)."""
+        handshake = self._handshake_for_key(ident.remote_static)
+        if handshake is not None and not accept_identified(handshake, ident, now):
+            handshake = None
+        self._answer_initiation(handshake, INITIATION_SIZE, endpoint, now, out)
+
+    def _answer_initiation(self, handshake: Handshake | None, size: int, endpoint: Endpoint, now: float,
+                           out: Out) -> None:
         if handshake is None:
             self.counters["rx_initiation_rejected"] += 1
             return
         peer = self.peers[handshake.remote_static]
         peer.endpoint = endpoint
-        peer.rx_bytes += len(data)
+        peer.rx_bytes += size
         timers = peer.timers
         timers.any_authenticated_packet_traversal(now)
         timers.any_authenticated_packet_received(now)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from turbowg.conn.endpoint import Endpoint
 from turbowg.device.constants import REJECT_AFTER_TIME
+from turbowg.device.handshake_worker import Identified
 from turbowg.device.output import Out, Transmit, transmits
 from turbowg.device.peer import Peer
 from turbowg.device.route import check_inner_sources
@@ -32,6 +33,22 @@ RX_MAX_PACKETS = 68 << 10
 
 class ReceivePath(DeviceState):
     """The UDP -> TUN methods of `Device`."""
+
+    # Set by the runtime when a handshake worker (turbowg/daemon/handshake_worker.py) serves handshake
+    # messages: called as sink(kind, data, endpoint) instead of handling them here; what the worker passes
+    # back comes in through handle_handshake_results.
+    handshake_sink: Callable[[int, bytes, Endpoint], None] | None = None
+
+    def handle_handshake_results(self, identified: Iterable[tuple[Identified, Endpoint]],
+                                 forwarded: Iterable[tuple[int, bytes, Endpoint]], now: float) -> list[Transmit]:
+        """What the handshake worker passed on: initiations it identified (answered here after the per-peer
+        checks) and responses / cookie replies that passed its mac1 (and, under load, mac2 and rate) checks."""
+        out: Out = {}
+        for ident, endpoint in identified:
+            self._consume_identified(ident, endpoint, now, out)
+        for kind, data, endpoint in forwarded:
+            self._handle_handshake_message(kind, data, endpoint, now, False, out)
+        return transmits(out)
 
     def handle_udp_batch(
         self, datagrams: Iterable[tuple[bytes, Endpoint]], now: float, under_load: bool = False
@@ -148,7 +165,11 @@ class ReceivePath(DeviceState):
         elif kind == MESSAGE_TRANSPORT:
             self.counters["rx_transport_too_short"] += 1
         elif MESSAGE_INITIATION <= kind <= MESSAGE_COOKIE_REPLY:
-            self._handle_handshake_message(kind, data, endpoint, now, under_load, out)
+            sink = self.handshake_sink
+            if sink is not None:
+                sink(kind, data, endpoint)  # off the data path, to the handshake worker
+            else:
+                self._handle_handshake_message(kind, data, endpoint, now, under_load, out)
         else:
             self.counters["rx_unknown_type"] += 1
 
