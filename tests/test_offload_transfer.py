@@ -42,23 +42,35 @@ def ends(tun: Tunnel, direction: str) -> tuple[Side, Side]:
     return (tun.a, tun.b) if direction == "a_to_b" else (tun.b, tun.a)
 
 
-def offload_features(side: Side) -> dict[str, str]:
-    """`ethtool -k` inside the side's namespace: feature name -> "on"/"off" (without "[fixed]" etc.)."""
+def offload_features(side: Side, raw: bool = False) -> dict[str, str]:
+    """`ethtool -k` inside the side's namespace: feature name -> "on"/"off" (without "[fixed]" etc.; with
+    `raw`, the whole value, e.g. "off [fixed]")."""
     out = side.sh("ethtool", "-k", side.ifname).stdout
     features: dict[str, str] = {}
     for line in out.splitlines():
         name, sep, value = line.strip().partition(":")
         if sep and value.strip():
-            features[name] = value.split()[0]
+            features[name] = value.strip() if raw else value.split()[0]
     return features
 
 
-def assert_offloads_on(side: Side) -> None:
-    features = offload_features(side)
+def kernel_lacks_uso(value: str | None) -> bool:
+    """What ethtool shows for tx-udp-segmentation on a TUN whose kernel cannot do USO (before Linux 6.2):
+    no such line, or "off [fixed]". A plain "off" is turbowg not asking for it."""
+    return value is None or "[fixed]" in value and not value.startswith("on")
+
+
+def assert_offloads_on(side: Side, need_uso: bool = False) -> None:
+    """Checksum, TSO and USO offloads on. Where the kernel cannot do USO, a test that needs it (`need_uso`) is
+    skipped, saying so; the others check the rest. Where the kernel can, USO must be on."""
+    features = offload_features(side, raw=True)
     for name in FEATURES:
-        if name == "tx-udp-segmentation" and name not in features:
-            continue  # a kernel without USO on TUN (before 6.2) has no such line
-        assert features.get(name) == "on", f"{side.ifname}: {name} is {features.get(name)!r}"
+        value = features.get(name)
+        if name == "tx-udp-segmentation" and kernel_lacks_uso(value):
+            if need_uso:
+                pytest.skip(f"kernel without USO on TUN (before 6.2): {side.ifname} {name} is {value!r}")
+            continue
+        assert value is not None and value.split()[0] == "on", f"{side.ifname}: {name} is {value!r}"
 
 
 def counters(tun: Tunnel) -> dict[str, dict[str, int]]:
@@ -93,13 +105,14 @@ def assert_offloads_used(tun: Tunnel, sender: Side, receiver: Side, before, afte
 
 
 @contextlib.contextmanager
-def ready_tunnel(impls: tuple[str, str], direction: str, tmp_path) -> Iterator[tuple[Tunnel, Side, Side]]:
+def ready_tunnel(impls: tuple[str, str], direction: str, tmp_path,
+                 need_uso: bool = False) -> Iterator[tuple[Tunnel, Side, Side]]:
     """The tunnel, up and pinging, with offloads shown on by ethtool on every turbowg side."""
     with tunnel(*impls, tmp_path=str(tmp_path)) as tun:
         sender, receiver = ends(tun, direction)
         for side in (tun.a, tun.b):
             if side.impl == "turbowg":
-                assert_offloads_on(side)
+                assert_offloads_on(side, need_uso)
         assert ping(sender, receiver.inner_ip), "no tunnel"
         yield tun, sender, receiver
 
@@ -153,7 +166,7 @@ def udp_transfer(sender: Side, receiver: Side, timeout: float = 40) -> tuple[dic
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("impls", PAIRS)
 def test_udp_gso_gro_file_with_offloads_arrives_intact(impls: tuple[str, str], direction: str, tmp_path) -> None:
-    with ready_tunnel(impls, direction, tmp_path) as (tun, sender, receiver):
+    with ready_tunnel(impls, direction, tmp_path, need_uso=True) as (tun, sender, receiver):
         before = counters(tun)
         sent, got, seconds = udp_transfer(sender, receiver)
         after = counters(tun)
@@ -192,3 +205,26 @@ def test_ethtool_shows_offloads_on_the_daemon_interface(tmp_path) -> None:
         assert off.get("tx-udp-segmentation", "off") == "off", off
         # The two still talk, offloads on one side only.
         assert ping(tun.a, tun.b.inner_ip) and ping(tun.b, tun.a.inner_ip)
+
+
+def test_uso_guard_only_excuses_what_the_kernel_cannot_do() -> None:
+    """The ethtool reading above: only an absent line or "off [fixed]" (the kernel) excuses USO; "off" (turbowg
+    did not negotiate it) fails; a UDP test skips, with the reason, instead of passing without USO."""
+    class FakeSide:
+        ifname = "wgtest"
+
+        def __init__(self, uso_line: str | None) -> None:
+            self.out = "tx-checksumming: on\ntcp-segmentation-offload: on\n" + (uso_line or "")
+
+        def sh(self, *args: str):
+            return type("Done", (), {"stdout": self.out})()
+
+    assert_offloads_on(FakeSide("tx-udp-segmentation: on\n"), need_uso=True)
+    assert_offloads_on(FakeSide("tx-udp-segmentation: off [fixed]\n"))
+    assert_offloads_on(FakeSide(None))
+    with pytest.raises(AssertionError, match="tx-udp-segmentation is 'off'"):
+        assert_offloads_on(FakeSide("tx-udp-segmentation: off\n"))
+    with pytest.raises(pytest.skip.Exception, match="kernel without USO"):
+        assert_offloads_on(FakeSide("tx-udp-segmentation: off [fixed]\n"), need_uso=True)
+    with pytest.raises(pytest.skip.Exception, match="kernel without USO"):
+        assert_offloads_on(FakeSide(None), need_uso=True)

@@ -208,7 +208,7 @@ class ServerConnection:
         except FrameError as exc:
             raise ProtocolError(str(exc)) from None
         can_mesh = bool(self._mesh_key) and bool(info.mesh_key) and hmac.compare_digest(
-            info.mesh_key.encode(), self._mesh_key.encode()
+            info.mesh_key.encode("utf-8", "surrogatepass"), self._mesh_key.encode()  # JSON "\ud800" is a lone surrogate
         )
         self.client_key = client_key
         self.info = info
