@@ -181,3 +181,19 @@ def test_regression_mesh_psk_file_not_utf8(tmp_path: Path) -> None:
     path.write_bytes(b"96979899\x01a)b9c9d9e9fa0a1a2a3a4a5a6a7a8a9aaabacad\xe009\xba\\0\xf9c\x8a\xe7o\xf8\x90aeafb0b1b2b3b4b5\n")
     with pytest.raises(app.RelayConfigError):
         app.read_mesh_key(str(path))
+
+
+def test_regression_derp_client_info_mesh_key_lone_surrogate() -> None:
+    """A ClientInfo whose meshKey is the JSON string "\\ud800" made ServerConnection raise UnicodeEncodeError
+    (out of the asyncio protocol) when the relay has a mesh key; now it is simply not the mesh key."""
+    info = b'{"meshKey":"\\ud800","version":2}'
+    data = b"\x03\xff" + len(info).to_bytes(2, "big") + info
+    targets.derp_server(data)
+    proto = targets.mod("server_proto")
+    log: list = []
+    conn = proto.ServerConnection(targets.DERP_SERVER_PRIVATE, targets._Events(log), mesh_key=targets.DERP_MESH_KEY)
+    codec, keys = targets.mod("derp_codec"), targets.mod("derp_keys")
+    server_public, client_public = targets._derp_publics()
+    sealed = keys.seal_to(targets.DERP_CLIENT_PRIVATE, server_public, info)
+    conn.receive_data(codec.encode_client_info(client_public, sealed))
+    assert log[0][0] == "auth" and log[0][3] is False  # authenticated, without mesh rights
