@@ -2,6 +2,10 @@
 
 A frame is a 1-byte type, a 4-byte big-endian payload length, then the payload. This module builds
 and parses every frame type and the JSON bodies of the handshake; it never touches sockets.
+
+Why one file of ~500 lines: it is one table -- each frame type's encoder, parser and message class --
+and the client, the server and the fuzz targets all need all of it; split by direction, each frame's
+two halves would live apart.
 """
 
 from __future__ import annotations
