@@ -15,8 +15,9 @@ The path, in order of preference:
 
 Probing: a full round pings every candidate endpoint not pinged within DISCO_PING_INTERVAL and sends our
 candidates to the peer over DERP (call-me-maybe). The peer answers a call-me-maybe by pinging all of them at
-once, so both sides' NATs open at the same time; a ping from an endpoint we have no trusted pong from is
-pinged back. Rounds run, while a session is active (data within SESSION_ACTIVE_TIMEOUT), on a trigger
+once, so both sides' NATs open at the same time, and by sending its own (there is no coordination server to
+tell us its endpoints; at most one per DISCO_PING_INTERVAL, so two peers do not echo each other); a ping
+from an endpoint we have no recent pong from is pinged back. Rounds run, while a session is active (data within SESSION_ACTIVE_TIMEOUT), on a trigger
 (session start, fallback, changed candidates) then every DISCO_PING_INTERVAL for PROBE_BURST_ROUNDS rounds,
 then every UPGRADE_INTERVAL (on DERP: has a path opened?; direct: is there a faster one?). While direct and
 active, the best endpoint gets a heartbeat ping every HEARTBEAT_INTERVAL; when it stops answering its trust
@@ -140,7 +141,8 @@ class PathSelector:
     __slots__ = (
         "counters", "_random", "_candidates", "_sent", "_local", "_configured", "_wg_endpoint", "_wg_ok",
         "_wg_last_rx", "_disco_peer", "_best", "_best_rtt", "_trust_until", "_path", "_last_path_change",
-        "_last_activity", "_next_heartbeat", "_next_full_ping", "_burst_left", "_cmm_pending", "_seen_as",
+        "_last_activity", "_next_heartbeat", "_next_full_ping", "_burst_left", "_cmm_pending", "_last_cmm_sent",
+        "_seen_as",
     )
 
     def __init__(self, *, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
@@ -164,6 +166,7 @@ class PathSelector:
         self._next_full_ping = 0.0
         self._burst_left = PROBE_BURST_ROUNDS
         self._cmm_pending = False
+        self._last_cmm_sent: float | None = None
         self._seen_as: Endpoint | None = None
 
     # -- configuration --------------------------------------------------------------------------------------
@@ -200,6 +203,21 @@ class PathSelector:
         if best is not None and now < self._trust_until:
             return best
         return self._update_path(now)
+
+    def next_deadline(self, now: float) -> float | None:
+        """When on_tick next has something to do (a heartbeat, a probe round, trust or a ping running out),
+        or None if nothing is pending. Ticking exactly then keeps heartbeats 3 s apart; a coarser tick
+        (every 0.5-1 s) also works but eats into the trust margin."""
+        deadlines: list[float] = []
+        if self._best is not None:
+            deadlines.append(self._trust_until)
+        if self._sent:
+            deadlines.append(next(iter(self._sent.values())).sent_at + PING_TIMEOUT_DURATION)
+        if self._active(now):
+            deadlines.append(self._next_full_ping)
+            if self._trusted(now):
+                deadlines.append(self._next_heartbeat)
+        return min(deadlines) if deadlines else None
 
     def state(self, now: float) -> PathState:
         if self.current_path(now) is not None:
@@ -306,7 +324,7 @@ class PathSelector:
 
     def on_call_me_maybe(self, endpoints: Iterable[Endpoint], now: float) -> list[Action]:
         """The peer's candidate endpoints (replacing its previous list): ping them all now, since the peer
-        is pinging ours right now (both NATs open at once)."""
+        is pinging ours right now (both NATs open at once); answer with our own unless sent lately."""
         self._disco_peer = True
         self._update_path(now)
         self.counters.call_me_maybe_received += 1
@@ -319,6 +337,10 @@ class PathSelector:
             cand = self._add_origin(endpoint, ORIGIN_CALL_ME_MAYBE)
             if cand is not None:
                 self._ping(endpoint, cand, now, actions)
+        # Our candidates in return (at most every DISCO_PING_INTERVAL, so two peers do not echo each other):
+        # with no coordination server, a call-me-maybe is the only way the peer learns where to ping us.
+        if self._local and (self._last_cmm_sent is None or now - self._last_cmm_sent >= DISCO_PING_INTERVAL):
+            self._send_call_me_maybe(now, actions)
         self._update_path(now)
         return actions
 
@@ -391,7 +413,7 @@ class PathSelector:
         self._burst_left = PROBE_BURST_ROUNDS
 
     def _session_start(self, now: float) -> Sequence[Action]:
-        self._next_heartbeat = now + HEARTBEAT_INTERVAL
+        self._next_heartbeat = min(self._next_heartbeat, now + HEARTBEAT_INTERVAL)
         self._update_path(now)
         if self._trusted(now):
             return _NO_ACTIONS
@@ -435,14 +457,18 @@ class PathSelector:
             if cand.last_ping is None or now - cand.last_ping >= DISCO_PING_INTERVAL:
                 self._ping(endpoint, cand, now, actions)
         if self._local:
-            actions.append(SendDERP(CallMeMaybe(self._local)))
-            self.counters.call_me_maybe_sent += 1
+            self._send_call_me_maybe(now, actions)
         self._cmm_pending = False
         if self._trusted(now):
             self._next_full_ping = now + UPGRADE_INTERVAL
             return
         self._burst_left -= 1
         self._next_full_ping = now + (DISCO_PING_INTERVAL if self._burst_left > 0 else UPGRADE_INTERVAL)
+
+    def _send_call_me_maybe(self, now: float, actions: list[Action]) -> None:
+        actions.append(SendDERP(CallMeMaybe(self._local)))
+        self._last_cmm_sent = now
+        self.counters.call_me_maybe_sent += 1
 
     def _expire_pings(self, now: float) -> None:
         sent = self._sent
@@ -467,7 +493,7 @@ class PathSelector:
 
     def _on_pong(self, message: Pong, src: Endpoint | None, now: float) -> None:
         sent = self._sent.get(message.txid)
-        if sent is None or src is None or src != sent.endpoint:
+        if sent is None or src is None or src != sent.endpoint or now - sent.sent_at >= PING_TIMEOUT_DURATION:
             self.counters.pongs_ignored += 1
             return
         del self._sent[message.txid]
