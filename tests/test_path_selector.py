@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from turbowg.conn.endpoint import Endpoint
 from turbowg.path.constants import (
@@ -600,3 +602,68 @@ def test_default_txids_are_random() -> None:
     a = sel.on_call_me_maybe([E1, E2], 0.0)
     txids = [t for ts in pings(a).values() for t in ts]
     assert len(set(txids)) == 2 and all(len(t) == 12 for t in txids)
+
+
+# -- any sequence of events (property test) --------------------------------------------------------------------
+_EPS = [E1, E2, E3, ("10.9.9.9", 7)]
+_EVENT = st.one_of(
+    st.tuples(st.just("tick"), st.floats(0, 20)),
+    st.tuples(st.just("sent"), st.floats(0, 2)),
+    st.tuples(st.just("recv"), st.floats(0, 2), st.sampled_from([None, *_EPS])),
+    st.tuples(st.just("cmm"), st.floats(0, 2), st.lists(st.sampled_from(_EPS), max_size=4)),
+    st.tuples(st.just("ping"), st.floats(0, 2), st.sampled_from(["udp", "derp"]), st.sampled_from(_EPS)),
+    st.tuples(st.just("pong"), st.floats(0, 2), st.sampled_from(["udp", "derp"]), st.sampled_from(_EPS),
+              st.integers(0, 3)),
+    st.tuples(st.just("hs_direct"), st.floats(0, 6)),
+    st.tuples(st.just("hs_derp"), st.floats(0, 6)),
+    st.tuples(st.just("configure"), st.sampled_from([None, *_EPS])),
+    st.tuples(st.just("local"), st.lists(st.sampled_from(_EPS), max_size=3)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_EVENT, max_size=60))
+def test_any_event_sequence_keeps_the_invariants(events: list[tuple]) -> None:
+    clock = Clock()
+    sel = make(clock)
+    sent: list[bytes] = []  # txids we sent, for pongs that match (or not)
+    for event in events:
+        kind = event[0]
+        if kind not in ("configure", "local"):
+            clock.advance(event[1])
+        now = clock()
+        actions: Sequence[Action] = []
+        if kind == "tick":
+            actions = sel.on_tick(now)
+            deadline = sel.next_deadline(now)
+            assert deadline is None or deadline > now  # a tick leaves nothing overdue: no busy loop
+        elif kind == "sent":
+            actions = sel.on_data_sent(now)
+        elif kind == "recv":
+            actions = sel.on_data_received(now, event[2])
+        elif kind == "cmm":
+            actions = sel.on_call_me_maybe(event[2], now)
+        elif kind == "ping":
+            actions = sel.on_disco(Ping(b"\x01" * 12), event[2], event[3] if event[2] == "udp" else None, now)
+        elif kind == "pong":
+            txid = sent[-1 - event[4]] if len(sent) > event[4] else b"\x02" * 12
+            actions = sel.on_disco(Pong(txid, ME), event[2], event[3] if event[2] == "udp" else None, now)
+        elif kind == "hs_direct":
+            actions = sel.on_handshake_timeout_direct(now)
+        elif kind == "hs_derp":
+            sel.on_handshake_timeout_derp(now)
+        elif kind == "configure":
+            sel.set_configured_endpoint(event[1], now)
+        else:
+            sel.set_local_candidates(event[1], now)
+        for txids in pings(actions).values():
+            sent.extend(txids)
+        path = sel.current_path(now)
+        status = sel.status(now)
+        known = {e.endpoint for e in status.endpoints}
+        assert path is None or path in known or path == sel._wg_endpoint
+        assert status.state is (PathState.DIRECT if path is not None else status.state)
+        assert len(known) <= MAX_PEER_CANDIDATES + 1
+        c = status.counters
+        assert c.probes_answered + c.probes_timed_out <= c.probes_sent
+        assert all(isinstance(a, SendUDP | SendDERP) for a in actions)
