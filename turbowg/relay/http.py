@@ -70,7 +70,7 @@ class RelayHTTPProtocol(asyncio.Protocol):
             return
         self.buf += data
         while self.derp is None and self.transport is not None:
-            end = self.buf.find(b"\r\n\r\n")
+            end = self.buf.find(b"\r\n\r\n", 0, MAX_REQUEST_HEAD + 4)  # a longer head is refused, even whole
             if end < 0:
                 if len(self.buf) > MAX_REQUEST_HEAD:
                     self._finish(_response(431, b"request header too large\n", keep_alive=False), close=True)
