@@ -28,7 +28,7 @@ from turbowg.relay.mesh import Mesh, MeshConfigError, mesh_ssl_context, start_me
 from turbowg.relay.metacert import server_tls_context
 from turbowg.relay.server import DerpServer
 from turbowg.relay.shards.links import ShardContext, ShardLinks
-from turbowg.relay.shards.supervisor import run_sharded
+from turbowg.relay.shards.supervisor import reuseport_listener, run_sharded
 from turbowg.relay.stun import serve_stun
 from turbowg.wire import KEY_SIZE
 
@@ -85,29 +85,12 @@ def parse_addr(addr: str, default_port: int) -> tuple[str, int]:
     return host, port
 
 
-def make_listener(host: str, port: int, backlog: int = 4096) -> socket.socket:
-    """A non-blocking listening TCP socket with SO_REUSEPORT (dual-stack when host is empty)."""
-    candidates: list[tuple[socket.AddressFamily, str]]
-    if not host:
-        candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
-    else:
-        candidates = [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]
-    last: OSError | None = None
-    for family, bind_host in candidates:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6 and not host:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((bind_host, port))
-            sock.listen(backlog)
-            sock.setblocking(False)
-            return sock
-        except OSError as exc:
-            sock.close()
-            last = exc
-    raise RelayConfigError(f"cannot listen on {host or '*'}:{port}: {last}")
+def make_listener(host: str, port: int) -> socket.socket:
+    """shards.supervisor.reuseport_listener, with a bind failure reported as a configuration error."""
+    try:
+        return reuseport_listener(host, port)
+    except OSError as exc:
+        raise RelayConfigError(f"cannot listen on {host or '*'}:{port}: {exc}") from None
 
 
 def load_tls_context(config: RelayConfig, server_public: bytes | None = None) -> ssl.SSLContext:

@@ -5,7 +5,8 @@ flows on them), forks, and in each child runs `worker_main(ShardContext)` on its
 (`run_worker`). The parent process only supervises: it forwards SIGTERM/SIGINT to the workers and,
 if one worker dies unexpectedly, stops the rest and exits non-zero (the channels of a dead shard
 cannot be rebuilt in place; a service manager restarts the whole relay). With one worker nothing is
-forked. `reuseport_listener` is the listening socket every shard binds to the same port.
+forked. `reuseport_listener` is the relay's one way to make a listening socket: every shard binds it
+to the same port.
 """
 
 from __future__ import annotations
@@ -150,17 +151,33 @@ def _signal_all(children: dict[int, int], signum: int) -> None:
             pass
 
 
-def reuseport_listener(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket with SO_REUSEPORT, so every shard can bind the same host:port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+def reuseport_listener(host: str, port: int, backlog: int = 4096) -> socket.socket:
+    """A non-blocking listening TCP socket with SO_REUSEPORT, so every shard can bind the same host:port.
+
+    An empty host listens on all addresses: dual-stack IPv6 if the system has it, else IPv4.
+    """
+    candidates: list[tuple[socket.AddressFamily, str]]
+    if not host:
+        candidates = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")]
+    else:
+        candidates = [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]
+    last: OSError | None = None
+    for family, bind_host in candidates:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6 and not host:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((bind_host, port))
+            sock.listen(backlog)
+            sock.setblocking(False)
+            return sock
+        except OSError as exc:
+            sock.close()
+            last = exc
+        except BaseException:
+            sock.close()
+            raise
+    assert last is not None
+    raise last
