@@ -1,5 +1,5 @@
 """Benchmark topology (namespaces + veth + one tunnel per implementation), the UDP_SEGMENT generator and
-`turbowg bench tunnel` end to end, against Debian wireguard-go."""
+`turbowg bench tunnel` end to end, against Debian wireguard-go. Every wait is for an event with a bound."""
 
 from __future__ import annotations
 
@@ -15,24 +15,26 @@ import time
 import uuid
 
 import pytest
-from netns import needs_netns, run
 
-from turbowg.bench import tunnel, udpgen
-from turbowg.bench.topology import (
+from turbowg.bench import tunnel
+from turbowg.testing import udpgen
+from turbowg.testing.marks import needs_iperf3, needs_netns, needs_wireguard_go
+from turbowg.testing.netns import HarnessError, wait_until
+from turbowg.testing.netns import namespaces as _namespaces
+from turbowg.testing.tunnel import (
     UAPI_DIR,
     UNDERLAY,
     Implementation,
-    TopologyError,
+    binary_version,
     build_topology,
     known_implementations,
 )
 
-needs_wireguard_go = pytest.mark.skipif(shutil.which("wireguard-go") is None or shutil.which("wg") is None,
-                                        reason="needs wireguard-go and wireguard-tools")
+UDPGEN = [sys.executable, "-m", "turbowg.testing.udpgen"]
 
 
-def _namespaces() -> set[str]:
-    return {line.split()[0] for line in run("ip", "netns", "list").stdout.splitlines() if line.strip()}
+def _exe(pid: int) -> str:
+    return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
 
 
 def _announced_namespaces(stderr: str) -> set[str]:
@@ -60,6 +62,7 @@ def test_wireguard_go_tunnel_pings_and_is_torn_down() -> None:
         sockets = [os.path.join(UAPI_DIR, f"{name}.sock") for name in (path.ifname_a, path.ifname_b)]
         assert all(os.path.exists(s) for s in sockets)
         assert len(path.daemon_pids) == 2
+        assert [_exe(pid) for pid in path.daemon_pids] == ["wireguard-go", "wireguard-go"]  # not turbowgd
         for address in (path.server_v4, path.server_v6):
             assert topo.run(topo.ns_a, "ping", "-c", "2", "-i", "0.2", "-W", "2", address, check=False).returncode == 0
         # Both directions, and the bare veth too.
@@ -70,6 +73,8 @@ def test_wireguard_go_tunnel_pings_and_is_torn_down() -> None:
         assert "mtu 1420" in link
         show = topo.run(topo.ns_a, "wg", "show", path.ifname_a, "latest-handshakes").stdout.split()
         assert len(show) == 2 and int(show[1]) > 0
+        rx, tx = topo.run(topo.ns_a, "wg", "show", path.ifname_a, "transfer").stdout.split()[1:]
+        assert int(rx) > 0 and int(tx) > 0  # the pings went through wireguard-go's tunnel
     _gone(namespaces, sockets, path.daemon_pids)
 
 
@@ -94,39 +99,49 @@ def test_teardown_when_body_raises() -> None:
 def test_implementation_that_fails_to_start_gives_clear_error_and_cleans_up() -> None:
     tag = uuid.uuid4().hex[:6]
     broken = Implementation("broken", (sys.executable, "-c", "import sys; print('no TUN for you'); sys.exit(3)"))
-    with pytest.raises(TopologyError) as info:
+    with pytest.raises(HarnessError) as info:
         with build_topology([broken], start_timeout=10, tag=tag):
             pytest.fail("must not get here")
     assert "broken exited with 3" in str(info.value) and "no TUN for you" in str(info.value)
-    assert not {f"twbench-a-{tag}", f"twbench-b-{tag}"} & _namespaces()
-    with pytest.raises(TopologyError, match="bad topology tag"):
+    assert not {f"twta{tag}", f"twtb{tag}"} & _namespaces()
+    with pytest.raises(HarnessError, match="bad topology tag"):
         with build_topology([], tag="../x"):
             pass
+
+
+def _udpgen_once(topo, *send_args: str) -> tuple[dict, dict]:
+    """One receiver and one sender over the underlay; waits for the receiver's ready file, not a sleep."""
+    ready = os.path.join(topo.workdir, f"ready-{time.monotonic_ns()}")
+    receiver = subprocess.Popen(topo.exec_args(topo.ns_b, *UDPGEN, "recv", "--port", "5999", "--timeout", "20",
+                                               "--ready-file", ready), stdout=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: os.path.exists(ready) or receiver.poll() is not None, 15)
+        assert os.path.exists(ready), "receiver did not start"
+        sent = json.loads(topo.run(topo.ns_a, *UDPGEN, "send", "--host", topo.paths[UNDERLAY].server_v4,
+                                   "--port", "5999", *send_args).stdout)
+        got = json.loads(receiver.communicate(timeout=20)[0])
+    finally:
+        receiver.kill()
+        receiver.wait()
+    return sent, got
 
 
 @needs_netns
 def test_udpgen_over_underlay_counts_what_arrives() -> None:
     with build_topology([]) as topo:
-        ready = os.path.join(topo.workdir, "ready")
-        module = [sys.executable, "-m", "turbowg.bench.udpgen"]
-        receiver = subprocess.Popen(topo.exec_args(topo.ns_b, *module, "recv", "--port", "5999", "--timeout", "20",
-                                                   "--ready-file", ready), stdout=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 10
-            while not os.path.exists(ready) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            sent = json.loads(topo.run(topo.ns_a, *module, "send", "--host", topo.paths[UNDERLAY].server_v4,
-                                       "--port", "5999", "--duration", "0.5", "--size", "1200").stdout)
-            got = json.loads(receiver.communicate(timeout=20)[0])
-        finally:
-            receiver.kill()
-            receiver.wait()
+        sent, got = _udpgen_once(topo, "--duration", "0.5", "--size", "1200")
+        paced_sent, paced_got = _udpgen_once(topo, "--duration", "1", "--size", "1200", "--rate-mbit", "200")
     assert sent["gso"] is True and sent["segments_per_call"] == 54  # 64 would exceed one 64 KiB GSO buffer
     assert sent["datagrams"] == sent["segments_per_call"] * sent["calls"]
     assert got["gro"] is True and not got["timed_out"]
     assert 0 < got["datagrams"] <= sent["datagrams"]
     assert got["bytes"] == got["datagrams"] * 1200
     assert got["goodput_bps"] > 0
+    # Paced at a modest 200 Mbit/s the veth carries (nearly) everything, and the pacing holds the rate.
+    assert paced_sent["offered_bps"] == 200e6 and paced_sent["segments_per_call"] == 21  # ~1 ms per burst
+    assert 0.9 * 200e6 <= paced_sent["sent_bps"] <= 1.1 * 200e6, paced_sent
+    assert paced_got["datagrams"] >= 0.9 * paced_sent["datagrams"], (paced_sent, paced_got)
+    assert paced_got["datagrams"] <= paced_sent["datagrams"]
 
 
 def test_segments_per_call() -> None:
@@ -138,14 +153,15 @@ def test_segments_per_call() -> None:
 def test_process_tree_cpu_seconds_includes_children() -> None:
     parent = subprocess.Popen([sys.executable, "-c",
                                "import subprocess, sys; subprocess.run([sys.executable, '-c', "
-                               "'import time\\nend = time.process_time() + 0.6\\nwhile time.process_time() < end: pass'])"])
+                               "'import time\\nend = time.process_time() + 1.5\\nwhile time.process_time() < end: pass'])"])
     try:
-        time.sleep(0.3)
-        start = tunnel.process_tree_cpu_seconds([parent.pid])
+        # The parent itself stays idle: only the busy grandchild can push the tree past 0.3 s.
+        counted = wait_until(lambda: tunnel.process_tree_cpu_seconds([parent.pid]) > 0.3, 30, interval=0.1)
         parent.wait(timeout=30)
     finally:
         parent.kill()
-    assert start > 0.05  # the busy grandchild was counted while alive
+        parent.wait()
+    assert counted  # the busy grandchild was counted while alive
 
 
 def test_summary_ratio_and_table() -> None:
@@ -177,29 +193,95 @@ def test_bad_choices_are_clear_errors() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_cpu_bound_names_the_busiest_process_and_the_table_shows_it() -> None:
+    runs = [tunnel.RunResult("wireguard-go", "udp-gso", i, True, gbps=1.0,
+                             cpu_share={"daemon a": 0.97, "daemon b": 0.4, "sender": 0.3, "receiver": s})
+            for i, s in enumerate((0.1, 0.2, 0.3))]
+    runs += [tunnel.RunResult("underlay", "udp-gso", 0, True, gbps=9.0, cpu_share={"sender": 0.5, "receiver": 0.2})]
+    rows = tunnel.summarize_runs(runs, ["wireguard-go", "underlay"], ["udp-gso"],
+                                 {"wireguard-go": "wireguard-go (0.0.20220316)"})
+    assert [r.cpu_bound for r in rows] == ["daemon a 97%", "none (sender 50%)"]
+    table = tunnel.format_table(rows, "wireguard-go (0.0.20220316)")
+    assert "x wireguard-go (0.0.20220316)" in table and "daemon a 97%" in table
+    assert "wireguard-go (0.0.20220316)  1.00 [1.00, 1.00]" in table
+
+
+def test_sweep_finds_the_highest_rate_under_one_percent_loss() -> None:
+    capacity = 300.0  # Mbit/s this fake path carries without loss
+
+    def measure(rate: float):
+        return (0.0 if rate <= capacity else 5.0), rate * 1e6, {}
+
+    good, bad, steps = tunnel.sweep_rates(measure)
+    assert [s["rate_mbit"] for s in steps] == [50, 100, 200, 400, 300, 350]  # doubling, then bisection
+    assert good["rate_mbit"] == 300 and bad["rate_mbit"] == 350
+    assert len(steps) <= tunnel.SWEEP_MAX_STEPS
+
+    def sender_limited(rate: float):  # the sender cannot offer more than 120 Mbit/s; nothing is ever lost
+        return 0.0, min(rate, 120.0) * 1e6, {}
+
+    good, bad, steps = tunnel.sweep_rates(sender_limited)
+    assert bad is None and good["sender_short"] and good["rate_mbit"] == 200 and len(steps) == 3
+
+    def always_lossy(rate: float):
+        return 50.0, rate * 1e6, {}
+
+    good, bad, steps = tunnel.sweep_rates(always_lossy)
+    assert good is None and [s["rate_mbit"] for s in steps] == [50, 25, 12.5]  # bisecting down from 50
+    assert bad["rate_mbit"] == 12.5
+
+
+def _bench(tmp_path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "turbowg.bench.tunnel", *args, "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _table_row(stdout: str, test: str, label: str) -> list[str]:
+    """The cells of one table row (cells are separated by two or more spaces)."""
+    for line in stdout.splitlines():
+        cells = re.split(r"\s{2,}", line.strip())
+        if cells[:2] == [test, label]:
+            return cells
+    raise AssertionError(f"no row {test} / {label} in:\n{stdout}")
+
+
 @needs_netns
 @needs_wireguard_go
-@pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+@needs_iperf3
 def test_bench_tunnel_end_to_end_wireguard_go_vs_underlay(tmp_path) -> None:
-    result = subprocess.run([sys.executable, "-m", "turbowg.bench.tunnel", "--impl", "wireguard-go",
-                             "--impl", "underlay", "--runs", "1", "--duration", "1", "--output-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=240)
+    result = _bench(tmp_path, "--impl", "wireguard-go", "--impl", "underlay", "--runs", "1", "--duration", "1",
+                    "--sweep-step", "0.5", timeout=400)
     assert result.returncode == 0, result.stderr
-    assert "[run 8/8]" in result.stderr
+    assert "[run 10/10]" in result.stderr
     assert not _announced_namespaces(result.stderr) & _namespaces()
     raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
     assert [(r["path"], r["test"]) for r in raw["runs"]] == [
         (p, t) for t in tunnel.TESTS for p in ("wireguard-go", "underlay")]
     assert all(r["ok"] and r["gbps"] > 0 and r["bytes_received"] > 0 for r in raw["runs"]), raw["runs"]
+    # The version is the binary's own answer, and the table and JSON name it.
+    version = binary_version(("wireguard-go",))
+    assert re.fullmatch(r"wireguard-go \d+\.\d+\.\d+", version), version
+    assert raw["meta"]["versions"]["wireguard-go"] == version
+    label = raw["meta"]["labels"]["wireguard-go"]
+    assert version.split()[1] in label and f"x {label}" in result.stdout
     for r in raw["runs"]:
         if r["path"] == "wireguard-go":
             assert r["cpu_seconds"] > 0 and r["cpu_seconds_per_gb"] > 0  # the daemons did the crypto
+            # wireguard-go's own receive counter saw at least what the receiver got: this tunnel carried it.
+            assert r["detail"]["tunnel_rx_bytes"] >= r["bytes_received"], r
+            assert {"daemon a", "daemon b", "sender", "receiver"} <= set(r["cpu_share"]), r["cpu_share"]
         else:
-            assert r["cpu_seconds"] is None
+            assert r["cpu_seconds"] is None and "tunnel_rx_bytes" not in r["detail"]
         assert (r["loss_percent"] is not None) == r["test"].startswith("udp")
+        if r["test"] == "udp-gso-paced":
+            best = r["detail"]["best_rate_mbit"]
+            assert r["loss_percent"] < tunnel.LOSS_LIMIT and best > 0, r["detail"]
+            assert r["gbps"] * 1e3 >= 0.9 * best  # what arrived at the best step is close to what was offered
+            lossy = r["detail"]["first_lossy_rate_mbit"]
+            assert lossy is None or lossy > best
     summary = {(s["path"], s["test"]): s for s in raw["summary"]}
     assert summary[("wireguard-go", "tcp1")]["ratio_to_baseline"] == pytest.approx(1.0)
-    assert "x wireguard-go" in result.stdout
+    assert _table_row(result.stdout, "udp-gso-paced", label)[3] == "1.00"
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -223,28 +305,54 @@ def test_registers_under_a_bench_parser() -> None:
     args = parser.parse_args(["bench", "tunnel", "--tests", "tcp1", "--runs", "3", "--impl", "wireguard-go"])
     assert (args.func, args.runs, args.duration, args.tests, args.impl, args.output_dir) == (
         tunnel.command, 3, 5.0, ["tcp1"], ["wireguard-go"], "bench-results")
+    assert (args.peer_bin, args.sweep_step) == ([], 1.0)
+    args = parser.parse_args(["bench", "tunnel", "--peer-bin", "/a/wireguard-go", "--peer-bin", "/b/wg-go"])
+    assert args.peer_bin == ["/a/wireguard-go", "/b/wg-go"]
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "tunnel", "--runs", "0"])
 
 
 @needs_netns
 @needs_wireguard_go
-@pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+@needs_iperf3
 def test_minimal_issue_case_turbowg_vs_wireguard_go_tcp_ratio(tmp_path) -> None:
-    """iperf3 TCP through turbowg and through wireguard-go, same topology, same run, as a ratio."""
-    result = subprocess.run([sys.executable, "-m", "turbowg.bench.tunnel", "--impl", "turbowg,wireguard-go",
-                             "--tests", "tcp1", "--runs", "1", "--duration", "1", "--output-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=180)
+    """iperf3 TCP through turbowg and through wireguard-go, same topology, same run, as a ratio; the ratio
+    printed must be the one of the measured runs, and each tunnel must have carried its own run."""
+    result = _bench(tmp_path, "--impl", "turbowg,wireguard-go", "--tests", "tcp1", "--runs", "1", "--duration", "1",
+                    timeout=180)
     assert result.returncode == 0, result.stderr
-    summary = {s["path"]: s for s in json.loads((tmp_path / "tunnel-runs.json").read_text())["summary"]}
-    assert summary["turbowg"]["n_ok"] == 1 and summary["turbowg"]["median_gbps"] > 0
-    ratio = summary["turbowg"]["median_gbps"] / summary["wireguard-go"]["median_gbps"]
-    assert summary["turbowg"]["ratio_to_baseline"] == pytest.approx(ratio)
+    raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
+    runs = {r["path"]: r for r in raw["runs"]}
+    for path in ("turbowg", "wireguard-go"):
+        assert runs[path]["ok"] and runs[path]["bytes_received"] > 10**6
+        assert runs[path]["detail"]["tunnel_rx_bytes"] >= runs[path]["bytes_received"]
+    expected = runs["turbowg"]["gbps"] / runs["wireguard-go"]["gbps"]
+    assert _table_row(result.stdout, "tcp1", raw["meta"]["labels"]["turbowg"])[3] == f"{expected:.2f}"
+    assert raw["meta"]["commands"]["wireguard-go"]["command"] == ["wireguard-go"]
 
 
 @needs_netns
 @needs_wireguard_go
-@pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+@needs_iperf3
+def test_peer_bin_is_measured_under_its_version(tmp_path) -> None:
+    binary = shutil.which("wireguard-go")
+    result = _bench(tmp_path, "--peer-bin", binary, "--impl", "underlay", "--tests", "tcp1", "--runs", "1",
+                    "--duration", "1", timeout=180)
+    assert result.returncode == 0, result.stderr
+    raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
+    version = binary_version((binary,))
+    assert raw["meta"]["paths"] == [version, "underlay"] and raw["meta"]["baseline"] == version
+    assert raw["meta"]["commands"][version]["command"] == [os.path.abspath(binary)]
+    run_ = next(r for r in raw["runs"] if r["path"] == version)
+    assert run_["ok"] and run_["detail"]["tunnel_rx_bytes"] >= run_["bytes_received"] > 0
+    assert _table_row(result.stdout, "tcp1", version)[3] == "1.00" and f"x {version}" in result.stdout
+    bad = _bench(tmp_path, "--peer-bin", str(tmp_path / "missing"), timeout=60)
+    assert bad.returncode == 2 and "not an executable file" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@needs_netns
+@needs_wireguard_go
+@needs_iperf3
 def test_ctrl_c_tears_down_and_keeps_finished_runs(tmp_path) -> None:
     errlog = tmp_path / "stderr"
     with open(errlog, "w") as err_file:
@@ -252,10 +360,9 @@ def test_ctrl_c_tears_down_and_keeps_finished_runs(tmp_path) -> None:
                                  "--tests", "tcp1", "--runs", "3", "--duration", "2", "--output-dir", str(tmp_path)],
                                 stdout=subprocess.PIPE, stderr=err_file, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and "(server) ready" not in errlog.read_text():
-            time.sleep(0.1)
-        time.sleep(3.0)  # past the first 2 s run, into the second
+        # Interrupt once the first run has finished (the second has started), whenever that is.
+        started = wait_until(lambda: "[run 2/6]" in errlog.read_text() or proc.poll() is not None, 120, 0.1)
+        assert started and proc.poll() is None, errlog.read_text()
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     finally:
@@ -265,32 +372,32 @@ def test_ctrl_c_tears_down_and_keeps_finished_runs(tmp_path) -> None:
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert not _announced_namespaces(err) & _namespaces()
-    report = tmp_path / "tunnel-runs.json"
-    if report.exists():  # present whenever at least one run had finished
-        raw = json.loads(report.read_text())
-        assert raw["meta"]["interrupted"] is True and 1 <= len(raw["runs"]) < 6
+    raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
+    assert raw["meta"]["interrupted"] is True and 1 <= len(raw["runs"]) < 6
 
 
 @needs_netns
 @needs_wireguard_go
 def test_ipv6_udp_gso_through_wireguard_go(tmp_path) -> None:
-    result = subprocess.run([sys.executable, "-m", "turbowg.bench.tunnel", "--ipv6", "--impl", "wireguard-go",
-                             "--tests", "udp-gso", "--runs", "1", "--duration", "1", "--output-dir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
+    result = _bench(tmp_path, "--ipv6", "--impl", "wireguard-go", "--tests", "udp-gso,udp-gso-paced", "--runs", "1",
+                    "--duration", "1", "--sweep-step", "0.5", timeout=240)
     assert result.returncode == 0, result.stderr
     raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
     assert raw["meta"]["ip_version"] == 6
-    (run_,) = raw["runs"]
-    assert run_["ok"] and run_["detail"]["sender"]["size"] == tunnel.UDP_PAYLOAD_V6
-    assert 0 < run_["detail"]["receiver"]["datagrams"] <= run_["detail"]["sender"]["datagrams"]
+    unpaced, paced = raw["runs"]
+    assert unpaced["ok"] and unpaced["detail"]["sender"]["size"] == tunnel.UDP_PAYLOAD_V6
+    assert 0 < unpaced["detail"]["receiver"]["datagrams"] <= unpaced["detail"]["sender"]["datagrams"]
+    # Paced, at least the sweep's first rate gets through with (almost) nothing lost, through wireguard-go.
+    assert paced["ok"] and paced["loss_percent"] < tunnel.LOSS_LIMIT, paced["detail"]
+    assert paced["detail"]["sender"]["size"] == tunnel.UDP_PAYLOAD_V6
+    received = paced["detail"]["receiver"]["datagrams"]
+    assert received >= 0.99 * paced["detail"]["sender"]["datagrams"] > 0
+    assert paced["detail"]["tunnel_rx_bytes"] >= paced["bytes_received"]
 
 
 def test_exited_daemon_is_not_alive_even_as_zombie() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    deadline = time.monotonic() + 20
-    while tunnel._alive(child.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not tunnel._alive(child.pid)  # exited but not yet reaped: a zombie
+    assert wait_until(lambda: not tunnel._alive(child.pid), 20)  # exited but not yet reaped: a zombie
     assert os.path.exists(f"/proc/{child.pid}")
     child.wait()
     assert tunnel._alive(os.getpid())
@@ -298,14 +405,12 @@ def test_exited_daemon_is_not_alive_even_as_zombie() -> None:
 
 @needs_netns
 @needs_wireguard_go
-@pytest.mark.skipif(shutil.which("iperf3") is None, reason="needs iperf3")
+@needs_iperf3
 def test_dead_daemon_fails_its_runs_only() -> None:
     with build_topology([known_implementations()["wireguard-go"]]) as topo:
         victim = topo.paths["wireguard-go"].daemon_pids[1]
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while tunnel._alive(victim) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert wait_until(lambda: not tunnel._alive(victim), 10)
         failed = tunnel.run_one(topo, "wireguard-go", "tcp1", 0, 1.0)
         fine = tunnel.run_one(topo, UNDERLAY, "tcp1", 0, 1.0)
     assert not failed.ok and f"[{victim}] exited" in failed.error

@@ -9,10 +9,20 @@ machine (thermal, noisy neighbours) hits all implementations alike. Tests:
 - tcp1 / tcp4: iperf3 TCP with 1 or 4 streams; goodput is the receiver side (end.sum_received).
 - udp:         iperf3 -u -b 0 with 1392-byte payloads (fits the 1420 tunnel MTU over IPv4 without
                fragmenting); received rate and loss as the server saw them.
-- udp-gso:     the QUIC-style load of udpgen.py (UDP_SEGMENT sends, UDP_GRO receive).
+- udp-gso:     the QUIC-style load of turbowg.testing.udpgen (UDP_SEGMENT sends, UDP_GRO receive), unpaced:
+               as fast as the sender can, which overruns the tunnel and loses most of it.
+- udp-gso-paced: the same load paced in time, swept over offered rates from low to past saturation
+               (doubling from SWEEP_START_MBIT, then two bisection steps); the figure is the highest
+               rate delivered with less than 1% loss.
 
 CPU cost is utime+stime of the daemon processes (both ends of the tunnel, children included) read
-from /proc/<pid>/stat around each run, divided by the gigabytes received.
+from /proc/<pid>/stat around each run, divided by the gigabytes received. The traffic ends report
+their own CPU time (iperf3's cpu_utilization_percent, udpgen's os.times()), so the table can say which
+process was CPU-bound: the busiest of daemon a (sending side), daemon b, sender and receiver, when it
+used at least CPU_BOUND of a core.
+
+Every path is labelled with its implementation's version (`wireguard-go --version`), and `--peer-bin
+PATH` adds any other wireguard-go build (or compatible binary) as a path of its own.
 """
 
 from __future__ import annotations
@@ -30,24 +40,34 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from turbowg.bench.stats import median_ci, median_ci_with_coverage
-from turbowg.bench.topology import (
+from turbowg.testing.cpu import alive as _alive
+from turbowg.testing.cpu import process_tree_cpu_seconds
+from turbowg.testing.netns import HarnessError, check_prerequisites
+from turbowg.testing.tunnel import (
     UNDERLAY,
+    Implementation,
     NetPath,
     Topology,
-    TopologyError,
+    Tunnel,
     build_topology,
-    check_prerequisites,
+    implementation_from_binary,
     known_implementations,
 )
 
-TESTS = ("tcp1", "tcp4", "udp", "udp-gso")
+TESTS = ("tcp1", "tcp4", "udp", "udp-gso", "udp-gso-paced")
 PATHS = ("turbowg", "turbowg-nooffload", "turbowg-python", "wireguard-go", UNDERLAY)
 BASELINE = "wireguard-go"
+SWEEP_START_MBIT = 50.0
+SWEEP_MAX_STEPS = 12  # doubling steps plus the bisection, whatever the rates
+SWEEP_BISECTIONS = 2
+LOSS_LIMIT = 1.0  # percent: a paced rate counts as delivered below this loss
+SENDER_SHORT = 0.9  # a sender that reached less than this share of the offered rate was the limit
+CPU_BOUND = 0.85  # share of one core at which a process counts as CPU-bound
+UDPGEN = [sys.executable, "-m", "turbowg.testing.udpgen"]
 UDP_PAYLOAD = 1420 - 28  # IPv4 + UDP headers inside the tunnel MTU: no fragmentation
 UDP_PAYLOAD_V6 = 1420 - 48  # IPv6 + UDP headers
 IPERF_PORT = 5201
 UDPGEN_PORT = 5301
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -62,63 +82,14 @@ class RunResult:
     cpu_seconds: float | None = None
     cpu_seconds_per_gb: float | None = None
     error: str = ""
+    # Share of one core each process used while traffic ran: "daemon a" (sending side), "daemon b",
+    # "sender", "receiver" (for the paced sweep: at the first rate past the limit, where it saturates).
+    cpu_share: dict[str, float] = field(default_factory=dict)
     detail: dict[str, Any] = field(default_factory=dict)
 
 
 class RunFailed(Exception):
     pass
-
-
-# ---------------------------------------------------------------- CPU accounting
-
-
-def _stat_fields(pid: int) -> tuple[int, float] | None:
-    """(ppid, utime+stime seconds) from /proc/<pid>/stat, or None if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    # The command name is in parentheses and may contain spaces: split after the last ')'.
-    rest = raw[raw.rfind(")") + 2:].split()
-    try:
-        return int(rest[1]), (int(rest[11]) + int(rest[12])) / CLK_TCK
-    except (IndexError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    """True unless the process is gone or a zombie (our daemons stay unreaped until tear-down)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read()
-    except OSError:
-        return False
-    return raw[raw.rfind(b")") + 2:raw.rfind(b")") + 3] not in (b"Z", b"X")
-
-
-def process_tree_cpu_seconds(roots: Sequence[int]) -> float:
-    """CPU seconds (user + system, all threads) of `roots` and all their live descendants."""
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat_fields(int(entry))
-            if fields is not None:
-                stats[int(entry)] = fields
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in stats.items():
-        children.setdefault(ppid, []).append(pid)
-    total = 0.0
-    seen: set[int] = set()
-    todo = list(roots)
-    while todo:
-        pid = todo.pop()
-        if pid in seen or pid not in stats:
-            continue
-        seen.add(pid)
-        total += stats[pid][1]
-        todo.extend(children.get(pid, ()))
-    return total
 
 
 # ---------------------------------------------------------------- one run
@@ -127,12 +98,14 @@ def process_tree_cpu_seconds(roots: Sequence[int]) -> float:
 def _wait_listening(topo: Topology, proto: str, port: int, proc: subprocess.Popen[str], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     flag = "-Hltn" if proto == "tcp" else "-Hlun"
-    while time.monotonic() < deadline:
+    for _ in range(int(timeout / 0.05) + 10):
         if proc.poll() is not None:
             raise RunFailed(f"server exited early: {_read(proc)[1].strip()[-300:]}")
         result = topo.run(topo.ns_b, "ss", flag, f"sport = :{port}", check=False, timeout=5)
         if result.stdout.strip():
             return
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.05)
     raise RunFailed(f"server did not listen on {proto} port {port} within {timeout} s")
 
@@ -157,19 +130,31 @@ def _payload(ipv6: bool) -> int:
     return UDP_PAYLOAD_V6 if ipv6 else UDP_PAYLOAD
 
 
-def _iperf3(topo: Topology, path: NetPath, test: str, duration: float,
-            ipv6: bool) -> tuple[int, float, float | None, dict]:
+@dataclass
+class Measured:
+    """What one traffic run gave: bytes and rate received, loss, the ends' CPU seconds, details."""
+
+    nbytes: int
+    bps: float
+    loss: float | None
+    sender_cpu: float | None
+    receiver_cpu: float | None
+    detail: dict[str, Any]
+
+
+def _iperf3(topo: Topology, path: Tunnel | NetPath, test: str, duration: float, ipv6: bool) -> Measured:
     server = subprocess.Popen(topo.exec_args(topo.ns_b, "iperf3", "-s", "-1", "-p", str(IPERF_PORT)),
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_listening(topo, "tcp", IPERF_PORT, server)
-        args = ["iperf3", "-c", path.server_v6 if ipv6 else path.server_v4, "-p", str(IPERF_PORT), "-t", f"{duration:g}", "-J"]
+        args = ["iperf3", "-c", path.server_v6 if ipv6 else path.server_v4, "-p", str(IPERF_PORT),
+                "-t", f"{duration:g}", "-J"]
         if test == "tcp4":
             args += ["-P", "4"]
         elif test == "udp":
             args += ["-u", "-b", "0", "-l", str(_payload(ipv6))]
         client = topo.run(topo.ns_a, *args, check=False, timeout=duration + 30)
-    except TopologyError as exc:
+    except HarnessError as exc:
         raise RunFailed(str(exc)) from exc
     finally:
         _stop(server)
@@ -183,29 +168,40 @@ def _iperf3(topo: Topology, path: NetPath, test: str, duration: float,
     if not received:
         raise RunFailed("iperf3 report has no end.sum_received")
     loss = float(received.get("lost_percent", 0.0)) if test == "udp" else None
-    return int(received["bytes"]), float(received["bits_per_second"]), loss, {
-        "seconds": received.get("seconds"), "cpu": report["end"].get("cpu_utilization_percent")}
+    cpu = report["end"].get("cpu_utilization_percent") or {}
+    seconds = float(received.get("seconds") or duration)
+    # iperf3's client sends; host_total / remote_total are percent of one core over the test.
+    sender = cpu.get("host_total")
+    receiver = cpu.get("remote_total")
+    return Measured(int(received["bytes"]), float(received["bits_per_second"]), loss,
+                    None if sender is None else sender / 100 * seconds,
+                    None if receiver is None else receiver / 100 * seconds,
+                    {"seconds": received.get("seconds"), "cpu": cpu})
 
 
-def _udpgen(topo: Topology, path: NetPath, duration: float, ipv6: bool) -> tuple[int, float, float | None, dict]:
+def _udpgen(topo: Topology, path: Tunnel | NetPath, duration: float, ipv6: bool,
+            rate_mbit: float | None = None) -> Measured:
     ready = os.path.join(topo.workdir, f"udpgen-ready-{time.monotonic_ns()}")
-    module = [sys.executable, "-m", "turbowg.bench.udpgen"]
     receiver = subprocess.Popen(
-        topo.exec_args(topo.ns_b, *module, "recv", "--port", str(UDPGEN_PORT),
+        topo.exec_args(topo.ns_b, *UDPGEN, "recv", "--port", str(UDPGEN_PORT),
                        "--timeout", f"{duration + 15:g}", "--ready-file", ready),
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
-        while not os.path.exists(ready):
+        for _ in range(1000):
+            if os.path.exists(ready):
+                break
             if receiver.poll() is not None or time.monotonic() > deadline:
                 raise RunFailed(f"udpgen receiver did not start: {_read(receiver)[1].strip()[-300:]}")
             time.sleep(0.02)
         host = path.server_v6 if ipv6 else path.server_v4
-        sender = topo.run(topo.ns_a, *module, "send", "--host", host, "--port", str(UDPGEN_PORT),
-                          "--duration", f"{duration:g}", "--size", str(_payload(ipv6)), check=False,
-                          timeout=duration + 30)
+        args = ["send", "--host", host, "--port", str(UDPGEN_PORT), "--duration", f"{duration:g}",
+                "--size", str(_payload(ipv6))]
+        if rate_mbit is not None:
+            args += ["--rate-mbit", f"{rate_mbit:g}"]
+        sender = topo.run(topo.ns_a, *UDPGEN, *args, check=False, timeout=duration + 30)
         out, err = _read(receiver, timeout=duration + 20)
-    except TopologyError as exc:
+    except HarnessError as exc:
         raise RunFailed(str(exc)) from exc
     finally:
         _stop(receiver)
@@ -215,10 +211,76 @@ def _udpgen(topo: Topology, path: NetPath, duration: float, ipv6: bool) -> tuple
     except json.JSONDecodeError as exc:
         raise RunFailed(f"udpgen gave no JSON: {sender.stderr.strip()[-200:]} {err.strip()[-200:]}") from exc
     loss = 100.0 * max(0, sent["datagrams"] - got["datagrams"]) / sent["datagrams"] if sent["datagrams"] else None
-    return int(got["bytes"]), float(got["goodput_bps"]), loss, {"sender": sent, "receiver": got}
+    return Measured(int(got["bytes"]), float(got["goodput_bps"]), loss, sent.get("cpu_seconds"),
+                    got.get("cpu_seconds"), {"sender": sent, "receiver": got})
 
 
-def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float, ipv6: bool = False) -> RunResult:
+def sweep_rates(measure, start_mbit: float = SWEEP_START_MBIT, max_steps: int = SWEEP_MAX_STEPS,
+                bisections: int = SWEEP_BISECTIONS) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list]:
+    """Offer rates from `start_mbit` up, doubling, until one loses >= LOSS_LIMIT % (or the sender could not
+    reach it: then nothing faster can be offered), then bisect between the last good and the first bad.
+
+    `measure(rate_mbit)` returns (loss_percent, sent_bps, step_record). Returns (best good step, first bad
+    step, all steps); a step is the record plus "rate_mbit", "loss_percent", "ok", "sender_short".
+    """
+    steps: list[dict[str, Any]] = []
+
+    def step(rate: float) -> dict[str, Any]:
+        loss, sent_bps, record = measure(rate)
+        short = sent_bps < SENDER_SHORT * rate * 1e6
+        entry = {**record, "rate_mbit": rate, "loss_percent": loss, "sender_short": short,
+                 "ok": loss is not None and loss < LOSS_LIMIT}
+        steps.append(entry)
+        return entry
+
+    good: dict[str, Any] | None = None
+    bad: dict[str, Any] | None = None
+    rate = start_mbit
+    while len(steps) < max_steps:
+        entry = step(rate)
+        if not entry["ok"]:
+            bad = entry
+            break
+        good = entry
+        if entry["sender_short"]:
+            break  # the sender is the limit: a higher offered rate would not be sent either
+        rate *= 2
+    for _ in range(bisections):
+        if bad is None or len(steps) >= max_steps:
+            break
+        low = good["rate_mbit"] if good else 0.0
+        entry = step((low + bad["rate_mbit"]) / 2)
+        if entry["ok"]:
+            good = entry
+        else:
+            bad = entry
+    return good, bad, steps
+
+
+def _cpu_by_process(path: Tunnel | NetPath) -> dict[str, float]:
+    pids = list(path.daemon_pids)
+    return {f"daemon {side}": process_tree_cpu_seconds([pid]) for side, pid in zip("ab", pids, strict=False)}
+
+
+def _shares(before: dict[str, float], after: dict[str, float], measured: Measured, seconds: float) -> dict[str, float]:
+    shares = {name: (after[name] - before[name]) / seconds for name in after if name in before}
+    if measured.sender_cpu is not None:
+        shares["sender"] = measured.sender_cpu / seconds
+    if measured.receiver_cpu is not None:
+        shares["receiver"] = measured.receiver_cpu / seconds
+    return {name: round(value, 3) for name, value in shares.items()}
+
+
+def _tunnel_rx(topo: Topology, path: Tunnel | NetPath) -> int | None:
+    """Bytes the server side of a tunnel has received from its peer (the daemon's own counter)."""
+    if not isinstance(path, Tunnel):
+        return None
+    out = topo.run(path.b.ns, "wg", "show", path.ifname_b, "transfer", check=False, timeout=10).stdout.split()
+    return int(out[1]) if len(out) >= 3 else None
+
+
+def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float, ipv6: bool = False,
+            sweep_step: float = 1.0) -> RunResult:
     path = topo.paths[path_name]
     result = RunResult(path_name, test, rep, ok=False)
     dead = [pid for pid in path.daemon_pids if not _alive(pid)]
@@ -226,24 +288,61 @@ def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float
         result.error = f"daemon process(es) {dead} exited"
         return result
     cpu_before = process_tree_cpu_seconds(path.daemon_pids) if path.daemon_pids else None
+    rx_before = _tunnel_rx(topo, path)
     try:
-        if test == "udp-gso":
-            nbytes, bps, loss, detail = _udpgen(topo, path, duration, ipv6)
+        if test == "udp-gso-paced":
+            measured, shares = _paced_sweep(topo, path, sweep_step, ipv6)
         else:
-            nbytes, bps, loss, detail = _iperf3(topo, path, test, duration, ipv6)
+            before = _cpu_by_process(path)
+            if test == "udp-gso":
+                measured = _udpgen(topo, path, duration, ipv6)
+            else:
+                measured = _iperf3(topo, path, test, duration, ipv6)
+            shares = _shares(before, _cpu_by_process(path), measured, duration)
     except (RunFailed, subprocess.TimeoutExpired, KeyError, TypeError, ValueError) as exc:
         result.error = str(exc) or type(exc).__name__
         return result
+    rx_after = _tunnel_rx(topo, path)
     result.ok = True
-    result.bytes_received = nbytes
-    result.gbps = bps / 1e9
-    result.loss_percent = loss
-    result.detail = detail
+    result.bytes_received = measured.nbytes
+    result.gbps = measured.bps / 1e9
+    result.loss_percent = measured.loss
+    result.cpu_share = shares
+    result.detail = measured.detail
+    if rx_before is not None and rx_after is not None:
+        # What the tunnel's receiving daemon itself counted: proof that this path carried the traffic.
+        result.detail["tunnel_rx_bytes"] = rx_after - rx_before
     if cpu_before is not None:
         result.cpu_seconds = process_tree_cpu_seconds(path.daemon_pids) - cpu_before
-        if nbytes > 0:
-            result.cpu_seconds_per_gb = result.cpu_seconds / (nbytes / 1e9)
+        if measured.nbytes > 0:
+            result.cpu_seconds_per_gb = result.cpu_seconds / (measured.nbytes / 1e9)
     return result
+
+
+def _paced_sweep(topo: Topology, path: Tunnel | NetPath, step_seconds: float,
+                 ipv6: bool) -> tuple[Measured, dict[str, float]]:
+    def measure(rate: float) -> tuple[float | None, float, dict[str, Any]]:
+        before = _cpu_by_process(path)
+        m = _udpgen(topo, path, step_seconds, ipv6, rate_mbit=rate)
+        shares = _shares(before, _cpu_by_process(path), m, step_seconds)
+        sent = m.detail["sender"]
+        return m.loss, float(sent["sent_bps"]), {
+            "measured": m, "received_gbps": m.bps / 1e9, "sent_gbps": sent["sent_bps"] / 1e9,
+            "bytes_received": m.nbytes, "cpu_share": shares}
+
+    good, bad, steps = sweep_rates(measure)
+    if good is None:
+        raise RunFailed(f"no paced rate delivered with < {LOSS_LIMIT:g}% loss (from {SWEEP_START_MBIT:g} Mbit/s: "
+                        f"{steps[0]['loss_percent']}% lost)")
+    # Which process limits: look where the tunnel saturates (the first bad step), else at the best one.
+    limit = bad if bad is not None else good
+    record = [{k: v for k, v in s.items() if k != "measured"} for s in steps]
+    best: Measured = good["measured"]
+    detail = {"paced": True, "best_rate_mbit": good["rate_mbit"],
+              "first_lossy_rate_mbit": bad["rate_mbit"] if bad else None,
+              "limited_by_sender": bad is None and good["sender_short"], "steps": record,
+              "sender": best.detail["sender"], "receiver": best.detail["receiver"]}
+    return Measured(best.nbytes, best.bps, best.loss, None, None, detail), limit["cpu_share"]
 
 
 # ---------------------------------------------------------------- report
@@ -262,13 +361,26 @@ class Row:
     cpu_seconds_per_gb: float | None
     loss_percent: float | None
     coverage: float | None = None  # what [lo, hi] really covers: below 0.95 when there are fewer than 6 runs
+    label: str = ""  # the path with its version, as the table shows it
+    cpu_bound: str | None = None  # "daemon b 98%": the busiest process if it used >= CPU_BOUND of a core
+    cpu_share: dict[str, float] = field(default_factory=dict)  # median share of a core per process
 
 
 def _median(values: Sequence[float]) -> float | None:
     return median_ci(values)[0] if values else None
 
 
-def summarize_runs(runs: Sequence[RunResult], paths: Sequence[str], tests: Sequence[str]) -> list[Row]:
+def cpu_bound(shares: dict[str, float]) -> str | None:
+    """"daemon b 98%" if the busiest process used at least CPU_BOUND of one core, else "none (daemon b 60%)"."""
+    if not shares:
+        return None
+    name, share = max(shares.items(), key=lambda item: item[1])
+    return f"{name} {share:.0%}" if share >= CPU_BOUND else f"none ({name} {share:.0%})"
+
+
+def summarize_runs(runs: Sequence[RunResult], paths: Sequence[str], tests: Sequence[str],
+                   labels: dict[str, str] | None = None, baseline: str | None = BASELINE) -> list[Row]:
+    labels = labels or {}
     rows: list[Row] = []
     for test in tests:
         medians: dict[str, float | None] = {}
@@ -279,10 +391,16 @@ def summarize_runs(runs: Sequence[RunResult], paths: Sequence[str], tests: Seque
             if ok:
                 med, lo, hi, coverage = median_ci_with_coverage([r.gbps for r in ok])
             medians[path] = med
+            names = sorted({name for r in ok for name in r.cpu_share})
+            shares = {name: _median([r.cpu_share[name] for r in ok if name in r.cpu_share]) for name in names}
+            shares = {name: value for name, value in shares.items() if value is not None}
             rows.append(Row(path, test, len(ok), failed, med, lo, hi, None,
                             _median([r.cpu_seconds_per_gb for r in ok if r.cpu_seconds_per_gb is not None]),
-                            _median([r.loss_percent for r in ok if r.loss_percent is not None]), coverage))
-        base = medians.get(BASELINE)
+                            _median([r.loss_percent for r in ok if r.loss_percent is not None]), coverage,
+                            labels.get(path, path), cpu_bound(shares), shares))
+            if ok and all(r.detail.get("limited_by_sender") for r in ok):
+                rows[-1].cpu_bound = "sender: could not offer more"  # the path was never saturated
+        base = medians.get(baseline) if baseline else None
         for row in rows:
             if row.test == test and base and row.median_gbps is not None:
                 row.ratio_to_baseline = row.median_gbps / base
@@ -293,20 +411,27 @@ def _fmt(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    header = ("test", "path", "Gbit/s median [95% CI]", f"x {BASELINE}", "CPU s/GB", "loss %", "runs")
+def format_table(rows: Sequence[Row], baseline_label: str = BASELINE) -> str:
+    header = ("test", "path", "Gbit/s median [95% CI]", f"x {baseline_label}", "CPU s/GB", "loss %", "CPU-bound?",
+              "runs")
     lines = [header]
     for row in rows:
         ci = "-" if row.median_gbps is None else f"{row.median_gbps:.2f} [{row.lo_gbps:.2f}, {row.hi_gbps:.2f}]"
         runs = f"{row.n_ok}" + (f" ({row.n_failed} failed)" if row.n_failed else "")
-        lines.append((row.test, row.path, ci, _fmt(row.ratio_to_baseline, "{:.2f}"),
-                      _fmt(row.cpu_seconds_per_gb, "{:.2f}"), _fmt(row.loss_percent, "{:.2f}"), runs))
+        lines.append((row.test, row.label or row.path, ci, _fmt(row.ratio_to_baseline, "{:.2f}"),
+                      _fmt(row.cpu_seconds_per_gb, "{:.2f}"), _fmt(row.loss_percent, "{:.2f}"),
+                      row.cpu_bound or "-", runs))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for index, line in enumerate(lines):
         out.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
         if index == 0:
             out.append("  ".join("-" * width for width in widths))
+    if any(r.test == "udp-gso-paced" for r in rows):
+        out.append(f"udp-gso-paced: the highest paced rate delivered with < {LOSS_LIMIT:g}% loss (udp-gso: unpaced)")
+    if any(r.cpu_share for r in rows):
+        out.append(f"CPU-bound?: the busiest process and its share of one core, bound at >= {CPU_BOUND:.0%} (daemon a: "
+                   "sending side, daemon b: receiving side; udp-gso-paced: at the first lossy rate)")
     short = [r.coverage for r in rows if r.coverage is not None and r.coverage < 0.95]
     if short:
         out.append(f"note: with fewer than 6 runs the interval is [min, max]; it covers the median with "
@@ -314,7 +439,8 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(out)
 
 
-def write_chart(rows: Sequence[Row], paths: Sequence[str], tests: Sequence[str], filename: str) -> str | None:
+def write_chart(rows: Sequence[Row], paths: Sequence[str], tests: Sequence[str], filename: str,
+                baseline_label: str = BASELINE) -> str | None:
     """Grouped bar chart with CI error bars; returns a note instead when matplotlib is missing."""
     try:
         import matplotlib
@@ -323,8 +449,9 @@ def write_chart(rows: Sequence[Row], paths: Sequence[str], tests: Sequence[str],
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no chart (pip install matplotlib)"
+    labels = {r.path: r.label or r.path for r in rows}
     # The bare veth is often 10-50x faster than any tunnel: a log axis keeps the tunnels readable, and a
-    # second panel shows the ratio to wireguard-go, which is what the comparison is about.
+    # second panel shows the ratio to the baseline peer, which is what the comparison is about.
     has_ratio = any(r.ratio_to_baseline is not None and r.path != BASELINE for r in rows)
     fig, axes = plt.subplots(1, 2 if has_ratio else 1, figsize=(max(6, 2.2 * len(tests)) * (2 if has_ratio else 1), 4.5),
                              squeeze=False)
@@ -340,12 +467,12 @@ def write_chart(rows: Sequence[Row], paths: Sequence[str], tests: Sequence[str],
             heights.append(row.median_gbps)
             err_lo.append(row.median_gbps - row.lo_gbps)
             err_hi.append(row.hi_gbps - row.median_gbps)
-        ax.bar(xs, heights, width, yerr=[err_lo, err_hi], capsize=3, label=path)
+        ax.bar(xs, heights, width, yerr=[err_lo, err_hi], capsize=3, label=labels.get(path, path))
     ax.set_xticks(range(len(tests)), tests)
     ax.set_yscale("log")
     ax.set_ylabel("Gbit/s (median, 95% CI; log scale)")
     ax.set_title("throughput")
-    ax.legend()
+    ax.legend(fontsize="small")
     if has_ratio:
         ratio_ax = axes[0][1]
         tunnels = [p for p in paths if p != UNDERLAY]
@@ -357,12 +484,12 @@ def write_chart(rows: Sequence[Row], paths: Sequence[str], tests: Sequence[str],
                 if row is not None and row.ratio_to_baseline is not None:
                     xs.append(t_index + (index - (len(tunnels) - 1) / 2) * width)
                     heights.append(row.ratio_to_baseline)
-            ratio_ax.bar(xs, heights, width, label=path)
+            ratio_ax.bar(xs, heights, width, label=labels.get(path, path))
         ratio_ax.axhline(1.0, color="black", linewidth=0.8)
         ratio_ax.set_xticks(range(len(tests)), tests)
-        ratio_ax.set_ylabel(f"median throughput / {BASELINE}")
-        ratio_ax.set_title(f"ratio to {BASELINE}")
-        ratio_ax.legend()
+        ratio_ax.set_ylabel(f"median throughput / {baseline_label}")
+        ratio_ax.set_title(f"ratio to {baseline_label}")
+        ratio_ax.legend(fontsize="small")
     fig.suptitle("turbowg bench tunnel")
     fig.tight_layout()
     fig.savefig(filename, dpi=120)
@@ -373,9 +500,10 @@ def write_chart(rows: Sequence[Row], paths: Sequence[str], tests: Sequence[str],
 # ---------------------------------------------------------------- command
 
 
-def _split_choices(values: Sequence[str] | None, allowed: Sequence[str], what: str) -> list[str]:
+def _split_choices(values: Sequence[str] | None, allowed: Sequence[str], what: str,
+                   default: Sequence[str] | None = None) -> list[str]:
     if not values:
-        return list(allowed)
+        return list(allowed if default is None else default)
     chosen: list[str] = []
     for value in values:
         for item in value.split(","):
@@ -389,20 +517,38 @@ def _split_choices(values: Sequence[str] | None, allowed: Sequence[str], what: s
     return chosen
 
 
+def choose_baseline(paths: Sequence[str], peer_paths: Sequence[str]) -> str | None:
+    """wireguard-go (Debian) when measured, else the first --peer-bin build, else none."""
+    if BASELINE in paths:
+        return BASELINE
+    return peer_paths[0] if peer_paths else None
+
+
 def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: float,
-              output_dir: str, log=print, ipv6: bool = False) -> int:
+              output_dir: str, log=print, ipv6: bool = False, peer_bins: Sequence[str] = (),
+              sweep_step: float = 1.0) -> int:
     check_prerequisites(("ip", "wg", "iperf3", "ss", "ping"))
     known = known_implementations()
-    impls = [known[p] for p in paths if p != UNDERLAY]
+    impls: list[Implementation] = [known[p] for p in paths if p != UNDERLAY]
     if any(i.name == "wireguard-go" for i in impls):
         check_prerequisites(("wireguard-go",))
+    peers = [implementation_from_binary(p) for p in peer_bins]
+    for peer in peers:
+        if any(peer.name == i.name for i in impls):
+            raise ValueError(f"--peer-bin {peer.command[0]}: a path named {peer.name!r} is measured already")
+        impls.append(peer)
+    paths = [*[p for p in paths if p != UNDERLAY], *[p.name for p in peers], *[p for p in paths if p == UNDERLAY]]
+    labels = {i.name: i.label for i in impls}
+    baseline = choose_baseline(paths, [p.name for p in peers])
+    baseline_label = labels.get(baseline, baseline) if baseline else "(no baseline)"
     os.makedirs(output_dir, exist_ok=True)
     total = runs * len(tests) * len(paths)
     results: list[RunResult] = []
     started = time.time()
-    log(f"building topology: {', '.join(paths)} (measuring over IPv{6 if ipv6 else 4})", file=sys.stderr)
+    log(f"building topology: {', '.join(labels.get(p, p) for p in paths)} "
+        f"(measuring over IPv{6 if ipv6 else 4})", file=sys.stderr)
     interrupted = False
-    with build_topology(impls) as topo:
+    with build_topology(impls, prefix="twbench") as topo:
         log(f"namespaces {topo.ns_a} (client) and {topo.ns_b} (server) ready", file=sys.stderr)
         schedule = [(rep, test, path) for rep in range(runs) for test in tests
                     for path in _rotated(paths, rep)]
@@ -410,7 +556,7 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
             for count, (rep, test, path) in enumerate(schedule, 1):
                 log(f"[run {count}/{total}] {path} {test} (repetition {rep + 1}/{runs}) ...",
                     end=" ", flush=True, file=sys.stderr)
-                result = run_one(topo, path, test, rep, duration, ipv6)
+                result = run_one(topo, path, test, rep, duration, ipv6, sweep_step)
                 results.append(result)
                 log(f"{result.gbps:.2f} Gbit/s" if result.ok else f"FAILED: {result.error}", file=sys.stderr)
         except KeyboardInterrupt:
@@ -419,11 +565,15 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
             log(f"\ninterrupted after {len(results)} of {total} runs", file=sys.stderr)
     if not results:
         return 130 if interrupted else 1
-    rows = summarize_runs(results, paths, tests)
-    log(format_table(rows))
+    rows = summarize_runs(results, paths, tests, labels, baseline)
+    log(format_table(rows, baseline_label))
     raw = {
-        "meta": {"started": started, "interrupted": interrupted, "kernel": platform.release(), "duration": duration, "runs": runs,
-                 "tests": list(tests), "paths": list(paths), "ip_version": 6 if ipv6 else 4, "udp_payload": _payload(ipv6),
+        "meta": {"started": started, "interrupted": interrupted, "kernel": platform.release(), "duration": duration,
+                 "runs": runs, "tests": list(tests), "paths": list(paths), "ip_version": 6 if ipv6 else 4,
+                 "udp_payload": _payload(ipv6), "baseline": baseline, "labels": labels,
+                 "versions": {i.name: i.version for i in impls}, "sweep_step": sweep_step,
+                 "sweep": {"start_mbit": SWEEP_START_MBIT, "loss_limit_percent": LOSS_LIMIT,
+                           "max_steps": SWEEP_MAX_STEPS, "bisections": SWEEP_BISECTIONS},
                  "commands": {i.name: {"command": list(i.command), "env": dict(i.env)} for i in impls}},
         "runs": [asdict(r) for r in results],
         "summary": [asdict(r) for r in rows],
@@ -433,7 +583,7 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
         json.dump(raw, f, indent=2)
     log(f"raw runs: {json_path}")
     chart_path = os.path.join(output_dir, "tunnel.png")
-    note = write_chart(rows, paths, tests, chart_path)
+    note = write_chart(rows, paths, tests, chart_path, baseline_label)
     log(note if note else f"chart: {chart_path}")
     if interrupted:
         return 130
@@ -464,8 +614,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=_positive(int, 1000), default=5, help="repetitions per path and test (default 5)")
     parser.add_argument("--impl", action="append", metavar="PATH",
                         help=f"path to measure, repeatable or comma-separated: {', '.join(PATHS)} (default all)")
+    parser.add_argument("--peer-bin", action="append", default=[], metavar="PATH",
+                        help="also measure this wireguard-go build (any binary run as `BIN IFNAME`), labelled "
+                             "with what `BIN --version` says; repeatable")
     parser.add_argument("--tests", action="append", metavar="TEST",
                         help=f"tests, repeatable or comma-separated: {', '.join(TESTS)} (default all)")
+    parser.add_argument("--sweep-step", type=_positive(float, 60), default=1.0,
+                        help="seconds per offered rate in udp-gso-paced (default 1)")
     parser.add_argument("--output-dir", default="bench-results", help="where JSON and PNG go (default ./bench-results)")
     parser.add_argument("--ipv6", action="store_true",
                         help=f"measure over the tunnels' IPv6 addresses (UDP payload {UDP_PAYLOAD_V6} bytes)")
@@ -474,10 +629,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     try:
-        paths = _split_choices(args.impl, PATHS, "implementation")
+        # With --peer-bin and no --impl, measure turbowg, the given builds and the underlay.
+        default = [p for p in PATHS if p in ("turbowg", UNDERLAY)] if args.peer_bin else None
+        paths = _split_choices(args.impl, PATHS, "implementation", default)
         tests = _split_choices(args.tests, TESTS, "test")
-        return run_bench(paths, tests, args.runs, args.duration, args.output_dir, ipv6=args.ipv6)
-    except (ValueError, TopologyError, OSError) as exc:
+        return run_bench(paths, tests, args.runs, args.duration, args.output_dir, ipv6=args.ipv6,
+                         peer_bins=args.peer_bin, sweep_step=args.sweep_step)
+    except (ValueError, HarnessError, OSError) as exc:
         print(f"turbowg bench tunnel: {exc}", file=sys.stderr)
         return 2
 
