@@ -24,6 +24,7 @@ from collections.abc import Callable
 import uvloop
 
 from turbowg.conn.udp import RECV_BUFFER, UDPBind
+from turbowg.daemon.handshake_worker import HandshakeOffload, enabled_from_env
 from turbowg.device import Device
 from turbowg.device.receive import RX_MAX_PACKETS
 from turbowg.device.send import TX_MAX_MESSAGES
@@ -86,6 +87,7 @@ class Runtime:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline = math.inf  # the device deadline self._timer is armed for
         self.stop_reason = ""
+        self.handshakes: HandshakeOffload | None = None  # the handshake worker process, when in use
 
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -94,6 +96,9 @@ class Runtime:
         self.tun = open_tun(self.ifname, vnet_hdr=self.offloads, mtu=self.mtu)
         self.device.mtu = self.tun.mtu
         log.info("interface %s up: vnet_hdr=%s offloads=%#x", self.ifname, self.tun.vnet_hdr, self.tun.offloads)
+        if enabled_from_env():
+            self.handshakes = HandshakeOffload(self.device, self._loop, self._send, self._reschedule_timer)
+            self.handshakes.start()
         self._bind(self.device.listen_port or 0, self.device.fwmark)
         self.uapi = await start_uapi_server(self.ifname, self.device, socket_dir=self.socket_dir,
                                             on_set=self._after_uapi_set,
@@ -119,6 +124,8 @@ class Runtime:
             old.close()
         self.udp = udp
         self.device.set_bound_port(self.udp.port)
+        if self.handshakes is not None:
+            self.handshakes.configure(udp.fileno())  # it sends cookie replies on the new socket
         self._loop.add_reader(self.udp.fileno(), self._on_udp_readable)
         log.info("listening on UDP port %d", self.udp.port)
 
@@ -132,6 +139,8 @@ class Runtime:
             elif self.device.fwmark != udp.fwmark:
                 udp.set_fwmark(self.device.fwmark)
         finally:
+            if self.handshakes is not None:
+                self.handshakes.configure()  # new keys or peers
             self._send(self.device.tick(time.monotonic()))
             self._schedule_timer()
 
@@ -142,6 +151,9 @@ class Runtime:
             out.update({f"udp_{k}": v for k, v in self.udp.counters.items()})
         if self.tun is not None:
             out.update({f"tunio_{k}": v for k, v in self.tun.counters.items()})
+        if self.handshakes is not None:  # the worker's counters use the device's names: add them up
+            for key, value in self.handshakes.stats().items():
+                out[key] = out.get(key, 0) + value
         return out
 
     def stop(self, reason: str = "") -> None:
@@ -155,6 +167,9 @@ class Runtime:
 
     async def close(self) -> None:
         loop = self._loop
+        if self.handshakes is not None:
+            self.handshakes.close()
+            self.handshakes = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -230,6 +245,8 @@ class Runtime:
         now = time.monotonic()
         count, transmits = self.device.handle_udp_packed(buf, chunks, senders, now,
                                                          under_load=self._under_load(buf, chunks, now))
+        if self.handshakes is not None:
+            self.handshakes.flush()
         self._reschedule_timer()
         if count and self.tun is not None:
             try:
