@@ -5,10 +5,16 @@ Times are in seconds of the injected monotonic clock. Message types and sizes ar
 
 from __future__ import annotations
 
+import os
+
 # Key lifetime limits.
 REKEY_AFTER_MESSAGES = 1 << 60
 REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 REKEY_AFTER_TIME = 120.0
+# Test-only: TURBOWG_REKEY_AFTER_TIME=<seconds> (read once, at import) makes sessions rekey sooner, so a
+# test can watch rekeying (tests/test_flood_rekey.py). Never set it in production.
+if os.environ.get("TURBOWG_REKEY_AFTER_TIME"):
+    REKEY_AFTER_TIME = max(1.0, min(REKEY_AFTER_TIME, float(os.environ["TURBOWG_REKEY_AFTER_TIME"])))
 REJECT_AFTER_TIME = 180.0
 REKEY_ATTEMPT_TIME = 90.0
 REKEY_TIMEOUT = 5.0
