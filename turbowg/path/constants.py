@@ -29,14 +29,10 @@ DISCO_PING_INTERVAL = 5.0
 # still come, is ignored, and it counts as a lost probe. Well above any sane RTT.
 PING_TIMEOUT_DURATION = 5.0
 
-# While on a direct path, look for a better one this often (magicsock upgradeInterval); while on DERP
-# after the initial probe burst found nothing, re-probe this often (a NAT may have opened).
+# While on a direct path, look for a better one this often (magicsock upgradeInterval). While on DERP with
+# data flowing, rounds repeat every DISCO_PING_INTERVAL instead (as magicsock), so an opened path is found
+# within seconds; idle peers do not probe at all.
 UPGRADE_INTERVAL = 60.0
-
-# Probe rounds (each DISCO_PING_INTERVAL apart) after a trigger (session start, fallback from a direct path,
-# a changed candidate list) before probing slows to UPGRADE_INTERVAL. Three rounds ride out a lost packet or
-# a peer that joins DERP a few seconds late, without pinging dead addresses every 5 s forever.
-PROBE_BURST_ROUNDS = 3
 
 # A direct path this fast is good enough: no upgrade search for a better one (magicsock goodEnoughLatency).
 GOOD_ENOUGH_LATENCY = 0.005

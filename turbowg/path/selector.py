@@ -18,8 +18,8 @@ candidates to the peer over DERP (call-me-maybe). The peer answers a call-me-may
 once, so both sides' NATs open at the same time, and by sending its own (there is no coordination server to
 tell us its endpoints; at most one per DISCO_PING_INTERVAL, so two peers do not echo each other); a ping
 from an endpoint we have no recent pong from is pinged back. Rounds run, while a session is active (data within SESSION_ACTIVE_TIMEOUT), on a trigger
-(session start, fallback, changed candidates) then every DISCO_PING_INTERVAL for PROBE_BURST_ROUNDS rounds,
-then every UPGRADE_INTERVAL (on DERP: has a path opened?; direct: is there a faster one?). While direct and
+(session start, fallback, changed candidates), then every DISCO_PING_INTERVAL while on DERP (has a path
+opened?) or every UPGRADE_INTERVAL while direct (is there a faster one?). While direct and
 active, the best endpoint gets a heartbeat ping every HEARTBEAT_INTERVAL; when it stops answering its trust
 runs out (<= 6.5 s after the last pong) and traffic falls back to DERP and a new probe burst starts.
 """
@@ -41,7 +41,6 @@ from turbowg.path.constants import (
     MAX_CALL_ME_MAYBE_ENDPOINTS,
     MAX_PEER_CANDIDATES,
     PING_TIMEOUT_DURATION,
-    PROBE_BURST_ROUNDS,
     SESSION_ACTIVE_TIMEOUT,
     TRUST_UDP_ADDR_DURATION,
     UPGRADE_INTERVAL,
@@ -141,7 +140,7 @@ class PathSelector:
     __slots__ = (
         "counters", "_random", "_candidates", "_sent", "_local", "_configured", "_wg_endpoint", "_wg_ok",
         "_wg_last_rx", "_disco_peer", "_best", "_best_rtt", "_trust_until", "_path", "_last_path_change",
-        "_last_activity", "_next_heartbeat", "_next_full_ping", "_burst_left", "_cmm_pending", "_last_cmm_sent",
+        "_last_activity", "_next_heartbeat", "_next_full_ping", "_cmm_pending", "_last_cmm_sent",
         "_seen_as",
     )
 
@@ -164,7 +163,6 @@ class PathSelector:
         self._last_activity: float | None = None
         self._next_heartbeat = 0.0
         self._next_full_ping = 0.0
-        self._burst_left = PROBE_BURST_ROUNDS
         self._cmm_pending = False
         self._last_cmm_sent: float | None = None
         self._seen_as: Endpoint | None = None
@@ -410,7 +408,6 @@ class PathSelector:
     def _rearm(self, now: float) -> None:
         """Probe now (at the next tick while active), then in a burst."""
         self._next_full_ping = now
-        self._burst_left = PROBE_BURST_ROUNDS
 
     def _session_start(self, now: float) -> Sequence[Action]:
         self._next_heartbeat = min(self._next_heartbeat, now + HEARTBEAT_INTERVAL)
@@ -462,8 +459,10 @@ class PathSelector:
         if self._trusted(now):
             self._next_full_ping = now + UPGRADE_INTERVAL
             return
-        self._burst_left -= 1
-        self._next_full_ping = now + (DISCO_PING_INTERVAL if self._burst_left > 0 else UPGRADE_INTERVAL)
+        # On DERP with data flowing: a round every DISCO_PING_INTERVAL, as magicsock (wantFullPingLocked is
+        # true whenever there is no trusted path), so a path that opens is found within ~5 s (issue 11: the
+        # move to direct must happen within 10 s of a firewall rule going away). Idle peers stop probing.
+        self._next_full_ping = now + DISCO_PING_INTERVAL
 
     def _send_call_me_maybe(self, now: float, actions: list[Action]) -> None:
         actions.append(SendDERP(CallMeMaybe(self._local)))
