@@ -90,6 +90,8 @@ class Configuration(DeviceState):
             peer, switched_on = self._apply_peer_update(peer_update)
             if peer is not None:
                 touched[peer] = touched.get(peer, False) or switched_on
+        if self.paths is not None:
+            self.paths.after_update(self, update, now)  # keys, peers, configured endpoints (paths.py)
         out: Out = {}
         if self.up:
             for peer, keepalive_now in touched.items():

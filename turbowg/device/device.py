@@ -71,6 +71,7 @@ class Device(Configuration, SendPath, ReceivePath, HandshakeDriver):
         self.fwmark = 0
         self.up = True
         self._queued = {}
+        self.paths = None  # turbowg/device/paths.py Paths, set by the runtime with a DERP relay (--derp)
         # Packed data path (handle_tun_packed / handle_udp_packed): preallocated, reused every batch.
         self.tx_buffer = bytearray(TX_BUFFER_SIZE)
         self.tx_sizes = array("i", bytes(4 * TX_MAX_MESSAGES))
@@ -148,6 +149,8 @@ class Device(Configuration, SendPath, ReceivePath, HandshakeDriver):
     def _run_timers(self, peer: Peer, now: float, out: Out) -> None:
         for action in peer.timers.expired(now):
             if action is TimerAction.RETRANSMIT_HANDSHAKE:
+                if self.paths is not None:
+                    self.paths.handshake_timeout(peer, now, out)  # the selector learns which path failed
                 self._initiate_handshake(peer, now, out, retry=True)
             elif action is TimerAction.NEW_HANDSHAKE:
                 self._initiate_handshake(peer, now, out)

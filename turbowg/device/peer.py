@@ -27,7 +27,7 @@ class Peer:
         "preshared_key",
         "handshake",
         "cookie_generator",
-        "endpoint",
+        "_endpoint",
         "keypairs",
         "timers",
         "staged",
@@ -52,7 +52,7 @@ class Peer:
         # None while the device has no private key: no handshake can happen then.
         self.handshake: Handshake | None = None
         self.cookie_generator = CookieGenerator(self.public_key)
-        self.endpoint: Endpoint | None = None
+        self._endpoint: Endpoint | None = None
         self.keypairs = Keypairs()
         self.timers = PeerTimers(jitter, schedule)
         # Packets waiting for a session; the oldest is dropped when full (as wireguard-go).
@@ -81,6 +81,19 @@ class Peer:
         self.preshared_key = bytes(preshared_key)
         if self.handshake is not None:
             self.handshake.set_preshared_key(self.preshared_key)
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """Where the peer is over UDP (configured, or roamed to): what `wg show` reports."""
+        return self._endpoint
+
+    @endpoint.setter
+    def endpoint(self, endpoint: Endpoint | None) -> None:
+        # A relay pseudo-endpoint (port 0, turbowg/device/paths.py) is how a message came, not where the peer
+        # is: handshakes received over DERP must not overwrite the direct endpoint with it.
+        if endpoint is not None and endpoint[1] == 0:
+            return
+        self._endpoint = endpoint
 
     @property
     def persistent_keepalive_interval(self) -> int:

@@ -82,6 +82,7 @@ class ReceivePath(DeviceState):
         n_out = 0
         out: Out = {}
         heard: dict[Peer, bool] = {}
+        paths = self.paths
         for c, endpoint in enumerate(endpoints):
             pos, end, stride = chunks[3 * c], chunks[3 * c + 1], chunks[3 * c + 2]
             if pos >= end:
@@ -129,7 +130,10 @@ class ReceivePath(DeviceState):
                 if mismatch:
                     got = self._check_sources(peer, buf, layout, n_out, got)
                 n_out += got
-                peer.endpoint = endpoint
+                if paths is None:
+                    peer.endpoint = endpoint
+                else:  # counts per path, roams only to real endpoints (paths.py)
+                    paths.data_received(peer, endpoint, opened.rx_bytes, authenticated, now, out)
                 peer.rx_bytes += opened.rx_bytes
                 if peer.keypairs.next is keypair:
                     self._confirm_keypair(peer, keypair, now, out)
@@ -166,11 +170,11 @@ class ReceivePath(DeviceState):
             self.counters["rx_transport_too_short"] += 1
         elif MESSAGE_INITIATION <= kind <= MESSAGE_COOKIE_REPLY:
             sink = self.handshake_sink
-            if sink is not None:
+            if sink is not None and endpoint[1] != 0:  # not over DERP (paths.py): the worker needs an address
                 sink(kind, data, endpoint)  # off the data path, to the handshake worker
             else:
                 self._handle_handshake_message(kind, data, endpoint, now, under_load, out)
-        else:
+        elif self.paths is None or not self.paths.receive_other(data, endpoint, now, out):  # disco, STUN
             self.counters["rx_unknown_type"] += 1
 
     def _after_receive(self, heard: dict[Peer, bool], now: float, out: Out) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 from turbowg.device.constants import REJECT_AFTER_MESSAGES
 from turbowg.device.keypair import Keypair
-from turbowg.device.output import Out, PackedTransmit, Transmit, transmits
+from turbowg.device.output import Out, PackedTransmit, Transmit, add_datagram, transmits
 from turbowg.device.peer import Peer
 from turbowg.device.state import DeviceState
 from turbowg.device.timers import needs_rekey_on_send
@@ -76,6 +76,7 @@ class SendPath(DeviceState):
         mtu = self.mtu
         tx_buffer = self.tx_buffer
         tx_sizes = self.tx_sizes
+        paths = self.paths
         for peer, peer_runs in per_peer.items():
             total = sum(peer_runs[1::2])
             keypair = None if peer.staged or not self.up else self._sending_keypair(peer, total, now)
@@ -87,7 +88,7 @@ class SendPath(DeviceState):
                         packets.append(bytes(buf[off:off + layout[2 * k + 1]]))
                 self._stage_packets(peer, packets, now, out)
                 continue
-            endpoint = peer.endpoint
+            endpoint = peer.endpoint if paths is None else paths.tx_endpoint(peer, now)
             if endpoint is None:
                 counters["tx_no_endpoint"] += total
                 continue
@@ -104,6 +105,8 @@ class SendPath(DeviceState):
                 sizes_at += count
             keypair.send_counter = counter
             packed.append(PackedTransmit(endpoint, first_byte, cursor - first_byte, first_size, total))
+            if paths is not None:
+                paths.data_sent(peer, endpoint, cursor - first_byte, total, now, out)
             self._after_send(peer, cursor - first_byte, True, now, out)
         return packed, transmits(out)
 
@@ -153,7 +156,8 @@ class SendPath(DeviceState):
     ) -> None:
         """Encrypt `packets` (staged ones, keepalives) under `keypair` into type-4 messages for the peer's
         endpoint, as separate datagrams (the bulk path, handle_tun_packed, seals into tx_buffer instead)."""
-        endpoint = peer.endpoint
+        paths = self.paths
+        endpoint = peer.endpoint if paths is None else paths.tx_endpoint(peer, now)
         if endpoint is None:
             self.counters["tx_no_endpoint"] += len(packets)
             return
@@ -171,7 +175,27 @@ class SendPath(DeviceState):
         for size in sizes:
             datagrams.append(sealed[pos:pos + size])
             pos += size
+        if paths is not None:
+            paths.data_sent(peer, endpoint, len(sealed), count, now, out)
         self._after_send(peer, len(sealed), any(len(p) for p in packets), now, out)
+
+    def _emit(self, peer: Peer, datagram: bytes | bytearray, out: Out) -> None:
+        """Queue one datagram (a handshake message) for the peer: to its endpoint, or with a DERP relay on
+        the path the peer's selector chooses (DeviceState._emit without one)."""
+        paths = self.paths
+        if paths is None:
+            super()._emit(peer, datagram, out)
+            return
+        now = self._clock()
+        endpoint = paths.tx_endpoint(peer, now)
+        if paths.rx_via_derp and datagram[0] != 1 and paths.derp_up:
+            endpoint = paths.peers[peer.public_key].derp_ep if peer.public_key in paths.peers else endpoint
+        if endpoint is None:
+            self.counters["tx_no_endpoint"] += 1
+            return
+        add_datagram(out, endpoint, datagram)
+        peer.tx_bytes += len(datagram)
+        paths.handshake_sent(peer, endpoint, datagram, now, out)
 
     @staticmethod
     def _sending_keypair(peer: Peer, count: int, now: float) -> Keypair | None:
