@@ -197,3 +197,16 @@ def test_regression_derp_client_info_mesh_key_lone_surrogate() -> None:
     sealed = keys.seal_to(targets.DERP_CLIENT_PRIVATE, server_public, info)
     conn.receive_data(codec.encode_client_info(client_public, sealed))
     assert log[0][0] == "auth" and log[0][3] is False  # authenticated, without mesh rights
+
+
+def test_regression_derp_server_key_low_order_point() -> None:
+    """A ServerKey frame carrying the all-zero key made ClientConnection raise nacl's RuntimeError ("Unexpected
+    library error": no shared secret with a low-order point), not ClientProtocolError. atheris, 60 s run."""
+    import base64
+
+    data = base64.b64decode("AP8BAAAAKERFUlDwn5SRAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAACAAAAAAAAAB0eHw==")
+    targets.derp_client(data)
+    client_proto, codec = targets.mod("client_proto"), targets.mod("derp_codec")
+    conn = client_proto.ClientConnection(targets.DERP_CLIENT_PRIVATE)
+    with pytest.raises(client_proto.ClientProtocolError):
+        conn.receive_data(codec.encode_server_key(bytes(32)))

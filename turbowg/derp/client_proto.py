@@ -134,7 +134,10 @@ class ClientConnection:
         if self._expected_server_key is not None and server_key != self._expected_server_key:
             raise FrameError(f"server key {server_key.hex()} is not the expected {self._expected_server_key.hex()}")
         self.server_key = server_key
-        sealed = keys.seal_to(self._private_key, server_key, self._info.to_json())
+        try:
+            sealed = keys.seal_to(self._private_key, server_key, self._info.to_json())
+        except RuntimeError:  # nacl refuses a low-order key (e.g. all zeros): no shared secret
+            raise FrameError(f"server key {server_key.hex()} is not a usable Curve25519 key") from None
         self._out += encode_client_info(self.public_key, sealed)
         self.state = ClientState.AWAIT_SERVER_INFO
 
