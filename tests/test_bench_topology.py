@@ -276,7 +276,8 @@ def test_bench_tunnel_end_to_end_wireguard_go_vs_underlay(tmp_path) -> None:
         if r["test"] == "udp-gso-paced":
             best = r["detail"]["best_rate_mbit"]
             assert r["loss_percent"] < tunnel.LOSS_LIMIT and best > 0, r["detail"]
-            assert r["gbps"] * 1e3 >= 0.9 * best  # what arrived at the best step is close to what was offered
+            # What arrived at the best step is about what was sent then (the sender may fall short of the offer).
+            assert r["gbps"] * 1e9 >= 0.8 * r["detail"]["sender"]["sent_bps"] > 0, r["detail"]
             lossy = r["detail"]["first_lossy_rate_mbit"]
             assert lossy is None or lossy > best
     summary = {(s["path"], s["test"]): s for s in raw["summary"]}
