@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from turbowg import demo, doctor
     from turbowg.bench import cli as bench_cli
+    from turbowg.daemon import status as status_cli
     from turbowg.derp import cli as derp_cli
     from turbowg.fuzz import runner as fuzz_cli
     from turbowg.relay import cli as relay_cli
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz_cli.register(sub)
     relay_cli.register(sub)
     derp_cli.register(sub)
+    status_cli.register(sub)
     return parser
 
 

@@ -53,9 +53,16 @@ def _parser() -> argparse.ArgumentParser:
                     "INTERFACE-NAME and its UAPI socket /var/run/wireguard/INTERFACE-NAME.sock, then goes to the "
                     "background. Configure it with wg(8) or wg-quick(8).",
         epilog="Environment: WG_PROCESS_FOREGROUND=1 (as -f), LOG_LEVEL=verbose|debug|info|error|silent "
-               "(default error), TURBOWG_OFFLOADS=0 (no TUN/UDP offloads).")
+               "(default error), TURBOWG_OFFLOADS=0 (no TUN/UDP offloads), TURBOWG_DERP=URL (as --derp), "
+               "TURBOWG_DERP_CA=FILE (as --derp-ca).")
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-v", "--version", action="version", version=f"turbowgd v{__version__}")
+    parser.add_argument("--derp", metavar="URL", default=None,
+                        help="home DERP relay (http://10.0.0.3:3340, https://relay.example.net): peers that UDP "
+                             "cannot reach go through it, and move to a direct path when one opens")
+    parser.add_argument("--derp-ca", metavar="FILE", default=None,
+                        help="PEM CA certificate(s) the https relay's certificate must chain to "
+                             "(default: the system trust store)")
     parser.add_argument("ifname", metavar="INTERFACE-NAME", help="the interface to create (at most 15 bytes)")
     return parser
 
@@ -88,17 +95,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"turbowgd: invalid interface name {ifname!r}: {problem}", file=sys.stderr)
         return 1
     foreground = args.foreground or os.environ.get("WG_PROCESS_FOREGROUND") == "1"
+    derp = args.derp or os.environ.get("TURBOWG_DERP", "").strip() or None
+    derp_ca = args.derp_ca or os.environ.get("TURBOWG_DERP_CA", "").strip() or None
+    if derp is not None:
+        from turbowg.daemon.derp_link import check_url
+
+        problem = check_url(derp)
+        if problem is not None:
+            print(f"turbowgd: {problem}", file=sys.stderr)
+            return 1
+        if derp_ca is not None and not os.path.isfile(derp_ca):
+            print(f"turbowgd: --derp-ca {derp_ca}: no such file", file=sys.stderr)
+            return 1
 
     from turbowg.daemon import runtime
 
     offloads = runtime.offloads_from_env()
     if foreground:
         _setup_logging(ifname)
-        return runtime.run(ifname, offloads=offloads)
-    return _daemonize(ifname, offloads)
+        return runtime.run(ifname, offloads=offloads, derp=derp, derp_ca=derp_ca)
+    return _daemonize(ifname, offloads, derp, derp_ca)
 
 
-def _daemonize(ifname: str, offloads: bool) -> int:
+def _daemonize(ifname: str, offloads: bool, derp: str | None = None, derp_ca: str | None = None) -> int:
     """Fork; the child runs the interface and tells the parent through a pipe when it is ready."""
     from turbowg.daemon import runtime
 
@@ -141,7 +160,8 @@ def _daemonize(ifname: str, offloads: bool) -> int:
 
     code = 1
     try:
-        code = runtime.run(ifname, offloads=offloads, on_ready=ready, on_error=lambda m: tell(m.encode()))
+        code = runtime.run(ifname, offloads=offloads, on_ready=ready, on_error=lambda m: tell(m.encode()),
+                           derp=derp, derp_ca=derp_ca)
     finally:
         tell(b"the daemon failed to start\n")
         os._exit(code)

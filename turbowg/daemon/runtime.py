@@ -24,6 +24,7 @@ from collections.abc import Callable
 import uvloop
 
 from turbowg.conn.udp import RECV_BUFFER, UDPBind
+from turbowg.daemon.derp_link import DerpLink
 from turbowg.daemon.handshake_worker import HandshakeOffload, enabled_from_env
 from turbowg.device import Device
 from turbowg.device.receive import RX_MAX_PACKETS
@@ -64,7 +65,8 @@ class Runtime:
     """A running WireGuard interface: TUN + UDP + UAPI around one `Device`."""
 
     def __init__(self, ifname: str, *, offloads: bool = True, mtu: int = 1420,
-                 socket_dir: str = "/var/run/wireguard") -> None:
+                 socket_dir: str = "/var/run/wireguard", derp: str | None = None,
+                 derp_ca: str | None = None) -> None:
         self.ifname = ifname
         self.offloads = offloads
         self.mtu = mtu
@@ -88,6 +90,8 @@ class Runtime:
         self._timer_deadline = math.inf  # the device deadline self._timer is armed for
         self.stop_reason = ""
         self.handshakes: HandshakeOffload | None = None  # the handshake worker process, when in use
+        # The home DERP relay (turbowgd --derp): messages to relay pseudo-endpoints (port 0) go through it.
+        self.derp_link: DerpLink | None = DerpLink(self, derp, ca_file=derp_ca) if derp else None
 
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -105,6 +109,8 @@ class Runtime:
                                             on_removed=lambda: self.stop("UAPI socket removed"),
                                             stats=self.stats)
         self._loop.add_reader(self.tun.fileno(), self._on_tun_readable)
+        if self.derp_link is not None:
+            self.derp_link.start()
         self._schedule_timer()
         self._loop.call_later(LINK_CHECK_INTERVAL, self._on_link_check)
 
@@ -141,6 +147,8 @@ class Runtime:
         finally:
             if self.handshakes is not None:
                 self.handshakes.configure()  # new keys or peers
+            if self.derp_link is not None:
+                self.derp_link.after_set()  # a new private key: a new relay identity
             self._send(self.device.tick(time.monotonic()))
             self._schedule_timer()
 
@@ -151,6 +159,8 @@ class Runtime:
             out.update({f"udp_{k}": v for k, v in self.udp.counters.items()})
         if self.tun is not None:
             out.update({f"tunio_{k}": v for k, v in self.tun.counters.items()})
+        if self.derp_link is not None:
+            out.update(self.derp_link.stats())
         if self.handshakes is not None:  # the worker's counters use the device's names: add them up
             for key, value in self.handshakes.stats().items():
                 out[key] = out.get(key, 0) + value
@@ -167,6 +177,8 @@ class Runtime:
 
     async def close(self) -> None:
         loop = self._loop
+        if self.derp_link is not None:
+            await self.derp_link.close()
         if self.handshakes is not None:
             self.handshakes.close()
             self.handshakes = None
@@ -223,6 +235,10 @@ class Runtime:
             return
         device = self.device
         for item in packed:
+            if item.endpoint[1] == 0 and self.derp_link is not None:  # a relay pseudo-endpoint
+                self.derp_link.send_packed(item.endpoint, device.tx_buffer, item.offset, device.tx_sizes,
+                                           item.sizes_start, item.count)
+                continue
             udp.send_packed(item.endpoint, device.tx_buffer, item.offset, device.tx_sizes, item.sizes_start,
                             item.count)
         if transmits:
@@ -278,7 +294,11 @@ class Runtime:
         udp = self.udp
         if udp is None:
             return
+        link = self.derp_link
         for transmit in transmits:
+            if transmit.endpoint[1] == 0 and link is not None:  # a relay pseudo-endpoint
+                link.send(transmit.endpoint, transmit.datagrams)
+                continue
             udp.send_batch(transmit.endpoint, transmit.datagrams)
 
     # ---- timers -----------------------------------------------------------------------------------
@@ -334,11 +354,12 @@ class Runtime:
 
 
 def run(ifname: str, *, offloads: bool = True, on_ready: Callable[[], None] | None = None,
-        on_error: Callable[[str], None] | None = None) -> int:
+        on_error: Callable[[str], None] | None = None, derp: str | None = None,
+        derp_ca: str | None = None) -> int:
     """Run an interface until SIGTERM/SIGINT or until the interface is deleted. Returns an exit code."""
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    runtime = Runtime(ifname, offloads=offloads)
+    runtime = Runtime(ifname, offloads=offloads, derp=derp, derp_ca=derp_ca)
 
     async def main() -> int:
         try:
