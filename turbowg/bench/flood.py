@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -45,9 +46,11 @@ from typing import Any
 from turbowg.bench.stats import median_ci_with_coverage
 from turbowg.testing.cpu import process_tree_cpu_seconds
 from turbowg.testing.netns import HarnessError, check_prerequisites, delete_namespace, run
-from turbowg.testing.tunnel import Topology, build_topology, known_implementations
+from turbowg.testing.tunnel import Implementation, Topology, build_topology, known_implementations
 
 IMPLS = ("turbowg", "wireguard-go")
+# Extra variants: turbowgd with handshakes served in its event loop (no worker process), for A/B runs.
+VARIANTS = {"turbowg-inloop": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER": "0"})}
 DEFAULT_RATES = ("20000", "40000", "max")
 NO_FLOOD = "none"
 IPERF_PORT = 5211
@@ -437,10 +440,17 @@ def write_chart(rows: Sequence[Row], impls: Sequence[str], rates: Sequence[str],
 # ---------------------------------------------------------------- command
 
 
+def implementations() -> dict[str, Implementation]:
+    known = known_implementations()
+    for name, (base, env) in VARIANTS.items():
+        known[name] = dataclasses.replace(known[base], name=name, env={**known[base].env, **env})
+    return known
+
+
 def run_bench(impls: Sequence[str], rates: Sequence[str], runs: int, duration: float, output_dir: str,
               log=print) -> int:
     check_prerequisites(("ip", "wg", "iperf3", "ss", "ping"))
-    known = known_implementations()
+    known = implementations()
     chosen = [known[i] for i in impls]
     if "wireguard-go" in impls:
         check_prerequisites(("wireguard-go",))
@@ -514,7 +524,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
     parser.add_argument("--runs", type=int, default=3, help="repetitions (default 3)")
     parser.add_argument("--impl", action="append", metavar="IMPL",
-                        help=f"implementations, repeatable or comma-separated: {', '.join(IMPLS)} (default both)")
+                        help=f"implementations, repeatable or comma-separated: {', '.join((*IMPLS, *VARIANTS))} "
+                             f"(default {', '.join(IMPLS)})")
     parser.add_argument("--rates", action="append", metavar="RATE",
                         help="flood rates in initiations/s or 'max', comma-separated (default 20000,40000,max)")
     parser.add_argument("--output-dir", default="bench-results", help="where JSON and PNG go (default ./bench-results)")
@@ -524,7 +535,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> int:
     try:
         impls = _split(args.impl, IMPLS)
-        unknown = [i for i in impls if i not in known_implementations()]
+        unknown = [i for i in impls if i not in implementations()]
         if unknown:
             raise ValueError(f"unknown implementation(s) {', '.join(unknown)}")
         rates = _check_rates(_split(args.rates, DEFAULT_RATES))
