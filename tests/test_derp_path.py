@@ -37,9 +37,9 @@ HUB_IP, A_IP, B_IP = "10.203.0.3", "10.203.0.1", "10.203.0.2"
 A_INNER, B_INNER = "10.204.0.1", "10.204.0.2"
 RELAY_PORT = 3340
 PORT_A, PORT_B = 51820, 51821
-# Transfers over the relay: the issue asks 100 MB; this many keeps the whole file within a minute or two on a
-# shared 2-core CI machine (the byte-for-byte check is the same at any size).
-DERP_TRANSFER_BYTES = 20 * 1024 * 1024
+# Transfers over the relay: the 100 MB the issue asks for (about 2 s through the local relay here).
+DERP_TRANSFER_BYTES = 100 * 1024 * 1024
+LAN_PREFIX = "192.168.7"  # behind each NAT (the same private network on both sides, as two home LANs)
 SWITCH_DEADLINE = 10.0  # the issue: direct within 10 s of the rule's removal, DERP within 10 s of its return
 
 
@@ -148,7 +148,10 @@ class Topo:
         return "\n".join(parts)
 
 
-def _setup_network(topo: Topo) -> None:
+def _setup_network(topo: Topo, nat: bool, created: list[str]) -> None:
+    """The bridge in the hub; each peer on it directly, or (nat) behind a NAT namespace of its own whose
+    outside address is the peer's public one (nftables masquerade: Linux keeps the source port when it is
+    free, an endpoint-independent mapping; filtering is by conntrack, so a hole opens only outward)."""
     tag = topo.tag
     bridge = f"br{tag}"
     run("ip", "-n", topo.hub, "link", "add", bridge, "type", "bridge")
@@ -156,14 +159,42 @@ def _setup_network(topo: Topo) -> None:
     run("ip", "-n", topo.hub, "link", "set", bridge, "up")
     run("ip", "-n", topo.hub, "link", "set", "lo", "up")
     for node, letter in ((topo.a, "a"), (topo.b, "b")):
+        outer_ns = node.ns
+        if nat:
+            outer_ns = f"twn{letter}{tag}"
+            run("ip", "netns", "add", outer_ns)
+            created.append(outer_ns)
         inner_dev, hub_dev = f"v{letter}{tag}", f"h{letter}{tag}"
-        run("ip", "link", "add", inner_dev, "netns", node.ns, "type", "veth", "peer", "name", hub_dev, "netns",
+        run("ip", "link", "add", inner_dev, "netns", outer_ns, "type", "veth", "peer", "name", hub_dev, "netns",
             topo.hub)
         run("ip", "-n", topo.hub, "link", "set", hub_dev, "master", bridge)
         run("ip", "-n", topo.hub, "link", "set", hub_dev, "up")
+        run("ip", "-n", outer_ns, "link", "set", "lo", "up")
+        run("ip", "-n", outer_ns, "addr", "add", f"{node.ip}/24", "dev", inner_dev)
+        run("ip", "-n", outer_ns, "link", "set", inner_dev, "up")
+        if not nat:
+            continue
+        lan_nat, lan_node = f"l{letter}{tag}", f"m{letter}{tag}"
+        run("ip", "link", "add", lan_nat, "netns", outer_ns, "type", "veth", "peer", "name", lan_node, "netns",
+            node.ns)
+        run("ip", "-n", outer_ns, "addr", "add", f"{LAN_PREFIX}.1/24", "dev", lan_nat)
+        run("ip", "-n", outer_ns, "link", "set", lan_nat, "up")
         run("ip", "-n", node.ns, "link", "set", "lo", "up")
-        run("ip", "-n", node.ns, "addr", "add", f"{node.ip}/24", "dev", inner_dev)
-        run("ip", "-n", node.ns, "link", "set", inner_dev, "up")
+        run("ip", "-n", node.ns, "addr", "add", f"{LAN_PREFIX}.2/24", "dev", lan_node)
+        run("ip", "-n", node.ns, "link", "set", lan_node, "up")
+        run("ip", "-n", node.ns, "route", "add", "default", "via", f"{LAN_PREFIX}.1")
+        ns_run(outer_ns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        ns_run(outer_ns, "nft", "-f", "-", input=(
+            f"table ip twgnat {{\n"
+            f"  chain post {{ type nat hook postrouting priority 100; policy accept;\n"
+            f"    oifname \"{inner_dev}\" masquerade; }}\n"
+            # Unsolicited packets from outside are dropped (a home router's firewall), before conntrack
+            # confirms them: otherwise the peer's first ping, arriving before our side sent anything, would
+            # leave an entry whose tuple clashes with our later outbound mapping, and masquerade would then
+            # pick another port (a port-dependent "hard" NAT instead of the endpoint-independent one asked for).
+            f"  chain in {{ type filter hook input priority 0; policy accept;\n"
+            f"    iifname \"{inner_dev}\" ct state new drop; }}\n"
+            f"}}\n"))
 
 
 def _start_daemon(topo: Topo, node: Node, derp: bool = True, impl: str = "turbowg") -> None:
@@ -189,7 +220,7 @@ def _configure(node: Node, peer: Node, endpoint: bool) -> None:
 
 @contextlib.contextmanager
 def derp_topology(tmp_path, *, endpoints: bool = True, block: bool = False, b_impl: str = "turbowg",
-                  b_derp: bool = True) -> Iterator[Topo]:
+                  b_derp: bool = True, nat: bool = False) -> Iterator[Topo]:
     tag = uuid.uuid4().hex[:6]
     topo = Topo(tag=tag, hub=f"twdh{tag}", a=Node(f"twda{tag}", A_IP, A_INNER, f"wda{tag}", PORT_A),
                 b=Node(f"twdb{tag}", B_IP, B_INNER, f"wdb{tag}", PORT_B), workdir=str(tmp_path),
@@ -199,7 +230,7 @@ def derp_topology(tmp_path, *, endpoints: bool = True, block: bool = False, b_im
         for ns in (topo.hub, topo.a.ns, topo.b.ns):
             run("ip", "netns", "add", ns)
             created.append(ns)
-        _setup_network(topo)
+        _setup_network(topo, nat, created)
         topo.start_relay()
         for node in (topo.a, topo.b):
             node.private, node.public = genkey()
@@ -361,3 +392,26 @@ def test_plain_wireguard_go_peer_with_direct_endpoint_interoperates(tmp_path) ->
         assert sent == received
         assert a.path() == "direct"
         assert a.peer_status()["traffic"]["derp"]["tx_bytes"] == 0
+
+
+def test_nat_hole_punching_without_endpoints(tmp_path) -> None:
+    """(e) each peer behind its own NAT (masquerade), no endpoints configured: up over DERP, then direct through
+    the NATs (STUN-learned public addresses exchanged in call-me-maybe, both sides pinging at once)."""
+    with derp_topology(tmp_path, endpoints=False, nat=True) as topo:
+        a, b = topo.a, topo.b
+        assert wait_until(lambda: topo.relay_connected(a) and topo.relay_connected(b), 20), topo.diagnostics()
+        assert ping(a, b.inner, timeout=30), "no ping over DERP\n" + topo.diagnostics()
+        xfer = BackgroundTransfer(a, b, 5306, seconds=8)
+        try:
+            took_a = wait_path(a, "direct", 15)
+            took_b = wait_path(b, "direct", 15)
+            sent, received = xfer.finish()
+        finally:
+            xfer.kill()
+        assert took_a is not None and took_b is not None, "no hole punched\n" + topo.diagnostics()
+        assert sent == received, (sent, received)
+        st_a, st_b = a.status(), b.status()
+        assert st_a["stun"] == f"{A_IP}:{PORT_A}" and st_b["stun"] == f"{B_IP}:{PORT_B}", (st_a, st_b)
+        assert st_a["peers"][0]["endpoint"] == f"{B_IP}:{PORT_B}"  # B's public (NAT) address
+        assert st_b["peers"][0]["endpoint"] == f"{A_IP}:{PORT_A}"
+        assert st_a["peers"][0]["traffic"]["direct"]["rx_bytes"] > 0
