@@ -217,8 +217,9 @@ def _udpgen(topo: Topology, path: Tunnel | NetPath, duration: float, ipv6: bool,
 
 def sweep_rates(measure, start_mbit: float = SWEEP_START_MBIT, max_steps: int = SWEEP_MAX_STEPS,
                 bisections: int = SWEEP_BISECTIONS) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list]:
-    """Offer rates from `start_mbit` up, doubling, until one loses >= LOSS_LIMIT % (or the sender could not
-    reach it: then nothing faster can be offered), then bisect between the last good and the first bad.
+    """Offer rates from `start_mbit` up, doubling, until one loses >= LOSS_LIMIT % (or the sender, short of
+    the offer, sent no more than at the step before: nothing faster can be offered), then bisect between
+    the last good and the first bad.
 
     `measure(rate_mbit)` returns (loss_percent, sent_bps, step_record). Returns (best good step, first bad
     step, all steps); a step is the record plus "rate_mbit", "loss_percent", "ok", "sender_short".
@@ -228,7 +229,7 @@ def sweep_rates(measure, start_mbit: float = SWEEP_START_MBIT, max_steps: int = 
     def step(rate: float) -> dict[str, Any]:
         loss, sent_bps, record = measure(rate)
         short = sent_bps < SENDER_SHORT * rate * 1e6
-        entry = {**record, "rate_mbit": rate, "loss_percent": loss, "sender_short": short,
+        entry = {**record, "rate_mbit": rate, "loss_percent": loss, "sender_short": short, "sent_bps": sent_bps,
                  "ok": loss is not None and loss < LOSS_LIMIT}
         steps.append(entry)
         return entry
@@ -241,8 +242,9 @@ def sweep_rates(measure, start_mbit: float = SWEEP_START_MBIT, max_steps: int = 
         if not entry["ok"]:
             bad = entry
             break
+        previous = good
         good = entry
-        if entry["sender_short"]:
+        if entry["sender_short"] and previous is not None and entry["sent_bps"] < 1.1 * previous["sent_bps"]:
             break  # the sender is the limit: a higher offered rate would not be sent either
         rate *= 2
     for _ in range(bisections):

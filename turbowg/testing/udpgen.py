@@ -11,8 +11,8 @@ Load (counts only):
 
 Unpaced, the sender sends 64 datagrams per call (or as many as fit in one 64 KiB GSO buffer) as fast
 as the kernel takes them. Paced, it sends a burst about every millisecond (as many datagrams as the
-rate allows in 1 ms, up to that limit) on a schedule; when it falls behind it does not burst to catch
-up, so `sent_bps` below the offered rate means the sender itself could not keep up.
+rate allows in 1 ms, up to that limit) on a schedule; it catches up on at most 20 ms it fell behind (a
+bounded burst), so `sent_bps` below the offered rate means the sender itself could not keep up.
 
 File (every datagram self-describing and checked, missing ones resent over a TCP control channel):
 
@@ -45,7 +45,7 @@ RECV_BUFFER = 1 << 17
 IDLE_AFTER_TRAFFIC = 1.0  # seconds without a datagram after traffic began: the sender is done
 SOCKET_BUFFER = 32 << 20
 PACING_BURST = 0.001  # seconds of traffic per paced sendmsg
-MAX_LAG = 0.002  # a paced sender this far behind its schedule restarts the schedule from now
+MAX_LAG = 0.02  # a paced sender this far behind (descheduled) restarts its schedule: bursts stay bounded
 _TRANSIENT = (errno.ENOBUFS, errno.ECONNREFUSED, errno.EAGAIN)  # qdisc full; ICMP error from an earlier send
 
 
