@@ -40,6 +40,7 @@ class ServerMetrics:
         "peer_gone_not_here_frames", "got_ping", "sent_pong", "unknown_frames", "home_moves_in",
         "home_moves_out", "total_dup_client_conns", "write_timeouts", "handshake_errors",
         "protocol_errors", "clients_replaced", "packets_dropped", "bytes_dropped",
+        "websocket_accepts", "accept_limit_accepted", "accept_limit_rejected", "verify_rejects",
     )
 
     def __init__(self) -> None:
@@ -120,6 +121,13 @@ class DerpCollector(Collector):
             ("forward_failures", "packets a forwarder refused"),
         ):
             yield _counter("derp_" + name, doc, getattr(m, name))
+        # derper's top-level expvar (cmd/derper/websocket.go) and its rate-limited listener's ("tls_listener")
+        yield _counter("derp_websocket_accepts", "DERP connections accepted over WebSocket", m.websocket_accepts)
+        yield _counter("tls_listener_accepted_connections", "connections admitted by -accept-connection-limit",
+                       m.accept_limit_accepted)
+        yield _counter("tls_listener_rejected_connections", "connections closed by -accept-connection-limit",
+                       m.accept_limit_rejected)
+        yield _counter("derp_verify_client_rejects", "clients refused by -verify-client-url", m.verify_rejects)
         kinds = Metric("derp_packets_received_kind", "packets received by kind", "unknown")
         kinds.add_sample("derp_packets_received_kind", {"kind": "disco"}, m.packets_received_disco)
         kinds.add_sample("derp_packets_received_kind", {"kind": "other"},
