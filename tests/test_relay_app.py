@@ -13,6 +13,8 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
+import types
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from turbowg.derp import client as client_mod
 from turbowg.derp import codec, keys
 from turbowg.derp.client import DerpClient, DerpClientError
 from turbowg.derp.client_proto import ClientConnection
@@ -32,6 +35,11 @@ from turbowg.derp.codec import FrameType
 from turbowg.relay.app import RelayConfig, RelayConfigError, parse_addr, prepare, serve_worker
 from turbowg.relay.http import RelayHTTPProtocol
 from turbowg.relay.server import DerpServer
+
+
+# A Ping/Pong over loopback through an idle-ish relay takes well under a millisecond; a second is a bound that
+# still holds on a loaded 2-core CI machine, and a failure means the pong is stuck, not slow.
+RTT_BOUND = 1.0
 
 
 def run(coro_fn: Callable[[], Awaitable[Any]], timeout: float = 60.0) -> Any:
@@ -83,6 +91,33 @@ async def relay(tls: ssl.SSLContext | None = None, **kw: Any) -> AsyncIterator[t
         await asyncio.sleep(0.01)
 
 
+async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Poll `predicate` (every 10 ms) until true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def checked_ping(client: DerpClient, monkeypatch: pytest.MonkeyPatch, data: bytes) -> float:
+    """client.ping() with a known payload: the RTT is within RTT_BOUND and the Pong that ended it, still in
+    the client's queue, carries exactly that payload."""
+    assert len(data) == 8
+    monkeypatch.setattr(client_mod, "os", types.SimpleNamespace(urandom=lambda n: data[:n]))
+    try:
+        rtt = await client.ping(timeout=RTT_BOUND)
+    finally:
+        monkeypatch.undo()
+    assert 0 < rtt < RTT_BOUND
+    while True:  # ping() returns when the pong is in: it is queued already, no waiting for it here
+        msg = await asyncio.wait_for(client.recv(), 0.05)
+        if isinstance(msg, (codec.Pong, codec.Ping)):
+            break
+    assert msg == codec.Pong(data), msg
+    return rtt
+
+
 def payload(i: int) -> bytes:
     # sizes vary from 4 to ~1400 bytes; contents depend on the sequence number
     size = 4 + (i * 37) % 1400
@@ -105,7 +140,7 @@ async def exchange(a: DerpClient, b: DerpClient, count: int, window: int = 64) -
 
 
 @pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
-def test_100k_packets_exchanged_without_loss(use_tls: bool, tmp_path: Path) -> None:
+def test_100k_packets_exchanged_without_loss(use_tls: bool, tmp_path: Path, monkeypatch) -> None:
     async def main() -> None:
         tls = server_tls(tmp_path) if use_tls else None
         async with relay(tls) as (server, url):
@@ -116,7 +151,7 @@ def test_100k_packets_exchanged_without_loss(use_tls: bool, tmp_path: Path) -> N
             await exchange(b, a, 1_000)  # and the other way
             assert server.metrics.total_dropped() == 0
             assert server.metrics.packets_sent == 101_000
-            assert await a.ping() >= 0
+            await checked_ping(a, monkeypatch, b"ping-100")
             await a.close()
             await b.close()
 
@@ -149,8 +184,7 @@ def test_peer_gone_arrives_when_peer_leaves() -> None:
             msg = await asyncio.wait_for(b.recv(), 5)
             assert msg == codec.PeerGone(a.public_key, codec.PeerGoneReason.DISCONNECTED)
             await b.close()
-            await asyncio.sleep(0.05)
-            assert server.clients == {} and server.conns == set()
+            await until(lambda: server.clients == {} and server.conns == set(), "the relay to forget both clients")
 
     run(main)
 
@@ -164,11 +198,57 @@ async def raw_upgrade(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWri
     return reader, writer
 
 
-async def closed_by_server(reader: asyncio.StreamReader) -> bool:
-    with contextlib.suppress(ConnectionError):
-        while await asyncio.wait_for(reader.read(65536), 5):
-            pass
-    return True
+async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
+    """True once the server has closed the connection (EOF, or a reset when it aborted), reading and
+    discarding whatever it sent before; False if the connection is still open after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if not await asyncio.wait_for(reader.read(65536), remaining):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_closed_by_server_tells_a_close_from_an_open_connection() -> None:
+    """The helper itself: a server that closes -> True (at once); one that stays open and even keeps
+    talking -> False after the timeout, not True."""
+    async def main() -> None:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                mode = await reader.readexactly(1)
+            except asyncio.IncompleteReadError:
+                return
+            if mode == b"c":
+                writer.write(b"bye")
+                writer.close()
+            elif mode == b"a":
+                writer.transport.abort()
+            else:
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(30):
+                        writer.write(b"still here")
+                        await writer.drain()
+                        await asyncio.sleep(0.05)
+
+        srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        for mode, closed in ((b"c", True), (b"a", True), (b"o", False), (b"s", False)):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            if mode != b"s":  # "s": say nothing, the handler waits: open and silent
+                w.write(mode)
+            started = time.monotonic()
+            assert await closed_by_server(r, timeout=0.5) is closed, mode
+            assert (time.monotonic() - started < 0.4) if closed else (time.monotonic() - started >= 0.5)
+            w.close()
+        srv.close()
+
+    run(main)
 
 
 def test_hostile_input_closes_only_that_connection() -> None:
@@ -214,9 +294,9 @@ def test_hostile_input_closes_only_that_connection() -> None:
             proto = ClientConnection(keys.generate_private_key())
             proto.receive_data(await r.readexactly(45))
             w.write(proto.data_to_send() + codec.encode_send_packet(good_b.public_key, b"cut short")[:-4])
-            await asyncio.sleep(0.05)
+            await until(lambda: len(server.conns) == 3, "the truncated-frame client to be registered")
             w.close()
-            await asyncio.sleep(0.1)
+            await until(lambda: len(server.conns) == 2, "the relay to drop the vanished client")
 
             m = server.metrics
             assert m.handshake_errors == 2 and m.protocol_errors == 1
@@ -327,7 +407,7 @@ async def http_get(url: str, path: str, headers: str = "") -> bytes:
     return data
 
 
-def test_http_endpoints() -> None:
+def test_http_endpoints(monkeypatch) -> None:
     async def main() -> None:
         async with relay() as (server, url):
             resp = await http_get(url, "/derp")
@@ -359,7 +439,7 @@ def test_http_endpoints() -> None:
             # fast start: no HTTP response, frames straight away
             fast = DerpClient()
             await fast.connect(url, fast_start=True, expected_server_key=server.public_key)
-            assert await fast.ping() >= 0
+            await checked_ping(fast, monkeypatch, b"fastping")
             await fast.close()
 
     run(main)
@@ -376,8 +456,7 @@ def test_relay_app_serves_tls_from_certdir_and_reports_bad_settings(tmp_path: Pa
     async def main() -> None:
         prepared = prepare(config)
         task = asyncio.create_task(serve_worker(config, prepared))
-        while not bound:
-            await asyncio.sleep(0.01)
+        await until(lambda: bool(bound), "the relay worker to listen")
         port = bound[0][1]
         a, b = DerpClient(), DerpClient()
         await a.connect(f"https://127.0.0.1:{port}", server_hostname="relay.test")
@@ -385,12 +464,13 @@ def test_relay_app_serves_tls_from_certdir_and_reports_bad_settings(tmp_path: Pa
         assert a.server_key == keys.public_key(keys.load_or_create_config(keyfile))
         await exchange(a, b, 1000)
         # derper's meta certificate rides in the chain, and a verifying client still accepts the chain
-        if shutil.which("openssl"):
-            shown = await asyncio.to_thread(
-                subprocess.run, ["openssl", "s_client", "-showcerts", "-connect", f"127.0.0.1:{port}"],
-                input=b"", capture_output=True, timeout=20,
-            )
-            assert f"CN = derpkey{a.server_key.hex()}".encode() in shown.stdout
+        # (openssl is in setup.sh's package list: this check is not optional)
+        assert shutil.which("openssl"), "the openssl command is needed (Debian package openssl, see setup.sh)"
+        shown = await asyncio.to_thread(
+            subprocess.run, ["openssl", "s_client", "-showcerts", "-connect", f"127.0.0.1:{port}"],
+            input=b"", capture_output=True, timeout=20,
+        )
+        assert f"CN = derpkey{a.server_key.hex()}".encode() in shown.stdout, shown.stdout[-2000:]
         verifying = DerpClient()
         ctx = ssl.create_default_context(cafile=str(tmp_path / "relay.test.crt"))
         await verifying.connect(f"https://127.0.0.1:{port}", ssl_context=ctx, server_hostname="relay.test")
@@ -455,5 +535,39 @@ def test_mesh_client_watches_conns_and_closes_peers_over_sockets() -> None:
             with pytest.raises(DerpClientError):
                 await asyncio.wait_for(intruder.recv(), 5)
             await watcher.close()
+
+    run(main)
+
+
+def test_relay_answers_a_ping_with_the_same_payload_at_once() -> None:
+    """Below DerpClient: a Ping frame with a known payload gets a Pong frame with exactly that payload, within
+    RTT_BOUND. A ping that comes while a pong is still pending is dropped (as derper does)."""
+    async def main() -> None:
+        async with relay() as (server, url):
+            r, w = await raw_upgrade(url)
+            proto = ClientConnection(keys.generate_private_key())
+            proto.receive_data(await r.readexactly(45))
+            w.write(proto.data_to_send())
+
+            async def pongs(n: int) -> list[bytes]:
+                got: list[bytes] = []
+                while len(got) < n:
+                    data = await asyncio.wait_for(r.read(65536), RTT_BOUND)
+                    assert data, "relay closed the connection"
+                    got += [ev.data for ev in proto.receive_data(data) if isinstance(ev, codec.Pong)]
+                return got
+
+            started = time.monotonic()
+            w.write(codec.encode_ping(b"\x01\x02\x03\x04\x05\x06\x07\x08"))
+            assert await pongs(1) == [b"\x01\x02\x03\x04\x05\x06\x07\x08"]
+            assert time.monotonic() - started < RTT_BOUND
+            w.write(codec.encode_ping(b"first..!") + codec.encode_ping(b"second.!"))
+            assert await pongs(1) == [b"first..!"]
+            with pytest.raises(TimeoutError):  # no pong for the second: it came while the first was pending
+                await asyncio.wait_for(r.read(65536), 0.3)
+            assert server.metrics.got_ping == 3 and server.metrics.sent_pong == 2
+            w.write(codec.encode_ping(b"third..!"))
+            assert await pongs(1) == [b"third..!"]
+            w.close()
 
     run(main)
