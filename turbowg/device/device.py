@@ -149,8 +149,6 @@ class Device(Configuration, SendPath, ReceivePath, HandshakeDriver):
     def _run_timers(self, peer: Peer, now: float, out: Out) -> None:
         for action in peer.timers.expired(now):
             if action is TimerAction.RETRANSMIT_HANDSHAKE:
-                if self.paths is not None:
-                    self.paths.handshake_timeout(peer, now, out)  # the selector learns which path failed
                 self._initiate_handshake(peer, now, out, retry=True)
             elif action is TimerAction.NEW_HANDSHAKE:
                 self._initiate_handshake(peer, now, out)

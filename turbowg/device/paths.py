@@ -17,8 +17,8 @@ None, no --derp) nothing here runs and nothing changes on the wire.
   drive the selector's session activity; disco messages the selector asks for are sealed into `out`.
 * Receive path: `receive_other` takes the non-WireGuard UDP datagrams (disco, STUN answers);
   `receive_derp_disco` the disco datagrams that came over DERP.
-* Handshakes: `handshake_sent` remembers which path an initiation took; `handshake_timeout` tells the selector
-  which path failed (on_handshake_timeout_direct / _derp).
+* Handshakes: `handshake_sent` remembers which path an initiation took; `before_initiation` (the next one)
+  tells the selector which path failed when nothing came back (on_handshake_timeout_direct / _derp).
 * Timers: `tick(now, out)` runs due selector timers; `next_deadline(now)` is when it next has work.
 """
 
@@ -30,6 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from turbowg.conn.endpoint import Endpoint
+from turbowg.device.constants import REKEY_TIMEOUT
 from turbowg.device.output import Out, add_datagram
 from turbowg.device.peer import Peer
 from turbowg.path.disco import DiscoKeys, is_disco
@@ -80,6 +81,8 @@ class PeerPaths:
     direct: PathTraffic = field(default_factory=PathTraffic)
     derp: PathTraffic = field(default_factory=PathTraffic)
     last_initiation_via: str | None = None
+    initiation_at: float | None = None  # when the last initiation went out (None: answered or judged)
+    initiation_rx_mark: int = 0  # Peer.rx_bytes then: unchanged = nothing authenticated heard since
     last_path: Endpoint | None = None
     last_change_wall: float | None = None  # wall clock of the last path change seen by the device
 
@@ -181,10 +184,24 @@ class Paths:
         via = VIA_DERP if endpoint[1] == 0 else VIA_DIRECT
         if datagram[0] == 1:
             state.last_initiation_via = via
+            state.initiation_at = now
+            state.initiation_rx_mark = peer.rx_bytes
         self.data_sent(peer, endpoint, len(datagram), 1, now, out)
 
+    def before_initiation(self, peer: Peer, now: float, out: Out) -> None:
+        """An initiation is about to go out. If the previous one got no answer (nothing authenticated heard from
+        the peer in the REKEY_TIMEOUT since), its path failed: tell the selector before it picks this one's.
+        Judged here rather than on the retransmit timer: with data waiting, the device sends a fresh
+        initiation as soon as REKEY_TIMEOUT has passed, before that timer fires."""
+        state = self.peers.get(peer.public_key)
+        if (state is None or state.initiation_at is None or now - state.initiation_at < REKEY_TIMEOUT
+                or peer.rx_bytes != state.initiation_rx_mark):
+            return
+        state.initiation_at = None
+        self.handshake_timeout(peer, now, out)
+
     def handshake_timeout(self, peer: Peer, now: float, out: Out) -> None:
-        """The last initiation got no answer within REKEY_TIMEOUT (the device retransmits next)."""
+        """The last initiation got no answer within REKEY_TIMEOUT."""
         state = self.peers.get(peer.public_key)
         if state is None or state.last_initiation_via is None:
             return

@@ -187,6 +187,8 @@ class SendPath(DeviceState):
             super()._emit(peer, datagram, out)
             return
         now = self._clock()
+        if datagram[0] == 1:  # an initiation: did the previous one go unanswered? (the selector learns the path)
+            paths.before_initiation(peer, now, out)
         endpoint = paths.tx_endpoint(peer, now)
         if paths.rx_via_derp and datagram[0] != 1 and paths.derp_up:
             endpoint = paths.peers[peer.public_key].derp_ep if peer.public_key in paths.peers else endpoint

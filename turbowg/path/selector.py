@@ -282,6 +282,11 @@ class PathSelector:
         started = last is None or now - last > SESSION_ACTIVE_TIMEOUT
         if src is not None and src == self._wg_endpoint:
             self._wg_last_rx = now
+        if src is None and not self._disco_peer:
+            # WireGuard over DERP: the peer is no plain WireGuard peer, and it may well not be able to reach us
+            # directly; its WireGuard endpoint now needs recent UDP from it, as for a peer that spoke disco.
+            self._disco_peer = True
+            self._update_path(now)
         if src is None or src == self._path:
             return self._session_start(now) if started else _NO_ACTIONS
         actions: list[Action] = list(self._session_start(now)) if started else []
