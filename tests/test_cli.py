@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from netns import needs_netns, run
+from turbowg.testing.marks import needs_netns
+from turbowg.testing.netns import run
 
 
 def namespaces() -> set[str]:

@@ -7,10 +7,11 @@ import socket
 import time
 
 import pytest
-from netns import namespace_pair, needs_netns, ns_run
 from test_tun_device import inside
 
 from turbowg.conn.udp import UDPBind
+from turbowg.testing.marks import needs_netns
+from turbowg.testing.netns import namespace_pair, ns_run
 
 
 def receive(bind: UDPBind, want: int, timeout: float = 5.0) -> list:

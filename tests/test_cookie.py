@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import pytest
-from netns import needs_netns
 from test_noise import recv_until, wireguard_go_peer
 
 from turbowg.noise import (
@@ -22,6 +21,7 @@ from turbowg.noise import (
     create_initiation,
     generate_private_key,
 )
+from turbowg.testing.marks import needs_netns
 
 SRC = socket.inet_aton("192.0.2.7") + (51820).to_bytes(2, "big")
 OTHER_SRC = socket.inet_aton("192.0.2.8") + (51820).to_bytes(2, "big")

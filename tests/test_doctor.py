@@ -11,9 +11,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from netns import needs_netns, ns_run, run
 
 from turbowg import doctor
+from turbowg.testing.marks import needs_netns
+from turbowg.testing.netns import ns_run, run
 
 SECTIONS = {"kernel", "tun", "udp", "default-route", "cpu-idle", "accel"}
 

@@ -16,9 +16,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from netns import namespace_pair, needs_netns, ns_run
 from test_tun_offload import tcp_packet, udp_packet
 
+from turbowg.testing.marks import needs_netns
+from turbowg.testing.netns import namespace_pair, ns_run
 from turbowg.tun.checksum import ipv4_header_ok, transport_checksum_ok
 from turbowg.tun.device import TunError, TunGone, open_tun
 
@@ -37,7 +38,7 @@ _IFF_TUN, _IFF_NO_PI, _IFF_VNET_HDR = 0x0001, 0x1000, 0x4000
 _TUN_F_CSUM, _TUN_F_USO4, _TUN_F_USO6 = 0x01, 0x20, 0x40
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel_offers_uso(ns: str) -> bool:
     """True if this kernel's TUN accepts TUN_F_USO4|USO6 (call inside namespace `ns`: it makes a throwaway
     TUN there)."""
