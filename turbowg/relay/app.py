@@ -23,9 +23,10 @@ from typing import Any
 import uvloop
 
 from turbowg.derp import keys
+from turbowg.relay import acme as relay_acme
 from turbowg.relay.http import RelayHTTPProtocol
 from turbowg.relay.mesh import Mesh, MeshConfigError, mesh_ssl_context, start_mesh
-from turbowg.relay.metacert import server_tls_context
+from turbowg.relay.metacert import ReloadableTLS, tls_offload_summary
 from turbowg.relay.server import DerpServer
 from turbowg.relay.shards.links import ShardContext, ShardLinks
 from turbowg.relay.shards.supervisor import reuseport_listener, run_sharded
@@ -46,8 +47,12 @@ class RelayConfig:
     addr: str = ":443"
     config_path: str = ""
     hostname: str = "derp.example.com"
-    certmode: str = "manual"
+    certmode: str = "manual"  # or "letsencrypt" (ACME, acme.py)
     certdir: str = "."
+    acme_directory: str = relay_acme.LETSENCRYPT_DIRECTORY
+    acme_ca: str = ""  # CA file for the ACME server's HTTPS ("" = system trust store)
+    acme_renew_before_days: float = relay_acme.RENEW_BEFORE_DAYS
+    acme_check_interval: float = relay_acme.CHECK_INTERVAL
     stun: bool = True
     stun_port: int = 3478
     mesh_with: list[str] = field(default_factory=list)
@@ -93,18 +98,40 @@ def make_listener(host: str, port: int) -> socket.socket:
         raise RelayConfigError(f"cannot listen on {host or '*'}:{port}: {exc}") from None
 
 
-def load_tls_context(config: RelayConfig, server_public: bytes | None = None) -> ssl.SSLContext:
-    if config.certmode != "manual":
-        raise RelayConfigError(f"certmode {config.certmode!r} is not supported; use --certmode manual with --certdir")
-    certdir = Path(config.certdir)
-    cert, key = certdir / f"{config.hostname}.crt", certdir / f"{config.hostname}.key"
-    for p in (cert, key):
-        if not p.is_file():
-            raise RelayConfigError(f"certmode manual: {p} not found (expected <hostname>.crt and <hostname>.key)")
+def acme_manager(config: RelayConfig) -> relay_acme.CertManager:
+    return relay_acme.CertManager(relay_acme.AcmeSettings(
+        hostname=config.hostname, certdir=config.certdir, directory_url=config.acme_directory,
+        ca_file=config.acme_ca, renew_before_days=config.acme_renew_before_days,
+        check_interval=config.acme_check_interval))
+
+
+def load_tls(config: RelayConfig, server_public: bytes | None = None,
+             http_host: str = "") -> tuple[ReloadableTLS, relay_acme.CertManager | None]:
+    """The listener's TLS context (reloadable), and for letsencrypt the ACME manager (cert obtained)."""
+    manager = None
+    if config.certmode == "letsencrypt":
+        manager = acme_manager(config)
+        try:
+            relay_acme.prepare_certificate(manager, http_host, config.http_port)
+        except relay_acme.AcmeError as exc:
+            raise RelayConfigError(f"certmode letsencrypt: {exc}") from None
+        cert, key = manager.cert_path, manager.key_path
+    elif config.certmode == "manual":
+        certdir = Path(config.certdir)
+        cert, key = certdir / f"{config.hostname}.crt", certdir / f"{config.hostname}.key"
+        for p in (cert, key):
+            if not p.is_file():
+                raise RelayConfigError(f"certmode manual: {p} not found (expected <hostname>.crt and <hostname>.key)")
+    else:
+        raise RelayConfigError(f"certmode {config.certmode!r} is not supported; use manual or letsencrypt")
     try:
-        return server_tls_context(cert, key, server_public)
+        return ReloadableTLS(cert, key, server_public), manager
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise RelayConfigError(f"cannot load TLS certificate {cert}: {exc}") from None
+
+
+def load_tls_context(config: RelayConfig, server_public: bytes | None = None) -> ssl.SSLContext:
+    return load_tls(config, server_public)[0].context
 
 
 def read_mesh_key(path: str) -> str:
@@ -127,6 +154,8 @@ class PreparedRelay:
     port: int
     tls: ssl.SSLContext | None
     mesh_key: str
+    tls_reload: ReloadableTLS | None = None  # swaps tls's certificate for new connections
+    acme: relay_acme.CertManager | None = None  # certmode letsencrypt: renews (worker 0)
 
 
 def prepare(config: RelayConfig) -> PreparedRelay:
@@ -144,7 +173,8 @@ def prepare(config: RelayConfig) -> PreparedRelay:
         raise RelayConfigError("-c <config path> is required (or use --dev for an ephemeral key)")
     default_port = DEV_PORT if config.dev else 443
     host, port = parse_addr(config.addr, default_port)
-    tls = None if config.dev else load_tls_context(config, keys.public_key(private))
+    tls_reload, manager = (None, None) if config.dev else load_tls(config, keys.public_key(private), host)
+    tls = tls_reload.context if tls_reload is not None else None
     mesh_key = read_mesh_key(config.mesh_psk_file) if config.mesh_psk_file else ""
     if config.mesh_with and not mesh_key:
         raise RelayConfigError("--mesh-with needs --mesh-psk-file")
@@ -153,7 +183,19 @@ def prepare(config: RelayConfig) -> PreparedRelay:
             mesh_ssl_context(config.mesh_ca, config.mesh_insecure_skip_verify)  # a bad CA file fails here
         except MeshConfigError as exc:
             raise RelayConfigError(str(exc)) from None
-    return PreparedRelay(private, host, port, tls, mesh_key)
+    return PreparedRelay(private, host, port, tls, mesh_key, tls_reload, manager)
+
+
+async def _tls_reload_loop(tls_reload: ReloadableTLS, interval: float) -> None:
+    """Every worker: pick up a renewed (or replaced) certificate for new connections."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if tls_reload.reload():
+                log.info("TLS certificate %s reloaded for new connections", tls_reload.cert_path)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            log.warning("TLS certificate %s not reloaded (still serving the previous one): %s",
+                        tls_reload.cert_path, exc)
 
 
 async def _start_mesh(server: DerpServer, config: RelayConfig, mesh_key: str) -> Mesh | None:
@@ -190,6 +232,13 @@ async def serve_worker(config: RelayConfig, prepared: PreparedRelay, shard_ctx: 
         except OSError as exc:
             log.warning("STUN not started on port %d: %s", config.stun_port, exc)
     mesh = await _start_mesh(server, config, prepared.mesh_key) if config.mesh_with else None
+    tls_tasks: list[asyncio.Task[None]] = []
+    if prepared.tls_reload is not None:
+        tls_reload = prepared.tls_reload
+        tls_tasks.append(asyncio.create_task(
+            _tls_reload_loop(tls_reload, max(0.05, min(60.0, config.acme_check_interval)))))
+        if prepared.acme is not None and first_worker:
+            tls_tasks.append(asyncio.create_task(prepared.acme.renew_loop(lambda: tls_reload.reload())))
     log.info("DERP relay %s listening on %s (%s)%s", keys.format_public_key(server.public_key), bound,
              "plain HTTP" if prepared.tls is None else "TLS",
              f", worker {shard_ctx.index}/{shard_ctx.workers}" if shard_ctx is not None else "")
@@ -198,6 +247,8 @@ async def serve_worker(config: RelayConfig, prepared: PreparedRelay, shard_ctx: 
     try:
         await asyncio.Event().wait()
     finally:
+        for task in tls_tasks:
+            task.cancel()
         for lst in listeners:
             lst.close()
         server.close()
@@ -213,6 +264,8 @@ async def serve_worker(config: RelayConfig, prepared: PreparedRelay, shard_ctx: 
 def run_relay(config: RelayConfig) -> int:
     """Run the relay in the foreground; returns the process exit code."""
     prepared = prepare(config)
+    if prepared.tls is not None:
+        log.info("%s", tls_offload_summary())
     workers = config.workers or os.cpu_count() or 1
     if workers > 1:
         return run_sharded(workers, lambda ctx: serve_worker(config, prepared, ctx))

@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import Any
 
+from turbowg.relay.acme import CHECK_INTERVAL, LETSENCRYPT_DIRECTORY, RENEW_BEFORE_DAYS
 from turbowg.relay.app import RelayConfig, RelayConfigError, run_relay
 
 
@@ -39,8 +40,19 @@ def register(subparsers: Any) -> None:
     relay.add_argument("-c", "--c", "--config", dest="config", default="",
                        help="derper JSON key file {\"PrivateKey\": \"privkey:...\"}, created if missing")
     _flag(relay, "hostname", default="derp.example.com", help="TLS host name (certificate file stem)")
-    _flag(relay, "certmode", default="manual", help="only 'manual' (cert files in -certdir)")
-    _flag(relay, "certdir", default=".", help="directory with <hostname>.crt and <hostname>.key")
+    _flag(relay, "certmode", default="manual",
+          help="'manual' (<hostname>.crt/.key in -certdir) or 'letsencrypt' (obtained and renewed by ACME, "
+               "HTTP-01 on -http-port, cached in -certdir)")
+    _flag(relay, "certdir", default=".",
+          help="directory with <hostname>.crt and <hostname>.key (letsencrypt: the ACME cache, created 0700)")
+    _flag(relay, "acme-directory", dest="acme_directory", default=LETSENCRYPT_DIRECTORY,
+          help=f"ACME directory URL for -certmode letsencrypt (default {LETSENCRYPT_DIRECTORY})")
+    _flag(relay, "acme-ca", dest="acme_ca", default="",
+          help="PEM file of the CA that signs the ACME server's HTTPS certificate (default: system trust store)")
+    _flag(relay, "acme-renew-before", dest="acme_renew_before", type=float, default=RENEW_BEFORE_DAYS,
+          help="renew the certificate when it expires within this many days (default 30)")
+    _flag(relay, "acme-check-interval", dest="acme_check_interval", type=float, default=CHECK_INTERVAL,
+          help="seconds between certificate expiry checks and reloads (default 43200)")
     _flag(relay, "stun", type=_bool, nargs="?", const=True, default=True, help="run STUN (default true)")
     _flag(relay, "stun-port", dest="stun_port", type=int, default=3478, help="STUN UDP port (default 3478)")
     _flag(relay, "mesh-with", dest="mesh_with", default="", help="comma-separated peer relays of this region")
@@ -69,6 +81,8 @@ def run_relay_command(args: argparse.Namespace) -> int:
     config = RelayConfig(
         addr=args.addr if args.addr is not None else (":3340" if args.dev else ":443"),
         config_path=args.config, hostname=args.hostname, certmode=args.certmode, certdir=args.certdir,
+        acme_directory=args.acme_directory, acme_ca=args.acme_ca, acme_renew_before_days=args.acme_renew_before,
+        acme_check_interval=args.acme_check_interval,
         stun=args.stun, stun_port=args.stun_port,
         mesh_with=[p.strip() for p in args.mesh_with.split(",") if p.strip()],
         mesh_psk_file=args.mesh_psk_file, mesh_ca=args.mesh_ca,

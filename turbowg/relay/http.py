@@ -17,6 +17,7 @@ import logging
 import re
 
 from turbowg.derp.codec import PROTOCOL_VERSION
+from turbowg.relay.acme import CHALLENGE_PREFIX, acme_http01_handler
 from turbowg.relay.conn import ClientConn
 from turbowg.relay.server import DerpServer
 
@@ -111,7 +112,9 @@ class RelayHTTPProtocol(asyncio.Protocol):
         if method not in ("GET", "HEAD"):
             self._finish(_response(405, b"method not allowed\n", keep_alive=keep_alive), close=not keep_alive)
             return
-        if path in ("/derp/probe", "/derp/latency-check"):
+        if path.startswith(CHALLENGE_PREFIX) and (answer := acme_http01_handler(path)) is not None:
+            resp = _response(200, answer, keep_alive=keep_alive, head_only=head_only)  # ACME HTTP-01
+        elif path in ("/derp/probe", "/derp/latency-check"):
             resp = _response(200, b"", {"Access-Control-Allow-Origin": "*"}, keep_alive=keep_alive, head_only=head_only)
         elif path == "/generate_204":
             extra: dict[str, str] = {}

@@ -64,3 +64,74 @@ def server_tls_context(cert_path: Path, key_path: Path, server_public: bytes | N
     finally:
         os.unlink(tmp)
     return ctx
+
+
+TCP_AVAILABLE_ULP = "/proc/sys/net/ipv4/tcp_available_ulp"
+
+
+def kernel_tls_available(path: str = TCP_AVAILABLE_ULP) -> bool | None:
+    """Whether the kernel offers kTLS (the `tls` TCP ULP is listed); None when that cannot be read."""
+    try:
+        with open(path) as f:
+            return "tls" in f.read().split()
+    except OSError:
+        return None
+
+
+def tls_offload_summary(path: str = TCP_AVAILABLE_ULP) -> str:
+    """One log line: how the relay's TLS records are processed."""
+    have = kernel_tls_available(path)
+    kernel = {True: "the kernel offers kTLS (tcp_available_ulp lists tls)",
+              False: "the kernel offers no kTLS (tls not in tcp_available_ulp; modprobe tls)",
+              None: f"kTLS unknown ({path} unreadable)"}[have]
+    # Python's ssl module cannot hand a session to the kernel (no SSL_OP_ENABLE_KTLS / BIO socket access)
+    return f"TLS in user space (OpenSSL through Python's ssl module, no kTLS); {kernel}"
+
+
+def _file_stamp(*paths: Path) -> tuple:
+    out = []
+    for p in paths:
+        try:
+            st = p.stat()
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+class ReloadableTLS:
+    """A server TLS context whose certificate can be replaced while listeners keep running.
+
+    `context` is what the listener gets (it is never replaced). Its SNI callback, which OpenSSL calls
+    on every ClientHello (with or without SNI), moves each new connection onto the newest context built
+    by `reload()`; connections already established keep the certificate they were handshaken with.
+    """
+
+    def __init__(self, cert_path: Path, key_path: Path, server_public: bytes | None) -> None:
+        self.cert_path, self.key_path, self.server_public = Path(cert_path), Path(key_path), server_public
+        self._stamp = _file_stamp(self.cert_path, self.key_path)
+        self.context = server_tls_context(self.cert_path, self.key_path, server_public)
+        self.current = self.context
+        self.context.sni_callback = self._select
+        self.reloads = 0
+
+    def _select(self, ssl_obj, server_name, ctx) -> None:  # noqa: ANN001 (ssl's callback signature)
+        current = self.current
+        if current is not ctx:
+            ssl_obj.context = current
+        return None
+
+    def reload(self, force: bool = False) -> bool:
+        """Load the files again if they changed (or `force`); True when a new certificate is in use.
+
+        A chain that does not load (e.g. the key and certificate written by someone else not yet both
+        in place) raises ssl.SSLError/OSError/ValueError and leaves the current context serving.
+        """
+        stamp = _file_stamp(self.cert_path, self.key_path)
+        if not force and stamp == self._stamp:
+            return False
+        ctx = server_tls_context(self.cert_path, self.key_path, self.server_public)
+        self.current = ctx
+        self._stamp = stamp
+        self.reloads += 1
+        return True
