@@ -218,9 +218,24 @@ def _configure(node: Node, peer: Node, endpoint: bool) -> None:
     node.sh(*args)
 
 
+def _wg_quick_up(topo: Topo, node: Node, peer: Node, endpoint: bool) -> None:
+    """`WG_QUICK_USERSPACE_IMPLEMENTATION=turbowgd TURBOWG_DERP=URL wg-quick up CONF`, as a user would."""
+    conf = os.path.join(topo.workdir, f"{node.ifname}.conf")
+    lines = ["[Interface]", f"PrivateKey = {node.private}", f"ListenPort = {node.port}", f"Address = {node.inner}/24",
+             "", "[Peer]", f"PublicKey = {peer.public}", f"AllowedIPs = {peer.inner}/32"]
+    if endpoint:
+        lines.append(f"Endpoint = {peer.ip}:{peer.port}")
+    write_secret(topo.workdir, os.path.basename(conf), "\n".join(lines))
+    env = dict(os.environ, WG_QUICK_USERSPACE_IMPLEMENTATION=" ".join(turbowgd_command()),
+               TURBOWG_DERP=f"http://{HUB_IP}:{RELAY_PORT}", WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD="1")
+    env.pop("WG_PROCESS_FOREGROUND", None)
+    result = run(*exec_args(node.ns, "wg-quick", "up", conf), env=env, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 @contextlib.contextmanager
 def derp_topology(tmp_path, *, endpoints: bool = True, block: bool = False, b_impl: str = "turbowg",
-                  b_derp: bool = True, nat: bool = False) -> Iterator[Topo]:
+                  b_derp: bool = True, nat: bool = False, a_wg_quick: bool = False) -> Iterator[Topo]:
     tag = uuid.uuid4().hex[:6]
     topo = Topo(tag=tag, hub=f"twdh{tag}", a=Node(f"twda{tag}", A_IP, A_INNER, f"wda{tag}", PORT_A),
                 b=Node(f"twdb{tag}", B_IP, B_INNER, f"wdb{tag}", PORT_B), workdir=str(tmp_path),
@@ -237,12 +252,18 @@ def derp_topology(tmp_path, *, endpoints: bool = True, block: bool = False, b_im
             node.keyfile = write_secret(str(tmp_path), f"{node.ns}.key", node.private)
         if block:
             topo.block()
-        _start_daemon(topo, topo.a)
+        if a_wg_quick:
+            _wg_quick_up(topo, topo.a, topo.b, endpoints)
+        else:
+            _start_daemon(topo, topo.a)
         _start_daemon(topo, topo.b, derp=b_derp, impl=b_impl)
-        _configure(topo.a, topo.b, endpoints)
+        if not a_wg_quick:
+            _configure(topo.a, topo.b, endpoints)
         _configure(topo.b, topo.a, endpoints)
         yield topo
     finally:
+        if a_wg_quick:
+            topo.a.sh("wg-quick", "down", os.path.join(str(tmp_path), f"{topo.a.ifname}.conf"), check=False)
         topo.stop_relay()
         for node in (topo.a, topo.b):
             if node.daemon is not None:
@@ -415,3 +436,14 @@ def test_nat_hole_punching_without_endpoints(tmp_path) -> None:
         assert st_a["peers"][0]["endpoint"] == f"{B_IP}:{PORT_B}"  # B's public (NAT) address
         assert st_b["peers"][0]["endpoint"] == f"{A_IP}:{PORT_A}"
         assert st_a["peers"][0]["traffic"]["direct"]["rx_bytes"] > 0
+
+
+@pytest.mark.skipif(shutil.which("wg-quick") is None, reason="needs wg-quick (wireguard-tools)")
+def test_wg_quick_with_turbowg_derp_env(tmp_path) -> None:
+    """`WG_QUICK_USERSPACE_IMPLEMENTATION=turbowgd TURBOWG_DERP=URL wg-quick up` (the daemon in the background):
+    with UDP between the peers blocked, the tunnel still comes up, over the relay."""
+    with derp_topology(tmp_path, block=True, a_wg_quick=True) as topo:
+        a, b = topo.a, topo.b
+        assert wait_until(lambda: topo.relay_connected(a) and topo.relay_connected(b), 20), topo.diagnostics()
+        assert ping(a, b.inner, timeout=40), "no ping over DERP\n" + topo.diagnostics()
+        assert a.path() == "derp"
