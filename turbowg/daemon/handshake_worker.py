@@ -181,14 +181,14 @@ class HandshakeOffload:
                 self._addresses.clear()
             addr = self._addresses[host] = _address_bytes(host)
         self.entries.append((kind, addr, port, data))
+        if self._flush_timer is None:  # goes within FLUSH_DELAY even if nobody calls flush()
+            self._flush_timer = self.loop.call_later(FLUSH_DELAY, self.send_now)
 
     def flush(self) -> None:
-        """After each receive wake (the runtime calls this): send the waiting messages if there are enough,
-        else make sure they go within FLUSH_DELAY."""
+        """After each receive wake (the runtime calls this): send the waiting messages if there are enough
+        (else they go when the timer `sink` armed fires, FLUSH_DELAY after the first)."""
         if len(self.entries) >= FLUSH_ENTRIES:
             self.send_now()
-        elif self.entries and self._flush_timer is None:
-            self._flush_timer = self.loop.call_later(FLUSH_DELAY, self.send_now)
 
     def send_now(self) -> None:
         if self._flush_timer is not None:
