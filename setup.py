@@ -1,6 +1,6 @@
 """Optional C accelerators for the data path; every one has a pure-Python fallback.
 
-Both extensions are `optional=True`: if a compiler or the OpenSSL headers are missing, `pip install`
+Every extension is `optional=True`: if a compiler or the OpenSSL headers are missing, `pip install`
 still succeeds and turbowg runs on the Python implementations (slower, same bytes on the wire).
 """
 
@@ -18,6 +18,9 @@ setup(
                   libraries=["crypto"], optional=True),
         # Inner IP header + allowed-source checks of opened packets (the device's side of the receive path).
         Extension("turbowg.device._route", ["turbowg/device/_route.c"], extra_compile_args=_CFLAGS,
+                  optional=True),
+        # The relay's forwarding plane: an epoll loop owning authenticated DERP client sockets.
+        Extension("turbowg.relay._fastpath", ["turbowg/relay/_fastpath.c"], extra_compile_args=_CFLAGS,
                   optional=True),
     ],
 )

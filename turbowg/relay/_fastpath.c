@@ -1,0 +1,1040 @@
+/* The relay's forwarding plane in C: one epoll loop per worker that owns authenticated DERP client sockets.
+ *
+ * Python (relay/fastpath.py) hands a client over once its ClientInfo/ServerInfo handshake is done: the fd,
+ * the client's key and the bytes already read after the handshake. From then on this loop reads many
+ * frames per recv() into one shared buffer, parses them in place, and for each SendPacket whose destination
+ * key is routed here (a 32-byte-key hash table it owns, filled by Python's route()/unroute()) appends a
+ * RecvPacket frame (src key + packet) to the destination's output buffer. Each dirty destination is written
+ * once per loop turn with a single send(). Everything else -- control frames, SendPacket to keys it does
+ * not hold, connection events -- is handed up to Python as a batch of (conn id, kind, bytes) per poll().
+ *
+ * Backpressure, not loss: a destination with more than `bound` bytes queued stops the senders feeding it
+ * (their fds leave EPOLLIN; the unparsed rest of their input is kept) until it drains below bound/2. Only a
+ * destination with no write progress for `write_timeout` seconds loses packets: its queued RecvPacket frames
+ * are dropped head first (counted as queue_head), its senders resume, and Python hears EV_WRITE_TIMEOUT.
+ *
+ * Single-threaded by design: every method must be called from the thread that owns the asyncio loop.
+ * poll() releases the GIL around its system calls and parsing (it touches no Python object meanwhile).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define KEY 32
+#define HDR 5
+#define MAX_PACKET (64 << 10)
+#define MAX_FRAME (2 * KEY + MAX_PACKET) /* ForwardPacket, the largest frame accepted after the handshake */
+#define MAX_EVENTS 512
+
+#define T_SEND 0x04
+#define T_RECV 0x05
+#define T_NOTE_PREFERRED 0x07
+#define T_FORWARD 0x0A
+#define T_WATCH 0x10
+#define T_CLOSE_PEER 0x11
+#define T_PING 0x12
+
+/* kinds of poll() events that are not frames (frames carry their type, 0..255) */
+#define EV_CLOSED 256        /* peer closed / read error; bytes: reason */
+#define EV_PROTOCOL 257      /* frame over its length limit; bytes: message */
+#define EV_WRITE_TIMEOUT 258 /* no write progress for write_timeout: queued packets dropped */
+#define EV_DELIVERY 259      /* first packet from a sender to this conn; bytes: sender key */
+#define EV_ACTIVE 260        /* a conn flagged notify_active sent something */
+
+enum { R_QUEUE_HEAD, R_WRITE_ERROR, R_GONE, NREASONS };
+static const char *reason_names[NREASONS] = {"queue_head", "write_error", "gone_disconnected"};
+
+static const uint8_t DISCO_MAGIC[6] = {'T', 'S', 0xf0, 0x9f, 0x92, 0xac};
+#define DISCO_MIN (6 + KEY + 24)
+
+typedef struct {
+    int fd;            /* -1: free slot */
+    uint32_t gen;      /* bumped on reuse: ids are gen<<32 | slot */
+    uint32_t uid;      /* unique per add(), for the delivery sets */
+    uint8_t key[KEY];
+    uint32_t mask;     /* current epoll interest */
+    int dead;          /* closed or errored: no more I/O, waiting for remove() */
+    int reading;       /* Python wants reads (set_reading) */
+    int blocked_on;    /* slot of the destination this sender waits for, -1 */
+    int notify_active;
+    unsigned long long active_poll; /* poll number of the last EV_ACTIVE */
+    int dirty, in_reparse, in_outwait, want_out;
+    int stalled;
+    uint8_t *in; size_t in_len, in_cap;
+    uint8_t *out; size_t out_len, out_off, out_head, out_cap;
+    double last_progress;
+    int *waiters; int nwaiters, cwaiters;
+    uint32_t *seen; uint32_t seen_cap, seen_n;
+} conn_t;
+
+typedef struct { uint8_t key[KEY]; int32_t slot; uint8_t state; } route_t; /* state 0 empty 1 used 2 tomb */
+
+typedef struct { uint64_t id; int kind; size_t off, len; } event_t;
+
+typedef struct {
+    PyObject_HEAD
+    int epfd, evfd;
+    int busy;
+    size_t bound, read_chunk;
+    double write_timeout;
+    uint64_t seed;
+    conn_t *conns; int nconns, cconns;
+    int *free_slots; int nfree, cfree;
+    uint32_t next_uid;
+    route_t *routes; size_t rcap, rused, rtomb;
+    int *dirty; int ndirty, cdirty;
+    int *reparse; int nreparse, creparse;
+    int *outwait; int noutwait, coutwait;
+    uint8_t *rbuf; size_t rbuf_cap;
+    event_t *ev; size_t nev, cev;
+    uint8_t *arena; size_t arena_len, arena_cap;
+    int oom;
+    double now;
+    /* counters (cumulative) */
+    unsigned long long packets_received, bytes_received, packets_received_disco, packets_sent, bytes_sent;
+    unsigned long long dropped[NREASONS][2], dropped_bytes[NREASONS][2];
+    unsigned long long sender_pauses, reads, writes, frames_up, polls, write_timeouts;
+} Loop;
+
+static double mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static inline uint32_t be32(const uint8_t *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static inline void put_hdr(uint8_t *p, uint8_t t, uint32_t n) {
+    p[0] = t; p[1] = n >> 24; p[2] = n >> 16; p[3] = n >> 8; p[4] = n;
+}
+
+static inline int is_disco(const uint8_t *pkt, size_t n) {
+    return n >= DISCO_MIN && memcmp(pkt, DISCO_MAGIC, 6) == 0;
+}
+
+static uint32_t frame_limit(uint8_t t) {
+    switch (t) {
+    case T_SEND: return KEY + MAX_PACKET;
+    case T_FORWARD: return 2 * KEY + MAX_PACKET;
+    case T_NOTE_PREFERRED: return 1;
+    case T_WATCH: return 0;
+    case T_CLOSE_PEER: return KEY;
+    case T_PING: return 1000;
+    default: return MAX_PACKET + KEY;
+    }
+}
+
+static int grow(void **p, int *cap, int need, size_t elem) {
+    if (need <= *cap) return 0;
+    int n = *cap ? *cap : 16;
+    while (n < need) n *= 2;
+    void *q = realloc(*p, (size_t)n * elem);
+    if (!q) return -1;
+    *p = q; *cap = n;
+    return 0;
+}
+
+static int reserve(uint8_t **buf, size_t *cap, size_t need) {
+    if (need <= *cap) return 0;
+    size_t n = *cap ? *cap : 4096;
+    while (n < need) n *= 2;
+    uint8_t *q = realloc(*buf, n);
+    if (!q) return -1;
+    *buf = q; *cap = n;
+    return 0;
+}
+
+/* ---- route table: 32-byte key -> slot, open addressing, seeded hash -------------------------------- */
+
+static inline uint64_t key_hash(const Loop *L, const uint8_t *k) {
+    uint64_t h = L->seed, w;
+    for (int i = 0; i < 4; i++) {
+        memcpy(&w, k + 8 * i, 8);
+        h ^= w;
+        h *= 0x9E3779B97F4A7C15ULL;
+        h ^= h >> 29;
+    }
+    return h;
+}
+
+static int route_find(const Loop *L, const uint8_t *k) {
+    if (!L->rcap) return -1;
+    size_t m = L->rcap - 1, i = key_hash(L, k) & m;
+    for (;;) {
+        const route_t *r = &L->routes[i];
+        if (r->state == 0) return -1;
+        if (r->state == 1 && memcmp(r->key, k, KEY) == 0) return (int)i;
+        i = (i + 1) & m;
+    }
+}
+
+static int route_rehash(Loop *L, size_t cap) {
+    route_t *old = L->routes;
+    size_t ocap = L->rcap;
+    route_t *nr = calloc(cap, sizeof(route_t));
+    if (!nr) return -1;
+    L->routes = nr; L->rcap = cap; L->rused = 0; L->rtomb = 0;
+    for (size_t j = 0; j < ocap; j++) {
+        if (old[j].state != 1) continue;
+        size_t i = key_hash(L, old[j].key) & (cap - 1);
+        while (nr[i].state) i = (i + 1) & (cap - 1);
+        nr[i] = old[j];
+        L->rused++;
+    }
+    free(old);
+    return 0;
+}
+
+static int route_set(Loop *L, const uint8_t *k, int slot) {
+    int at = route_find(L, k);
+    if (at >= 0) { L->routes[at].slot = slot; return 0; }
+    if ((L->rused + L->rtomb + 1) * 2 > L->rcap) { /* rehashing also clears the tombstones */
+        size_t cap = 64;
+        while ((L->rused + 1) * 4 > cap) cap *= 2;
+        if (route_rehash(L, cap) < 0) return -1;
+    }
+    size_t m = L->rcap - 1, i = key_hash(L, k) & m;
+    while (L->routes[i].state == 1) i = (i + 1) & m;
+    if (L->routes[i].state == 2) L->rtomb--;
+    memcpy(L->routes[i].key, k, KEY);
+    L->routes[i].slot = slot;
+    L->routes[i].state = 1;
+    L->rused++;
+    return 0;
+}
+
+static void route_del(Loop *L, const uint8_t *k) {
+    int at = route_find(L, k);
+    if (at < 0) return;
+    L->routes[at].state = 2;
+    L->rused--; L->rtomb++;
+}
+
+/* ---- events handed up --------------------------------------------------------------------------- */
+
+static inline uint64_t conn_id(const Loop *L, int slot) {
+    return ((uint64_t)L->conns[slot].gen << 32) | (uint32_t)slot;
+}
+
+static void emit(Loop *L, int slot, int kind, const void *data, size_t len) {
+    if (L->nev == L->cev) {
+        size_t n = L->cev ? L->cev * 2 : 256;
+        event_t *q = realloc(L->ev, n * sizeof(event_t));
+        if (!q) { L->oom = 1; return; }
+        L->ev = q; L->cev = n;
+    }
+    if (reserve(&L->arena, &L->arena_cap, L->arena_len + len) < 0) { L->oom = 1; return; }
+    memcpy(L->arena + L->arena_len, data, len);
+    event_t *e = &L->ev[L->nev++];
+    e->id = conn_id(L, slot); e->kind = kind; e->off = L->arena_len; e->len = len;
+    L->arena_len += len;
+}
+
+/* ---- epoll interest ----------------------------------------------------------------------------- */
+
+static void update_mask(Loop *L, conn_t *c, int slot) {
+    if (c->fd < 0 || c->dead) return;
+    uint32_t m = 0;
+    if (!c->dead) {
+        if (c->reading && c->blocked_on < 0) m |= EPOLLIN;
+        if (c->want_out) m |= EPOLLOUT;
+    }
+    if (m == c->mask) return;
+    struct epoll_event ev = {.events = m, .data.u64 = (uint64_t)slot};
+    epoll_ctl(L->epfd, EPOLL_CTL_MOD, c->fd, &ev);
+    c->mask = m;
+}
+
+static void signal_work(Loop *L) {
+    uint64_t one = 1;
+    ssize_t r = write(L->evfd, &one, 8);
+    (void)r;
+}
+
+static void add_reparse(Loop *L, int slot) {
+    conn_t *c = &L->conns[slot];
+    if (c->in_reparse || !c->in_len) return;
+    if (grow((void **)&L->reparse, &L->creparse, L->nreparse + 1, sizeof(int)) < 0) { L->oom = 1; return; }
+    c->in_reparse = 1;
+    L->reparse[L->nreparse++] = slot;
+}
+
+static void mark_dirty(Loop *L, int slot) {
+    conn_t *c = &L->conns[slot];
+    if (c->dirty) return;
+    if (grow((void **)&L->dirty, &L->cdirty, L->ndirty + 1, sizeof(int)) < 0) { L->oom = 1; return; }
+    c->dirty = 1;
+    L->dirty[L->ndirty++] = slot;
+}
+
+/* ---- output buffers ----------------------------------------------------------------------------- */
+
+static inline size_t pending(const conn_t *c) { return c->out_len - c->out_off; }
+
+static void count_drop(Loop *L, int reason, const uint8_t *frame) {
+    uint32_t n = be32(frame + 1);
+    const uint8_t *pkt = frame + HDR + KEY;
+    size_t plen = n >= KEY ? n - KEY : 0;
+    int kind = is_disco(pkt, plen) ? 0 : 1;
+    L->dropped[reason][kind]++;
+    L->dropped_bytes[reason][kind] += plen;
+}
+
+/* Drop queued RecvPacket frames, oldest first, until at most `keep` bytes are pending. A frame that is
+ * partly written already is kept (the stream must stay framed); control frames are always kept. */
+static void drop_head(Loop *L, conn_t *c, int reason, size_t keep) {
+    size_t p = c->out_head;
+    if (c->out_off > p) p += HDR + be32(c->out + p + 1); /* partly written: keep it */
+    size_t w = p, end = c->out_len, left = pending(c);
+    while (p < end) {
+        if (left <= keep) { /* enough: the rest stays as it is */
+            if (w != p) memmove(c->out + w, c->out + p, end - p);
+            w += end - p;
+            break;
+        }
+        size_t flen = HDR + be32(c->out + p + 1);
+        if (c->out[p] == T_RECV) {
+            count_drop(L, reason, c->out + p);
+            left -= flen;
+        } else {
+            if (w != p) memmove(c->out + w, c->out + p, flen);
+            w += flen;
+        }
+        p += flen;
+    }
+    c->out_len = w;
+    if (c->out_off > c->out_len) c->out_off = c->out_len;
+}
+
+static void drop_all(Loop *L, conn_t *c, int reason) {
+    size_t p = c->out_head;
+    while (p + HDR <= c->out_len) {
+        size_t flen = HDR + be32(c->out + p + 1);
+        if (c->out[p] == T_RECV && p + flen <= c->out_len && p + flen > c->out_off) count_drop(L, reason, c->out + p);
+        p += flen;
+    }
+    c->out_len = c->out_off = c->out_head = 0;
+}
+
+static uint8_t *out_append(Loop *L, conn_t *c, size_t n) {
+    if (c->out_len == c->out_off && c->out_len) c->out_len = c->out_off = c->out_head = 0;
+    if (reserve(&c->out, &c->out_cap, c->out_len + n) < 0) { L->oom = 1; return NULL; }
+    if (c->out_len == c->out_off) c->last_progress = L->now; /* the write clock starts with the first byte */
+    uint8_t *p = c->out + c->out_len;
+    c->out_len += n;
+    return p;
+}
+
+static void wake_waiters(Loop *L, conn_t *d) {
+    int n = d->nwaiters;
+    d->nwaiters = 0;
+    for (int i = 0; i < n; i++) {
+        int s = d->waiters[i];
+        conn_t *w = &L->conns[s];
+        if (w->fd < 0) continue;
+        w->blocked_on = -1;
+        update_mask(L, w, s);
+        add_reparse(L, s);
+    }
+}
+
+static void remove_waiter(Loop *L, conn_t *d, int slot) {
+    for (int i = 0; i < d->nwaiters; i++)
+        if (d->waiters[i] == slot) { d->waiters[i] = d->waiters[--d->nwaiters]; return; }
+}
+
+static void add_outwait(Loop *L, int slot) {
+    conn_t *c = &L->conns[slot];
+    if (c->in_outwait) return;
+    if (grow((void **)&L->outwait, &L->coutwait, L->noutwait + 1, sizeof(int)) < 0) { L->oom = 1; return; }
+    c->in_outwait = 1;
+    L->outwait[L->noutwait++] = slot;
+}
+
+static void conn_fail(Loop *L, int slot, int kind, const char *why) {
+    conn_t *c = &L->conns[slot];
+    if (c->dead) return;
+    c->dead = 1;
+    if (c->mask) epoll_ctl(L->epfd, EPOLL_CTL_DEL, c->fd, NULL); /* no more events until remove() */
+    c->mask = 0;
+    if (c->blocked_on >= 0) { remove_waiter(L, &L->conns[c->blocked_on], slot); c->blocked_on = -1; }
+    wake_waiters(L, c);
+    emit(L, slot, kind, why, strlen(why));
+}
+
+static void write_out(Loop *L, int slot) {
+    conn_t *c = &L->conns[slot];
+    c->dirty = 0;
+    if (c->fd < 0 || c->dead) return;
+    size_t left = pending(c);
+    if (left) {
+        ssize_t n = send(c->fd, c->out + c->out_off, left, MSG_DONTWAIT | MSG_NOSIGNAL);
+        L->writes++;
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                char why[64];
+                snprintf(why, sizeof why, "write: %s", strerror(errno));
+                drop_all(L, c, R_WRITE_ERROR);
+                conn_fail(L, slot, EV_CLOSED, why);
+                return;
+            }
+            n = 0;
+        }
+        if (n > 0) {
+            c->out_off += n;
+            c->last_progress = L->now;
+            c->stalled = 0;
+            while (c->out_head < c->out_off) { /* frames fully written */
+                size_t flen = HDR + be32(c->out + c->out_head + 1);
+                if (c->out_head + flen > c->out_off) break;
+                c->out_head += flen;
+            }
+        }
+        if (c->out_off == c->out_len) {
+            c->out_len = c->out_off = c->out_head = 0;
+            if (c->out_cap > (256u << 10)) { free(c->out); c->out = NULL; c->out_cap = 0; }
+        } else if (c->out_head > (64u << 10) && c->out_head * 2 > c->out_len) {
+            memmove(c->out, c->out + c->out_head, c->out_len - c->out_head);
+            c->out_len -= c->out_head; c->out_off -= c->out_head; c->out_head = 0;
+        }
+    }
+    int want = pending(c) > 0;
+    if (want != c->want_out) {
+        c->want_out = want;
+        update_mask(L, c, slot);
+    }
+    if (want) add_outwait(L, slot);
+    if (c->nwaiters && pending(c) <= L->bound / 2) wake_waiters(L, c);
+}
+
+static void flush_dirty(Loop *L) {
+    /* writing can wake senders but never dirties anything: one pass */
+    for (int i = 0; i < L->ndirty; i++) {
+        int s = L->dirty[i];
+        if (L->conns[s].dirty) write_out(L, s);
+    }
+    L->ndirty = 0;
+}
+
+/* ---- input -------------------------------------------------------------------------------------- */
+
+static int seen_check_add(Loop *L, conn_t *d, uint32_t uid) {
+    /* 1 if uid was new (and is now recorded) */
+    if (d->seen_n * 2 + 2 > d->seen_cap) {
+        uint32_t ncap = d->seen_cap ? d->seen_cap * 2 : 8;
+        if (ncap > 8192) { /* churn: forget and re-report (Python's set dedups) */
+            memset(d->seen, 0, d->seen_cap * sizeof(uint32_t));
+            d->seen_n = 0;
+        } else {
+            uint32_t *ns = calloc(ncap, sizeof(uint32_t));
+            if (!ns) { L->oom = 1; return 0; }
+            for (uint32_t i = 0; i < d->seen_cap; i++) {
+                uint32_t u = d->seen[i];
+                if (!u) continue;
+                uint32_t j = (u * 2654435761u) & (ncap - 1);
+                while (ns[j]) j = (j + 1) & (ncap - 1);
+                ns[j] = u;
+            }
+            free(d->seen);
+            d->seen = ns; d->seen_cap = ncap;
+        }
+    }
+    uint32_t m = d->seen_cap - 1, j = (uid * 2654435761u) & m;
+    while (d->seen[j]) {
+        if (d->seen[j] == uid) return 0;
+        j = (j + 1) & m;
+    }
+    d->seen[j] = uid;
+    d->seen_n++;
+    return 1;
+}
+
+/* Parse frames from buf[0:len] for sender `slot`; keep what is not consumed in the sender's `in`. */
+static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
+    conn_t *s = &L->conns[slot];
+    size_t p = 0;
+    if (s->notify_active && s->active_poll != L->polls && len) {
+        s->active_poll = L->polls;
+        emit(L, slot, EV_ACTIVE, "", 0);
+    }
+    while (len - p >= HDR) {
+        uint8_t t = buf[p];
+        uint32_t flen = be32(buf + p + 1);
+        if (flen > frame_limit(t)) {
+            char why[96];
+            snprintf(why, sizeof why, "frame type 0x%02x length %u exceeds limit %u", t, flen, frame_limit(t));
+            s->in_len = 0;
+            conn_fail(L, slot, EV_PROTOCOL, why);
+            return;
+        }
+        if (p + HDR + flen > len) break;
+        const uint8_t *payload = buf + p + HDR;
+        if (t == T_SEND && flen >= KEY) {
+            int at = route_find(L, payload);
+            if (at >= 0) {
+                int ds = L->routes[at].slot;
+                conn_t *d = &L->conns[ds];
+                if (!d->dead && d->fd >= 0) {
+                    size_t plen = flen - KEY;
+                    if (pending(d) >= L->bound) {
+                        if (!d->stalled) { /* backpressure: this sender waits for d to drain */
+                            s->blocked_on = ds;
+                            if (grow((void **)&d->waiters, &d->cwaiters, d->nwaiters + 1, sizeof(int)) < 0) {
+                                L->oom = 1;
+                            } else {
+                                d->waiters[d->nwaiters++] = slot;
+                            }
+                            L->sender_pauses++;
+                            update_mask(L, s, slot);
+                            break;
+                        }
+                        drop_head(L, d, R_QUEUE_HEAD, L->bound / 2); /* stalled past the write timeout */
+                    }
+                    uint8_t *o = out_append(L, d, HDR + KEY + plen);
+                    if (o) {
+                        put_hdr(o, T_RECV, KEY + plen);
+                        memcpy(o + HDR, s->key, KEY);
+                        memcpy(o + HDR + KEY, payload + KEY, plen);
+                        const uint8_t *pkt = payload + KEY;
+                        L->packets_received++;
+                        L->bytes_received += plen;
+                        if (is_disco(pkt, plen)) L->packets_received_disco++;
+                        L->packets_sent++;
+                        L->bytes_sent += plen;
+                        if (seen_check_add(L, d, s->uid)) emit(L, ds, EV_DELIVERY, s->key, KEY);
+                        mark_dirty(L, ds);
+                    }
+                    p += HDR + flen;
+                    continue;
+                }
+            }
+        }
+        L->frames_up++;
+        emit(L, slot, t, buf + p, HDR + flen);
+        p += HDR + flen;
+    }
+    size_t rest = len - p;
+    if (rest) {
+        if (reserve(&s->in, &s->in_cap, rest) < 0) { L->oom = 1; s->in_len = 0; return; }
+        memmove(s->in, buf + p, rest);
+    } else if (s->in_cap > (64u << 10)) {
+        free(s->in); s->in = NULL; s->in_cap = 0;
+    }
+    s->in_len = rest;
+}
+
+static void read_conn(Loop *L, int slot, int do_read) {
+    conn_t *c = &L->conns[slot];
+    if (c->fd < 0 || c->dead || c->blocked_on >= 0) return;
+    size_t have = c->in_len;
+    if (have) memcpy(L->rbuf, c->in, have);
+    size_t room = L->rbuf_cap - have;
+    if (room > L->read_chunk) room = L->read_chunk;
+    if (do_read && c->reading && room >= 4096) {
+        ssize_t n = recv(c->fd, L->rbuf + have, room, MSG_DONTWAIT);
+        L->reads++;
+        if (n == 0) {
+            c->in_len = 0;
+            conn_fail(L, slot, EV_CLOSED, have ? "eof mid-frame" : "eof");
+            return;
+        }
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) return;
+            char why[64];
+            snprintf(why, sizeof why, "read: %s", strerror(errno));
+            c->in_len = 0;
+            conn_fail(L, slot, EV_CLOSED, why);
+            return;
+        }
+        have += n;
+    }
+    process_input(L, slot, L->rbuf, have);
+}
+
+static void check_timeouts(Loop *L) {
+    int j = 0;
+    for (int i = 0; i < L->noutwait; i++) {
+        int s = L->outwait[i];
+        conn_t *c = &L->conns[s];
+        if (c->fd < 0 || c->dead || !pending(c)) { c->in_outwait = 0; continue; }
+        if (!c->stalled && L->write_timeout > 0 && L->now - c->last_progress > L->write_timeout) {
+            c->stalled = 1;
+            L->write_timeouts++;
+            drop_head(L, c, R_QUEUE_HEAD, 0);
+            wake_waiters(L, c);
+            emit(L, s, EV_WRITE_TIMEOUT, "", 0);
+        }
+        L->outwait[j++] = s;
+    }
+    L->noutwait = j;
+}
+
+/* ---- the loop object ---------------------------------------------------------------------------- */
+
+static int get_slot(Loop *L, uint64_t id) {
+    uint32_t slot = (uint32_t)id, gen = (uint32_t)(id >> 32);
+    if (slot >= (uint32_t)L->nconns) return -1;
+    conn_t *c = &L->conns[slot];
+    if (c->fd < 0 || c->gen != gen) return -1;
+    return (int)slot;
+}
+
+static int slot_arg(Loop *L, PyObject *arg) {
+    unsigned long long id = PyLong_AsUnsignedLongLong(arg);
+    if (id == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    int s = get_slot(L, id);
+    if (s < 0) PyErr_SetString(PyExc_KeyError, "no such connection");
+    return s;
+}
+
+static int check_idle(Loop *L) {
+    if (L->epfd < 0) { PyErr_SetString(PyExc_ValueError, "loop is closed"); return -1; }
+    if (L->busy) { PyErr_SetString(PyExc_RuntimeError, "fastpath loop used from two threads"); return -1; }
+    return 0;
+}
+
+static void free_conn(Loop *L, int slot) {
+    conn_t *c = &L->conns[slot];
+    free(c->in); free(c->out); free(c->waiters); free(c->seen);
+    uint32_t gen = c->gen;
+    memset(c, 0, sizeof *c);
+    c->fd = -1; c->gen = gen + 1; c->blocked_on = -1;
+}
+
+static PyObject *Loop_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"bound", "write_timeout", "read_chunk", NULL};
+    Py_ssize_t bound = 2 << 20, chunk = 256 << 10;
+    double wt = 2.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ndn", kwlist, &bound, &wt, &chunk)) return NULL;
+    if (bound < 1 || chunk < 4096) { PyErr_SetString(PyExc_ValueError, "bound >= 1, read_chunk >= 4096"); return NULL; }
+    Loop *L = (Loop *)type->tp_alloc(type, 0);
+    if (!L) return NULL;
+    L->epfd = L->evfd = -1;
+    L->bound = bound; L->read_chunk = chunk; L->write_timeout = wt;
+    L->next_uid = 1;
+    L->epfd = epoll_create1(EPOLL_CLOEXEC);
+    L->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    L->rbuf_cap = chunk + 2 * (HDR + MAX_FRAME) + 64;
+    L->rbuf = malloc(L->rbuf_cap);
+    if (L->epfd < 0 || L->evfd < 0 || !L->rbuf) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        Py_DECREF(L);
+        return NULL;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = UINT64_MAX};
+    epoll_ctl(L->epfd, EPOLL_CTL_ADD, L->evfd, &ev);
+    uint64_t seed = 0;
+    FILE *f = fopen("/dev/urandom", "rb");
+    if (f) { if (fread(&seed, 1, 8, f) != 8) seed = 0; fclose(f); }
+    L->seed = seed ^ (uint64_t)(uintptr_t)L ^ (uint64_t)(mono() * 1e9);
+    return (PyObject *)L;
+}
+
+static void Loop_close_all(Loop *L) {
+    for (int i = 0; i < L->nconns; i++)
+        if (L->conns[i].fd >= 0) { close(L->conns[i].fd); free_conn(L, i); }
+    if (L->epfd >= 0) close(L->epfd);
+    if (L->evfd >= 0) close(L->evfd);
+    L->epfd = L->evfd = -1;
+}
+
+static void Loop_dealloc(Loop *L) {
+    Loop_close_all(L);
+    free(L->conns); free(L->free_slots); free(L->routes); free(L->dirty); free(L->reparse); free(L->outwait);
+    free(L->rbuf); free(L->ev); free(L->arena);
+    Py_TYPE(L)->tp_free((PyObject *)L);
+}
+
+static PyObject *Loop_fileno(Loop *L, PyObject *unused) {
+    if (L->epfd < 0) { PyErr_SetString(PyExc_ValueError, "loop is closed"); return NULL; }
+    return PyLong_FromLong(L->epfd);
+}
+
+static PyObject *Loop_close(Loop *L, PyObject *unused) {
+    Loop_close_all(L);
+    L->nconns = 0; L->nfree = 0; L->ndirty = L->nreparse = L->noutwait = 0;
+    free(L->routes); L->routes = NULL; L->rcap = L->rused = L->rtomb = 0;
+    Py_RETURN_NONE;
+}
+
+/* add(fd, key, inbytes=b"", outbytes=b"") -> id. The loop owns fd from now on (remove() closes it). */
+static PyObject *Loop_add(Loop *L, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fd", "key", "inbytes", "outbytes", NULL};
+    int fd;
+    Py_buffer key, in = {0}, out = {0};
+    if (check_idle(L) < 0) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iy*|y*y*", kwlist, &fd, &key, &in, &out)) return NULL;
+    PyObject *ret = NULL;
+    int slot = -1;
+    if (key.len != KEY) { PyErr_SetString(PyExc_ValueError, "key must be 32 bytes"); goto done; }
+    if (in.len > MAX_FRAME + HDR + (Py_ssize_t)L->read_chunk) { PyErr_SetString(PyExc_ValueError, "inbytes too long"); goto done; }
+    if (grow((void **)&L->free_slots, &L->cfree, L->nfree + 1, sizeof(int)) < 0) { PyErr_NoMemory(); goto done; }
+    if (L->nfree) {
+        slot = L->free_slots[--L->nfree];
+    } else {
+        if (grow((void **)&L->conns, &L->cconns, L->nconns + 1, sizeof(conn_t)) < 0) { PyErr_NoMemory(); goto done; }
+        slot = L->nconns++;
+        memset(&L->conns[slot], 0, sizeof(conn_t));
+        L->conns[slot].fd = -1;
+        L->conns[slot].blocked_on = -1;
+    }
+    conn_t *c = &L->conns[slot];
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0) { PyErr_SetFromErrno(PyExc_OSError); goto undo; }
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uint64_t)slot};
+    if (epoll_ctl(L->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) { PyErr_SetFromErrno(PyExc_OSError); goto undo; }
+    c->fd = fd;
+    c->mask = EPOLLIN;
+    c->reading = 1;
+    c->blocked_on = -1;
+    c->uid = L->next_uid++;
+    if (!L->next_uid) L->next_uid = 1;
+    memcpy(c->key, key.buf, KEY);
+    L->now = mono();
+    if (in.len) {
+        if (reserve(&c->in, &c->in_cap, in.len) < 0) { PyErr_NoMemory(); goto undo_fd; }
+        memcpy(c->in, in.buf, in.len);
+        c->in_len = in.len;
+        add_reparse(L, slot);
+        signal_work(L);
+    }
+    if (out.len) {
+        uint8_t *o = out_append(L, c, out.len);
+        if (!o) { PyErr_NoMemory(); goto undo_fd; }
+        memcpy(o, out.buf, out.len);
+        mark_dirty(L, slot);
+        signal_work(L);
+    }
+    ret = PyLong_FromUnsignedLongLong(conn_id(L, slot));
+    goto done;
+undo_fd:
+    epoll_ctl(L->epfd, EPOLL_CTL_DEL, fd, NULL);
+    free_conn(L, slot);
+    L->free_slots[L->nfree++] = slot;
+    goto done;
+undo:
+    L->free_slots[L->nfree++] = slot;
+done:
+    PyBuffer_Release(&key);
+    if (in.obj) PyBuffer_Release(&in);
+    if (out.obj) PyBuffer_Release(&out);
+    return ret;
+}
+
+/* remove(id): close the socket, count its queued packets as gone_disconnected, forget it. */
+static PyObject *Loop_remove(Loop *L, PyObject *arg) {
+    if (check_idle(L) < 0) return NULL;
+    int s = slot_arg(L, arg);
+    if (s < 0) return NULL;
+    if (grow((void **)&L->free_slots, &L->cfree, L->nfree + 1, sizeof(int)) < 0) return PyErr_NoMemory();
+    conn_t *c = &L->conns[s];
+    drop_all(L, c, R_GONE);
+    epoll_ctl(L->epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    if (c->blocked_on >= 0) remove_waiter(L, &L->conns[c->blocked_on], s);
+    c->dead = 1;
+    wake_waiters(L, c);
+    int at = route_find(L, c->key);
+    if (at >= 0 && L->routes[at].slot == s) route_del(L, c->key);
+    free_conn(L, s);
+    L->free_slots[L->nfree++] = s;
+    if (L->nreparse) signal_work(L);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Loop_route(Loop *L, PyObject *args) {
+    Py_buffer key;
+    PyObject *idobj;
+    if (check_idle(L) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "y*O", &key, &idobj)) return NULL;
+    PyObject *ret = NULL;
+    int s;
+    if (key.len != KEY) PyErr_SetString(PyExc_ValueError, "key must be 32 bytes");
+    else if ((s = slot_arg(L, idobj)) >= 0) {
+        if (route_set(L, key.buf, s) < 0) PyErr_NoMemory();
+        else { ret = Py_None; Py_INCREF(ret); }
+    }
+    PyBuffer_Release(&key);
+    return ret;
+}
+
+static PyObject *Loop_unroute(Loop *L, PyObject *arg) {
+    Py_buffer key;
+    if (check_idle(L) < 0) return NULL;
+    if (PyObject_GetBuffer(arg, &key, PyBUF_SIMPLE) < 0) return NULL;
+    if (key.len == KEY) route_del(L, key.buf);
+    PyBuffer_Release(&key);
+    if (key.len != KEY) { PyErr_SetString(PyExc_ValueError, "key must be 32 bytes"); return NULL; }
+    Py_RETURN_NONE;
+}
+
+/* write(id, frames): raw bytes (whole control frames) appended to the conn's output. */
+static PyObject *Loop_write(Loop *L, PyObject *args) {
+    PyObject *idobj;
+    Py_buffer b;
+    if (check_idle(L) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "Oy*", &idobj, &b)) return NULL;
+    PyObject *ret = NULL;
+    int s = slot_arg(L, idobj);
+    if (s >= 0) {
+        conn_t *c = &L->conns[s];
+        if (!c->dead) {
+            L->now = mono();
+            uint8_t *o = out_append(L, c, b.len);
+            if (!o) { PyErr_NoMemory(); goto out; }
+            memcpy(o, b.buf, b.len);
+            mark_dirty(L, s);
+        }
+        ret = Py_None; Py_INCREF(ret);
+    }
+out:
+    PyBuffer_Release(&b);
+    return ret;
+}
+
+/* deliver(id, src, packet) -> bool: a RecvPacket from elsewhere (a Python conn, a shard, the mesh).
+ * Those senders cannot be paused per destination: past 2*bound the oldest queued packets go (queue_head). */
+static PyObject *Loop_deliver(Loop *L, PyObject *args) {
+    PyObject *idobj;
+    Py_buffer src, pkt;
+    if (check_idle(L) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "Oy*y*", &idobj, &src, &pkt)) return NULL;
+    PyObject *ret = NULL;
+    int s = slot_arg(L, idobj);
+    if (s < 0) goto out;
+    if (src.len != KEY || pkt.len > MAX_PACKET) { PyErr_SetString(PyExc_ValueError, "bad key or packet size"); goto out; }
+    conn_t *c = &L->conns[s];
+    if (c->dead) { ret = Py_False; Py_INCREF(ret); goto out; }
+    L->now = mono();
+    if (pending(c) >= 2 * L->bound || (c->stalled && pending(c) >= L->bound)) drop_head(L, c, R_QUEUE_HEAD, L->bound);
+    uint8_t *o = out_append(L, c, HDR + KEY + pkt.len);
+    if (!o) { PyErr_NoMemory(); goto out; }
+    put_hdr(o, T_RECV, KEY + pkt.len);
+    memcpy(o + HDR, src.buf, KEY);
+    memcpy(o + HDR + KEY, pkt.buf, pkt.len);
+    L->packets_sent++;
+    L->bytes_sent += pkt.len;
+    mark_dirty(L, s);
+    ret = Py_True; Py_INCREF(ret);
+out:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&pkt);
+    return ret;
+}
+
+static PyObject *Loop_flush(Loop *L, PyObject *unused) {
+    if (check_idle(L) < 0) return NULL;
+    if (!L->ndirty) Py_RETURN_NONE;
+    L->now = mono();
+    flush_dirty(L);
+    if (L->nreparse) signal_work(L);
+    if (L->nev) signal_work(L); /* a write error: poll() hands it up */
+    Py_RETURN_NONE;
+}
+
+static PyObject *Loop_set_reading(Loop *L, PyObject *args) {
+    PyObject *idobj;
+    int on;
+    if (check_idle(L) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "Op", &idobj, &on)) return NULL;
+    int s = slot_arg(L, idobj);
+    if (s < 0) return NULL;
+    conn_t *c = &L->conns[s];
+    c->reading = on;
+    update_mask(L, c, s);
+    if (on && c->in_len && c->blocked_on < 0) { add_reparse(L, s); signal_work(L); }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Loop_set_notify_active(Loop *L, PyObject *args) {
+    PyObject *idobj;
+    int on;
+    if (!PyArg_ParseTuple(args, "Op", &idobj, &on)) return NULL;
+    int s = slot_arg(L, idobj);
+    if (s < 0) return NULL;
+    L->conns[s].notify_active = on;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Loop_queue_bytes(Loop *L, PyObject *arg) {
+    int s = slot_arg(L, arg);
+    if (s < 0) return NULL;
+    return PyLong_FromSize_t(pending(&L->conns[s]));
+}
+
+static PyObject *Loop_conn_info(Loop *L, PyObject *arg) {
+    int s = slot_arg(L, arg);
+    if (s < 0) return NULL;
+    conn_t *c = &L->conns[s];
+    return Py_BuildValue("{s:n,s:n,s:O,s:O,s:O,s:O,s:i}", "queue_bytes", (Py_ssize_t)pending(c),
+                         "in_bytes", (Py_ssize_t)c->in_len, "paused", c->blocked_on >= 0 ? Py_True : Py_False,
+                         "reading", (c->mask & EPOLLIN) ? Py_True : Py_False, "stalled", c->stalled ? Py_True : Py_False,
+                         "dead", c->dead ? Py_True : Py_False, "fd", c->fd);
+}
+
+/* poll() -> [(id, kind, bytes), ...]: one non-blocking turn. kind < 256 is a frame (bytes = the whole
+ * frame, header included) handed up; the EV_* kinds are connection events. */
+static PyObject *Loop_poll(Loop *L, PyObject *unused) {
+    if (check_idle(L) < 0) return NULL;
+    struct epoll_event evs[MAX_EVENTS];
+    L->busy = 1;
+    L->polls++;
+    Py_BEGIN_ALLOW_THREADS
+    int n = epoll_wait(L->epfd, evs, MAX_EVENTS, 0);
+    L->now = mono();
+    if (L->nreparse) { /* senders resumed or conns added with bytes already read */
+        int cnt = L->nreparse;
+        int *list = malloc(cnt * sizeof(int));
+        if (list) {
+            memcpy(list, L->reparse, cnt * sizeof(int));
+            L->nreparse = 0;
+            for (int i = 0; i < cnt; i++) {
+                conn_t *c = &L->conns[list[i]];
+                if (!c->in_reparse) continue;
+                c->in_reparse = 0;
+                read_conn(L, list[i], 0);
+            }
+            free(list);
+        }
+    }
+    for (int i = 0; i < n; i++) {
+        uint64_t d = evs[i].data.u64;
+        if (d == UINT64_MAX) {
+            uint64_t v;
+            ssize_t r = read(L->evfd, &v, 8);
+            (void)r;
+            continue;
+        }
+        int s = (int)d;
+        conn_t *c = &L->conns[s];
+        if (c->fd < 0 || c->dead) continue;
+        uint32_t e = evs[i].events;
+        if (e & EPOLLOUT) mark_dirty(L, s);
+        if (e & EPOLLIN) read_conn(L, s, 1);
+        else if ((e & (EPOLLHUP | EPOLLERR)) && !(e & EPOLLOUT)) {
+            /* hung up while not reading (paused): nothing more can come or go */
+            drop_all(L, c, R_WRITE_ERROR);
+            conn_fail(L, s, EV_CLOSED, "hangup");
+        }
+    }
+    flush_dirty(L);
+    /* senders woken by these writes: give them their turn now (their bytes are already here) */
+    for (int round = 0; round < 2 && L->nreparse; round++) {
+        int cnt = L->nreparse;
+        int *list = malloc(cnt * sizeof(int));
+        if (!list) break;
+        memcpy(list, L->reparse, cnt * sizeof(int));
+        L->nreparse = 0;
+        for (int i = 0; i < cnt; i++) {
+            conn_t *c = &L->conns[list[i]];
+            if (!c->in_reparse) continue;
+            c->in_reparse = 0;
+            read_conn(L, list[i], 0);
+        }
+        free(list);
+        flush_dirty(L);
+    }
+    check_timeouts(L);
+    if (L->nreparse) signal_work(L);
+    Py_END_ALLOW_THREADS
+    L->busy = 0;
+    if (L->oom) { L->oom = 0; L->nev = 0; L->arena_len = 0; return PyErr_NoMemory(); }
+    PyObject *list = PyList_New(L->nev);
+    if (!list) goto fail;
+    for (size_t i = 0; i < L->nev; i++) {
+        event_t *e = &L->ev[i];
+        PyObject *t = Py_BuildValue("(Kiy#)", (unsigned long long)e->id, e->kind, (const char *)L->arena + e->off,
+                                    (Py_ssize_t)e->len);
+        if (!t) { Py_DECREF(list); list = NULL; goto fail; }
+        PyList_SET_ITEM(list, i, t);
+    }
+fail:
+    L->nev = 0;
+    L->arena_len = 0;
+    if (L->arena_cap > (1u << 20)) { free(L->arena); L->arena = NULL; L->arena_cap = 0; }
+    return list;
+}
+
+static PyObject *Loop_stats(Loop *L, PyObject *unused) {
+    PyObject *d = Py_BuildValue(
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:n}", "packets_received", L->packets_received,
+        "bytes_received", L->bytes_received, "packets_received_disco", L->packets_received_disco,
+        "packets_sent", L->packets_sent, "bytes_sent", L->bytes_sent, "sender_pauses", L->sender_pauses,
+        "reads", L->reads, "writes", L->writes, "frames_up", L->frames_up, "polls", L->polls,
+        "write_timeouts", L->write_timeouts, "conns", L->nconns - L->nfree, "routes", (Py_ssize_t)L->rused);
+    if (!d) return NULL;
+    PyObject *drops = PyDict_New();
+    if (!drops) { Py_DECREF(d); return NULL; }
+    for (int r = 0; r < NREASONS; r++)
+        for (int k = 0; k < 2; k++) {
+            PyObject *key = Py_BuildValue("(ss)", reason_names[r], k ? "other" : "disco");
+            PyObject *val = Py_BuildValue("(KK)", L->dropped[r][k], L->dropped_bytes[r][k]);
+            if (!key || !val || PyDict_SetItem(drops, key, val) < 0) {
+                Py_XDECREF(key); Py_XDECREF(val); Py_DECREF(drops); Py_DECREF(d); return NULL;
+            }
+            Py_DECREF(key); Py_DECREF(val);
+        }
+    PyDict_SetItemString(d, "dropped", drops);
+    Py_DECREF(drops);
+    return d;
+}
+
+static PyMethodDef Loop_methods[] = {
+    {"fileno", (PyCFunction)Loop_fileno, METH_NOARGS, "the epoll fd (readable when poll() has work)"},
+    {"close", (PyCFunction)Loop_close, METH_NOARGS, "close every socket and the epoll fd"},
+    {"add", (PyCFunction)(void (*)(void))Loop_add, METH_VARARGS | METH_KEYWORDS,
+     "add(fd, key, inbytes=b'', outbytes=b'') -> id; the loop owns fd from now on"},
+    {"remove", (PyCFunction)Loop_remove, METH_O, "remove(id): close the socket, count queued packets as gone"},
+    {"route", (PyCFunction)Loop_route, METH_VARARGS, "route(key, id): SendPacket to key goes to id here"},
+    {"unroute", (PyCFunction)Loop_unroute, METH_O, "unroute(key): SendPacket to key is handed up"},
+    {"write", (PyCFunction)Loop_write, METH_VARARGS, "write(id, frames): queue raw frame bytes"},
+    {"deliver", (PyCFunction)Loop_deliver, METH_VARARGS, "deliver(id, src, packet) -> bool: queue a RecvPacket"},
+    {"flush", (PyCFunction)Loop_flush, METH_NOARGS, "write every conn with queued output"},
+    {"poll", (PyCFunction)Loop_poll, METH_NOARGS, "one non-blocking turn -> [(id, kind, bytes)]"},
+    {"set_reading", (PyCFunction)Loop_set_reading, METH_VARARGS, "set_reading(id, on)"},
+    {"set_notify_active", (PyCFunction)Loop_set_notify_active, METH_VARARGS, "set_notify_active(id, on)"},
+    {"queue_bytes", (PyCFunction)Loop_queue_bytes, METH_O, "queue_bytes(id) -> bytes queued for the conn"},
+    {"conn_info", (PyCFunction)Loop_conn_info, METH_O, "conn_info(id) -> dict (tests, debugging)"},
+    {"stats", (PyCFunction)Loop_stats, METH_NOARGS, "cumulative counters"},
+    {NULL},
+};
+
+static PyTypeObject LoopType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "turbowg.relay._fastpath.Loop",
+    .tp_basicsize = sizeof(Loop),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Loop_new,
+    .tp_dealloc = (destructor)Loop_dealloc,
+    .tp_methods = Loop_methods,
+    .tp_doc = "The relay's C forwarding plane: one epoll loop owning authenticated DERP client sockets.",
+};
+
+static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, "_fastpath", NULL, -1, NULL};
+
+PyMODINIT_FUNC PyInit__fastpath(void) {
+    if (PyType_Ready(&LoopType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m) return NULL;
+    Py_INCREF(&LoopType);
+    PyModule_AddObject(m, "Loop", (PyObject *)&LoopType);
+    PyModule_AddIntConstant(m, "EV_CLOSED", EV_CLOSED);
+    PyModule_AddIntConstant(m, "EV_PROTOCOL", EV_PROTOCOL);
+    PyModule_AddIntConstant(m, "EV_WRITE_TIMEOUT", EV_WRITE_TIMEOUT);
+    PyModule_AddIntConstant(m, "EV_DELIVERY", EV_DELIVERY);
+    PyModule_AddIntConstant(m, "EV_ACTIVE", EV_ACTIVE);
+    PyModule_AddIntConstant(m, "MAX_FRAME", HDR + MAX_FRAME);
+    return m;
+}
