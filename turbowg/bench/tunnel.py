@@ -14,6 +14,11 @@ machine (thermal, noisy neighbours) hits all implementations alike. Tests:
 - udp-gso-paced: the same load paced in time, swept over offered rates from low to past saturation
                (doubling from SWEEP_START_MBIT, then two bisection steps); the figure is the highest
                rate delivered with less than 1% loss.
+- rtt-idle / rtt-tcp / rtt-paced400: round-trip times of ping (56-byte payload, one every RTT_INTERVAL,
+               for the run's duration) from a to b through the path: idle, while one unpaced iperf3 TCP
+               stream runs a -> b, and while one iperf3 TCP stream paced at 400 Mbit/s runs. Each run gives
+               its p50/p99/p99.9; the table shows the median of those over the runs with its CI. Under load
+               the Recv-Q of each daemon's UDP socket is sampled (`ss`, every RTT_QUEUE_SAMPLE s).
 
 CPU cost is utime+stime of the daemon processes (both ends of the tunnel, children included) read
 from /proc/<pid>/stat around each run, divided by the gigabytes received. The traffic ends report
@@ -30,8 +35,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -54,7 +61,10 @@ from turbowg.testing.tunnel import (
     known_implementations,
 )
 
-TESTS = ("tcp1", "tcp4", "udp", "udp-gso", "udp-gso-paced")
+THROUGHPUT_TESTS = ("tcp1", "tcp4", "udp", "udp-gso", "udp-gso-paced")
+# Round-trip time through the tunnel: idle, under one unpaced iperf3 TCP stream, under a paced one (400 Mbit/s).
+RTT_TESTS = ("rtt-idle", "rtt-tcp", "rtt-paced400")
+TESTS = THROUGHPUT_TESTS + RTT_TESTS
 PATHS = ("turbowg", "turbowg-nooffload", "turbowg-python", "wireguard-go", UNDERLAY)
 BASELINE = "wireguard-go"
 SWEEP_START_MBIT = 50.0
@@ -215,6 +225,116 @@ def _udpgen(topo: Topology, path: Tunnel | NetPath, duration: float, ipv6: bool,
                     got.get("cpu_seconds"), {"sender": sent, "receiver": got})
 
 
+RTT_INTERVAL = 0.005  # seconds between pings (ping's -i; root may go this fast)
+RTT_WARMUP = 1.0  # seconds of load before the first ping (TCP slow start)
+RTT_QUEUE_SAMPLE = 0.1  # seconds between `ss` samples of the daemons' UDP Recv-Q under load
+PACED_MBIT = 400
+_PING_LINE = re.compile(r"icmp_seq=(\d+) .*time=([\d.]+) ms")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), nearest rank on the sorted values (no interpolation: a real sample)."""
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("percentile of no values")
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def parse_ping(text: str) -> dict[int, float]:
+    """icmp_seq -> RTT in ms from ping's per-reply lines (duplicates keep the first)."""
+    out: dict[int, float] = {}
+    for match in _PING_LINE.finditer(text):
+        out.setdefault(int(match.group(1)), float(match.group(2)))
+    return out
+
+
+def _udp_recvq(topo: Topology, path: Tunnel | NetPath) -> list[tuple[str, str, int]]:
+    """(namespace, side, port) of each daemon's UDP socket, whose Recv-Q is sampled under load."""
+    if not isinstance(path, Tunnel):
+        return []
+    return [(side.ns, name, side.port) for name, side in (("a", path.a), ("b", path.b))]
+
+
+def _sample_recvq(topo: Topology, sockets: list[tuple[str, str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for ns, name, port in sockets:
+        res = topo.run(ns, "ss", "-Huan", f"sport = :{port}", check=False, timeout=5)
+        total = 0
+        for line in res.stdout.splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[1].isdigit():
+                total += int(fields[1])
+        out[f"daemon {name}"] = total
+    return out
+
+
+def _rtt(topo: Topology, path: Tunnel | NetPath, test: str, duration: float, ipv6: bool,
+         interval: float = RTT_INTERVAL) -> Measured:
+    """Ping through `path` for `duration` seconds, idle or under an iperf3 TCP load a -> b."""
+    host = path.server_v6 if ipv6 else path.server_v4
+    count = max(10, int(duration / interval))
+    server = client = None
+    load: dict[str, Any] = {}
+    recvq: list[dict[str, int]] = []
+    try:
+        if test != "rtt-idle":
+            server = subprocess.Popen(topo.exec_args(topo.ns_b, "iperf3", "-s", "-1", "-p", str(IPERF_PORT)),
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
+            _wait_listening(topo, "tcp", IPERF_PORT, server)
+            args = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", f"{duration + RTT_WARMUP + 1.5:g}", "-J"]
+            if test == "rtt-paced400":
+                args += ["-b", f"{PACED_MBIT}M"]
+            client = subprocess.Popen(topo.exec_args(topo.ns_a, *args), stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(RTT_WARMUP)
+            if client.poll() is not None:
+                raise RunFailed(f"iperf3 load exited early: {_read(client)[0][-300:]}")
+        ping = subprocess.Popen(topo.exec_args(topo.ns_a, "ping", "-6" if ipv6 else "-4", "-n", "-i", f"{interval:g}",
+                                               "-c", str(count), "-s", "56", "-W", "1", host),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        sockets = _udp_recvq(topo, path) if client is not None else []
+        deadline = time.monotonic() + duration + 15
+        while ping.poll() is None and time.monotonic() < deadline:
+            if sockets:
+                recvq.append(_sample_recvq(topo, sockets))
+            time.sleep(RTT_QUEUE_SAMPLE)
+        out, err = _read(ping, timeout=5)
+        if client is not None:
+            report_text, client_err = _read(client, timeout=duration + 30)
+            try:
+                report = json.loads(report_text)
+                received = report["end"]["sum_received"]
+                load = {"bits_per_second": float(received["bits_per_second"]), "bytes": int(received["bytes"])}
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise RunFailed(f"iperf3 load gave no report: {client_err.strip()[-300:]}") from exc
+    except HarnessError as exc:
+        raise RunFailed(str(exc)) from exc
+    finally:
+        for proc in (client, server):
+            if proc is not None:
+                _stop(proc)
+    rtts = parse_ping(out)
+    if len(rtts) < max(3, count // 2):
+        raise RunFailed(f"ping: {len(rtts)} of {count} replies: {err.strip()[-300:]}")
+    values = list(rtts.values())
+    detail: dict[str, Any] = {
+        "pings": count, "replies": len(rtts), "interval": interval,
+        "rtt_ms": {"p50": percentile(values, 50), "p99": percentile(values, 99), "p99.9": percentile(values, 99.9),
+                   "min": min(values), "max": max(values)},
+        "load": load,
+    }
+    if recvq:
+        names = sorted({name for sample in recvq for name in sample})
+        detail["udp_recvq_bytes"] = {
+            name: {"median": percentile([s[name] for s in recvq if name in s], 50),
+                   "max": max(s[name] for s in recvq if name in s), "samples": len(recvq)} for name in names}
+    loss = 100.0 * (count - len(rtts)) / count
+    nbytes = load.get("bytes", 0)
+    return Measured(nbytes, load.get("bits_per_second", 0.0), loss, None, None, detail)
+
+
 def sweep_rates(measure, start_mbit: float = SWEEP_START_MBIT, max_steps: int = SWEEP_MAX_STEPS,
                 bisections: int = SWEEP_BISECTIONS) -> tuple[dict[str, Any] | None, dict[str, Any] | None, list]:
     """Offer rates from `start_mbit` up, doubling, until one loses >= LOSS_LIMIT % (or the sender, short of
@@ -296,7 +416,9 @@ def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float
             measured, shares = _paced_sweep(topo, path, sweep_step, ipv6)
         else:
             before = _cpu_by_process(path)
-            if test == "udp-gso":
+            if test in RTT_TESTS:
+                measured = _rtt(topo, path, test, duration, ipv6)
+            elif test == "udp-gso":
                 measured = _udpgen(topo, path, duration, ipv6)
             else:
                 measured = _iperf3(topo, path, test, duration, ipv6)
@@ -407,6 +529,127 @@ def summarize_runs(runs: Sequence[RunResult], paths: Sequence[str], tests: Seque
             if row.test == test and base and row.median_gbps is not None:
                 row.ratio_to_baseline = row.median_gbps / base
     return rows
+
+
+RTT_STATS = ("p50", "p99", "p99.9")
+
+
+@dataclass
+class RttRow:
+    """One path in one RTT test: per statistic (p50, p99, p99.9 of each run's RTTs) the median over the runs
+    and its CI, in ms; the load's throughput; the daemons' UDP Recv-Q (bytes) and CPU share under it."""
+
+    path: str
+    test: str
+    n_ok: int
+    n_failed: int
+    rtt_ms: dict[str, list[float]] = field(default_factory=dict)  # stat -> [median, lo, hi]
+    coverage: float | None = None
+    load_gbps: float | None = None
+    loss_percent: float | None = None
+    udp_recvq_bytes: dict[str, float] = field(default_factory=dict)  # "daemon a" -> median of the runs' medians
+    udp_recvq_max: dict[str, float] = field(default_factory=dict)
+    cpu_share: dict[str, float] = field(default_factory=dict)
+    label: str = ""
+
+
+def summarize_rtt(runs: Sequence[RunResult], paths: Sequence[str], tests: Sequence[str],
+                  labels: dict[str, str] | None = None) -> list[RttRow]:
+    labels = labels or {}
+    rows: list[RttRow] = []
+    for test in tests:
+        if test not in RTT_TESTS:
+            continue
+        for path in paths:
+            ok = [r for r in runs if r.path == path and r.test == test and r.ok and "rtt_ms" in r.detail]
+            failed = sum(1 for r in runs if r.path == path and r.test == test and not r.ok)
+            row = RttRow(path, test, len(ok), failed, label=labels.get(path, path))
+            if ok:
+                for stat in RTT_STATS:
+                    med, lo, hi, coverage = median_ci_with_coverage([r.detail["rtt_ms"][stat] for r in ok])
+                    row.rtt_ms[stat] = [med, lo, hi]
+                    row.coverage = coverage
+                if test != "rtt-idle":
+                    row.load_gbps = _median([r.gbps for r in ok])
+                row.loss_percent = _median([r.loss_percent for r in ok if r.loss_percent is not None])
+                queues = [r.detail.get("udp_recvq_bytes", {}) for r in ok]
+                for name in sorted({n for q in queues for n in q}):
+                    row.udp_recvq_bytes[name] = _median([q[name]["median"] for q in queues if name in q])
+                    row.udp_recvq_max[name] = max(q[name]["max"] for q in queues if name in q)
+                names = sorted({name for r in ok for name in r.cpu_share})
+                row.cpu_share = {name: _median([r.cpu_share[name] for r in ok if name in r.cpu_share])
+                                 for name in names}
+            rows.append(row)
+    return rows
+
+
+def format_rtt_table(rows: Sequence[RttRow]) -> str:
+    header = ("test", "path", "RTT p50 ms [95% CI]", "p99 ms [95% CI]", "p99.9 ms [95% CI]", "load Gbit/s",
+              "ping loss %", "UDP Recv-Q KiB a/b (max)", "daemon CPU a/b", "runs")
+    lines = [header]
+    for row in rows:
+        cells = []
+        for stat in RTT_STATS:
+            value = row.rtt_ms.get(stat)
+            cells.append("-" if value is None else f"{value[0]:.3f} [{value[1]:.3f}, {value[2]:.3f}]")
+        if row.udp_recvq_bytes:
+            queue = "/".join(f"{row.udp_recvq_bytes.get(n, 0) / 1024:.0f}" for n in ("daemon a", "daemon b"))
+            queue += " (" + "/".join(f"{row.udp_recvq_max.get(n, 0) / 1024:.0f}" for n in ("daemon a", "daemon b")) + ")"
+        else:
+            queue = "-"
+        cpu = "/".join(f"{row.cpu_share[n]:.0%}" for n in ("daemon a", "daemon b") if row.cpu_share.get(n) is not None)
+        runs = f"{row.n_ok}" + (f" ({row.n_failed} failed)" if row.n_failed else "")
+        lines.append((row.test, row.label or row.path, *cells, _fmt(row.load_gbps, "{:.2f}"),
+                      _fmt(row.loss_percent, "{:.1f}"), queue, cpu or "-", runs))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for index, line in enumerate(lines):
+        out.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+        if index == 0:
+            out.append("  ".join("-" * width for width in widths))
+    out.append(f"RTT: ping -s 56 every {RTT_INTERVAL * 1000:g} ms a -> b; per run p50/p99/p99.9, then the median over "
+               f"runs [CI]; rtt-tcp: under one unpaced iperf3 TCP stream, rtt-paced400: one paced at {PACED_MBIT} "
+               "Mbit/s; Recv-Q: the daemons' UDP socket under load (median of samples, max)")
+    short = [r.coverage for r in rows if r.coverage is not None and r.coverage < 0.95]
+    if short:
+        out.append(f"note: with fewer than 6 runs the interval is [min, max]; it covers the median with "
+                   f"probability {min(short):.0%}, not 95% (use --runs 6 or more)")
+    return "\n".join(out)
+
+
+def write_rtt_chart(rows: Sequence[RttRow], paths: Sequence[str], tests: Sequence[str], filename: str) -> str | None:
+    """p50 / p99 / p99.9 bars per test and path with CI error bars (log scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no chart (pip install matplotlib)"
+    tests = [t for t in tests if t in RTT_TESTS]
+    fig, axes = plt.subplots(1, len(tests), figsize=(5 * len(tests), 4.5), squeeze=False)
+    for t_index, test in enumerate(tests):
+        ax = axes[0][t_index]
+        width = 0.8 / max(1, len(paths))
+        for index, path in enumerate(paths):
+            row = next((r for r in rows if r.path == path and r.test == test), None)
+            if row is None or not row.rtt_ms:
+                continue
+            xs = [s + (index - (len(paths) - 1) / 2) * width for s in range(len(RTT_STATS))]
+            meds = [row.rtt_ms[s][0] for s in RTT_STATS]
+            err = [[row.rtt_ms[s][0] - row.rtt_ms[s][1] for s in RTT_STATS],
+                   [row.rtt_ms[s][2] - row.rtt_ms[s][0] for s in RTT_STATS]]
+            ax.bar(xs, meds, width, yerr=err, capsize=3, label=row.label or path)
+        ax.set_xticks(range(len(RTT_STATS)), RTT_STATS)
+        ax.set_yscale("log")
+        ax.set_ylabel("RTT ms (median over runs, 95% CI; log scale)")
+        ax.set_title(test)
+        ax.legend(fontsize="small")
+    fig.suptitle("turbowg bench tunnel: round-trip time")
+    fig.tight_layout()
+    fig.savefig(filename, dpi=120)
+    plt.close(fig)
+    return None
 
 
 def _fmt(value: float | None, fmt: str) -> str:
@@ -560,15 +803,23 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
                     end=" ", flush=True, file=sys.stderr)
                 result = run_one(topo, path, test, rep, duration, ipv6, sweep_step)
                 results.append(result)
-                log(f"{result.gbps:.2f} Gbit/s" if result.ok else f"FAILED: {result.error}", file=sys.stderr)
+                log(_progress(result), file=sys.stderr)
         except KeyboardInterrupt:
             # Tear down (the with block does) and still report what was measured.
             interrupted = True
             log(f"\ninterrupted after {len(results)} of {total} runs", file=sys.stderr)
     if not results:
         return 130 if interrupted else 1
-    rows = summarize_runs(results, paths, tests, labels, baseline)
-    log(format_table(rows, baseline_label))
+    throughput_tests = [t for t in tests if t not in RTT_TESTS]
+    rtt_tests = [t for t in tests if t in RTT_TESTS]
+    rows = summarize_runs(results, paths, throughput_tests, labels, baseline)
+    rtt_rows = summarize_rtt(results, paths, rtt_tests, labels)
+    if rows:
+        log(format_table(rows, baseline_label))
+    if rtt_rows:
+        if rows:
+            log("")
+        log(format_rtt_table(rtt_rows))
     raw = {
         "meta": {"started": started, "interrupted": interrupted, "kernel": platform.release(), "duration": duration,
                  "runs": runs, "tests": list(tests), "paths": list(paths), "ip_version": 6 if ipv6 else 4,
@@ -579,17 +830,33 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
                  "commands": {i.name: {"command": list(i.command), "env": dict(i.env)} for i in impls}},
         "runs": [asdict(r) for r in results],
         "summary": [asdict(r) for r in rows],
+        "rtt_summary": [asdict(r) for r in rtt_rows],
     }
     json_path = os.path.join(output_dir, "tunnel-runs.json")
     with open(json_path, "w") as f:
         json.dump(raw, f, indent=2)
     log(f"raw runs: {json_path}")
-    chart_path = os.path.join(output_dir, "tunnel.png")
-    note = write_chart(rows, paths, tests, chart_path, baseline_label)
-    log(note if note else f"chart: {chart_path}")
+    if rows:
+        chart_path = os.path.join(output_dir, "tunnel.png")
+        note = write_chart(rows, paths, throughput_tests, chart_path, baseline_label)
+        log(note if note else f"chart: {chart_path}")
+    if rtt_rows:
+        chart_path = os.path.join(output_dir, "tunnel-rtt.png")
+        note = write_rtt_chart(rtt_rows, paths, rtt_tests, chart_path)
+        log(note if note else f"chart: {chart_path}")
     if interrupted:
         return 130
     return 0 if all(r.ok for r in results) else 1
+
+
+def _progress(result: RunResult) -> str:
+    if not result.ok:
+        return f"FAILED: {result.error}"
+    rtt = result.detail.get("rtt_ms")
+    if rtt is None:
+        return f"{result.gbps:.2f} Gbit/s"
+    text = f"RTT p50 {rtt['p50']:.3f} p99 {rtt['p99']:.3f} p99.9 {rtt['p99.9']:.3f} ms"
+    return text + (f" at {result.gbps:.2f} Gbit/s" if result.test != "rtt-idle" else "")
 
 
 def _rotated(paths: Sequence[str], rep: int) -> list[str]:
