@@ -74,8 +74,8 @@ def kernel_tls_available(path: str = TCP_AVAILABLE_ULP) -> bool | None:
     try:
         with open(path) as f:
             return "tls" in f.read().split()
-    except OSError:
-        return None
+    except OSError:  # e.g. not shown in a network namespace other than the first
+        return True if os.path.isdir("/sys/module/tls") else None
 
 
 def tls_offload_summary(path: str = TCP_AVAILABLE_ULP) -> str:
@@ -83,7 +83,7 @@ def tls_offload_summary(path: str = TCP_AVAILABLE_ULP) -> str:
     have = kernel_tls_available(path)
     kernel = {True: "the kernel offers kTLS (tcp_available_ulp lists tls)",
               False: "the kernel offers no kTLS (tls not in tcp_available_ulp; modprobe tls)",
-              None: f"kTLS unknown ({path} unreadable)"}[have]
+              None: f"kTLS unknown ({path} not readable here)"}[have]
     # Python's ssl module cannot hand a session to the kernel (no SSL_OP_ENABLE_KTLS / BIO socket access)
     return f"TLS in user space (OpenSSL through Python's ssl module, no kTLS); {kernel}"
 
