@@ -16,7 +16,7 @@ from turbowg import doctor
 from turbowg.testing.marks import needs_netns
 from turbowg.testing.netns import ns_run, run
 
-SECTIONS = {"kernel", "tun", "udp", "default-route", "cpu-idle", "accel"}
+SECTIONS = {"kernel", "tun", "udp", "default-route", "cpu-idle", "accel", "ktls"}
 
 
 @contextlib.contextmanager
@@ -151,3 +151,24 @@ def test_missing_tun_device_gives_fix() -> None:
 @pytest.mark.parametrize("release,expected", [("6.18.44-fc", (6, 18)), ("5.10.0-21-amd64", (5, 10)), ("weird", (0, 0))])
 def test_kernel_version_parsing(release: str, expected: tuple[int, int]) -> None:
     assert doctor.kernel_version_tuple(release) == expected
+
+
+def test_ktls_reported_as_info(tmp_path) -> None:
+    ulp = tmp_path / "tcp_available_ulp"
+    ulp.write_text("mptcp\n")
+    no_module = str(tmp_path / "no-module")
+    [without] = doctor.check_ktls(str(ulp), no_module)
+    assert (without.section, without.status) == ("ktls", doctor.INFO) and "no kTLS" in without.message
+    assert without.fix and "modprobe tls" in without.fix
+    ulp.write_text("mptcp tls\n")
+    [with_tls] = doctor.check_ktls(str(ulp), no_module)
+    assert with_tls.status == doctor.INFO and "kTLS available" in with_tls.message
+    [unknown] = doctor.check_ktls(str(tmp_path / "missing"), no_module)
+    assert unknown.status == doctor.INFO and "unknown" in unknown.message
+    [module] = doctor.check_ktls(str(tmp_path / "missing"), str(tmp_path))
+    assert "kTLS available" in module.message
+    # this machine, first namespace: the real file says whether tls is offered; always INFO, never a warning
+    [here] = doctor.check_ktls()
+    assert here.status == doctor.INFO
+    offered = "tls" in open(doctor.TCP_AVAILABLE_ULP).read().split()
+    assert ("kTLS available" in here.message) == offered

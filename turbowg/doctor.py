@@ -8,7 +8,8 @@ Checks, each with the exact command that fixes what it finds:
 - UDP GSO (UDP_SEGMENT) and GRO (UDP_GRO) socket options;
 - on the default-route interface, the ethtool features rx-udp-gro-forwarding and rx-gro-list, which
   Tailscale recommends as on / off on subnet routers and exit nodes;
-- the CPU idle (C-state) configuration: deep C-states add wake-up latency to every packet burst.
+- the CPU idle (C-state) configuration: deep C-states add wake-up latency to every packet burst;
+- whether the kernel offers kTLS (the `tls` TCP ULP), which the relay's TLS could be offloaded to.
 
 Nothing here raises for a missing tool or file: the finding says "unknown" and why.
 """
@@ -320,13 +321,34 @@ def check_accelerators() -> list[Finding]:
     return findings
 
 
+# ---------------------------------------------------------------- kTLS
+
+TCP_AVAILABLE_ULP = "/proc/sys/net/ipv4/tcp_available_ulp"
+
+
+def check_ktls(ulp_path: str = TCP_AVAILABLE_ULP, module_dir: str = "/sys/module/tls") -> list[Finding]:
+    """kTLS is informational: `turbowg relay` serves TLS in user space either way (Python's ssl module cannot
+    hand a session to the kernel); it says whether a kernel TLS path would be there to use."""
+    ulps = _read(ulp_path)
+    if ulps is None:  # the sysctl is only shown in the first network namespace
+        if os.path.isdir(module_dir):
+            return [Finding("ktls", INFO, "kTLS available (tls module loaded)")]
+        return [Finding("ktls", INFO, f"kTLS unknown: {ulp_path} not readable here and no tls module loaded",
+                        "modprobe tls")]
+    if "tls" in ulps.split():
+        return [Finding("ktls", INFO, f"kTLS available (tcp_available_ulp: {ulps})")]
+    return [Finding("ktls", INFO, f"no kTLS: tcp_available_ulp lists {ulps or 'nothing'}, not tls "
+                    "(turbowg relay does TLS in user space)", "modprobe tls (kernel built with CONFIG_TLS)")]
+
+
 # ---------------------------------------------------------------- report
 
 CHECKS = (("kernel", check_kernel), ("tun", check_tun), ("udp", check_udp),
-          ("default-route", check_default_route), ("cpu-idle", check_cpu_idle), ("accel", check_accelerators))
+          ("default-route", check_default_route), ("cpu-idle", check_cpu_idle), ("accel", check_accelerators),
+          ("ktls", check_ktls))
 TITLES = {"kernel": "Kernel", "tun": "TUN offloads", "udp": "UDP GSO/GRO",
           "default-route": "Default-route interface (subnet router / exit node)", "cpu-idle": "CPU idle states",
-          "accel": "Data path accelerators"}
+          "accel": "Data path accelerators", "ktls": "Kernel TLS (kTLS) for the relay"}
 
 
 def collect() -> list[Finding]:
