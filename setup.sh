@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 if [ "$(id -u)" != 0 ]; then echo "setup.sh: run as root (it installs Debian packages and creates TUN devices)" >&2; exit 1; fi
 need=()
-for pair in wireguard-go:wireguard-go wg:wireguard-tools iperf3:iperf3 ip:iproute2 ethtool:ethtool ps:procps ping:iputils-ping openssl:openssl nft:nftables; do
+for pair in wireguard-go:wireguard-go wg:wireguard-tools iperf3:iperf3 ip:iproute2 ethtool:ethtool ps:procps ping:iputils-ping openssl:openssl nft:nftables pebble:pebble; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 # Headers for the optional C accelerators (turbowg/noise/_aead.c links libcrypto); without them pip still
