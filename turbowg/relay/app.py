@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
 import ssl
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,13 +26,18 @@ import uvloop
 
 from turbowg.derp import keys
 from turbowg.relay import acme as relay_acme
-from turbowg.relay.http import RelayHTTPProtocol
+from turbowg.relay.accept_limit import make_limiter
+from turbowg.relay.http import Handler, HTTPFront, RelayHTTPProtocol, Request, Response
 from turbowg.relay.mesh import Mesh, MeshConfigError, mesh_ssl_context, start_mesh
 from turbowg.relay.metacert import ReloadableTLS, tls_offload_summary
+from turbowg.relay.pages import BootstrapDNS, check_home
+from turbowg.relay.policy import ConnPolicy
+from turbowg.relay.ratelimit import RateLimitConfigError, RateLimits, load_rate_limits
 from turbowg.relay.server import DerpServer
 from turbowg.relay.shards.links import ShardContext, ShardLinks
 from turbowg.relay.shards.supervisor import reuseport_listener, run_sharded
 from turbowg.relay.stun import serve_stun
+from turbowg.relay.verify import ClientVerifier
 from turbowg.wire import KEY_SIZE
 
 log = logging.getLogger("turbowg.relay.app")
@@ -60,11 +67,24 @@ class RelayConfig:
     mesh_ca: str = ""  # CA file for the peer relays' certificates ("" = system trust store)
     mesh_insecure_skip_verify: bool = False
     dev: bool = False
-    http_port: int = -1  # derper serves port 80 too; off unless asked
+    http_port: int = -1  # plain HTTP port of a TLS relay (the CLI defaults to 80, as derper); -1 off
     workers: int = 0  # 0 = os.cpu_count()
     private_key: bytes | None = None  # overrides config_path (tests)
     send_queue_depth: int = 32
     ready: Any = None  # optional callable(list[(host, port)]) called once listening (tests)
+    # derper's operator flags (cli.py has their meaning)
+    verify_client_url: str = ""
+    verify_client_url_fail_open: bool = True
+    accept_connection_limit: float = math.inf
+    accept_connection_burst: int = sys.maxsize
+    client_rate_limits: str = ""  # JSON file (ratelimit.py), reloaded on SIGHUP
+    home: str = ""
+    bootstrap_dns_names: str = ""
+    tcp_keepalive_time: float = 600.0
+    tcp_user_timeout: float = 15.0
+    tcp_write_timeout: float = 2.0
+    # extra HTTP pages by path prefix, on the main listener and the http port (letsencrypt adds HTTP-01's)
+    http_routes: dict[str, Handler] = field(default_factory=dict)
 
 
 def parse_addr(addr: str, default_port: int) -> tuple[str, int]:
@@ -156,6 +176,7 @@ class PreparedRelay:
     mesh_key: str
     tls_reload: ReloadableTLS | None = None  # swaps tls's certificate for new connections
     acme: relay_acme.CertManager | None = None  # certmode letsencrypt: renews (worker 0)
+    rate_limits: RateLimits | None = None  # -client-rate-limits as read at start
 
 
 def prepare(config: RelayConfig) -> PreparedRelay:
@@ -183,7 +204,50 @@ def prepare(config: RelayConfig) -> PreparedRelay:
             mesh_ssl_context(config.mesh_ca, config.mesh_insecure_skip_verify)  # a bad CA file fails here
         except MeshConfigError as exc:
             raise RelayConfigError(str(exc)) from None
-    return PreparedRelay(private, host, port, tls, mesh_key, tls_reload, manager)
+    try:
+        check_home(config.home)
+        if config.verify_client_url:
+            ClientVerifier(config.verify_client_url, config.verify_client_url_fail_open)
+        make_limiter(config.accept_connection_limit, config.accept_connection_burst)
+    except ValueError as exc:
+        raise RelayConfigError(str(exc)) from None
+    for name in ("tcp_keepalive_time", "tcp_user_timeout", "tcp_write_timeout"):
+        if not getattr(config, name) >= 0:
+            raise RelayConfigError(f"-{name.replace('_', '-')} must be >= 0")
+    rate_limits = None
+    if config.client_rate_limits:
+        try:
+            rate_limits = load_rate_limits(config.client_rate_limits)
+        except RateLimitConfigError as exc:
+            raise RelayConfigError(str(exc)) from None
+    return PreparedRelay(private, host, port, tls, mesh_key, tls_reload, manager, rate_limits)
+
+
+def _acme_route(req: Request) -> Response:
+    body = relay_acme.acme_http01_handler(req.path)
+    if body is None:
+        return Response(404, b"not found\n")
+    return Response(200, body, {"Content-Type": "application/octet-stream"})
+
+
+def make_front(config: RelayConfig, prepared: PreparedRelay, server: DerpServer, workers: int = 1
+               ) -> tuple[HTTPFront, ConnPolicy]:
+    """The HTTP front of one worker: pages, accept limit, TCP options, verify/rate-limit policy."""
+    verifier = (ClientVerifier(config.verify_client_url, config.verify_client_url_fail_open)
+                if config.verify_client_url else None)
+    policy = ConnPolicy(verifier, prepared.rate_limits, config.client_rate_limits)
+    routes = config.http_routes
+    if config.certmode == "letsencrypt":
+        routes.setdefault(relay_acme.CHALLENGE_PREFIX, _acme_route)
+    front = HTTPFront(
+        hostname=config.hostname, home=config.home,
+        bootstrap_dns=BootstrapDNS.from_flag(config.bootstrap_dns_names),
+        routes=routes,
+        conn_factory=policy.conn_factory(server) if policy.active else None,
+        accept_limiter=make_limiter(config.accept_connection_limit, config.accept_connection_burst, workers),
+        tcp_keepalive=config.tcp_keepalive_time, tcp_user_timeout=config.tcp_user_timeout,
+    )
+    return front, policy
 
 
 async def _tls_reload_loop(tls_reload: ReloadableTLS, interval: float) -> None:
@@ -211,7 +275,12 @@ async def serve_worker(config: RelayConfig, prepared: PreparedRelay, shard_ctx: 
     """One worker: DerpServer + listener(s) + (shard links, STUN, mesh); runs until cancelled."""
     loop = asyncio.get_running_loop()
     server = DerpServer(prepared.private_key, mesh_key=prepared.mesh_key, send_queue_depth=config.send_queue_depth,
-                        loop=loop)
+                        write_timeout=config.tcp_write_timeout, loop=loop)
+    front, policy = make_front(config, prepared, server, shard_ctx.workers if shard_ctx is not None else 1)
+    if front.bootstrap_dns is not None:
+        await front.bootstrap_dns.start()
+    if config.client_rate_limits:
+        loop.add_signal_handler(signal.SIGHUP, policy.reload)
     links: ShardLinks | None = None
     if shard_ctx is not None and shard_ctx.workers > 1:
         links = await shard_ctx.attach(server)
@@ -219,11 +288,12 @@ async def serve_worker(config: RelayConfig, prepared: PreparedRelay, shard_ctx: 
     listeners = []
     bound: list[tuple[str, int]] = []
     sock = make_listener(prepared.host, prepared.port)
-    listeners.append(await loop.create_server(lambda: RelayHTTPProtocol(server), sock=sock, ssl=prepared.tls))
+    listeners.append(await loop.create_server(lambda: RelayHTTPProtocol(server, front), sock=sock, ssl=prepared.tls))
     bound.append(sock.getsockname()[:2])
     if config.http_port > 0 and prepared.tls is not None:
         sock80 = make_listener(prepared.host, config.http_port)
-        listeners.append(await loop.create_server(lambda: RelayHTTPProtocol(server), sock=sock80))
+        front80 = front.http_port_front()
+        listeners.append(await loop.create_server(lambda: RelayHTTPProtocol(server, front80), sock=sock80))
         bound.append(sock80.getsockname()[:2])
     stun_transport = None
     if config.stun and first_worker:
@@ -251,6 +321,11 @@ async def serve_worker(config: RelayConfig, prepared: PreparedRelay, shard_ctx: 
             task.cancel()
         for lst in listeners:
             lst.close()
+        if front.bootstrap_dns is not None:
+            front.bootstrap_dns.stop()
+        if config.client_rate_limits:
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signal.SIGHUP)
         server.close()
         if stun_transport is not None:
             stun_transport.close()
@@ -268,6 +343,8 @@ def run_relay(config: RelayConfig) -> int:
         log.info("%s", tls_offload_summary())
     workers = config.workers or os.cpu_count() or 1
     if workers > 1:
+        if config.client_rate_limits:
+            _forward_sighup_to_workers()
         return run_sharded(workers, lambda ctx: serve_worker(config, prepared, ctx))
 
     async def single() -> None:
@@ -282,3 +359,21 @@ def run_relay(config: RelayConfig) -> int:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(single())
     return 0
+
+
+def _forward_sighup_to_workers() -> None:
+    """The supervisor (shards/supervisor.py) only forwards stop signals; pass SIGHUP (reload the rate
+    limits) on to the worker processes, found as this process's children."""
+
+    def forward(signum: int, _frame: object) -> None:
+        me = os.getpid()
+        try:
+            with open(f"/proc/{me}/task/{me}/children") as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGHUP, forward)

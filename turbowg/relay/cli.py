@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import Any
 
 from turbowg.relay.acme import CHECK_INTERVAL, LETSENCRYPT_DIRECTORY, RENEW_BEFORE_DAYS
 from turbowg.relay.app import RelayConfig, RelayConfigError, run_relay
+from turbowg.relay.pages import parse_duration
 
 
 def _bool(text: str) -> bool:
@@ -23,6 +25,23 @@ def _bool(text: str) -> bool:
     if v in ("0", "f", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text.strip().replace("Inf", "inf"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value != value or value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    return value
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, *aliases: str, **kw: Any) -> None:
@@ -67,8 +86,39 @@ def register(subparsers: Any) -> None:
                "the path can then take the region's mesh key)")
     _flag(relay, "dev", type=_bool, nargs="?", const=True, default=False,
           help="plain HTTP on :3340 with an ephemeral key unless -c is given")
-    _flag(relay, "http-port", dest="http_port", type=int, default=-1,
-          help="also serve plain HTTP on this port (default off)")
+    _flag(relay, "http-port", dest="http_port", type=int, default=80,
+          help="the port on which to serve plain HTTP when serving TLS (derper: /generate_204, ACME HTTP-01, "
+               "/debug/ from localhost, everything else redirected to https); -1 to disable (default 80); "
+               "bound to the same IP as -a")
+    _flag(relay, "verify-client-url", dest="verify_client_url", default="",
+          help="if non-empty, an admission controller URL for permitting client connections: the relay POSTs "
+               "{\"NodePublic\":\"nodekey:<hex>\",\"Source\":\"<ip>\"} and admits the client only on "
+               "200 with {\"Allow\":true} (mesh peers are not asked)")
+    _flag(relay, "verify-client-url-fail-open", dest="verify_client_url_fail_open", type=_bool, nargs="?",
+          const=True, default=True,
+          help="whether to admit clients when -verify-client-url is unreachable (default true)")
+    _flag(relay, "accept-connection-limit", dest="accept_connection_limit", type=_float, default=math.inf,
+          help="rate limit for accepting new connections, per second (default +Inf); connections over it are "
+               "closed at once; shared equally by the workers")
+    _flag(relay, "accept-connection-burst", dest="accept_connection_burst", type=int, default=sys.maxsize,
+          help=f"burst limit for accepting new connections (default {sys.maxsize})")
+    _flag(relay, "client-rate-limits", dest="client_rate_limits", default="",
+          help="JSON file of per-client read rate limits: {\"default\": {\"bytes_per_sec\": N, \"burst\": M}, "
+               "\"clients\": {\"nodekey:<hex>\": {...}}}; enforced by reading slower (TCP backpressure, "
+               "no drops); reloaded on SIGHUP (turbowg extension, not a derper flag)")
+    _flag(relay, "home", default="",
+          help="what to serve at the root path: empty for the default page, 'blank' for a blank page, or a URL "
+               "to redirect to")
+    _flag(relay, "bootstrap-dns-names", dest="bootstrap_dns_names", default="",
+          help="optional comma-separated list of hostnames to make available at /bootstrap-dns "
+               "(resolved by the relay every 10 minutes)")
+    _flag(relay, "tcp-keepalive-time", dest="tcp_keepalive_time", type=_duration, default=600.0,
+          help="TCP keepalive time of accepted connections, a Go duration like 10m (default 10m; 0 = OS default)")
+    _flag(relay, "tcp-user-timeout", dest="tcp_user_timeout", type=_duration, default=15.0,
+          help="TCP user timeout (TCP_USER_TIMEOUT) of accepted connections (default 15s; 0 = OS default)")
+    _flag(relay, "tcp-write-timeout", dest="tcp_write_timeout", type=_duration, default=2.0,
+          help="TCP write timeout: a client whose writes make no progress this long is closed; "
+               "0 results in no timeout (default 2s; mesh peers get at least 30s)")
     relay.add_argument("--workers", type=int, default=0, help="worker processes (default: CPU count)")
     relay.add_argument("--send-queue-depth", type=int, default=32, help="packets queued per client (default 32)")
     relay.add_argument("-v", "--verbose", action="store_true")
@@ -89,6 +139,11 @@ def run_relay_command(args: argparse.Namespace) -> int:
         mesh_insecure_skip_verify=args.mesh_insecure_skip_verify,
         dev=args.dev, http_port=args.http_port, workers=args.workers,
         send_queue_depth=args.send_queue_depth,
+        verify_client_url=args.verify_client_url, verify_client_url_fail_open=args.verify_client_url_fail_open,
+        accept_connection_limit=args.accept_connection_limit, accept_connection_burst=args.accept_connection_burst,
+        client_rate_limits=args.client_rate_limits, home=args.home, bootstrap_dns_names=args.bootstrap_dns_names,
+        tcp_keepalive_time=args.tcp_keepalive_time, tcp_user_timeout=args.tcp_user_timeout,
+        tcp_write_timeout=args.tcp_write_timeout,
     )
     try:
         return run_relay(config)
