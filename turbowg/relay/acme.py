@@ -288,6 +288,7 @@ class CertManager:
             for t in tokens:
                 with contextlib.suppress(OSError):
                     t.unlink()
+            net.session.close()  # no keep-alive socket to the CA left over (and inherited by workers)
         expiry = cert_expiry(chain, self.hostname)
         if expiry is None:
             raise AcmeError(f"the ACME server issued a certificate that does not name {self.hostname}")
