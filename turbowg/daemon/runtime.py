@@ -26,6 +26,8 @@ import uvloop
 from turbowg.conn.udp import RECV_BUFFER, UDPBind
 from turbowg.daemon.derp_link import DerpLink
 from turbowg.daemon.handshake_worker import HandshakeOffload, enabled_from_env
+from turbowg.daemon.trace import LatencyTrace, enable_kernel_timestamps
+from turbowg.daemon.trace import enabled_from_env as trace_enabled
 from turbowg.device import Device
 from turbowg.device.receive import RX_MAX_PACKETS
 from turbowg.device.send import TX_MAX_MESSAGES
@@ -92,6 +94,8 @@ class Runtime:
         self.handshakes: HandshakeOffload | None = None  # the handshake worker process, when in use
         # The home DERP relay (turbowgd --derp): messages to relay pseudo-endpoints (port 0) go through it.
         self.derp_link: DerpLink | None = DerpLink(self, derp, ca_file=derp_ca) if derp else None
+        # TURBOWG_TRACE_LATENCY=1: wrapped readers time the stages of each crossing (nothing wrapped when off).
+        self.trace: LatencyTrace | None = LatencyTrace() if trace_enabled() else None
 
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -108,7 +112,11 @@ class Runtime:
                                             on_set=self._after_uapi_set,
                                             on_removed=lambda: self.stop("UAPI socket removed"),
                                             stats=self.stats)
-        self._loop.add_reader(self.tun.fileno(), self._on_tun_readable)
+        tun_reader = self._on_tun_readable
+        if self.trace is not None:
+            self.trace.attach_tun(self.tun, self.device)
+            tun_reader = self.trace.tun_reader(tun_reader)
+        self._loop.add_reader(self.tun.fileno(), tun_reader)
         if self.derp_link is not None:
             self.derp_link.start()
         self._schedule_timer()
@@ -132,7 +140,12 @@ class Runtime:
         self.device.set_bound_port(self.udp.port)
         if self.handshakes is not None:
             self.handshakes.configure(udp.fileno())  # it sends cookie replies on the new socket
-        self._loop.add_reader(self.udp.fileno(), self._on_udp_readable)
+        udp_reader = self._on_udp_readable
+        if self.trace is not None:
+            self.trace.attach_udp(udp)
+            enable_kernel_timestamps(udp.fileno())
+            udp_reader = self.trace.udp_reader(udp_reader, self)
+        self._loop.add_reader(self.udp.fileno(), udp_reader)
         log.info("listening on UDP port %d", self.udp.port)
 
     def _after_uapi_set(self) -> None:
@@ -373,11 +386,15 @@ def run(ifname: str, *, offloads: bool = True, on_ready: Callable[[], None] | No
             return 1
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runtime.stop, f"signal {sig.name}")
+        if runtime.trace is not None:
+            loop.add_signal_handler(signal.SIGUSR1, runtime.trace.report)
         if on_ready is not None:
             on_ready()
         await runtime.wait_stopped()
         log.info("shutting down: %s", runtime.stop_reason)
         await runtime.close()
+        if runtime.trace is not None:
+            runtime.trace.report()
         return 0
 
     try:
