@@ -19,7 +19,11 @@ def register(subparsers: Any) -> None:
     csub = client.add_subparsers(dest="derp_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("url", help="relay URL, e.g. https://derp.example.com or http://127.0.0.1:3340")
+        p.add_argument("url", help="relay URL, e.g. https://derp.example.com or http://127.0.0.1:3340 "
+                                   "(ws:// or wss:// for DERP over WebSocket)")
+        p.add_argument("--websocket", action="store_true",
+                       help="speak DERP over a WebSocket (derp subprotocol), as browsers and clients behind "
+                            "WebSocket-only proxies do; same as a ws:// or wss:// URL")
         p.add_argument("--private-key", default="", help="privkey:<hex> (default: a fresh key)")
         p.add_argument("--verify", action="store_true", help="verify the relay's TLS certificate")
         p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
@@ -61,7 +65,7 @@ async def _client_main(args: argparse.Namespace, private: bytes | None, dst: byt
     from turbowg.derp.codec import PeerGone, ReceivedPacket
 
     client = DerpClient(private)
-    await client.connect(args.url, verify=args.verify, timeout=args.timeout)
+    await client.connect(args.url, verify=args.verify, timeout=args.timeout, websocket=args.websocket)
     try:
         cmd = args.derp_command
         if cmd == "info":

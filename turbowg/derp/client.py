@@ -1,7 +1,7 @@
 """asyncio DERP client: HTTP upgrade (plain or TLS), handshake, send/receive packets, ping.
 
     client = DerpClient()                       # fresh key, or DerpClient(private_key)
-    await client.connect("https://relay:443/derp", verify=False)
+    await client.connect("https://relay:443/derp", verify=False)   # or "wss://relay/derp": DERP over WebSocket
     client.send(peer_public_key, b"packet")
     msg = await client.recv()                   # ReceivedPacket, PeerGone, PeerPresent, Ping, ...
     rtt = await client.ping()
@@ -18,6 +18,7 @@ import os
 import ssl
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from turbowg.derp import keys
@@ -39,6 +40,9 @@ from turbowg.derp.codec import (
 from turbowg.derp.handshake import HandshakeError, UpgradeResponse, upgrade_request
 from turbowg.wire import KEY_SIZE
 
+if TYPE_CHECKING:
+    from turbowg.derp.websocket import ClientWebSocket
+
 _SEND = FrameType.SEND_PACKET
 
 
@@ -51,17 +55,37 @@ class ConnectionClosed(DerpClientError):
 
 
 class _ClientProtocol(asyncio.Protocol):
-    def __init__(self, owner: DerpClient, expect_http: bool) -> None:
+    def __init__(self, owner: DerpClient, expect_http: bool, websocket: tuple[str, str] | None = None) -> None:
         self.owner = owner
-        self.upgrade: UpgradeResponse | None = UpgradeResponse() if expect_http else None
+        self.upgrade: UpgradeResponse | None = UpgradeResponse() if expect_http and websocket is None else None
         self.transport: asyncio.Transport | None = None
         self.paused = False
         self.drain_waiters: list[asyncio.Future[None]] = []
+        self._ws_target = websocket  # (Host header, path) for DERP over WebSocket
+        self.ws: ClientWebSocket | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self._ws_target is not None:
+            from turbowg.derp.websocket import ClientWebSocket
+
+            ws = self.ws = ClientWebSocket(self.transport)
+            ws.on_data = self.owner._on_data
+            ws.on_error = lambda exc: self.owner._fail(DerpClientError(str(exc)))
+            self.transport.write(ws.request(*self._ws_target))
+
+    def write(self, data: bytes) -> None:
+        """DERP bytes to the relay: as they are, or as one binary WebSocket message."""
+        ws = self.ws
+        if ws is not None:
+            ws.transport.write(data)
+        elif self.transport is not None:
+            self.transport.write(data)
 
     def data_received(self, data: bytes) -> None:
+        if self.ws is not None:
+            self.ws.data_received(data)
+            return
         if self.upgrade is not None:
             try:
                 rest = self.upgrade.feed(data)
@@ -142,17 +166,24 @@ class DerpClient:
         fast_start: bool = False,
         expected_server_key: bytes | None = None,
         timeout: float = 10.0,
+        websocket: bool = False,
     ) -> Connected:
-        """Connect to `url` (http[s]://host[:port][/derp]) or host/port, upgrade and handshake."""
+        """Connect to `url` (http[s]://host[:port][/derp]) or host/port, upgrade and handshake.
+
+        `ws://` and `wss://` URLs, or `websocket=True`, speak DERP over a WebSocket (`derp` subprotocol,
+        binary messages), as derper accepts for browsers and clients behind WebSocket-only proxies.
+        """
         path = "/derp"
         if url is not None:
             parts = urlsplit(url if "://" in url else "https://" + url)
-            if parts.scheme not in ("http", "https"):
+            if parts.scheme not in ("http", "https", "ws", "wss"):
                 raise DerpClientError(f"unsupported relay URL scheme {parts.scheme!r}")
             host = parts.hostname
             port = parts.port
+            if parts.scheme in ("ws", "wss"):
+                websocket = True
             if tls is None:
-                tls = parts.scheme == "https"
+                tls = parts.scheme in ("https", "wss")
             path = parts.path or "/derp"
         if not host:
             raise DerpClientError("no relay host given")
@@ -172,15 +203,22 @@ class DerpClient:
         self._error = None
         self._closed = False
         request = upgrade_request(host, port, tls=tls, path=path, fast_start=fast_start)
+        ws_target = None
+        if websocket:
+            host_header = f"[{host}]" if ":" in host else host
+            if port != (443 if tls else 80):
+                host_header += f":{port}"
+            ws_target = (host_header, path)
         try:
             async with asyncio.timeout(timeout):
                 _, protocol = await loop.create_connection(
-                    lambda: _ClientProtocol(self, expect_http=not fast_start), host, port, ssl=ctx,
-                    server_hostname=(server_hostname or host) if ctx is not None else None,
+                    lambda: _ClientProtocol(self, expect_http=not fast_start, websocket=ws_target), host, port,
+                    ssl=ctx, server_hostname=(server_hostname or host) if ctx is not None else None,
                 )
                 self._protocol = protocol
                 assert protocol.transport is not None
-                protocol.transport.write(request)
+                if ws_target is None:
+                    protocol.transport.write(request)
                 return await self._connected
         except TimeoutError:
             self._teardown()
@@ -188,6 +226,9 @@ class DerpClient:
         except (OSError, ssl.SSLError) as exc:
             self._teardown()
             raise DerpClientError(f"cannot connect to DERP relay {host}:{port}: {exc}") from exc
+        except DerpClientError:
+            self._teardown()
+            raise
         except BaseException:
             self._teardown()
             raise
@@ -203,7 +244,7 @@ class DerpClient:
         p = self._protocol
         if self._closed or p is None or p.transport is None:
             raise ConnectionClosed("DERP connection is closed") from self._error
-        p.transport.write(data)
+        p.write(data)
 
     def send(self, dst: bytes, packet: bytes) -> None:
         """Queue one packet for `dst` (its public key). Call `drain()` now and then to respect backpressure."""
@@ -311,7 +352,7 @@ class DerpClient:
             return
         out = proto.data_to_send()
         if out and self._protocol is not None and self._protocol.transport is not None:
-            self._protocol.transport.write(out)
+            self._protocol.write(out)
         msgs = self._messages
         for ev in events:
             if isinstance(ev, Connected):
