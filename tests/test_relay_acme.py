@@ -300,3 +300,19 @@ def test_http01_handler_answers_pending_tokens_only(tmp_path: Path) -> None:
     assert relay_acme.acme_http01_handler("/.well-known/acme-challenge/other") is None
     assert relay_acme.acme_http01_handler("/.well-known/acme-challenge/../acme_account.key") is None
     assert relay_acme.acme_http01_handler("/derp") is None
+
+
+@needs_netns
+@have_pebble
+@pytest.mark.netns
+def test_failed_validation_is_one_clear_line(env: Env) -> None:
+    """pebble validates on port 80, the relay answers on 8080 (as when port 80 is blocked or the name points
+    elsewhere): the relay exits 2 with pebble's reason, no traceback, no certificate, no token left."""
+    env.start_pebble()
+    relay = env.relay("certs", "--workers", "1", "-http-port", "8080")
+    relay.wait(timeout=150)
+    log = env.log("relay")
+    assert relay.returncode == 2, log
+    assert "could not validate derp.acme.test over HTTP-01" in log and "Traceback" not in log, log
+    certs = env.tmp / "certs"
+    assert not (certs / f"{HOSTNAME}.crt").exists() and not list((certs / "acme-challenges").iterdir())
