@@ -1,0 +1,164 @@
+"""-verify-client-url against a real HTTP admission controller (http.server on loopback, in the test):
+one key allowed, another denied, what the relay POSTs, non-200 answers, and -verify-client-url-fail-open
+both ways when the controller is down. Through the app's own wiring (RelayConfig -> serve_worker)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+import uvloop
+
+from turbowg.derp import codec, keys
+from turbowg.derp.client import DerpClient, DerpClientError
+from turbowg.relay.app import RelayConfig, prepare, serve_worker
+
+TIMEOUT = 10.0
+
+
+class Controller:
+    def __init__(self) -> None:
+        self.allowed: set[str] = set()
+        self.status = 200
+        self.requests: list[dict[str, Any]] = []
+        self.content_types: list[str] = []
+
+
+@contextlib.contextmanager
+def controller() -> Iterator[tuple[Controller, str]]:
+    state = Controller()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state.requests.append(body)
+            state.content_types.append(self.headers.get("Content-Type", ""))
+            answer = json.dumps({"Allow": body.get("NodePublic") in state.allowed}).encode()
+            self.send_response(state.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state, f"http://127.0.0.1:{httpd.server_address[1]}/admit"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def dead_url() -> str:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/admit"
+
+
+@contextlib.asynccontextmanager
+async def relay(**kw: Any) -> AsyncIterator[tuple[Any, str]]:
+    ready: asyncio.Future[list[tuple[str, int]]] = asyncio.get_running_loop().create_future()
+    config = RelayConfig(addr="127.0.0.1:0", dev=True, stun=False, workers=1,
+                         ready=lambda bound: ready.set_result(bound), **kw)
+    task = asyncio.create_task(serve_worker(config, prepare(config)))
+    bound = await asyncio.wait_for(ready, TIMEOUT)
+    try:
+        yield config, f"http://127.0.0.1:{bound[0][1]}/derp"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def admitted(url: str, client: DerpClient) -> bool:
+    try:
+        await client.connect(url, timeout=TIMEOUT)
+    except DerpClientError:
+        return False
+    return True
+
+
+def test_controller_admits_one_key_and_refuses_another() -> None:
+    async def main() -> None:
+        with controller() as (ctl, verify_url):
+            async with relay(verify_client_url=verify_url) as (_config, url):
+                good, bad, other = DerpClient(), DerpClient(), DerpClient()
+                ctl.allowed = {keys.format_public_key(good.public_key), keys.format_public_key(other.public_key)}
+                assert await admitted(url, good)
+                assert not await admitted(url, bad)
+                assert await admitted(url, other)
+                # what derper sends: tailcfg.DERPAdmitClientRequest as JSON
+                assert {"NodePublic": keys.format_public_key(bad.public_key), "Source": "127.0.0.1"} in ctl.requests
+                assert all(ct == "application/json" for ct in ctl.content_types)
+                # the admitted clients work as usual
+                good.send(other.public_key, b"admitted")
+                async with asyncio.timeout(TIMEOUT):
+                    while not isinstance(msg := await other.recv(), codec.ReceivedPacket):
+                        pass
+                assert msg.data == b"admitted" and msg.source == good.public_key
+                for c in (good, other):
+                    await c.close()
+
+    uvloop.run(main())
+
+
+def test_non_200_answer_refuses_even_an_allowed_key() -> None:
+    async def main() -> None:
+        with controller() as (ctl, verify_url):
+            async with relay(verify_client_url=verify_url) as (_config, url):
+                c = DerpClient()
+                ctl.allowed = {keys.format_public_key(c.public_key)}
+                ctl.status = 500
+                assert not await admitted(url, c)
+                ctl.status = 200
+                assert await admitted(url, DerpClient(c.private_key))
+
+    uvloop.run(main())
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+def test_controller_down_fails_open_or_closed(fail_open: bool) -> None:
+    async def main() -> None:
+        async with relay(verify_client_url=dead_url(), verify_client_url_fail_open=fail_open) as (_config, url):
+            a, b = DerpClient(), DerpClient()
+            assert await admitted(url, a) is fail_open
+            if fail_open:
+                assert await admitted(url, b)
+                a.send(b.public_key, b"fail-open")
+                async with asyncio.timeout(TIMEOUT):
+                    while not isinstance(msg := await b.recv(), codec.ReceivedPacket):
+                        pass
+                assert msg.data == b"fail-open"
+                await a.close()
+                await b.close()
+
+    uvloop.run(main())
+
+
+def test_mesh_peers_are_not_asked() -> None:
+    async def main() -> None:
+        mesh_key = "ab" * 32
+        with controller() as (ctl, verify_url):
+            import tempfile
+            with tempfile.NamedTemporaryFile("w", suffix=".key") as f:
+                f.write(mesh_key)
+                f.flush()
+                async with relay(verify_client_url=verify_url, mesh_psk_file=f.name,
+                                 verify_client_url_fail_open=False) as (_config, url):
+                    peer = DerpClient(mesh_key=mesh_key)
+                    assert await admitted(url, peer)
+                    assert ctl.requests == []
+                    await peer.close()
+
+    uvloop.run(main())
