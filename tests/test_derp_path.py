@@ -398,7 +398,9 @@ def test_relay_restart_reconnects_and_direct_peers_do_not_notice(tmp_path) -> No
         assert sent == received, (sent, received)
         assert a.status()["relay"]["connects"] > connects
         assert a.path() == "direct"
-        assert a.peer_status()["traffic"]["derp"]["tx_bytes"] == 0  # all data went direct
+        # all data went direct: over the relay at most the relay copies of initiations (148 bytes each) sent while
+        # the direct path was not yet pong-proven
+        assert a.peer_status()["traffic"]["derp"]["tx_bytes"] <= 2 * 148
 
 
 @have_wggo
@@ -412,7 +414,7 @@ def test_plain_wireguard_go_peer_with_direct_endpoint_interoperates(tmp_path) ->
         sent, received = tcp_transfer(a, b, b.inner, 20 * 1024 * 1024, port=5305, timeout=120)
         assert sent == received
         assert a.path() == "direct"
-        assert a.peer_status()["traffic"]["derp"]["tx_bytes"] == 0
+        assert a.peer_status()["traffic"]["derp"]["tx_bytes"] <= 2 * 148  # initiation copies at most, no data
 
 
 def test_nat_hole_punching_without_endpoints(tmp_path) -> None:

@@ -39,6 +39,7 @@ from turbowg.path.selector import PathSelector, SendDERP, SendUDP
 DERP_PREFIX = "derp:"
 VIA_DIRECT = "direct"
 VIA_DERP = "derp"
+VIA_BOTH = "both"  # an initiation sent direct and over the relay
 
 # How long a STUN binding request waits for its answer before another may be sent (one request in flight).
 STUN_TIMEOUT = 3.0
@@ -156,6 +157,11 @@ class Paths:
         state = self.peers.get(peer.public_key)
         if state is None:
             return peer.endpoint
+        if self.rx_via_derp:
+            # Sending while the device handles a relay batch: this peer just spoke to us over DERP (a handshake
+            # answered, a session confirmed). It is no plain WireGuard peer and may be unable to reach us over
+            # UDP: the selector treats it so, before the answer picks its path.
+            state.selector.on_data_received(now, None)
         path = state.selector.current_path(now)
         if path is not None:
             return path
@@ -183,6 +189,15 @@ class Paths:
             return
         via = VIA_DERP if endpoint[1] == 0 else VIA_DIRECT
         if datagram[0] == 1:
+            if via == VIA_DIRECT and self.derp_up and not state.selector.trusted(now):
+                # A direct path no pong has proven: the initiation goes over the relay as well (as magicsock
+                # sends to both while its UDP address is untrusted), so peers that UDP cannot join are up after
+                # one relay round trip instead of after REKEY_TIMEOUT. The responder drops the later copy (its
+                # timestamp is no newer); a plain WireGuard peer is not on the relay, which drops it.
+                add_datagram(out, state.derp_ep, datagram)
+                state.derp.tx_packets += 1
+                state.derp.tx_bytes += len(datagram)
+                via = VIA_BOTH
             state.last_initiation_via = via
             state.initiation_at = now
             state.initiation_rx_mark = peer.rx_bytes
@@ -205,7 +220,7 @@ class Paths:
         state = self.peers.get(peer.public_key)
         if state is None or state.last_initiation_via is None:
             return
-        if state.last_initiation_via == VIA_DIRECT:
+        if state.last_initiation_via in (VIA_DIRECT, VIA_BOTH):
             self._count("handshake_timeouts_direct")
             actions = state.selector.on_handshake_timeout_direct(now)
             if actions:

@@ -217,6 +217,10 @@ class PathSelector:
                 deadlines.append(self._next_heartbeat)
         return min(deadlines) if deadlines else None
 
+    def trusted(self, now: float) -> bool:
+        """Whether the current path is a direct one proven by a recent pong (not just the WireGuard endpoint)."""
+        return self._trusted(now)
+
     def state(self, now: float) -> PathState:
         if self.current_path(now) is not None:
             return PathState.DIRECT
