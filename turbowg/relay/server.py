@@ -28,6 +28,8 @@ from turbowg.relay.conn import (
     ClientConn,
     ConnLimits,
 )
+from turbowg.relay.fastpath import FastConn, FastPlane
+from turbowg.relay.fastpath import available as fastpath_available
 from turbowg.relay.metrics import (
     DROP_UNKNOWN_DEST,
     DROP_UNKNOWN_DEST_ON_FWD,
@@ -85,6 +87,7 @@ class DerpServer:
         write_buffer_high: int = WRITE_BUFFER_HIGH,
         write_buffer_low: int = WRITE_BUFFER_LOW,
         loop: asyncio.AbstractEventLoop | None = None,
+        fastpath: bool | None = None,
     ) -> None:
         self.private_key = private_key
         self.public_key = keys.public_key(private_key)
@@ -108,6 +111,10 @@ class DerpServer:
         self._read_paused: list[ClientConn] = []
         self.metrics = ServerMetrics()
         self.registry, self.render_metrics = make_registry(self.metrics, self.gauges)
+        # The C forwarding plane (fastpath.py): authenticated plain-TCP clients move to it. None: all Python.
+        self.fast: FastPlane | None = None
+        if fastpath if fastpath is not None else fastpath_available():
+            self.fast = FastPlane(self)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -118,13 +125,15 @@ class DerpServer:
     # -- accepting --------------------------------------------------------------------------------
 
     def protocol_factory(self) -> ClientConn:
-        """For listeners that speak DERP from the first byte (no HTTP upgrade)."""
-        return ClientConn(self)
+        """The connection for a DERP stream (after the HTTP upgrade, or from the first byte)."""
+        return FastConn(self, self.fast) if self.fast is not None else ClientConn(self)
 
     def close(self) -> None:
         """Abort every connection (their state is released as they go)."""
         for conn in list(self.conns):
             conn.abort()
+        if self.fast is not None:
+            self.fast.close()
 
     def pause_client_reads(self) -> None:
         """Stop reading from every client (shards/links.py: a channel to a sibling shard is congested)."""
@@ -301,8 +310,22 @@ class DerpServer:
     def dup_conn_count(self) -> int:
         return sum(len(v) for v in self._dups.values())
 
+    def conns_for_key(self, key: bytes) -> list[ClientConn]:
+        """Every connection registered under `key` (more than one while duplicates are connected)."""
+        dups = self._dups.get(key)
+        if dups is not None:
+            return list(dups)
+        conn = self.clients.get(key)
+        return [conn] if conn is not None else []
+
+    def sync_metrics(self) -> None:
+        """Bring `self.metrics` up to date with what the C forwarding plane counted."""
+        if self.fast is not None:
+            self.fast.sync_metrics()
+
     def gauges(self) -> ServerGauges:
         """The current sizes metrics.py exports (counters are in `self.metrics`)."""
+        self.sync_metrics()  # metrics.py reads the counters right after this
         local = len(self.clients)
         return ServerGauges(
             clients_local=local,
@@ -337,6 +360,8 @@ class DerpServer:
         self._broadcast_presence(key, conn, True)
         if old is None:
             self._notify_listeners(key, True)
+        if self.fast is not None:
+            self.fast.sync_key(key)
 
     def conn_closed(self, conn: ClientConn) -> None:
         self.conns.discard(conn)
@@ -365,9 +390,13 @@ class DerpServer:
                 dups[0].is_dup = False
             if self.clients.get(key) is conn:
                 self.clients[key] = dups[-1]
+            if self.fast is not None:
+                self.fast.sync_key(key)
             return
         if self.clients.get(key) is conn:
             del self.clients[key]
+            if self.fast is not None:
+                self.fast.sync_key(key)
             self._broadcast_presence(key, conn, False)
             self._notify_listeners(key, False)
             if key not in self._forwarders:
@@ -384,6 +413,8 @@ class DerpServer:
         self.clients[key] = conn
         dups.remove(conn)
         dups.append(conn)
+        if self.fast is not None:
+            self.fast.sync_key(key)
 
     def _peer_gone_from_region(self, key: bytes) -> None:
         """Tell every connection that received from `key` that it is gone (derper's PeerGone)."""

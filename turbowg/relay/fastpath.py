@@ -1,0 +1,367 @@
+"""The relay's forwarding plane: authenticated DERP sockets handed to a C epoll loop (_fastpath.c).
+
+Python keeps everything that is not a data frame: the HTTP upgrade, the ClientInfo/ServerInfo handshake,
+pings, WatchConns/PeerPresent/PeerGone, mesh, metrics. Once a plain-TCP client is authenticated, its socket
+leaves asyncio and joins the C loop of its worker (`FastPlane.take`): from then on SendPacket frames to
+keys the C loop holds are forwarded without Python; every other frame, SendPacket to keys it does not hold
+(those on a sibling shard, behind a mesh peer, unknown) and connection events come back up through
+`FastPlane._on_ready`, and are fed to the same sans-IO handlers as before.
+
+`FastConn` is the connection the server makes when a fast plane exists: a `ClientConn` until the handover,
+then the same object (same registration, timers, watchers) whose output goes to the C loop.
+
+The C loop's epoll fd is registered with the asyncio loop (`add_reader`); `poll()` does one non-blocking
+turn. One thread: all of this runs on the worker's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from turbowg import accel
+from turbowg.derp.codec import ClientInfo
+from turbowg.relay.conn import ClientConn, ConnOwner
+from turbowg.relay.server_proto import ProtocolError
+
+if TYPE_CHECKING:
+    from turbowg.relay.server import DerpServer
+
+try:
+    from turbowg.relay import _fastpath
+except ImportError:  # not built: the pure-Python path
+    _fastpath = None  # type: ignore[assignment]
+
+HAVE_C = _fastpath is not None and accel.use_c()
+
+log = logging.getLogger("turbowg.relay.fastpath")
+
+QUEUE_BOUND = 2 << 20  # bytes queued for one client before the senders feeding it are paused
+TICK = 0.25  # how often the write timeouts are checked and counters synced while connections exist
+
+if _fastpath is not None:
+    EV_CLOSED = _fastpath.EV_CLOSED
+    EV_PROTOCOL = _fastpath.EV_PROTOCOL
+    EV_WRITE_TIMEOUT = _fastpath.EV_WRITE_TIMEOUT
+    EV_DELIVERY = _fastpath.EV_DELIVERY
+    EV_ACTIVE = _fastpath.EV_ACTIVE
+
+_SYNCED = ("packets_received", "bytes_received", "packets_received_disco", "packets_sent", "bytes_sent")
+_LOOP_MODULES = ("uvloop", "asyncio")
+
+
+def available() -> bool:
+    """The C plane is built and not switched off by TURBOWG_NO_C."""
+    return HAVE_C
+
+
+class FastPlane:
+    """One worker's C loop: the sockets it owns, its route table, and the events it hands up."""
+
+    def __init__(self, server: DerpServer, *, bound: int = QUEUE_BOUND) -> None:
+        assert _fastpath is not None
+        self.server = server
+        self.c = _fastpath.Loop(bound=bound, write_timeout=server.limits.write_timeout or 0.0)
+        self.conns: dict[int, FastConn] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick: asyncio.TimerHandle | None = None
+        self._prev: dict[str, object] = {}
+        self._last: tuple[int, ...] = ()
+        self.handovers = 0
+        self.closed = False
+        self.handovers_skipped = 0
+
+    # -- socket handover ------------------------------------------------------------------------------
+
+    def take(self, conn: FastConn) -> bool:
+        """Move an authenticated connection's socket from asyncio to the C loop. False: it stays in Python
+        (TLS, a wrapped transport such as a WebSocket, output still buffered, ...)."""
+        t = conn.transport
+        if t is None or self.closed or conn.closed or conn.key is None or t.is_closing():
+            return self._refuse(conn)
+        if type(t).__module__.split(".")[0] not in _LOOP_MODULES:
+            return self._refuse(conn)  # a wrapper (WebSocket...): the bytes on the socket are not plain DERP
+        if t.get_extra_info("sslcontext") is not None or t.get_extra_info("ssl_object") is not None:
+            return self._refuse(conn)  # TLS terminated here: stays in Python (kTLS is future work)
+        sock = t.get_extra_info("socket")
+        if sock is None or sock.type != socket.SOCK_STREAM:
+            return self._refuse(conn)
+        conn.flush()  # packets queued in Python before the handover go first, through asyncio
+        if conn.paused or t.get_write_buffer_size():
+            return False  # asyncio still holds output: try again after the next read
+        pending = conn.proto._pending  # bytes after the last whole frame: the C loop continues from them
+        try:
+            fd = os.dup(sock.fileno())
+        except OSError:
+            return self._refuse(conn)
+        t.pause_reading()
+        try:
+            fid = self.c.add(fd, conn.key, pending)
+        except (OSError, ValueError):
+            os.close(fd)
+            t.resume_reading()
+            return self._refuse(conn)
+        conn.proto._pending = b""
+        conn.fid = fid
+        conn.handed_over = True
+        conn.transport = None
+        self.conns[fid] = conn
+        self._attach()
+        # asyncio closes its descriptor only; the socket lives on in the C loop's dup. (connection_lost
+        # follows and is ignored by FastConn.)
+        t.abort()
+        self.handovers += 1
+        self.sync_key(conn.key)
+        return True
+
+    def _refuse(self, conn: FastConn) -> bool:
+        conn._take_after = False
+        self.handovers_skipped += 1
+        return False
+
+    def _attach(self) -> None:
+        if self._loop is None:
+            self._loop = self.server.loop
+            self._loop.add_reader(self.c.fileno(), self._on_ready)
+        if self._tick is None:
+            self._tick = self._loop.call_later(TICK, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._tick = None
+        self._on_ready()
+        self.sync_metrics()
+        if self.conns and self._loop is not None:
+            self._tick = self._loop.call_later(TICK, self._on_tick)
+
+    def drop(self, fid: int) -> None:
+        self.conns.pop(fid, None)
+        try:
+            self.c.remove(fid)
+        except KeyError:
+            pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for conn in list(self.conns.values()):
+            conn.abort()
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self.c.fileno())
+            except (ValueError, RuntimeError):
+                pass
+            self._loop = None
+        self.sync_metrics()
+        self.c.close()
+
+    # -- routing: the C table mirrors `server.clients` for the keys whose active conn is in C ----------
+
+    def sync_key(self, key: bytes) -> None:
+        if self.closed:
+            return
+        server = self.server
+        conn = server.clients.get(key)
+        c = self.c
+        if isinstance(conn, FastConn) and conn.fid is not None:
+            c.route(key, conn.fid)
+        else:
+            c.unroute(key)
+        # duplicates: the C loop says when one of them speaks (derper's last-writer-is-active)
+        for d in server.conns_for_key(key):
+            if isinstance(d, FastConn) and d.fid is not None:
+                c.set_notify_active(d.fid, d.is_dup)
+
+    # -- events from the C loop -----------------------------------------------------------------------
+
+    def _on_ready(self) -> None:
+        try:
+            events = self.c.poll()
+        except ValueError:  # closed
+            return
+        if events:
+            self._dispatch(events)
+        self.server.flush_dirty()
+        if self.c.counters() != self._last:
+            self.sync_metrics()
+
+    def _dispatch(self, events: list[tuple[int, int, bytes]]) -> None:
+        conns = self.conns
+        server = self.server
+        for fid, kind, data in events:
+            conn = conns.get(fid)
+            if conn is None:
+                continue
+            if kind < 256:
+                conn.fast_frame(data)
+            elif kind == EV_DELIVERY:
+                if data not in conn.seen_srcs:
+                    server.note_delivery(data, conn)
+            elif kind == EV_ACTIVE:
+                server.conn_active(conn)
+            elif kind == EV_CLOSED:
+                log.debug("derp client %s: %s", conn.describe(), data.decode(errors="replace"))
+                conn.abort()
+            elif kind == EV_PROTOCOL:
+                server.metrics.protocol_errors += 1
+                log.debug("derp client %s: %s; closing", conn.describe(), data.decode(errors="replace"))
+                conn.abort()
+            elif kind == EV_WRITE_TIMEOUT:
+                # the C loop dropped its queued packets (queue_head); derper then closes the client
+                server.metrics.write_timeouts += 1
+                log.info("derp client %s: no write progress for %.1fs; closing", conn.describe(),
+                         server.limits.write_timeout)
+                conn.abort()
+
+    # -- counters -------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        return self.c.stats()
+
+    def sync_metrics(self) -> None:
+        """Add what the C loop counted since the last call to the server's `ServerMetrics`."""
+        try:
+            st = self.c.stats()
+            self._last = self.c.counters()
+        except ValueError:
+            return
+        prev = self._prev
+        m = self.server.metrics
+        for name in _SYNCED:
+            d = st[name] - prev.get(name, 0)  # type: ignore[operator]
+            if d:
+                setattr(m, name, getattr(m, name) + d)
+        old_drops = prev.get("dropped", {})
+        for rk, (pkts, nbytes) in st["dropped"].items():  # type: ignore[union-attr]
+            p0, b0 = old_drops.get(rk, (0, 0))  # type: ignore[union-attr]
+            if pkts != p0:
+                m.packets_dropped[rk] += pkts - p0
+                m.bytes_dropped[rk] += nbytes - b0
+        self._prev = st
+
+    def queue_bytes(self, conn: FastConn) -> int:
+        return self.c.queue_bytes(conn.fid) if conn.fid is not None and not self.closed else 0
+
+
+class FastConn(ClientConn):
+    """A ClientConn that moves to the C loop once authenticated (plain TCP only; mesh peers stay)."""
+
+    __slots__ = ("plane", "fid", "handed_over", "_take_after")
+
+    def __init__(self, server: ConnOwner, plane: FastPlane) -> None:
+        super().__init__(server)
+        self.plane = plane
+        self.fid: int | None = None
+        self.handed_over = False
+        self._take_after = False
+
+    # -- before the handover: a ClientConn ------------------------------------------------------------
+
+    def on_authenticated(self, client_key: bytes, info: ClientInfo, can_mesh: bool, server_info_frame: bytes) -> None:
+        super().on_authenticated(client_key, info, can_mesh, server_info_frame)
+        # Mesh peers carry ForwardPacket and watcher traffic (handled in Python anyway) and have their own
+        # write timeout: they stay on asyncio.
+        self._take_after = not can_mesh
+
+    def data_received(self, data: bytes) -> None:
+        if self.handed_over:
+            return
+        super().data_received(data)
+        if self._take_after and not self.closed:
+            # after the frames of this read (the rest of the ClientInfo read is handled by now)
+            if self.plane.take(self):
+                self._take_after = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.handed_over:
+            return  # asyncio let go of its descriptor: the C loop has the socket (or had it, until abort)
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if not self.handed_over:
+            super().pause_writing()
+
+    def resume_writing(self) -> None:
+        if not self.handed_over:
+            super().resume_writing()
+
+    # -- after: the C loop ----------------------------------------------------------------------------
+
+    def fast_frame(self, frame: bytes) -> None:
+        """A frame the C loop handed up, through the same sans-IO dispatch as on the Python path."""
+        if self.closed:
+            return
+        try:
+            self.proto.receive_data(frame)
+        except ProtocolError as exc:
+            self.server.metrics.protocol_errors += 1
+            log.debug("derp client %s: %s; closing", self.describe(), exc)
+            self.abort()
+
+    def enqueue_packet(self, src: bytes, packet: bytes) -> None:
+        fid = self.fid
+        if fid is None:
+            if not self.handed_over:
+                super().enqueue_packet(src, packet)
+            return
+        self.plane.c.deliver(fid, src, packet)
+        if src not in self.seen_srcs:
+            self.server.note_delivery(src, self)
+        if not self.dirty:
+            self.dirty = True
+            self.server.mark_dirty(self, False)
+
+    def push_control(self, frame: bytes) -> None:
+        fid = self.fid
+        if fid is None:
+            if not self.handed_over:
+                super().push_control(frame)
+            return
+        if self.closed:
+            return
+        self.plane.c.write(fid, frame)
+        if not self.dirty:
+            self.dirty = True
+            self.server.mark_dirty(self, True)
+
+    def flush(self) -> None:
+        if not self.handed_over:
+            super().flush()
+            return
+        self.dirty = False
+        self.pong_pending = False
+        if self.fid is not None:
+            self.plane.c.flush()
+
+    def pause_reading(self) -> bool:
+        if not self.handed_over:
+            return super().pause_reading()
+        if self.fid is None:
+            return False
+        self.plane.c.set_reading(self.fid, False)
+        return True
+
+    def resume_reading(self) -> None:
+        if not self.handed_over:
+            super().resume_reading()
+        elif self.fid is not None:
+            self.plane.c.set_reading(self.fid, True)
+
+    def queue_bytes(self) -> int:
+        return self.plane.queue_bytes(self)
+
+    def abort(self) -> None:
+        if not self.handed_over:
+            super().abort()
+            return
+        fid = self.fid
+        if fid is not None:
+            self.fid = None
+            self.plane.drop(fid)  # closes the socket; queued packets count as gone_disconnected
+        self._release()
