@@ -88,7 +88,7 @@ def test_wsproto_client_exchanges_packets_with_a_plain_derp_client() -> None:
 
 def test_websockets_package_client_interoperates() -> None:
     """An independent WebSocket implementation (the `websockets` package) carries the DERP stream."""
-    websockets = pytest.importorskip("websockets")
+    pytest.importorskip("websockets")
     from websockets.asyncio.client import connect
 
     async def main() -> None:
