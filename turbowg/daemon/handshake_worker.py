@@ -27,28 +27,38 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from turbowg.conn.steering import SK_MEMINFO_DROPS, HandshakeSocket, meminfo
 from turbowg.device.handshake_worker import (
     MSG_BATCH,
     MSG_CONFIG,
     MSG_RESULTS,
+    MSG_SOCKET,
     QUEUE_SIZE,
+    UNDER_LOAD_HOLD,
+    Entry,
     HandshakeWorkerCore,
     decode,
     encode_batch,
     encode_config,
     encode_results,
+    encode_socket,
     identified_from_tuple,
 )
+from turbowg.linux import SOL_UDP, UDP_GRO
+from turbowg.wire import MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION
 
 log = logging.getLogger("turbowg.handshake_worker")
 
@@ -62,6 +72,14 @@ RECV_SIZE = 1 << 20
 SOCKET_BUFFER = 4 << 20
 MAX_DRAIN = 64  # messages read per wake, on either side
 COUNTERS_INTERVAL = 0.5  # seconds between the worker's counter reports (at least)
+# Reads of the handshake socket per worker wake: more than UNDER_LOAD_BACKLOG (512), so that a wake that
+# finds more than 1/8 of a 4096-message queue waiting can see it (and turn "under load" on).
+MAX_WAKE_READS = 1024
+FALLBACK_READS = 64  # per event-loop wake, when the main process reads the handshake socket itself
+FALLBACK_UNDER_LOAD_PER_SECOND = 64  # as the runtime's in-loop path
+RESTART_DELAY = 1.0  # a failed worker is restarted after this, doubling per failure up to ...
+RESTART_DELAY_MAX = 60.0
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _SO_SNDBUFFORCE = 32
 _SO_RCVBUFFORCE = 33
 _PR_SET_PDEATHSIG = 1
@@ -71,6 +89,11 @@ DEFAULT_NICE = 10
 
 def enabled_from_env() -> bool:
     return os.environ.get("TURBOWG_HANDSHAKE_WORKER", "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def steering_from_env() -> bool:
+    """TURBOWG_HANDSHAKE_STEERING=0: no handshake socket; the worker is fed through the data path."""
+    return os.environ.get("TURBOWG_HANDSHAKE_STEERING", "1").strip().lower() not in ("0", "off", "no", "false")
 
 
 def _big_buffers(sock: socket.socket) -> None:
@@ -94,9 +117,10 @@ def _host(addr: bytes) -> str:
 
 
 class HandshakeOffload:
-    """The main process's end: collects the receive path's handshake messages, feeds the worker, applies
-    its results. `send` sends a list of device Transmits (the runtime's); `after_results` runs after the
-    device took results (the runtime re-arms its timer: a handshake may have armed one sooner)."""
+    """The main process's end: owns the handshake socket of the steered pair and the worker, feeds the
+    worker what still reaches the data path, applies its results. `send` sends a list of device Transmits
+    (the runtime's); `after_results` runs after the device took results (the runtime re-arms its timer: a
+    handshake may have armed one sooner)."""
 
     def __init__(self, device: Any, loop: Any, send: Callable[[list], None],
                  after_results: Callable[[], None] | None = None,
@@ -113,11 +137,23 @@ class HandshakeOffload:
         self.processed = 0  # ... of which it reported processed
         self.generation = 0
         self._config_key: tuple | None = None
-        self._udp_fd: int | None = None
+        self._udp_fd: int | None = None  # the socket the worker has (handshake socket, or data socket)
         self._addresses: dict[str, bytes] = {}
         self.counters: dict[str, int] = {}  # our own
         self._flush_timer: Any = None
         self.worker_counters: dict[str, int] = {}  # the worker's latest report
+        self.steering = steering_from_env()
+        self.hsock: HandshakeSocket | None = None  # socket 1 of the steered pair (turbowg/conn/steering.py)
+        self._data_fd: int | None = None
+        self._fallback_reader = False  # the worker is gone: we read the handshake socket ourselves
+        self._fallback_buf = bytearray(65536)
+        self._fallback_addresses: dict[str, bytes] = {}
+        self._window_start = 0.0
+        self._window_count = 0
+        self._under_load_until = 0.0
+        self._restart_handle: Any = None
+        self.restart_delay = RESTART_DELAY
+        self._closed = False
 
     def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -135,29 +171,70 @@ class HandshakeOffload:
             theirs.close()
         ours.setblocking(False)
         self.sock = ours
+        self.handed = self.processed = 0
+        self._config_key = None
+        self._udp_fd = None
         self.loop.add_reader(ours.fileno(), self._on_readable)
         self.device.handshake_sink = self.sink
         log.info("handshake worker started (pid %d)", self.proc.pid)
 
+    # -- the steered socket pair ------------------------------------------------------------------------------
+    def attach(self, udp: Any) -> None:
+        """A new data socket (`UDPBind`) was bound: join it with a new handshake socket (the old pair's goes),
+        and give the worker the socket it reads and replies from. OSError(EADDRINUSE) if a foreign socket
+        shares the port (the caller closes the data socket); any other failure to steer (an old kernel)
+        leaves steering off: the worker is fed through the data path and replies from the data socket."""
+        hsock = None
+        if self.steering:
+            try:
+                hsock = HandshakeSocket(udp._sock, fwmark=udp.fwmark, gro=udp.gro)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise
+                log.warning("UDP port %d: no handshake socket (%s); handshakes reach the worker through the "
+                            "data path", udp.port, exc)
+                self.counters["handshake_steering_failed"] = self.counters.get("handshake_steering_failed", 0) + 1
+        old, self.hsock = self.hsock, hsock
+        self._data_fd = udp.fileno()
+        if old is not None:
+            if self._fallback_reader:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(old.fileno())
+            old.close()
+        self._fallback_reader = False
+        if self.sock is None:
+            self._read_fallback()
+        self.configure(force_socket=True)
+
+    def set_fwmark(self, mark: int) -> None:
+        if self.hsock is not None:
+            self.hsock.set_fwmark(mark)
+
     # -- configuration --------------------------------------------------------------------------------------
-    def configure(self, udp_fd: int | None = None) -> None:
-        """Push identity and peers to the worker if they changed (and the UDP socket if `udp_fd` is new)."""
+    def configure(self, udp_fd: int | None = None, *, force_socket: bool = False) -> None:
+        """Push identity and peers to the worker if they changed, and the socket it should use if that
+        changed. (`udp_fd`: the data socket, for callers of the time before steering.)"""
+        if udp_fd is not None:
+            self._data_fd = udp_fd
         if self.sock is None:
             return
         device = self.device
         private = device.private_key
         key = (private, tuple(device.peers))
-        new_fd = udp_fd is not None and udp_fd != self._udp_fd
-        if key == self._config_key and not new_fd:
-            return
+        fd = self.hsock.fileno() if self.hsock is not None else self._data_fd
+        messages: list[tuple[bytes, list[int]]] = []
         if key != self._config_key:
             self.generation += 1
-        data = encode_config(self.generation, private, list(device.peers))
-        fds = [udp_fd] if new_fd else []
+            messages.append((encode_config(self.generation, private, list(device.peers)), []))
+        if fd is not None and (fd != self._udp_fd or force_socket):
+            messages.append((encode_socket(self.hsock is not None), [fd]))
+        if not messages:
+            return
         self.sock.setblocking(True)  # rare and small: must not be lost
         try:
             self.sock.settimeout(2.0)
-            socket.send_fds(self.sock, [data], fds)
+            for data, fds in messages:
+                socket.send_fds(self.sock, [data], fds)
         except OSError as exc:
             self._fail(f"handshake worker: cannot configure it: {exc}")
             return
@@ -165,12 +242,12 @@ class HandshakeOffload:
             if self.sock is not None:
                 self.sock.setblocking(False)
         self._config_key = key
-        if new_fd:
-            self._udp_fd = udp_fd
+        self._udp_fd = fd
 
     # -- receive path -----------------------------------------------------------------------------------------
     def sink(self, kind: int, data: bytes, endpoint: tuple[str, int]) -> None:
-        """Called by the device for each handshake message of a receive batch."""
+        """Called by the device for each handshake message of a receive batch (those that still reach the
+        data socket: steering off, or a GRO run that began with transport data)."""
         if self.handed + len(self.entries) - self.processed >= QUEUE_SIZE:
             self.counters["rx_handshake_queue_full"] = self.counters.get("rx_handshake_queue_full", 0) + 1
             return
@@ -252,27 +329,89 @@ class HandshakeOffload:
             if self._after_results is not None:
                 self._after_results()
 
+    # -- without the worker: the handshake socket read in the event loop -----------------------------------
+    def _read_fallback(self) -> None:
+        if self.hsock is not None and not self._fallback_reader and not self._closed:
+            self.loop.add_reader(self.hsock.fileno(), self._on_fallback_readable)
+            self._fallback_reader = True
+
+    def _on_fallback_readable(self) -> None:
+        """The worker is gone: serve what reaches the handshake socket here, as the in-loop path does."""
+        hsock = self.hsock
+        if hsock is None:
+            return
+        reader = HandshakeReader(hsock.sock)
+        reader.buf = self._fallback_buf
+        reader.view = memoryview(self._fallback_buf)
+        reader.addresses = self._fallback_addresses
+        counters: Counter[str] = Counter()
+        entries = reader.drain(counters, FALLBACK_READS)
+        for key, value in counters.items():
+            self.counters[key] = self.counters.get(key, 0) + value
+        if not entries:
+            return
+        now = time.monotonic()
+        if now - self._window_start > 1.0:
+            self._window_start = now
+            self._window_count = 0
+        self._window_count += len(entries)
+        if self._window_count > FALLBACK_UNDER_LOAD_PER_SECOND:
+            self._under_load_until = now + UNDER_LOAD_HOLD
+        device = self.device
+        datagrams = [(msg, (_host(addr), port)) for _kind, addr, port, msg in entries]
+        _packets, transmits = device.handle_udp_batch(datagrams, now, under_load=now < self._under_load_until)
+        if transmits:
+            self._send(transmits)
+        if self._after_results is not None:
+            self._after_results()
+
     def stats(self) -> dict[str, int]:
         out = dict(self.worker_counters)
         for key, value in self.counters.items():
             out[key] = out.get(key, 0) + value
         out["handshake_queue_backlog"] = self.handed - self.processed
+        out["handshake_worker_running"] = int(self.sock is not None)
+        out["handshake_socket"] = int(self.hsock is not None)
         return out
 
     # -- life cycle -------------------------------------------------------------------------------------------
     def _fail(self, reason: str) -> None:
-        """The worker is gone or unusable: serve handshakes in the event loop again."""
-        log.error("%s; handshakes are served in the event loop from now on", reason)
-        self.close()
+        """The worker is gone or unusable: serve handshakes in the event loop (the data socket's, and the
+        handshake socket's, read here now) until a new worker runs (after restart_delay, doubling)."""
+        log.error("%s; handshakes are served in the event loop until it is restarted in %.0f s", reason,
+                  self.restart_delay)
+        self._stop_worker()
+        self.counters["handshake_worker_failures"] = self.counters.get("handshake_worker_failures", 0) + 1
+        self._read_fallback()
         if self._on_failure is not None:
             self._on_failure(reason)
+        if not self._closed and self._restart_handle is None:
+            self._restart_handle = self.loop.call_later(self.restart_delay, self._restart)
+            self.restart_delay = min(self.restart_delay * 2, RESTART_DELAY_MAX)
 
-    def close(self) -> None:
+    def _restart(self) -> None:
+        self._restart_handle = None
+        if self._closed or self.sock is not None:
+            return
+        try:
+            self.start()
+        except OSError as exc:
+            self._fail(f"handshake worker: cannot restart it: {exc}")
+            return
+        if self._fallback_reader and self.hsock is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.hsock.fileno())
+            self._fallback_reader = False
+        self.configure(force_socket=True)
+        log.info("handshake worker restarted")
+
+    def _stop_worker(self) -> None:
         if self.device.handshake_sink == self.sink:
             self.device.handshake_sink = None
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
+        self.entries = []
         sock, self.sock = self.sock, None
         if sock is not None:
             with contextlib.suppress(Exception):
@@ -286,6 +425,20 @@ class HandshakeOffload:
                 proc.kill()
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=2.0)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._restart_handle is not None:
+            self._restart_handle.cancel()
+            self._restart_handle = None
+        self._stop_worker()
+        hsock, self.hsock = self.hsock, None
+        if hsock is not None:
+            if self._fallback_reader:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(hsock.fileno())
+            self._fallback_reader = False
+            hsock.close()
 
 
 # ---------------------------------------------------------------- worker process side
@@ -309,75 +462,228 @@ def _recv(sock: socket.socket, flags: int = 0) -> tuple[bytes, list[int]]:
     return data, fds
 
 
-def serve(sock: socket.socket, clock: Callable[[], float] = time.monotonic) -> int:
-    """The worker's loop: until end of file on `sock`."""
-    core = HandshakeWorkerCore()
-    udp: socket.socket | None = None
-    last_report = float("-inf")
-    try:
-        while True:
+def source_bytes(sockaddr: tuple, cache: dict) -> bytes:
+    """The source of a datagram on the dual-stack socket as address bytes (4 for v4-mapped, else 16)."""
+    host = sockaddr[0]
+    addr = cache.get(host)
+    if addr is None:
+        if len(cache) >= 4096:
+            cache.clear()
+        if host.startswith("::ffff:") and "." in host:
+            addr = socket.inet_aton(host[7:])
+        else:
+            addr = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        cache[host] = addr
+    return addr
+
+
+class HandshakeReader:
+    """The worker's reads of the handshake socket: a wake drains it until EAGAIN (at most MAX_WAKE_READS),
+    splitting UDP_GRO reads into datagrams, into (kind, source bytes, port, message) entries."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray(65536)
+        self.view = memoryview(self.buf)
+        self.addresses: dict[str, bytes] = {}
+        self.drops_base = 0
+
+    def drain(self, counters: Counter, limit: int = 0) -> list[Entry]:
+        entries: list[Entry] = []
+        recv = self.sock.recvmsg_into
+        buf = self.buf
+        view = [self.view]
+        addresses = self.addresses
+        limit = limit or MAX_WAKE_READS
+        reads = 0
+        while reads < limit:
             try:
-                data, fds = _recv(sock)
-            except InterruptedError:
+                n, ancdata, _flags, addr = recv(view, _GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                counters["rx_handshake_socket_errors"] += 1
+                reads += 1
                 continue
-            if not data:
-                return 0
-            messages = [(data, fds)]
-            eof = False
-            for _ in range(MAX_DRAIN):
-                try:
-                    data, fds = _recv(sock, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    break
-                if not data:
-                    eof = True
-                    break
-                messages.append((data, fds))
-            identified: list = []
-            forwarded: list = []
-            decoded = [(decode(data), fds) for data, fds in messages]
-            # The queue as far as we can see it: what the newest batch read says was handed over.
-            latest = max((m[1] for m, _ in decoded if m[0] == MSG_BATCH), default=0)
-            for message, fds in decoded:
-                if message[0] == MSG_CONFIG:
-                    _, generation, private_key, peer_keys = message
-                    core.configure(generation, private_key, peer_keys)
-                    if fds:
-                        if udp is not None:
-                            udp.close()
-                        udp = socket.socket(fileno=fds[0])
-                        for extra in fds[1:]:
-                            os.close(extra)
+            reads += 1
+            source = addresses.get(addr[0])
+            if source is None:
+                source = source_bytes(addr, addresses)
+            port = addr[1]
+            stride = n
+            for level, kind, data in ancdata:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
+                    seg = int.from_bytes(data[:4] if len(data) >= 4 else data[:2], sys.byteorder)
+                    if 0 < seg < n:
+                        stride = seg
+            pos = 0
+            while pos < n:
+                end = min(pos + stride, n)
+                message = bytes(buf[pos:end])
+                pos = end
+                kind = message[0] if len(message) >= 4 and not any(message[1:4]) else 0
+                if not MESSAGE_INITIATION <= kind <= MESSAGE_COOKIE_REPLY:
+                    counters["rx_handshake_socket_other"] += 1  # a GRO run that mixed in another message
                     continue
+                entries.append((kind, source, port, message))
+        counters["rx_handshake_socket_reads"] += reads
+        return entries
+
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped at this socket (its receive queue was full), plus earlier sockets'."""
+        try:
+            return self.drops_base + meminfo(self.sock)[SK_MEMINFO_DROPS]
+        except OSError:
+            return self.drops_base
+
+
+class WorkerLoop:
+    """The worker's loop: until end of file on the control socket `ctl`."""
+
+    def __init__(self, ctl: socket.socket, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ctl = ctl
+        self.clock = clock
+        self.core = HandshakeWorkerCore()
+        self.udp: socket.socket | None = None  # where cookie replies go out (the handshake socket)
+        self.reader: HandshakeReader | None = None
+        self.pair_done = 0  # messages of the main process's batches processed, in all
+        self.last_report = float("-inf")
+        self.reported = True
+        self.old_drops = 0
+        self.poller = select.poll()
+        self.poller.register(ctl.fileno(), select.POLLIN)
+
+    def run(self) -> int:
+        try:
+            while True:
+                timeout = None if self.reported else COUNTERS_INTERVAL * 1000
+                try:
+                    events = self.poller.poll(timeout)
+                except InterruptedError:
+                    continue
+                identified: list = []
+                forwarded: list = []
+                ctl_ready = False
+                for fd, _mask in events:
+                    if fd == self.ctl.fileno():
+                        ctl_ready = True
+                    elif self.reader is not None and fd == self.reader.sock.fileno():
+                        self._serve_socket(identified, forwarded)
+                if ctl_ready and self._serve_control(identified, forwarded):
+                    return 0
+                if not self._report(identified, forwarded, bool(ctl_ready)):
+                    return 0
+        finally:
+            if self.udp is not None:
+                self.udp.close()
+
+    def _serve_socket(self, identified: list, forwarded: list) -> None:
+        assert self.reader is not None
+        core = self.core
+        entries = self.reader.drain(core.counters)
+        if not entries:
+            return
+        # Under load as wireguard-go counts it: the backlog is what waited in the socket's queue when this
+        # wake began (all we read before EAGAIN), each message seeing what is still behind it.
+        replies, ident, fwd = core.process_batch(core.processed + len(entries), entries, self.clock())
+        self._send_replies(replies)
+        identified += ident
+        forwarded += fwd
+        self.reported = False
+
+    def _serve_control(self, identified: list, forwarded: list) -> bool:
+        """Messages from the main process; True at end of file."""
+        core = self.core
+        messages = []
+        eof = False
+        for _ in range(MAX_DRAIN):
+            try:
+                data, fds = _recv(self.ctl, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            if not data:
+                eof = True
+                break
+            messages.append((decode(data), fds))
+        # The queue as far as we can see it: what the newest batch read says was handed over.
+        latest = max((m[1] for m, _ in messages if m[0] == MSG_BATCH), default=0)
+        for message, fds in messages:
+            if message[0] == MSG_CONFIG:
+                _, generation, private_key, peer_keys = message
+                core.configure(generation, private_key, peer_keys)
+            if message[0] == MSG_SOCKET and fds:
+                self._adopt_socket(fds.pop(0), message[1])
+            if message[0] != MSG_BATCH:
                 for extra in fds:
                     os.close(extra)
-                if message[0] != MSG_BATCH:
-                    continue
-                replies, ident, fwd = core.process_batch(latest, message[2], clock())
-                for reply, addr, port in replies:
-                    if udp is None:
-                        core.counters["tx_cookie_reply_no_socket"] += 1
-                        continue
-                    try:
-                        udp.sendto(reply, _sockaddr(addr, port))
-                    except OSError:
-                        core.counters["tx_cookie_reply_send_failed"] += 1
-                identified += ident
-                forwarded += fwd
-            now = clock()
-            counters = None
-            if now - last_report >= COUNTERS_INTERVAL or len(messages) == 1:
-                counters = dict(core.counters)
-                last_report = now
+                continue
+            for extra in fds:
+                os.close(extra)
+            entries = message[2]
+            backlog = max(latest - self.pair_done, len(entries))
+            replies, ident, fwd = core.process_batch(core.processed + backlog, entries, self.clock())
+            self.pair_done += len(entries)
+            self._send_replies(replies)
+            identified += ident
+            forwarded += fwd
+            self.reported = False
+        if messages:
+            self.reported = False
+        return eof
+
+    def _adopt_socket(self, fd: int, read: bool) -> None:
+        """A new UDP socket from the main process: the handshake socket (read it, reply from it), or the data
+        socket when steering is off (reply from it only)."""
+        if self.reader is not None:
+            self.old_drops = self.reader.kernel_drops()
+            with contextlib.suppress(KeyError, ValueError):
+                self.poller.unregister(self.reader.sock.fileno())
+            self.reader = None
+        if self.udp is not None:
+            self.udp.close()
+        self.udp = socket.socket(fileno=fd)
+        if read:  # the handshake socket (turbowg/conn/steering.py)
+            self.reader = HandshakeReader(self.udp)
+            self.reader.drops_base = self.old_drops
+            self.poller.register(fd, select.POLLIN)
+
+    def _send_replies(self, replies: list) -> None:
+        udp = self.udp
+        counters = self.core.counters
+        for reply, addr, port in replies:
+            if udp is None:
+                counters["tx_cookie_reply_no_socket"] += 1
+                continue
             try:
-                sock.send(encode_results(core.processed, identified, forwarded, counters))
-            except BrokenPipeError:
-                return 0
-            if eof:
-                return 0
-    finally:
-        if udp is not None:
-            udp.close()
+                udp.sendto(reply, _sockaddr(addr, port))
+            except OSError:
+                counters["tx_cookie_reply_send_failed"] += 1
+
+    def _report(self, identified: list, forwarded: list, answer: bool) -> bool:
+        """Results to the main process (and the counters, at most every COUNTERS_INTERVAL, and once after
+        the last change); False if it is gone."""
+        now = self.clock()
+        counters = None
+        if not self.reported and now - self.last_report >= COUNTERS_INTERVAL:
+            counters = dict(self.core.counters)
+            if self.reader is not None:
+                counters["rx_handshake_socket_kernel_drops"] = self.reader.kernel_drops()
+            elif self.old_drops:
+                counters["rx_handshake_socket_kernel_drops"] = self.old_drops
+            self.last_report = now
+            self.reported = True
+        if not identified and not forwarded and counters is None and not answer:
+            return True
+        try:
+            self.ctl.send(encode_results(self.pair_done, identified, forwarded, counters))
+        except BrokenPipeError:
+            return False
+        return True
+
+
+def serve(sock: socket.socket, clock: Callable[[], float] = time.monotonic) -> int:
+    """The worker's loop: until end of file on `sock`."""
+    return WorkerLoop(sock, clock).run()
 
 
 def _worker_setup() -> None:

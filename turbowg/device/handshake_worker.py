@@ -59,6 +59,8 @@ _SIZES = {MESSAGE_INITIATION: INITIATION_SIZE, MESSAGE_RESPONSE: RESPONSE_SIZE, 
 MSG_BATCH = 1  # main -> worker: (MSG_BATCH, handed_total, [(kind, addr, port, message), ...])
 MSG_CONFIG = 2  # main -> worker: (MSG_CONFIG, generation, private_key | None, [peer public key, ...])
 MSG_RESULTS = 3  # worker -> main: (MSG_RESULTS, processed_total, [identified...], [forwarded...], counters|None)
+MSG_SOCKET = 4  # main -> worker, with one fd: (MSG_SOCKET, read): the UDP socket to send cookie replies from,
+#                 and, if `read`, to read handshake messages from (the steered handshake socket)
 
 Entry = tuple[int, bytes, int, bytes]  # kind, source address bytes, source port, message
 
@@ -240,9 +242,14 @@ def encode_results(processed: int, identified: list[tuple], forwarded: list[Entr
     return marshal.dumps((MSG_RESULTS, processed, identified, forwarded, counters))
 
 
+def encode_socket(read: bool) -> bytes:
+    return marshal.dumps((MSG_SOCKET, bool(read)))
+
+
 def decode(data: bytes) -> tuple:
     message = marshal.loads(data)
-    if not isinstance(message, tuple) or not message or message[0] not in (MSG_BATCH, MSG_CONFIG, MSG_RESULTS):
+    if not isinstance(message, tuple) or not message or message[0] not in (MSG_BATCH, MSG_CONFIG, MSG_RESULTS,
+                                                                           MSG_SOCKET):
         raise ValueError("not a handshake worker message")
     return message
 
