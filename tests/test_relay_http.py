@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from turbowg.derp import keys
+from turbowg.derp import codec, keys
 from turbowg.relay import http
 from turbowg.relay.http import MAX_REQUEST_HEAD, RelayHTTPProtocol
 from turbowg.relay.server import DerpServer
@@ -44,7 +44,7 @@ async def closed_by_server(reader: asyncio.StreamReader) -> bool:
     within a short bound). Any extra bytes are a failure: nothing may follow the last response."""
     try:
         rest = await asyncio.wait_for(reader.read(1), 1.0)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
     assert rest == b"", f"unexpected bytes after the response: {rest!r}"
     return True
@@ -265,3 +265,32 @@ def test_an_idle_connection_is_dropped_after_the_header_timeout(monkeypatch) -> 
         writer.close()
 
     run(scenario)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# derper's derp_average_queue_duration_ms
+
+
+def test_average_queue_duration_tracks_packets_waiting_for_a_paused_writer() -> None:
+    """Packets held while the receiver's socket is full count their wait in the EWMA derper exports."""
+    from test_relay_server import Peer
+
+    async def main() -> None:
+        s = DerpServer(keys.generate_private_key(), keepalive_interval=0)
+        a, b = Peer(s, 1), Peer(s, 2)
+        b.conn.pause_writing()  # b's socket is over its high-water mark
+        for i in range(3):
+            a.feed(codec.encode_send_packet(b.key, bytes([i]) * 100))
+        await asyncio.sleep(0.2)
+        b.conn.resume_writing()
+        assert len(b.packets()) == 3
+        avg = s.metrics.avg_queue_duration_ms
+        assert 200 * (1 - 0.9 ** 3) * 0.9 < avg < 400, avg  # one batch of 3, ~200 ms old
+        text = s.render_metrics().decode()
+        line = next(ln for ln in text.splitlines() if ln.startswith("derp_average_queue_duration_ms "))
+        assert abs(float(line.split()[1]) - avg) < 1e-6
+        a.feed(codec.encode_send_packet(b.key, b"fresh"))  # written at once: the average decays
+        s.flush_dirty()
+        assert s.metrics.avg_queue_duration_ms < avg
+
+    asyncio.run(main())

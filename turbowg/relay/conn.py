@@ -128,7 +128,7 @@ class ClientConn(asyncio.Protocol):
         "server", "limits", "transport", "proto", "key", "info", "can_mesh", "remote_ip", "remote_port",
         "queue", "control", "pong_pending", "paused", "dirty", "closed", "is_dup", "registered",
         "preferred", "seen_srcs", "connected_at", "_not_here_limit", "_keepalive", "_handshake_timer",
-        "_write_timer", "_write_mark", "__weakref__",
+        "_write_timer", "_write_mark", "queued_at", "__weakref__",
     )
 
     def __init__(self, server: ConnOwner) -> None:
@@ -157,6 +157,7 @@ class ClientConn(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._write_mark = 0
+        self.queued_at = 0.0  # when the oldest packet now in `queue` was queued (derper's queue duration)
 
     # -- asyncio.Protocol -------------------------------------------------------------------------
 
@@ -290,6 +291,8 @@ class ClientConn(asyncio.Protocol):
             else:
                 _, old = q.popleft()
                 self.server.record_drop(DROP_QUEUE_HEAD, old)
+        if not q:
+            self.queued_at = time.monotonic()
         q.append((src, packet))
         if src not in self.seen_srcs:
             self.server.note_delivery(src, self)
@@ -331,6 +334,11 @@ class ClientConn(asyncio.Protocol):
             m = self.server.metrics
             m.packets_sent += len(q)
             m.bytes_sent += nbytes
+            # derper's average_queue_duration_ms: an EWMA (alpha 0.1 per packet) of whole ms queued; the
+            # batch is charged the age of its oldest packet
+            waited = int((time.monotonic() - self.queued_at) * 1000.0)
+            keep = 0.9 ** len(q)
+            m.avg_queue_duration_ms = m.avg_queue_duration_ms * keep + waited * (1.0 - keep)
             q.clear()
         if parts:
             t.write(b"".join(parts))

@@ -41,11 +41,13 @@ class ServerMetrics:
         "home_moves_out", "total_dup_client_conns", "write_timeouts", "handshake_errors",
         "protocol_errors", "clients_replaced", "packets_dropped", "bytes_dropped",
         "websocket_accepts", "accept_limit_accepted", "accept_limit_rejected", "verify_rejects",
+        "avg_queue_duration_ms",
     )
 
     def __init__(self) -> None:
         for name in self.__slots__:
             setattr(self, name, 0)
+        self.avg_queue_duration_ms = 0.0
         self.packets_dropped: dict[tuple[str, str], int] = {(r, k): 0 for r in DROP_REASONS for k in KINDS}
         self.bytes_dropped: dict[tuple[str, str], int] = {(r, k): 0 for r in DROP_REASONS for k in KINDS}
 
@@ -95,6 +97,8 @@ class DerpCollector(Collector):
             ("derp_current_dup_client_keys", "keys with more than one connection", g.dup_client_keys),
             ("derp_current_dup_client_conns", "connections sharing a key", g.dup_client_conns),
             ("derp_watchers", "mesh watchers", g.watchers),
+            ("derp_average_queue_duration_ms", "moving average of the milliseconds a packet waits in a "
+             "client's send queue (derper's EWMA, alpha 0.1)", m.avg_queue_duration_ms),
         ):
             family = GaugeMetricFamily(name, doc)
             family.add_metric([], value)
