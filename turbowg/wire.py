@@ -26,3 +26,11 @@ TRANSPORT_MIN_SIZE = TRANSPORT_HEADER_SIZE + AEAD_TAG_SIZE  # a keepalive
 # Largest datagram accepted at all (as wireguard-go's MaxMessageSize).
 MAX_MESSAGE_SIZE = 65535
 PADDING_MULTIPLE = 16
+
+# Protocol limits that both the noise layer and the device use (wireguard-go device/constants.go).
+# A counter at or past this is never used: a keypair is done before the nonce could wrap.
+REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
+# The responder's cookie secret lives this long; an initiator's cookie is used for as long.
+COOKIE_REFRESH_TIME = 120.0
+# Minimum spacing of accepted initiations from one peer (wireguard-go HandshakeInitationRate).
+HANDSHAKE_INITIATION_RATE = 1.0 / 50.0

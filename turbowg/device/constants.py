@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import os
 
+from turbowg.wire import COOKIE_REFRESH_TIME, HANDSHAKE_INITIATION_RATE, REJECT_AFTER_MESSAGES
+
+__all__ = ["COOKIE_REFRESH_TIME", "HANDSHAKE_INITIATION_RATE", "REJECT_AFTER_MESSAGES"]  # re-exported
+
 # Key lifetime limits.
 REKEY_AFTER_MESSAGES = 1 << 60
-REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 REKEY_AFTER_TIME = 120.0
 # Test-only: TURBOWG_REKEY_AFTER_TIME=<seconds> (read once, at import) makes sessions rekey sooner, so a
 # test can watch rekeying (tests/test_flood_rekey.py). Never set it in production.
@@ -20,8 +23,6 @@ REKEY_ATTEMPT_TIME = 90.0
 REKEY_TIMEOUT = 5.0
 REKEY_TIMEOUT_JITTER_MAX = 1.0 / 3.0
 KEEPALIVE_TIMEOUT = 10.0
-COOKIE_REFRESH_TIME = 120.0
-HANDSHAKE_INITIATION_RATE = 1.0 / 50.0
 
 # Retransmissions of one handshake: REKEY_ATTEMPT_TIME worth of REKEY_TIMEOUTs.
 MAX_TIMER_HANDSHAKES = int(REKEY_ATTEMPT_TIME / REKEY_TIMEOUT)

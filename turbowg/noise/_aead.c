@@ -26,7 +26,7 @@
 #define HEADER_SIZE 16
 #define TAG_SIZE 16
 #define OVERHEAD (HEADER_SIZE + TAG_SIZE)
-/* REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1 (turbowg/device/constants.py) */
+/* REJECT_AFTER_MESSAGES = 2**64 - 2**13 - 1 (turbowg/wire.py) */
 #define REJECT_AFTER_MESSAGES (UINT64_MAX - (1ull << 13))
 
 /* ---- replay window: ring of 129 64-bit blocks, window 8192 (as turbowg/device/replay.py) ---------- */

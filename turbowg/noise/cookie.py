@@ -10,14 +10,10 @@ import os
 import struct
 import time
 
-from turbowg.wire import COOKIE_REPLY_SIZE, MESSAGE_COOKIE_REPLY
+from turbowg.wire import COOKIE_REFRESH_TIME, COOKIE_REPLY_SIZE, MESSAGE_COOKIE_REPLY
 
 from .handshake import LABEL_COOKIE, LABEL_MAC1
 from .primitives import MAC_SIZE, XNONCE_SIZE, hash_, mac, xaead_open, xaead_seal
-
-# The responder's cookie secret lives this long; an initiator's cookie is used for as long
-# (wireguard-go CookieRefreshTime).
-COOKIE_REFRESH_TIME = 120.0
 
 _COOKIE_REPLY_HEAD = struct.Struct("<II")  # type word, receiver index
 

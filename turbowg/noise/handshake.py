@@ -12,7 +12,13 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from turbowg.wire import INITIATION_SIZE, MESSAGE_INITIATION, MESSAGE_RESPONSE, RESPONSE_SIZE
+from turbowg.wire import (
+    HANDSHAKE_INITIATION_RATE,
+    INITIATION_SIZE,
+    MESSAGE_INITIATION,
+    MESSAGE_RESPONSE,
+    RESPONSE_SIZE,
+)
 
 from .primitives import (
     HASH_SIZE,
@@ -39,8 +45,6 @@ LABEL_COOKIE = b"cookie--"
 # initiations do not reveal our precise clock.
 TIMESTAMP_WHITENER_MASK = 0x1000000 - 1
 
-# Minimum spacing of accepted initiations from one peer (wireguard-go HandshakeInitationRate).
-HANDSHAKE_INITIATION_RATE = 1 / 50
 
 # Chaining key and hash after mixing the construction and identifier: the same for every handshake.
 INITIAL_CHAINING_KEY = hash_(CONSTRUCTION)

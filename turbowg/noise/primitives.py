@@ -17,11 +17,11 @@ from nacl.bindings import (
 )
 from nacl.exceptions import CryptoError
 
-from turbowg.wire import KEY_SIZE
+from turbowg.wire import AEAD_TAG_SIZE, KEY_SIZE
 
 HASH_SIZE = 32
 MAC_SIZE = 16
-TAG_SIZE = 16
+TAG_SIZE = AEAD_TAG_SIZE
 XNONCE_SIZE = 24
 TAI64N_SIZE = 12
 ZERO32 = bytes(32)

@@ -28,13 +28,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from turbowg import accel
-from turbowg.wire import AEAD_TAG_SIZE, MESSAGE_TRANSPORT, TRANSPORT_HEADER_SIZE
+from turbowg.wire import AEAD_TAG_SIZE, MESSAGE_TRANSPORT, REJECT_AFTER_MESSAGES, TRANSPORT_HEADER_SIZE
 
 HEADER_SIZE = TRANSPORT_HEADER_SIZE
 OVERHEAD = TRANSPORT_HEADER_SIZE + AEAD_TAG_SIZE
-# Counters at or past this are never used (as turbowg/device/constants.py; the noise layer must not import
-# the device package, which imports it).
-REJECT_AFTER_MESSAGES = (1 << 64) - (1 << 13) - 1
 
 _HEADER = struct.Struct("<IIQ")
 _NONCE = struct.Struct("<Q")

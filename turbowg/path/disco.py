@@ -42,9 +42,9 @@ from nacl.public import Box, PrivateKey, PublicKey
 
 from turbowg.conn.endpoint import Endpoint
 from turbowg.path.constants import MAX_CALL_ME_MAYBE_ENDPOINTS
+from turbowg.wire import KEY_SIZE
 
 MAGIC = b"TWdisc"
-KEY_SIZE = 32
 NONCE_SIZE = 24
 BOX_OVERHEAD = 16  # Poly1305 tag
 HEADER_SIZE = len(MAGIC) + KEY_SIZE + NONCE_SIZE  # 62
