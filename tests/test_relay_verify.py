@@ -162,3 +162,67 @@ def test_mesh_peers_are_not_asked() -> None:
                     await peer.close()
 
     uvloop.run(main())
+
+
+def test_frames_sent_before_the_verdict_wait_for_it() -> None:
+    """A client may send right after its ClientInfo (Go clients do): those frames are held until the controller
+    answers, then handled in order if admitted, never if refused."""
+    from turbowg.derp.client_proto import ClientConnection
+
+    async def raw_client(port: int, private: bytes, dst: bytes) -> list[Any]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        proto = ClientConnection(private)
+        events: list[Any] = []
+        sent = False
+        with contextlib.suppress(TimeoutError, ConnectionError, asyncio.IncompleteReadError):
+            async with asyncio.timeout(1.5):
+                while data := await reader.read(65536):
+                    events += proto.receive_data(data)
+                    out = proto.data_to_send()
+                    if out and not sent:  # ClientInfo, a packet and a ping in one write, before ServerInfo
+                        writer.write(out + codec.encode_send_packet(dst, b"early") + codec.encode_ping(b"12345678"))
+                        sent = True
+        writer.close()
+        return events
+
+    async def main() -> None:
+        with controller() as (ctl, verify_url):
+            async with relay(verify_client_url=verify_url) as (_config, url):
+                port = int(url.split(":")[2].split("/")[0])
+                receiver = DerpClient()
+                ok_key, bad_key = keys.generate_private_key(), keys.generate_private_key()
+                ctl.allowed = {keys.format_public_key(receiver.public_key),
+                               keys.format_public_key(keys.public_key(ok_key))}
+                await receiver.connect(url)
+                events = await raw_client(port, ok_key, receiver.public_key)
+                assert any(isinstance(e, codec.Pong) and e.data == b"12345678" for e in events)
+                async with asyncio.timeout(TIMEOUT):
+                    while not isinstance(msg := await receiver.recv(), codec.ReceivedPacket):
+                        pass
+                assert msg.data == b"early" and msg.source == keys.public_key(ok_key)
+                events = await raw_client(port, bad_key, receiver.public_key)
+                assert not any(isinstance(e, codec.Pong) for e in events)  # closed before anything was handled
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        while not isinstance(await receiver.recv(), codec.ReceivedPacket):
+                            pass
+                await receiver.close()
+
+    uvloop.run(main())
+
+
+def test_websocket_clients_are_verified_too() -> None:
+    async def main() -> None:
+        with controller() as (ctl, verify_url):
+            async with relay(verify_client_url=verify_url) as (_config, url):
+                ws_url = url.replace("http://", "ws://")
+                good, bad = DerpClient(), DerpClient()
+                ctl.allowed = {keys.format_public_key(good.public_key)}
+                assert await admitted(ws_url, good)
+                assert not await admitted(ws_url, bad)
+                assert await good.ping() < TIMEOUT
+                await good.close()
+
+    uvloop.run(main())
