@@ -213,3 +213,36 @@ def test_malformed_rate_limit_file_is_refused_with_line_and_reason(tmp_path: Pat
                            "--workers", "1", "-client-rate-limits", str(path)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and f"{path}{where}" in proc.stderr
+
+
+def test_sighup_reaches_every_worker_of_a_sharded_relay(tmp_path: Path) -> None:
+    """`turbowg relay --workers 2 -client-rate-limits FILE`: SIGHUP to the supervisor reloads the file in both
+    workers and stops nothing (without a handler SIGHUP would end the process)."""
+    limits = tmp_path / "limits.json"
+    limits.write_text(json.dumps({"default": {"bytes_per_sec": 1_000_000}}))
+    proc = subprocess.Popen([sys.executable, "-m", "turbowg", "relay", "-dev", "-a", "127.0.0.1:0", "-stun=false",
+                             "--workers", "2", "-client-rate-limits", str(limits)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 30
+        while sum("listening on" in ln for ln in lines) < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        assert sum("listening on" in ln for ln in lines) == 2, "".join(lines)
+        time.sleep(0.3)
+        limits.write_text(json.dumps({"default": {"bytes_per_sec": 2_000_000}, "clients": {}}))
+        proc.send_signal(signal.SIGHUP)
+        while sum("rate limits reloaded" in ln for ln in lines) < 2 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+        assert sum("rate limits reloaded" in ln for ln in lines) == 2, "".join(lines)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(15)
