@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import os
+import select
 import signal
 import time
 from array import array
@@ -53,6 +54,24 @@ LINK_CHECK_INTERVAL = 1.0  # seconds between checks that the interface still exi
 # Handshake messages per second above which the device counts as under load (cookie replies start).
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 64
 UNDER_LOAD_HOLD = 1.0
+# TURBOWG_BUSY_POLL_US=N: after a data wake, keep polling the TUN and UDP fds for up to N microseconds
+# before going back to the loop (which may sleep): a reply that comes back within N us is handled at once,
+# hot, without a wakeup. Costs CPU while it spins (bounded: N us per wake). 0 (default): off.
+BUSY_POLL_MAX_US = 10_000
+
+
+def busy_poll_from_env() -> float:
+    """Seconds to spin after a data wake (TURBOWG_BUSY_POLL_US, microseconds; 0: off)."""
+    try:
+        value = int(os.environ.get("TURBOWG_BUSY_POLL_US", "0").strip() or "0")
+    except ValueError:
+        return 0.0
+    return min(max(value, 0), BUSY_POLL_MAX_US) / 1e6
+
+
+# A wake this long after the previous one on the same fd counts as a lone packet (see _on_tun_readable).
+LONE_GAP = 0.001
+
 # Packed batches: all TUN reads of one wake land in one staging buffer, all UDP reads in one receive buffer.
 TUN_STAGE_BYTES = 1 << 20
 TUN_STAGE_ROOM = READ_ROOM_BYTES  # what one read may add (see turbowg/tun/device.py)
@@ -96,6 +115,15 @@ class Runtime:
         self.derp_link: DerpLink | None = DerpLink(self, derp, ca_file=derp_ca) if derp else None
         # TURBOWG_TRACE_LATENCY=1: wrapped readers time the stages of each crossing (nothing wrapped when off).
         self.trace: LatencyTrace | None = LatencyTrace() if trace_enabled() else None
+        self.busy_poll = busy_poll_from_env()
+        self._reply_poll: Callable[[int], list] | None = None  # poll(0) of the TUN fd
+        self._tun_last_wake = 0.0
+        self._udp_last_wake = 0.0
+        self._spin_yield = os.environ.get("TURBOWG_BUSY_POLL_YIELD", "1").strip() not in ("0", "")
+        self._spin_epoll: select.epoll | None = None
+        self._spin_fds: dict[int, Callable[[], None]] = {}
+        self._tun_reader: Callable[[], None] = self._on_tun_readable
+        self._udp_reader: Callable[[], None] = self._on_udp_readable
 
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -116,6 +144,16 @@ class Runtime:
         if self.trace is not None:
             self.trace.attach_tun(self.tun, self.device)
             tun_reader = self.trace.tun_reader(tun_reader)
+        self._tun_reader = tun_reader
+        poller = select.poll()
+        poller.register(self.tun.fileno(), select.POLLIN)
+        self._reply_poll = poller.poll
+        if self.busy_poll:
+            if self._spin_epoll is None:
+                self._spin_epoll = select.epoll()
+            self._spin_epoll.register(self.tun.fileno(), select.EPOLLIN)
+            self._spin_fds[self.tun.fileno()] = tun_reader
+            tun_reader = self._on_tun_readable_spin
         self._loop.add_reader(self.tun.fileno(), tun_reader)
         if self.derp_link is not None:
             self.derp_link.start()
@@ -135,6 +173,9 @@ class Runtime:
             raise
         if old is not None:
             self._loop.remove_reader(old.fileno())
+            if self._spin_epoll is not None:
+                self._spin_fds.pop(old.fileno(), None)
+                self._spin_epoll.unregister(old.fileno())
             old.close()
         self.udp = udp
         self.device.set_bound_port(self.udp.port)
@@ -145,6 +186,13 @@ class Runtime:
             self.trace.attach_udp(udp)
             enable_kernel_timestamps(udp.fileno())
             udp_reader = self.trace.udp_reader(udp_reader, self)
+        self._udp_reader = udp_reader
+        if self.busy_poll:
+            if self._spin_epoll is None:
+                self._spin_epoll = select.epoll()
+            self._spin_epoll.register(udp.fileno(), select.EPOLLIN)
+            self._spin_fds[udp.fileno()] = udp_reader
+            udp_reader = self._on_udp_readable_spin
         self._loop.add_reader(self.udp.fileno(), udp_reader)
         log.info("listening on UDP port %d", self.udp.port)
 
@@ -201,6 +249,11 @@ class Runtime:
         if self.uapi is not None:
             self.uapi.close()
             self.uapi = None
+        self._reply_poll = None
+        if self._spin_epoll is not None:
+            self._spin_epoll.close()
+            self._spin_epoll = None
+            self._spin_fds.clear()
         if self.udp is not None:
             if loop is not None:
                 loop.remove_reader(self.udp.fileno())
@@ -213,6 +266,38 @@ class Runtime:
             self.tun = None
 
     # ---- data path ------------------------------------------------------------------------------
+    def _on_tun_readable_spin(self) -> None:
+        self._tun_reader()
+        self._spin()
+
+    def _on_udp_readable_spin(self) -> None:
+        self._udp_reader()
+        self._spin()
+
+    def _spin(self) -> None:
+        """Busy-poll both data fds for up to `busy_poll` seconds after a wake (bounded: the loop's timers
+        and the UAPI wait at most that long), handling whatever becomes readable at once."""
+        epoll = self._spin_epoll
+        if epoll is None:
+            return
+        clock = time.perf_counter
+        deadline = clock() + self.busy_poll
+        poll = epoll.poll
+        readers = self._spin_fds
+        relax = os.sched_yield if self._spin_yield else None
+        while clock() < deadline:
+            events = poll(0)
+            if not events:
+                if relax is not None:
+                    relax()  # stay awake, but let whatever else wants this CPU run (the peer, the app)
+                continue
+            for fd, _events in events:
+                reader = readers.get(fd)
+                if reader is not None:
+                    reader()
+            if self._stopped is not None and self._stopped.is_set():
+                return
+
     def _on_tun_readable(self) -> None:
         """Read the TUN until it would block (bounded), seal the whole batch per peer, send per peer."""
         tun = self.tun
@@ -225,6 +310,11 @@ class Runtime:
         cursor = 0
         count = 0
         read_packed = tun.read_packed
+        now = time.monotonic()
+        # A lone packet (the last wake was long ago): one read, no second read that would only say EAGAIN;
+        # if more was queued after all, the level-triggered loop brings us back at once (and drains then).
+        lone = now - self._tun_last_wake > LONE_GAP
+        self._tun_last_wake = now
         try:
             for _ in range(MAX_TUN_READS_PER_WAKE):
                 if cursor > TUN_STAGE_BYTES or count > TUN_STAGE_PACKETS:
@@ -236,12 +326,14 @@ class Runtime:
                     runs.append(count)
                     runs.append(got)
                     count += got
+                    if lone and got == 1:
+                        break
         except OSError as exc:
             self.stop(f"TUN read failed: {exc}")
             return
         if not runs:
             return
-        packed, transmits = self.device.handle_tun_packed(stage, layout, runs, time.monotonic())
+        packed, transmits = self.device.handle_tun_packed(stage, layout, runs, now)
         self._reschedule_timer()
         udp = self.udp
         if udp is None:
@@ -268,10 +360,17 @@ class Runtime:
         chunks.clear()
         senders.clear()
         buf = self._rxbuf
-        udp.recv_packed(buf, 0, UDP_RECV_BYTES, chunks, senders, max_calls=MAX_UDP_READS_PER_WAKE)
+        now = time.monotonic()
+        lone = now - self._udp_last_wake > LONE_GAP
+        self._udp_last_wake = now
+        if lone:  # one read; more only if it was a GRO batch (see _on_tun_readable)
+            cursor = udp.recv_packed(buf, 0, UDP_RECV_BYTES, chunks, senders, max_calls=1)
+            if chunks and chunks[2] < chunks[1] - chunks[0]:
+                udp.recv_packed(buf, cursor, UDP_RECV_BYTES, chunks, senders, max_calls=MAX_UDP_READS_PER_WAKE - 1)
+        else:
+            udp.recv_packed(buf, 0, UDP_RECV_BYTES, chunks, senders, max_calls=MAX_UDP_READS_PER_WAKE)
         if not senders:
             return
-        now = time.monotonic()
         count, transmits = self.device.handle_udp_packed(buf, chunks, senders, now,
                                                          under_load=self._under_load(buf, chunks, now))
         if self.handshakes is not None:
@@ -285,6 +384,10 @@ class Runtime:
                 return
         if transmits:
             self._send(transmits)
+        if count and self._reply_poll is not None and self._reply_poll(0):
+            # A local answer (ping, RPC) is often queued on the TUN by the time the write returns: take it
+            # now rather than after another loop turn.
+            self._tun_reader()
 
     def _under_load(self, buf: bytearray, chunks: list[int], now: float) -> bool:
         # Handshake messages (types 1 and 2) per second; a flood turns on cookie replies for a while.

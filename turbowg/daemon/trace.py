@@ -19,10 +19,9 @@ Per wake that carried exactly one packet (the interactive case), the stages reco
                  udp.read      callback entry -> recv_packed returned (the datagram and the EAGAIN read)
                  udp.device    -> handle_udp_packed returned (open, replay check, allowed IPs)
                  udp.write     -> the TUN write returned
-                 udp.exit      -> the callback returned
-                 udp.total     callback entry -> exit
-    and the gap between the end of one callback and the start of the next one in the same loop turn
-    is not measured (there is none for a lone packet).
+                 udp.exit      -> the callback returned (includes an answer the runtime took from the TUN in
+                               the same wake, which is then also traced as a TUN wake of its own)
+                 udp.total     callback entry -> the TUN write returned
 
 Also per wake, whatever the packet count: packets per wake (tun.packets, udp.packets: how much the daemon
 stages) and the UDP socket's next-datagram size at wake (udp.inq_bytes, SIOCINQ).
@@ -86,15 +85,15 @@ class LatencyTrace:
         return traced
 
     def attach_tun(self, tun: Any, device: Any) -> None:
-        tun.read_packed = self._wrap(tun.read_packed, "read", count_result=True)
-        tun.write_packed = self._wrap(tun.write_packed, "write")
+        tun.read_packed = self._wrap(tun.read_packed, "tun.read", count_result=True)
+        tun.write_packed = self._wrap(tun.write_packed, "udp.write")
         if "handle_tun_packed" not in vars(device):
-            device.handle_tun_packed = self._wrap(device.handle_tun_packed, "device")
-            device.handle_udp_packed = self._wrap(device.handle_udp_packed, "device")
+            device.handle_tun_packed = self._wrap(device.handle_tun_packed, "tun.device")
+            device.handle_udp_packed = self._wrap(device.handle_udp_packed, "udp.device")
 
     def attach_udp(self, udp: Any) -> None:
-        udp.recv_packed = self._wrap(udp.recv_packed, "read")
-        udp.send_packed = self._wrap(udp.send_packed, "send")
+        udp.recv_packed = self._wrap(udp.recv_packed, "udp.read")
+        udp.send_packed = self._wrap(udp.send_packed, "tun.send")
 
     def tun_reader(self, callback: Callable[[], None]) -> Callable[[], None]:
         marks = self._marks
@@ -103,19 +102,22 @@ class LatencyTrace:
         clock = time.perf_counter_ns
 
         def on_tun_readable() -> None:
-            marks.clear()
-            kinds.clear()
+            base = len(marks)  # a TUN wake may run inside a UDP one (the runtime's reply poll)
             self._packets = 0
             start = clock()
             callback()
             end = clock()
+            mine = list(zip(marks[base:], kinds[base:], strict=True))
+            if not base:
+                marks.clear()
+                kinds.clear()
             packets = self._packets
             _add(samples["tun.packets"], packets)
             if packets != 1:
                 return
-            reads = [m for m, k in zip(marks, kinds, strict=True) if k == "read"]
-            device = [m for m, k in zip(marks, kinds, strict=True) if k == "device"]
-            sends = [m for m, k in zip(marks, kinds, strict=True) if k == "send"]
+            reads = [m for m, k in mine if k == "tun.read"]
+            device = [m for m, k in mine if k == "tun.device"]
+            sends = [m for m, k in mine if k == "tun.send"]
             if not reads or not device or not sends:
                 return
             _add(samples["tun.read1"], reads[0] - start)
@@ -160,9 +162,12 @@ class LatencyTrace:
             _add(samples["udp.packets"], packets)
             if packets != 1 or senders != 1:
                 return
-            reads = [m for m, k in zip(marks, kinds, strict=True) if k == "read"]
-            device = [m for m, k in zip(marks, kinds, strict=True) if k == "device"]
-            writes = [m for m, k in zip(marks, kinds, strict=True) if k == "write"]
+            mine = list(zip(marks, kinds, strict=True))
+            marks.clear()
+            kinds.clear()
+            reads = [m for m, k in mine if k == "udp.read"]
+            device = [m for m, k in mine if k == "udp.device"]
+            writes = [m for m, k in mine if k == "udp.write"]
             if not reads or not device or not writes:
                 return
             try:
@@ -178,7 +183,7 @@ class LatencyTrace:
             _add(samples["udp.device"], device[0] - reads[0])
             _add(samples["udp.write"], writes[-1] - device[0])
             _add(samples["udp.exit"], end - writes[-1])
-            _add(samples["udp.total"], end - start)
+            _add(samples["udp.total"], writes[-1] - start)
 
         return on_udp_readable
 
