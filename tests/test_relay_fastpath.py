@@ -604,3 +604,35 @@ def test_relay_tests_pass_on_the_python_path_too() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout
+
+
+def test_app_websocket_client_stays_in_python_and_talks_to_a_c_client() -> None:
+    async def main() -> None:
+        async with relay() as (server, url):
+            ws, p = DerpClient(), DerpClient()
+            await ws.connect(url.replace("http://", "ws://"))
+            await p.connect(url, fast_start=True)
+            await until(lambda: len(server.clients) == 2, "both registered")
+            assert server.fast.handovers == 1  # the WebSocket's bytes are not plain DERP: not handed over
+            await exchange(ws, p, 1000)
+            await exchange(p, ws, 1000)
+            await ws.close()
+            await p.close()
+
+    run(main)
+
+
+def test_handover_on_the_default_asyncio_loop_too() -> None:
+    """asyncio's own transport gives the socket up as cleanly as uvloop's (no FIN, no RST on the dup)."""
+    async def main() -> None:
+        async with relay() as (server, url):
+            a, b = DerpClient(), DerpClient()
+            await a.connect(url)
+            await b.connect(url)
+            await until(lambda: server.fast.handovers == 2, "both sockets in the C loop")
+            await exchange(a, b, 5000)
+            assert await a.ping(timeout=2) < 2
+            await a.close()
+            await b.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
