@@ -1,0 +1,133 @@
+"""Latency work on the daemon (issue 13): the TURBOWG_TRACE_LATENCY stage trace, the lone-packet read, the answer
+taken from the TUN in the same wake, and the TURBOWG_BUSY_POLL_US switch, each checked on a real turbowgd tunnel
+between two namespaces (traffic through the tunnel, the daemons' own counters), plus the pieces on their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from turbowg.daemon import runtime as runtime_mod
+from turbowg.daemon import trace as trace_mod
+from turbowg.testing.marks import needs_netns
+from turbowg.testing.netns import wait_until
+from turbowg.testing.tunnel import ping, transfer, tunnel, wg_dump
+
+
+def test_switches_are_read_from_the_environment(monkeypatch) -> None:
+    monkeypatch.delenv("TURBOWG_TRACE_LATENCY", raising=False)
+    monkeypatch.delenv("TURBOWG_BUSY_POLL_US", raising=False)
+    assert not trace_mod.enabled_from_env() and runtime_mod.busy_poll_from_env() == 0.0
+    rt = runtime_mod.Runtime("twtest0", socket_dir="/nonexistent")
+    assert rt.trace is None and rt.busy_poll == 0.0
+    # Off: the readers the loop gets are the plain bound methods (nothing wrapped, no per-packet check).
+    assert rt._tun_reader == rt._on_tun_readable and rt._udp_reader == rt._on_udp_readable
+    for value in ("1", "yes", "on"):
+        monkeypatch.setenv("TURBOWG_TRACE_LATENCY", value)
+        assert trace_mod.enabled_from_env()
+    for value in ("0", "", "off"):
+        monkeypatch.setenv("TURBOWG_TRACE_LATENCY", value)
+        assert not trace_mod.enabled_from_env()
+    monkeypatch.setenv("TURBOWG_TRACE_LATENCY", "1")
+    assert isinstance(runtime_mod.Runtime("twtest0", socket_dir="/nonexistent").trace, trace_mod.LatencyTrace)
+    monkeypatch.setenv("TURBOWG_BUSY_POLL_US", "250")
+    assert runtime_mod.busy_poll_from_env() == pytest.approx(250e-6)
+    monkeypatch.setenv("TURBOWG_BUSY_POLL_US", "99999999")
+    assert runtime_mod.busy_poll_from_env() == runtime_mod.BUSY_POLL_MAX_US / 1e6
+    for bad in ("-5", "fast"):
+        monkeypatch.setenv("TURBOWG_BUSY_POLL_US", bad)
+        assert runtime_mod.busy_poll_from_env() == 0.0
+
+
+def test_trace_summary_of_recorded_stages() -> None:
+    trace = trace_mod.LatencyTrace()
+    for value in range(1, 101):
+        trace.samples["tun.device"].append(value * 1000)  # ns
+    trace.samples["udp.packets"].extend([1] * 9 + [40])
+    summary = trace.summary()
+    assert summary["tun.device"]["count"] == 100
+    assert summary["tun.device"]["p50"] == pytest.approx(51.0) and summary["tun.device"]["max"] == pytest.approx(100.0)
+    assert summary["udp.packets"]["p50"] == 1 and summary["udp.packets"]["max"] == 40  # counts are not scaled
+    assert "tun.read1" not in summary  # nothing recorded, nothing reported
+    text = trace.format()
+    assert "tun.device" in text and "single-packet wakes" in text
+
+
+def _daemon_log(side) -> str:
+    return side.daemon.log() if side.daemon else ""
+
+
+@needs_netns
+def test_trace_times_every_stage_of_pings_through_the_tunnel(tmp_path) -> None:
+    files = {side: str(tmp_path / f"trace-{side}.json") for side in "ab"}
+    env = {"TURBOWG_TRACE_LATENCY": "1"}
+    with tunnel("turbowg", "turbowg", env_a={**env, "TURBOWG_TRACE_LATENCY_FILE": files["a"]},
+                env_b={**env, "TURBOWG_TRACE_LATENCY_FILE": files["b"]}) as tun:
+        assert ping(tun.a, tun.server_v4, count=3)
+        rx_before = transfer(tun.b)[0]
+        count = 30
+        result = tun.a.sh("ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", tun.server_v4, check=False)
+        assert result.returncode == 0, result.stdout
+        assert transfer(tun.b)[0] - rx_before >= count * 84  # the echo requests came through b's daemon
+        for side in (tun.a, tun.b):
+            os.kill(side.daemon.pid, signal.SIGUSR1)
+        assert wait_until(lambda: all(os.path.exists(f) for f in files.values()), 10)
+        summaries = {side: json.load(open(path)) for side, path in files.items()}
+        # SIGUSR1 also writes the table to the daemon's log.
+        assert wait_until(lambda: "latency trace" in _daemon_log(tun.a), 10)
+    for side, summary in summaries.items():
+        # Each side sealed (TUN -> UDP) and opened (UDP -> TUN) about one packet per ping, one per wake.
+        for stage in (*trace_mod.TUN_STAGES, "udp.read", "udp.device", "udp.write", "udp.total"):
+            assert summary[stage]["count"] >= count // 2, (side, stage, summary)
+            assert 0 <= summary[stage]["p50"] < 1e6, (side, stage)
+        assert summary["tun.total"]["p50"] >= summary["tun.device"]["p50"] > 0
+        assert summary["udp.total"]["p50"] >= summary["udp.device"]["p50"] > 0
+        assert summary["tun.packets"]["p50"] == 1 and summary["udp.packets"]["p50"] == 1
+        # A lone packet costs one read: the read that only says EAGAIN is skipped.
+        assert summary["tun.read_more"]["p50"] == 0
+    # The kernel's receive stamp of the datagram (SIOCGSTAMPNS): the loop's wakeup latency, on at least one side.
+    assert any(s.get("udp.kernel", {}).get("count", 0) > 0 for s in summaries.values())
+
+
+@needs_netns
+def test_untraced_daemon_writes_no_trace(tmp_path) -> None:
+    path = str(tmp_path / "trace.json")
+    with tunnel("turbowg", "turbowg", env_a={"TURBOWG_TRACE_LATENCY_FILE": path}) as tun:
+        assert ping(tun.a, tun.server_v4, count=3)
+        os.kill(tun.a.daemon.pid, signal.SIGUSR1)  # not handled when tracing is off: the default action ends it
+        assert wait_until(lambda: not tun.a.daemon.alive(), 10)
+    assert not os.path.exists(path)
+
+
+@needs_netns
+def test_a_burst_after_idle_all_arrives(tmp_path) -> None:
+    """The lone-packet read stops after one packet; a burst behind it must still be drained at once."""
+    with tunnel("turbowg", "turbowg") as tun:
+        assert ping(tun.a, tun.server_v4, count=2)
+        for _ in range(3):
+            time.sleep(0.05)  # idle: the next wake counts as lone
+            flood = tun.a.sh("ping", "-n", "-f", "-c", "300", "-s", "200", "-W", "1", tun.server_v4, check=False)
+            assert flood.returncode == 0 and " 0% packet loss" in flood.stdout, flood.stdout
+        rx_b = int(wg_dump(tun.b)[1][5])
+        assert rx_b >= 900 * 228  # all requests went through b's daemon
+
+
+@needs_netns
+@pytest.mark.parametrize("spin_us", ["200"])
+def test_busy_poll_carries_traffic_and_survives_a_port_change(spin_us) -> None:
+    env = {"TURBOWG_BUSY_POLL_US": spin_us}
+    with tunnel("turbowg", "turbowg", env_a=env, env_b=env) as tun:
+        assert ping(tun.a, tun.server_v4, count=3)
+        rx_before = transfer(tun.a)[0]
+        result = tun.a.sh("ping", "-n", "-c", "50", "-i", "0.005", "-W", "1", tun.server_v4, check=False)
+        assert result.returncode == 0 and " 0% packet loss" in result.stdout, result.stdout
+        assert transfer(tun.a)[0] - rx_before >= 50 * 84  # the replies came back through a's daemon
+        # A new listen port: the spinning poller must follow the new socket (the old one is unregistered).
+        tun.b.wg("set", tun.b.ifname, "listen-port", str(tun.b.port + 100))
+        tun.a.wg("set", tun.a.ifname, "peer", tun.b.public, "endpoint", f"{tun.b.underlay_ip}:{tun.b.port + 100}")
+        assert ping(tun.a, tun.server_v4, count=3)
+        assert tun.a.daemon.alive() and tun.b.daemon.alive()
