@@ -10,7 +10,9 @@
   capped exponential backoff (with jitter) when the connection fails; while it is down the device uses direct
   paths only (`Paths.derp_up`);
 * sends what the device addressed to the relay (`send`, `send_packed`: one relay write per peer per wake)
-  and feeds what the relay delivers back through the device's ordinary receive path (`_deliver`);
+  and feeds what the relay delivers back through the device's packed receive path: each read from the relay
+  decoded in one pass into one buffer of equal-size runs (`_on_packets`, DerpClient.set_packet_handler);
+  disco and anything else the relay says come as messages (`_deliver`);
 * runs the path timers (`Paths.tick`), a STUN binding request to the relay host from the WireGuard UDP socket
   (so the public mapping learned is WireGuard's own), and the local candidate addresses;
 * serves `turbowg status IFNAME` on /var/run/wireguard/IFNAME.status (turbowg/daemon/status.py).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 import ssl
@@ -30,6 +33,7 @@ from turbowg.derp.client import DerpClient, DerpClientError
 from turbowg.derp.codec import ReceivedPacket
 from turbowg.device.output import Out, transmits
 from turbowg.device.paths import Paths, derp_key, interface_addresses
+from turbowg.path.disco import MAGIC as DISCO_MAGIC
 from turbowg.path.disco import is_disco
 
 log = logging.getLogger("turbowg.derp_link")
@@ -111,6 +115,9 @@ class DerpLink:
         self._rng = random.Random()
         self._closed = False
         self.status_server = None
+        # TURBOWG_DERP_BATCH=0: packets from the relay one message at a time (`_deliver`), the path before the
+        # batch decoder; kept for comparison (turbowg bench tunnel --path derp measures both).
+        self.batch = os.environ.get("TURBOWG_DERP_BATCH", "1") != "0"
 
     def _count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -181,6 +188,8 @@ class DerpLink:
             self._count("derp_connects")
             log.info("DERP relay %s connected (server key %s)", self.url, (client.server_key or b"").hex()[:16])
             self.client = client
+            if self.batch:
+                client.set_packet_handler(self._on_packets, divert=DISCO_MAGIC)
             self.paths.derp_up = True
             await self._resolve_stun()
             self._next_stun = 0.0
@@ -304,6 +313,27 @@ class DerpLink:
             runtime._send(transmits(out))
         runtime._reschedule_timer()
 
+    def _on_packets(self, buf: bytearray, chunks: list[int], sources: list[bytes]) -> None:
+        """A batch from the relay (DerpClient.set_packet_handler: one read, decoded in one pass): WireGuard
+        messages packed in runs of equal size per source, straight into the device's packed receive path.
+        Disco packets (and empty ones) do not come here: they arrive as messages (`_receive`)."""
+        peers = self.paths.peers
+        endpoints = []
+        received = 0
+        for c, source in enumerate(sources):
+            state = peers.get(source)
+            endpoints.append(state.derp_ep if state is not None else ("derp:" + source.hex(), 0))
+            stride = chunks[3 * c + 2]
+            received += (chunks[3 * c + 1] - chunks[3 * c] + stride - 1) // stride
+        self._count("derp_rx_packets", received)
+        self._count("derp_rx_batches")
+        try:
+            self._through_device(buf, chunks, endpoints, time.monotonic())
+        except Exception:  # never let one bad batch close the relay connection from its transport callback
+            self._count("derp_rx_errors")
+            log.exception("DERP receive batch failed")
+        self.runtime._reschedule_timer()
+
     def _through_device(self, buf: bytearray, chunks: list[int], endpoints: list, now: float) -> None:
         runtime = self.runtime
         device = runtime.device
@@ -328,8 +358,7 @@ class DerpLink:
         if client is None or key is None or client.closed:
             self._count("derp_tx_dropped_down", len(datagrams))
             return
-        protocol = client._protocol
-        if protocol is not None and protocol.paused:  # the relay connection's write buffer is full: drop,
+        if client.write_blocked:  # the relay connection's write buffer is full: drop,
             self._count("derp_tx_dropped_full", len(datagrams))  # as a full link would (TCP inside backs off)
             return
         try:

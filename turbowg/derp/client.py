@@ -7,6 +7,9 @@
     rtt = await client.ping()
     await client.close()
 
+A WireGuard device takes packets in batches instead (`set_packet_handler`: each read from the relay decoded
+in one pass into one packed buffer, no object per packet) and drops rather than queue (`write_blocked`).
+
 The HTTP upgrade and the DERP handshake come from handshake.py and client_proto.py (the same code the
 relay's mesh links use); this module only adds the asyncio transport, queues and backpressure.
 """
@@ -18,17 +21,20 @@ import os
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from turbowg.derp import keys
-from turbowg.derp.client_proto import ClientConnection, ClientProtocolError, Connected
+from turbowg.derp.client_proto import ClientConnection, ClientProtocolError, ClientState, Connected
 from turbowg.derp.codec import (
     WATCH_CONNS_FRAME,
+    FrameError,
     FrameType,
     Ping,
     Pong,
     ServerMessage,
+    decode_server_message,
     encode_close_peer,
     encode_forward_packet,
     encode_note_preferred,
@@ -150,6 +156,8 @@ class DerpClient:
         self._error: BaseException | None = None
         self._closed = True
         self._reading_paused = False
+        self._packet_handler: Callable[[bytearray, list[int], list[bytes]], None] | None = None
+        self._divert = b""
 
     # -- connecting -------------------------------------------------------------------------------
 
@@ -342,9 +350,49 @@ class DerpClient:
                 p.transport.resume_reading()
             self._reading_paused = False
 
+    def set_packet_handler(
+        self, handler: Callable[[bytearray, list[int], list[bytes]], None] | None, divert: bytes = b"",
+    ) -> None:
+        """Receive packets in batches instead of as `ReceivedPacket` messages (a WireGuard device's path).
+
+        Once connected, each read from the relay is decoded in one pass (`FrameDecoder.feed_packets`) and
+        `handler(buf, chunks, sources)` is called at once, from the transport's callback: the packets
+        packed in `buf` (a new bytearray per call, the handler's to keep or modify), `chunks` flat
+        (start, end, stride) runs of equal-size packets from one source (the last maybe shorter), `sources`
+        the source key of each run. Other frames, empty packets and packets starting with `divert` still
+        arrive through `recv()` / `recv_many()`, as do packets that came in the read that finished the
+        handshake. The handler runs synchronously, so no packet queue builds up on this side: a slow
+        handler slows reading and TCP pushes back on the relay. None restores per-message delivery."""
+        self._packet_handler = handler
+        self._divert = divert
+
+    @property
+    def write_blocked(self) -> bool:
+        """Whether the connection's write buffer is over its high-water mark (`drain()` would wait): a
+        sender that must not queue (a WireGuard device) drops instead, as a full link would."""
+        p = self._protocol
+        return p is not None and p.paused
+
     def _on_data(self, data: bytes) -> None:
         proto = self._proto
         assert proto is not None
+        handler = self._packet_handler
+        if handler is not None and proto.state is ClientState.CONNECTED:
+            buf = bytearray()
+            chunks: list[int] = []
+            sources: list[bytes] = []
+            try:
+                frames = proto.decoder.feed_packets(data, buf, chunks, sources, self._divert)
+                events: list = [decode_server_message(ftype, payload) for ftype, payload in frames]
+            except FrameError as exc:
+                proto.state = ClientState.CLOSED
+                self._fail(DerpClientError(f"DERP protocol error: {exc}"))
+                return
+            if sources:
+                handler(buf, chunks, sources)
+            if events:
+                self._dispatch(events)
+            return
         try:
             events = proto.receive_data(data)
         except ClientProtocolError as exc:
@@ -353,6 +401,9 @@ class DerpClient:
         out = proto.data_to_send()
         if out and self._protocol is not None and self._protocol.transport is not None:
             self._protocol.write(out)
+        self._dispatch(events)
+
+    def _dispatch(self, events: list) -> None:
         msgs = self._messages
         for ev in events:
             if isinstance(ev, Connected):

@@ -247,6 +247,76 @@ class FrameDecoder:
             buf += data[off:]
         return frames
 
+    def feed_packets(
+        self, data: bytes | bytearray | memoryview, out: bytearray, chunks: list[int], sources: list[bytes],
+        divert: bytes = b"",
+    ) -> list[tuple[int, bytes]]:
+        """The batch form of `feed` for a client's receive path: no Python object per packet.
+
+        Every complete RecvPacket frame in the buffered bytes + `data` appends its packet to `out`;
+        consecutive packets from one source form runs as a UDP GRO read does -- equal sizes, the last of
+        a run maybe shorter -- and each run appends (start, end, stride) to `chunks` and its source key
+        (one bytes object per run) to `sources`. Returned, in order: every other frame as (type, payload),
+        and RecvPackets whose packet is empty or starts with `divert` (when given) as ordinary frames.
+        Same limits and FrameError as `feed`; after a FrameError `out`/`chunks`/`sources` may hold part
+        of the batch and the connection must be closed, as with `feed`."""
+        buf = self._buf
+        if buf:
+            buf += data
+            view: bytes | bytearray | memoryview = buf
+        else:
+            view = data
+        mv = memoryview(view)
+        frames: list[tuple[int, bytes]] = []
+        off = 0
+        end = len(view)
+        unpack = _HEADER.unpack_from
+        limit = self._limit
+        recv_type = FrameType.RECV_PACKET.value
+        recv_limit = limit(recv_type)
+        header_key = FRAME_HEADER_LEN + KEY_SIZE
+        key: bytes = b""
+        stride = 0
+        open_run = False  # the last run may take more packets of its stride
+        startswith = view.startswith if not isinstance(view, memoryview) else bytes(view).startswith
+        try:
+            while end - off >= FRAME_HEADER_LEN:
+                ftype, flen = unpack(view, off)
+                stop = off + FRAME_HEADER_LEN + flen
+                if ftype == recv_type and KEY_SIZE < flen <= recv_limit:
+                    if stop > end:
+                        break
+                    size = flen - KEY_SIZE
+                    if divert and startswith(divert, off + header_key):
+                        frames.append((ftype, bytes(mv[off + FRAME_HEADER_LEN : stop])))
+                    else:
+                        o_end = len(out)
+                        if open_run and size <= stride and startswith(key, off + FRAME_HEADER_LEN):
+                            chunks[-2] = o_end + size
+                            open_run = size == stride
+                        else:
+                            key = bytes(mv[off + FRAME_HEADER_LEN : off + header_key])
+                            chunks += (o_end, o_end + size, size)
+                            sources.append(key)
+                            stride = size
+                            open_run = True
+                        out += mv[off + header_key : stop]
+                    off = stop
+                    continue
+                if flen > limit(ftype):
+                    raise FrameError(f"frame type 0x{ftype:02x} length {flen} exceeds limit {limit(ftype)}")
+                if stop > end:
+                    break
+                frames.append((ftype, bytes(mv[off + FRAME_HEADER_LEN : stop])))
+                off = stop
+        finally:
+            mv.release()
+        if view is buf:
+            del buf[:off]
+        elif off < end:
+            buf += data[off:]
+        return frames
+
 
 # ---------------------------------------------------------------------------------------------------
 # Payload parsing (both directions)
