@@ -251,13 +251,13 @@ def _table_row(stdout: str, test: str, label: str) -> list[str]:
 @needs_iperf3
 def test_bench_tunnel_end_to_end_wireguard_go_vs_underlay(tmp_path) -> None:
     result = _bench(tmp_path, "--impl", "wireguard-go", "--impl", "underlay", "--runs", "1", "--duration", "1",
-                    "--sweep-step", "0.5", timeout=400)
+                    "--sweep-step", "0.5", "--tests", ",".join(tunnel.THROUGHPUT_TESTS), timeout=400)
     assert result.returncode == 0, result.stderr
     assert "[run 10/10]" in result.stderr
     assert not _announced_namespaces(result.stderr) & _namespaces()
     raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
     assert [(r["path"], r["test"]) for r in raw["runs"]] == [
-        (p, t) for t in tunnel.TESTS for p in ("wireguard-go", "underlay")]
+        (p, t) for t in tunnel.THROUGHPUT_TESTS for p in ("wireguard-go", "underlay")]
     assert all(r["ok"] and r["gbps"] > 0 and r["bytes_received"] > 0 for r in raw["runs"]), raw["runs"]
     # The version is the binary's own answer, and the table and JSON name it.
     version = binary_version(("wireguard-go",))
@@ -417,3 +417,97 @@ def test_dead_daemon_fails_its_runs_only() -> None:
         fine = tunnel.run_one(topo, UNDERLAY, "tcp1", 0, 1.0)
     assert not failed.ok and f"[{victim}] exited" in failed.error
     assert fine.ok and fine.gbps > 0 and fine.cpu_seconds is None
+
+
+# ---------------------------------------------------------------- round-trip times
+
+
+def test_percentile_and_ping_parsing() -> None:
+    values = [float(v) for v in range(1, 1001)]
+    assert tunnel.percentile(values, 50) == 500 and tunnel.percentile(values, 99) == 990
+    assert tunnel.percentile(values, 99.9) == 999 and tunnel.percentile([3.0], 99.9) == 3.0
+    text = ("PING 10.201.0.2 (10.201.0.2) 56(84) bytes of data.\n"
+            "64 bytes from 10.201.0.2: icmp_seq=1 ttl=64 time=0.412 ms\n"
+            "64 bytes from 10.201.0.2: icmp_seq=2 ttl=64 time=1.05 ms\n"
+            "64 bytes from 10.201.0.2: icmp_seq=2 ttl=64 time=9.00 ms (DUP!)\n"
+            "64 bytes from 10.201.0.2: icmp_seq=4 ttl=64 time=12.3 ms\n")
+    assert tunnel.parse_ping(text) == {1: 0.412, 2: 1.05, 4: 12.3}
+
+
+def _rtt_run(path: str, test: str, rep: int, p50: float, load: float = 0.0) -> tunnel.RunResult:
+    detail = {"rtt_ms": {"p50": p50, "p99": 3 * p50, "p99.9": 5 * p50, "min": p50 / 2, "max": 9 * p50},
+              "udp_recvq_bytes": {"daemon a": {"median": 2048, "max": 8192, "samples": 10},
+                                  "daemon b": {"median": 0, "max": 1024, "samples": 10}}}
+    return tunnel.RunResult(path, test, rep, True, gbps=load, loss_percent=0.0, detail=detail,
+                            cpu_share={"daemon a": 0.1, "daemon b": 0.2})
+
+
+def test_rtt_summary_and_table() -> None:
+    runs = [_rtt_run("turbowg", "rtt-tcp", i, p, 2.0) for i, p in enumerate((0.4, 0.5, 0.6))]
+    runs += [_rtt_run("wireguard-go", "rtt-tcp", i, p, 0.5) for i, p in enumerate((0.3, 0.35, 0.5))]
+    runs.append(tunnel.RunResult("turbowg", "rtt-tcp", 3, False, error="ping: 0 of 200 replies"))
+    runs.append(tunnel.RunResult("turbowg", "tcp1", 0, True, gbps=2.0))  # not an RTT test: not in the RTT rows
+    rows = tunnel.summarize_rtt(runs, ["turbowg", "wireguard-go"], ["tcp1", "rtt-tcp"], {"turbowg": "turbowg (0.1.0)"})
+    assert [(r.path, r.test) for r in rows] == [("turbowg", "rtt-tcp"), ("wireguard-go", "rtt-tcp")]
+    turbo = rows[0]
+    assert turbo.rtt_ms["p50"] == [0.5, 0.4, 0.6] and turbo.rtt_ms["p99.9"] == pytest.approx([2.5, 2.0, 3.0])
+    assert (turbo.n_ok, turbo.n_failed, turbo.load_gbps) == (3, 1, 2.0)
+    assert turbo.udp_recvq_bytes == {"daemon a": 2048, "daemon b": 0}
+    assert turbo.udp_recvq_max == {"daemon a": 8192, "daemon b": 1024}
+    table = tunnel.format_rtt_table(rows)
+    assert "0.500 [0.400, 0.600]" in table and "1.500 [1.200, 1.800]" in table and "3 (1 failed)" in table
+    assert "turbowg (0.1.0)" in table and "2/0 (8/1)" in table and "10%/20%" in table
+    assert "probability 75%, not 95%" in table
+    cells = _table_row(table, "rtt-tcp", "wireguard-go")
+    assert cells[2:5] == ["0.350 [0.300, 0.500]", "1.050 [0.900, 1.500]", "1.750 [1.500, 2.500]"]
+
+
+@needs_netns
+@needs_wireguard_go
+@needs_iperf3
+def test_bench_rtt_through_turbowg_wireguard_go_and_underlay(tmp_path) -> None:
+    """Tiny RTT runs on every path: the pings' answers came back through each tunnel (its receiving daemon's
+    own counter moved by at least the echo requests), wireguard-go ran, the load ran, the table and chart."""
+    result = _bench(tmp_path, "--impl", "turbowg,wireguard-go,underlay", "--tests", "rtt-idle,rtt-tcp,rtt-paced400",
+                    "--runs", "1", "--duration", "1", timeout=300)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert not _announced_namespaces(result.stderr) & _namespaces()
+    raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
+    assert raw["meta"]["commands"]["wireguard-go"]["command"] == ["wireguard-go"]
+    runs = {(r["path"], r["test"]): r for r in raw["runs"]}
+    assert len(runs) == 9
+    for (path, test), r in runs.items():
+        assert r["ok"], r
+        detail = r["detail"]
+        assert detail["replies"] >= 0.5 * detail["pings"] >= 0.5 * int(1 / tunnel.RTT_INTERVAL), detail
+        rtt = detail["rtt_ms"]
+        assert 0 < rtt["min"] <= rtt["p50"] <= rtt["p99"] <= rtt["p99.9"] <= rtt["max"] < 1000, rtt
+        if path == "underlay":
+            assert "tunnel_rx_bytes" not in detail and "udp_recvq_bytes" not in detail
+        else:
+            # 84-byte echo requests (IPv4 + ICMP + 56 bytes), each counted by the receiving daemon.
+            assert detail["tunnel_rx_bytes"] >= detail["replies"] * 84 + r["bytes_received"], (path, test, detail)
+            assert r["cpu_seconds"] > 0
+        if test == "rtt-idle":
+            assert r["gbps"] == 0 and detail["load"] == {}
+        else:
+            assert r["gbps"] > 0.01 and r["bytes_received"] > 10**5, r  # the iperf3 load ran alongside
+            if path != "underlay":
+                assert set(detail["udp_recvq_bytes"]) == {"daemon a", "daemon b"}
+                assert all(q["samples"] > 0 for q in detail["udp_recvq_bytes"].values())
+        if test == "rtt-paced400":
+            assert r["gbps"] < 1.5 * tunnel.PACED_MBIT / 1000  # paced, not flat out
+    labels = raw["meta"]["labels"]
+    for path in ("turbowg", "wireguard-go", "underlay"):
+        for test in ("rtt-idle", "rtt-tcp", "rtt-paced400"):
+            cells = _table_row(result.stdout, test, labels.get(path, path))
+            assert cells[2].startswith(f"{runs[(path, test)]['detail']['rtt_ms']['p50']:.3f} ")
+    assert {(s["path"], s["test"]) for s in raw["rtt_summary"]} == set(runs)
+    assert raw["summary"] == []  # no throughput test was asked for
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no chart" in result.stdout
+    else:
+        assert (tmp_path / "tunnel-rtt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert not (tmp_path / "tunnel.png").exists()

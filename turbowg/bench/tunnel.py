@@ -237,7 +237,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     if not ordered:
         raise ValueError("percentile of no values")
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    rank = max(1, math.ceil(q * len(ordered) / 100 - 1e-9))  # 99.9% of 1000 is rank 999, not 1000
     return ordered[min(rank, len(ordered)) - 1]
 
 
