@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import threading
 import time
@@ -13,6 +14,7 @@ from collections import Counter
 
 import pytest
 
+from turbowg.bench.flood import responder_of, uapi_stats
 from turbowg.conn.steering import (
     DATA_INDEX,
     HANDSHAKE_INDEX,
@@ -35,6 +37,8 @@ from turbowg.device.handshake_worker import (
 )
 from turbowg.noise.handshake import LocalIdentity
 from turbowg.noise.primitives import generate_private_key, mac
+from turbowg.testing.marks import needs_netns
+from turbowg.testing.tunnel import TunnelSpec, build_topology, known_implementations
 
 INITIATION = b"\x01\x00\x00\x00" + bytes(144)
 RESPONSE = b"\x02\x00\x00\x00" + bytes(88)
@@ -241,3 +245,39 @@ def test_the_worker_reads_its_socket_and_answers_a_flood_with_cookies():
     assert counters["rx_handshake_socket_reads"] == 700
     assert counters["tx_cookie_reply"] >= 1 and counters["tx_cookie_reply_ratelimited"] >= 600
     assert "rx_handshake_socket_kernel_drops" in counters
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+@needs_netns
+def test_a_daemon_keeps_handshaking_when_its_worker_dies_and_restarts_it():
+    """A real turbowgd (responder) with a steered pair: its worker is SIGKILLed; the initiator's rekeys (every
+    3 s) are answered by the main process reading the handshake socket for 5 s, then by a restarted worker."""
+    impl = known_implementations(with_versions=False)["turbowg"]
+    spec = TunnelSpec("turbowg", impl, impl, env_a={"TURBOWG_REKEY_AFTER_TIME": "3"},
+                      env_b={"TURBOWG_HANDSHAKE_WORKER_RESTART_DELAY": "5"})
+    with build_topology([spec]) as topo:
+        tun = topo.tunnels["turbowg"]
+        resp = responder_of(topo, "turbowg")
+        stats = uapi_stats(tun.b.ifname) or {}
+        assert stats.get("handshake_socket") == 1 and stats.get("handshake_worker_running") == 1, stats
+        [worker] = _children(resp.pid)
+        os.kill(worker, signal.SIGKILL)
+        time.sleep(0.3)
+        stats = uapi_stats(tun.b.ifname) or {}
+        assert stats.get("handshake_worker_running") == 0 and stats.get("handshake_worker_failures") == 1, stats
+        before = stats.get("tx_response", 0)
+        ping = topo.run(topo.ns_a, "ping", "-4", "-n", "-i", "0.2", "-c", "75", "-W", "1", tun.server_v4,
+                        check=False, timeout=60)
+        stats = uapi_stats(tun.b.ifname) or {}
+        assert stats.get("rx_handshake_socket_inloop_reads", 0) >= 1, stats  # read in the event loop ...
+        assert stats.get("tx_response", 0) - before >= 3, stats  # ... and rekeys answered all along
+        assert stats.get("handshake_worker_running") == 1, stats  # restarted (after 5 s)
+        assert len(_children(resp.pid)) == 1
+        assert ping.stdout.count("bytes from") >= 70, ping.stdout[-400:]

@@ -2,25 +2,38 @@
 
 The decisions are sans-IO in turbowg/device/handshake_worker.py; this is the I/O around them.
 
-Main process (`HandshakeOffload`, owned by the runtime): the device's receive path hands every handshake
-message (initiation, response, cookie reply) to `sink` at classification time instead of handling it; the
-runtime calls `flush()` after each receive wake, which sends the wake's messages to the worker as one
-batch (chunks of at most BATCH_MAX entries) over a nonblocking unix SOCK_SEQPACKET socketpair. Each
-entry is (kind, source address bytes (4 or 16), port, message). The queue is bounded: messages handed
-over minus messages the worker reports processed may not exceed QUEUE_SIZE (4096, as wireguard-go's
-handshake queue); past that, or when the socket is full, messages are dropped and counted
-(`rx_handshake_queue_full`). Transport data never waits behind handshake work: the data path only copies
-the message and appends it to a list. What comes back (initiations the worker identified, responses and
-cookie replies that passed its checks) is handed to `Device.handle_handshake_results`, which does the
-per-peer part (timestamp replay, initiation rate, response creation, keypair installation).
+The device's UDP port is a pair of sockets in one SO_REUSEPORT group (turbowg/conn/steering.py): the
+kernel steers every datagram whose first word is a handshake header (types 1-3) to the handshake socket,
+everything else to the data socket. The main process never reads, copies or classifies a flood datagram.
 
-Worker process (`python -m turbowg.daemon.handshake_worker FD`, spawned by the runtime, stdin closed): the
-other end of the socketpair. It gets the identity and the peers' public keys in a config message after
-every UAPI set that changes them, and the UDP socket with SCM_RIGHTS (again after a rebind), so it sends
-cookie replies itself. It exits when the main process goes away (end of file on the socketpair).
+Worker process (`python -m turbowg.daemon.handshake_worker FD`, spawned by the runtime, stdin closed): FD
+is one end of a nonblocking unix SOCK_SEQPACKET socketpair to the main process. It gets the identity and
+the peers' public keys in a config message after every UAPI set that changes them, and the handshake
+socket with SCM_RIGHTS (MSG_SOCKET; again after a rebind). It polls both: a wake of the handshake socket
+reads it until EAGAIN (at most MAX_WAKE_READS, UDP_GRO reads split by segment size); the number read is
+the backlog for the under-load decision (more than 512 = more than 1/8 of a 4096-message queue, and for a
+second after, as wireguard-go). The socket's receive buffer holds ~4096 handshake messages; a flood past
+what the worker reads is dropped by the kernel there (counted: rx_handshake_socket_kernel_drops, from
+SO_MEMINFO), never touching the data socket. Cookie replies go out of the handshake socket (same port).
+What it identified (initiations from configured peers) and forwarded (responses, cookie replies) goes to
+the main process over the socketpair, with its counters every COUNTERS_INTERVAL. It exits when the main
+process goes away (end of file on the socketpair).
 
-`TURBOWG_HANDSHAKE_WORKER=0` keeps the old way (handshakes served in the event loop);
-`TURBOWG_HANDSHAKE_WORKER_NICE=N` (default 10; 0 keeps the daemon's) sets the worker's scheduling priority.
+Main process (`HandshakeOffload`, owned by the runtime): `attach(udp)` makes the handshake socket for each
+bound data socket and hands it over; results are applied by `Device.handle_handshake_results` (the
+per-peer part: timestamp replay, initiation rate, response creation, keypair installation). Handshake
+messages that still reach the data socket (steering off or unavailable, a GRO run that began with a
+transport message) go the old way: the receive path hands them to `sink`, and they go to the worker in
+batches over the socketpair (bounded: at most QUEUE_SIZE handed over and not yet processed; past that
+they are dropped and counted, rx_handshake_queue_full). If the worker dies, the main process reads the
+handshake socket itself in the event loop (the in-loop path) and restarts the worker after RESTART_DELAY
+(doubling up to RESTART_DELAY_MAX per failure); the handshake socket stays open meanwhile, so the group
+keeps its shape (see steering.py on why it is never closed while the data socket lives).
+
+`TURBOWG_HANDSHAKE_WORKER=0` keeps the old way (one socket, handshakes served in the event loop);
+`TURBOWG_HANDSHAKE_STEERING=0` keeps the worker but no handshake socket (fed through the data path);
+`TURBOWG_HANDSHAKE_WORKER_NICE=N` (default 10; 0 keeps the daemon's) sets the worker's priority and
+`TURBOWG_HANDSHAKE_WORKER_SCHED=idle|batch|other` (default other) its scheduling policy.
 """
 
 from __future__ import annotations
@@ -85,10 +98,20 @@ _SO_RCVBUFFORCE = 33
 _PR_SET_PDEATHSIG = 1
 # The worker yields the CPU to the data path: handshake work is what waits when both want it.
 DEFAULT_NICE = 10
+# TURBOWG_HANDSHAKE_WORKER_SCHED=idle|batch|other: the worker's scheduling policy (see docs/DESIGN.md).
+DEFAULT_SCHED = "other"
 
 
 def enabled_from_env() -> bool:
     return os.environ.get("TURBOWG_HANDSHAKE_WORKER", "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def restart_delay_from_env() -> float:
+    """TURBOWG_HANDSHAKE_WORKER_RESTART_DELAY: seconds before a failed worker is restarted (first time)."""
+    try:
+        return max(0.1, float(os.environ.get("TURBOWG_HANDSHAKE_WORKER_RESTART_DELAY", RESTART_DELAY)))
+    except ValueError:
+        return RESTART_DELAY
 
 
 def steering_from_env() -> bool:
@@ -152,7 +175,8 @@ class HandshakeOffload:
         self._window_count = 0
         self._under_load_until = 0.0
         self._restart_handle: Any = None
-        self.restart_delay = RESTART_DELAY
+        self._ready = False
+        self.restart_delay = restart_delay_from_env()
         self._closed = False
 
     def start(self) -> None:
@@ -174,6 +198,7 @@ class HandshakeOffload:
         self.handed = self.processed = 0
         self._config_key = None
         self._udp_fd = None
+        self._ready = False  # the worker said hello: it takes sockets now (see configure)
         self.loop.add_reader(ours.fileno(), self._on_readable)
         self.device.handshake_sink = self.sink
         log.info("handshake worker started (pid %d)", self.proc.pid)
@@ -226,8 +251,12 @@ class HandshakeOffload:
         if key != self._config_key:
             self.generation += 1
             messages.append((encode_config(self.generation, private, list(device.peers)), []))
-        if fd is not None and (fd != self._udp_fd or force_socket):
+        # A socket goes only to a worker that is up: one in flight in the socketpair keeps its port bound
+        # (a rebind right after the start would leave the old port held until the worker reads it).
+        if fd is not None and (fd != self._udp_fd or force_socket) and self._ready:
             messages.append((encode_socket(self.hsock is not None), [fd]))
+        else:
+            fd = self._udp_fd
         if not messages:
             return
         self.sock.setblocking(True)  # rare and small: must not be lost
@@ -312,6 +341,11 @@ class HandshakeOffload:
             if message[0] != MSG_RESULTS:
                 continue
             _, processed, ident_entries, fwd_entries, counters = message
+            if not self._ready:  # its hello
+                self._ready = True
+                self.configure(force_socket=True)
+                if self.sock is None:
+                    return
             self.processed = max(self.processed, processed)
             if counters is not None:
                 self.worker_counters = counters
@@ -347,6 +381,7 @@ class HandshakeOffload:
         counters: Counter[str] = Counter()
         entries = reader.drain(counters, FALLBACK_READS)
         for key, value in counters.items():
+            key = key.replace("rx_handshake_socket", "rx_handshake_socket_inloop")
             self.counters[key] = self.counters.get(key, 0) + value
         if not entries:
             return
@@ -555,6 +590,7 @@ class WorkerLoop:
 
     def run(self) -> int:
         try:
+            self.ctl.send(encode_results(0, [], [], None))  # hello: ready for sockets
             while True:
                 timeout = None if self.reported else COUNTERS_INTERVAL * 1000
                 try:
@@ -695,6 +731,13 @@ def _worker_setup() -> None:
     with contextlib.suppress(ValueError, OSError):
         if int(nice) > 0:
             os.nice(min(int(nice), 19))
+    policy = os.environ.get("TURBOWG_HANDSHAKE_WORKER_SCHED", DEFAULT_SCHED).strip().lower()
+    if policy == "idle":  # only CPU nobody else wants: the kernel drops what we cannot read
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif policy == "batch":
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 def main(argv: list[str] | None = None) -> int:

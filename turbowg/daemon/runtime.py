@@ -167,6 +167,12 @@ class Runtime:
         old = self.udp
         try:
             udp = UDPBind(port, fwmark=fwmark, gso=self.offloads, gro=self.offloads)
+            if self.handshakes is not None:
+                try:  # a handshake socket joins the port (turbowg/conn/steering.py), for the worker to read
+                    self.handshakes.attach(udp)
+                except OSError:
+                    udp.close()  # a foreign socket shares the port: refused as a taken port
+                    raise
         except OSError:
             if old is not None:
                 self.device.set_bound_port(old.port)
@@ -179,8 +185,6 @@ class Runtime:
             old.close()
         self.udp = udp
         self.device.set_bound_port(self.udp.port)
-        if self.handshakes is not None:
-            self.handshakes.configure(udp.fileno())  # it sends cookie replies on the new socket
         udp_reader = self._on_udp_readable
         if self.trace is not None:
             self.trace.attach_udp(udp)
@@ -205,6 +209,8 @@ class Runtime:
                 self._bind(wanted, self.device.fwmark)  # OSError: the UAPI answers EADDRINUSE
             elif self.device.fwmark != udp.fwmark:
                 udp.set_fwmark(self.device.fwmark)
+                if self.handshakes is not None:
+                    self.handshakes.set_fwmark(self.device.fwmark)  # cookie replies leave its handshake socket
         finally:
             if self.handshakes is not None:
                 self.handshakes.configure()  # new keys or peers
