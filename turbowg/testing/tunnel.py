@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from turbowg.testing.netns import (
     HarnessError,
@@ -44,6 +44,7 @@ SOCKET_DIR = UAPI_DIR
 TUNNEL_MTU = 1420
 LISTEN_PORT_BASE = 51820
 UNDERLAY = "underlay"
+RELAY_PORT = 3340  # the local DERP relay of DERP tunnels (`turbowg relay -dev` in namespace b)
 
 
 # ---------------------------------------------------------------- implementations
@@ -287,6 +288,17 @@ class TunnelSpec:
     keepalive: int = 0
     env_a: Mapping[str, str] = field(default_factory=dict)
     env_b: Mapping[str, str] = field(default_factory=dict)
+    # WireGuard over DERP: both daemons get TURBOWG_DERP=<the topology's local relay>; with block_udp an
+    # nftables table in each namespace drops UDP between the two tunnel ports (WireGuard and disco probes
+    # alike; STUN and TCP to the relay pass), so the relay is the only path.
+    derp: bool = False
+    block_udp: bool = False
+
+
+def derp_spec(name: str, impl: Implementation, *, env: Mapping[str, str] | None = None) -> TunnelSpec:
+    """A tunnel whose only path is the topology's local DERP relay: no endpoints, UDP between the peers blocked."""
+    return TunnelSpec(name, impl, impl, endpoints="none", env_a=env or {}, env_b=env or {}, derp=True,
+                      block_udp=True)
 
 
 @dataclass
@@ -298,6 +310,7 @@ class Tunnel:
     a: Side
     b: Side
     mtu: int = TUNNEL_MTU
+    derp: bool = False
 
     @property
     def server_v4(self) -> str:
@@ -353,6 +366,8 @@ class Topology:
     workdir: str
     tunnels: dict[str, Tunnel]
     paths: dict[str, Tunnel | NetPath]
+    relay_url: str | None = None
+    relay: subprocess.Popen[bytes] | None = None
 
     @property
     def ns_a(self) -> str:
@@ -400,9 +415,59 @@ def _psks(spec: TunnelSpec) -> tuple[str | None, str | None]:
     return None, None
 
 
+def block_udp_between(ns: str, table: str, port: int, peer_ip: str, peer_ip6: str, peer_port: int) -> None:
+    """nftables table `table` in `ns`: drop UDP from local `port` to the peer's port and back, v4 and v6."""
+    rules = (f"table inet {table} {{\n"
+             f"  chain out {{ type filter hook output priority 0; policy accept;\n"
+             f"    ip daddr {peer_ip} udp sport {port} udp dport {peer_port} drop;\n"
+             f"    ip6 daddr {peer_ip6} udp sport {port} udp dport {peer_port} drop; }}\n"
+             f"  chain in {{ type filter hook input priority 0; policy accept;\n"
+             f"    ip saddr {peer_ip} udp sport {peer_port} udp dport {port} drop;\n"
+             f"    ip6 saddr {peer_ip6} udp sport {peer_port} udp dport {port} drop; }}\n"
+             f"}}\n")
+    ns_run(ns, "nft", "-f", "-", input=rules)
+
+
+def start_relay(topo: Topology, timeout: float = 15.0) -> str:
+    """`turbowg relay -dev` on namespace b's underlay address (RELAY_PORT; STUN on 3478); its URL."""
+    if topo.relay_url is not None:
+        return topo.relay_url
+    log_path = os.path.join(topo.workdir, "relay.log")
+    with open(log_path, "wb") as log:
+        topo.relay = subprocess.Popen(
+            exec_args(topo.ns_b, sys.executable, "-m", "turbowg", "relay", "-dev", "-a",
+                      f"{topo.pair.b_ip}:{RELAY_PORT}", "--workers", "1"),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    ok = wait_until(lambda: topo.relay is not None and (topo.relay.poll() is not None or bool(ns_run(
+        topo.ns_b, "ss", "-Hltn", f"sport = :{RELAY_PORT}", check=False, timeout=5).stdout.strip())), timeout)
+    if not ok or topo.relay.poll() is not None:
+        raise HarnessError(f"DERP relay did not listen on {topo.pair.b_ip}:{RELAY_PORT}: {log_tail(log_path)}")
+    topo.relay_url = f"http://{topo.pair.b_ip}:{RELAY_PORT}"
+    return topo.relay_url
+
+
+def stop_relay(topo: Topology) -> None:
+    proc = topo.relay
+    topo.relay = None
+    if proc is None:
+        return
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
 def _add_tunnel(topo: Topology, spec: TunnelSpec, index: int, daemons: list[Daemon], start_timeout: float) -> Tunnel:
     pair = topo.pair
     psk_a, psk_b = _psks(spec)
+    if spec.derp:
+        url = start_relay(topo)
+        spec = replace(spec, env_a={**spec.env_a, "TURBOWG_DERP": url}, env_b={**spec.env_b, "TURBOWG_DERP": url})
+    if spec.block_udp:
+        port_a, port_b = LISTEN_PORT_BASE + 2 * index, LISTEN_PORT_BASE + 2 * index + 1
+        block_udp_between(pair.a, f"twblock{index}", port_a, pair.b_ip, pair.b_ip6, port_b)
+        block_udp_between(pair.b, f"twblock{index}", port_b, pair.a_ip, pair.a_ip6, port_a)
     sides: list[Side] = []
     for name, ns, veth, impl, ul4, ul6, host, env, psk in (
             ("a", pair.a, pair.veth_a, spec.impl_a, pair.a_ip, pair.a_ip6, 1, spec.env_a, psk_a),
@@ -422,7 +487,7 @@ def _add_tunnel(topo: Topology, spec: TunnelSpec, index: int, daemons: list[Daem
         psk_file = write_secret(topo.workdir, f"{side.ifname}.psk", side.psk) if side.psk else None
         _configure(side, peer, endpoint=knows, keepalive=spec.keepalive, psk_file=psk_file,
                    v6_endpoint=spec.v6_endpoint)
-    return Tunnel(spec.name, pair, a, b)
+    return Tunnel(spec.name, pair, a, b, derp=spec.derp)
 
 
 def wait_for_ping(ns: str, address: str, timeout: float) -> bool:
@@ -461,6 +526,7 @@ def build_topology(specs: Sequence[TunnelSpec] | Sequence[Implementation], *, ha
     daemons: list[Daemon] = []
     try:
         with namespace_pair(prefix, v4="10.200.0", v6="fd00:200::", tag=tag) as pair:
+            topo: Topology | None = None
             try:
                 topo = Topology(pair, workdir, {}, {})
                 topo.paths[UNDERLAY] = NetPath(UNDERLAY, pair.b_ip, pair.b_ip6, pair.a_ip, pair.a_ip6,
@@ -479,6 +545,8 @@ def build_topology(specs: Sequence[TunnelSpec] | Sequence[Implementation], *, ha
             finally:
                 for daemon in daemons:
                     daemon.stop()
+                if topo is not None:
+                    stop_relay(topo)
     finally:
         if own_workdir:
             shutil.rmtree(workdir, ignore_errors=True)
