@@ -56,7 +56,9 @@ from turbowg.testing.tunnel import (
     NetPath,
     Topology,
     Tunnel,
+    TunnelSpec,
     build_topology,
+    derp_spec,
     implementation_from_binary,
     known_implementations,
 )
@@ -66,6 +68,15 @@ THROUGHPUT_TESTS = ("tcp1", "tcp4", "udp", "udp-gso", "udp-gso-paced")
 RTT_TESTS = ("rtt-idle", "rtt-tcp", "rtt-paced400")
 TESTS = THROUGHPUT_TESTS + RTT_TESTS
 PATHS = ("turbowg", "turbowg-nooffload", "turbowg-python", "wireguard-go", UNDERLAY)
+# --path derp: turbowg over a local DERP relay (`turbowg relay -dev` in namespace b; UDP between the two tunnel
+# ports dropped by nftables, so the relay is the only path, checked by `turbowg status` around every run),
+# with its batch receive path and with the per-message one it replaced (TURBOWG_DERP_BATCH=0), beside the
+# direct turbowg tunnel, which is their baseline.
+DERP_PATHS = ("turbowg-derp", "turbowg-derp-perframe")
+DERP_ENV = {"turbowg-derp": {}, "turbowg-derp-perframe": {"TURBOWG_DERP_BATCH": "0"}}
+DERP_DEFAULT_PATHS = ("turbowg", *DERP_PATHS)
+DERP_DEFAULT_TESTS = ("tcp1", "tcp4", "udp-gso-paced")
+DERP_BASELINE = "turbowg"
 BASELINE = "wireguard-go"
 SWEEP_START_MBIT = 50.0
 SWEEP_MAX_STEPS = 12  # doubling steps plus the bisection, whatever the rates
@@ -401,6 +412,33 @@ def _tunnel_rx(topo: Topology, path: Tunnel | NetPath) -> int | None:
     return int(out[1]) if len(out) >= 3 else None
 
 
+def _derp_status(path: Tunnel) -> list[dict[str, Any]]:
+    """Each side's `turbowg status --json` view of its (only) peer; RunFailed unless the path is the relay."""
+    from turbowg.daemon.status import StatusError, fetch
+
+    out = []
+    for side in (path.a, path.b):
+        try:
+            peers = fetch(side.ifname)["peers"]
+        except StatusError as exc:
+            raise RunFailed(f"turbowg status {side.ifname}: {exc}") from exc
+        if len(peers) != 1 or peers[0]["path"] != "derp":
+            raise RunFailed(f"{side.ifname}: path is {[p['path'] for p in peers]}, not the relay")
+        out.append(peers[0])
+    return out
+
+
+def _check_derp_carried(before: list[dict[str, Any]], after: list[dict[str, Any]], measured: Measured,
+                        test: str) -> dict[str, Any]:
+    """The receiving side's relay counters must account for what was received (payload <= WireGuard bytes)."""
+    rx = after[1]["traffic"]["derp"]["rx_bytes"] - before[1]["traffic"]["derp"]["rx_bytes"]
+    direct = sum(a["traffic"]["direct"]["rx_bytes"] - b["traffic"]["direct"]["rx_bytes"]
+                 for a, b in zip(after, before, strict=True))
+    if test not in RTT_TESTS and measured.nbytes and rx < 0.9 * measured.nbytes:
+        raise RunFailed(f"the relay carried {rx} bytes to the receiver, the test received {measured.nbytes}")
+    return {"derp_rx_bytes": rx, "direct_rx_bytes": direct}
+
+
 def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float, ipv6: bool = False,
             sweep_step: float = 1.0) -> RunResult:
     path = topo.paths[path_name]
@@ -411,7 +449,9 @@ def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float
         return result
     cpu_before = process_tree_cpu_seconds(path.daemon_pids) if path.daemon_pids else None
     rx_before = _tunnel_rx(topo, path)
+    derp = isinstance(path, Tunnel) and path.derp
     try:
+        derp_before = _derp_status(path) if derp else None  # type: ignore[arg-type]
         if test == "udp-gso-paced":
             measured, shares = _paced_sweep(topo, path, sweep_step, ipv6)
         else:
@@ -423,6 +463,8 @@ def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float
             else:
                 measured = _iperf3(topo, path, test, duration, ipv6)
             shares = _shares(before, _cpu_by_process(path), measured, duration)
+        if derp_before is not None:
+            derp_detail = _check_derp_carried(derp_before, _derp_status(path), measured, test)  # type: ignore[arg-type]
     except (RunFailed, subprocess.TimeoutExpired, KeyError, TypeError, ValueError) as exc:
         result.error = str(exc) or type(exc).__name__
         return result
@@ -433,6 +475,8 @@ def run_one(topo: Topology, path_name: str, test: str, rep: int, duration: float
     result.loss_percent = measured.loss
     result.cpu_share = shares
     result.detail = measured.detail
+    if derp_before is not None:
+        result.detail["derp"] = derp_detail
     if rx_before is not None and rx_after is not None:
         # What the tunnel's receiving daemon itself counted: proof that this path carried the traffic.
         result.detail["tunnel_rx_bytes"] = rx_after - rx_before
@@ -763,10 +807,15 @@ def _split_choices(values: Sequence[str] | None, allowed: Sequence[str], what: s
 
 
 def choose_baseline(paths: Sequence[str], peer_paths: Sequence[str]) -> str | None:
-    """wireguard-go (Debian) when measured, else the first --peer-bin build, else none."""
+    """wireguard-go (Debian) when measured, else the first --peer-bin build, else the direct turbowg tunnel
+    when relay paths are measured, else none."""
     if BASELINE in paths:
         return BASELINE
-    return peer_paths[0] if peer_paths else None
+    if peer_paths:
+        return peer_paths[0]
+    if DERP_BASELINE in paths and any(p in DERP_PATHS for p in paths):
+        return DERP_BASELINE
+    return None
 
 
 def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: float,
@@ -774,6 +823,11 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
               sweep_step: float = 1.0) -> int:
     check_prerequisites(("ip", "wg", "iperf3", "ss", "ping"))
     known = known_implementations()
+    turbo = known["turbowg"]
+    for name in DERP_PATHS:
+        known[name] = Implementation(name, turbo.command, DERP_ENV[name], turbo.version)
+    if any(p in DERP_PATHS for p in paths):
+        check_prerequisites(("nft",))
     impls: list[Implementation] = [known[p] for p in paths if p != UNDERLAY]
     if any(i.name == "wireguard-go" for i in impls):
         check_prerequisites(("wireguard-go",))
@@ -793,7 +847,8 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
     log(f"building topology: {', '.join(labels.get(p, p) for p in paths)} "
         f"(measuring over IPv{6 if ipv6 else 4})", file=sys.stderr)
     interrupted = False
-    with build_topology(impls, prefix="twbench") as topo:
+    specs = [derp_spec(i.name, i) if i.name in DERP_PATHS else TunnelSpec(i.name, i, i) for i in impls]
+    with build_topology(specs, prefix="twbench") as topo:
         log(f"namespaces {topo.ns_a} (client) and {topo.ns_b} (server) ready", file=sys.stderr)
         schedule = [(rep, test, path) for rep in range(runs) for test in tests
                     for path in _rotated(paths, rep)]
@@ -827,6 +882,7 @@ def run_bench(paths: Sequence[str], tests: Sequence[str], runs: int, duration: f
                  "versions": {i.name: i.version for i in impls}, "sweep_step": sweep_step,
                  "sweep": {"start_mbit": SWEEP_START_MBIT, "loss_limit_percent": LOSS_LIMIT,
                            "max_steps": SWEEP_MAX_STEPS, "bisections": SWEEP_BISECTIONS},
+                 "derp": {"relay": topo.relay_url, "paths": [p for p in paths if p in DERP_PATHS]},
                  "commands": {i.name: {"command": list(i.command), "env": dict(i.env)} for i in impls}},
         "runs": [asdict(r) for r in results],
         "summary": [asdict(r) for r in rows],
@@ -882,7 +938,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=_positive(float, 600), default=5.0, help="seconds per run (default 5)")
     parser.add_argument("--runs", type=_positive(int, 1000), default=5, help="repetitions per path and test (default 5)")
     parser.add_argument("--impl", action="append", metavar="PATH",
-                        help=f"path to measure, repeatable or comma-separated: {', '.join(PATHS)} (default all)")
+                        help=f"path to measure, repeatable or comma-separated: {', '.join(PATHS + DERP_PATHS)} "
+                             f"(default all direct paths; with --path derp: {', '.join(DERP_DEFAULT_PATHS)})")
+    parser.add_argument("--path", choices=("direct", "derp"), default="direct",
+                        help="derp: measure turbowg through a local DERP relay (UDP between the peers blocked by "
+                             "nftables; the relay path is checked around every run) beside the direct tunnel; "
+                             f"default tests then {', '.join(DERP_DEFAULT_TESTS)}")
     parser.add_argument("--peer-bin", action="append", default=[], metavar="PATH",
                         help="also measure this wireguard-go build (any binary run as `BIN IFNAME`), labelled "
                              "with what `BIN --version` says; repeatable")
@@ -900,8 +961,13 @@ def command(args: argparse.Namespace) -> int:
     try:
         # With --peer-bin and no --impl, measure turbowg, the given builds and the underlay.
         default = [p for p in PATHS if p in ("turbowg", UNDERLAY)] if args.peer_bin else None
-        paths = _split_choices(args.impl, PATHS, "implementation", default)
-        tests = _split_choices(args.tests, TESTS, "test")
+        derp = getattr(args, "path", "direct") == "derp"
+        if derp:
+            default = list(DERP_DEFAULT_PATHS)
+        elif default is None:
+            default = list(PATHS)
+        paths = _split_choices(args.impl, PATHS + DERP_PATHS, "implementation", default)
+        tests = _split_choices(args.tests, TESTS, "test", DERP_DEFAULT_TESTS if derp else None)
         return run_bench(paths, tests, args.runs, args.duration, args.output_dir, ipv6=args.ipv6,
                          peer_bins=args.peer_bin, sweep_step=args.sweep_step)
     except (ValueError, HarnessError, OSError) as exc:

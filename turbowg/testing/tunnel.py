@@ -289,8 +289,9 @@ class TunnelSpec:
     env_a: Mapping[str, str] = field(default_factory=dict)
     env_b: Mapping[str, str] = field(default_factory=dict)
     # WireGuard over DERP: both daemons get TURBOWG_DERP=<the topology's local relay>; with block_udp an
-    # nftables table in each namespace drops UDP between the two tunnel ports (WireGuard and disco probes
-    # alike; STUN and TCP to the relay pass), so the relay is the only path.
+    # nftables table in each namespace drops UDP between the two tunnel ports on any address (WireGuard and
+    # disco probes alike, also through the other tunnels; STUN and TCP to the relay pass), so the relay is
+    # the only path.
     derp: bool = False
     block_udp: bool = False
 
@@ -415,15 +416,14 @@ def _psks(spec: TunnelSpec) -> tuple[str | None, str | None]:
     return None, None
 
 
-def block_udp_between(ns: str, table: str, port: int, peer_ip: str, peer_ip6: str, peer_port: int) -> None:
-    """nftables table `table` in `ns`: drop UDP from local `port` to the peer's port and back, v4 and v6."""
+def block_udp_between(ns: str, table: str, port: int, peer_port: int) -> None:
+    """nftables table `table` in `ns`: drop UDP from local `port` to `peer_port` and back, whatever the
+    addresses (disco would otherwise find a way round: the inner addresses of the other tunnels are candidates)."""
     rules = (f"table inet {table} {{\n"
              f"  chain out {{ type filter hook output priority 0; policy accept;\n"
-             f"    ip daddr {peer_ip} udp sport {port} udp dport {peer_port} drop;\n"
-             f"    ip6 daddr {peer_ip6} udp sport {port} udp dport {peer_port} drop; }}\n"
+             f"    udp sport {port} udp dport {peer_port} drop; }}\n"
              f"  chain in {{ type filter hook input priority 0; policy accept;\n"
-             f"    ip saddr {peer_ip} udp sport {peer_port} udp dport {port} drop;\n"
-             f"    ip6 saddr {peer_ip6} udp sport {peer_port} udp dport {port} drop; }}\n"
+             f"    udp sport {peer_port} udp dport {port} drop; }}\n"
              f"}}\n")
     ns_run(ns, "nft", "-f", "-", input=rules)
 
@@ -466,8 +466,8 @@ def _add_tunnel(topo: Topology, spec: TunnelSpec, index: int, daemons: list[Daem
         spec = replace(spec, env_a={**spec.env_a, "TURBOWG_DERP": url}, env_b={**spec.env_b, "TURBOWG_DERP": url})
     if spec.block_udp:
         port_a, port_b = LISTEN_PORT_BASE + 2 * index, LISTEN_PORT_BASE + 2 * index + 1
-        block_udp_between(pair.a, f"twblock{index}", port_a, pair.b_ip, pair.b_ip6, port_b)
-        block_udp_between(pair.b, f"twblock{index}", port_b, pair.a_ip, pair.a_ip6, port_a)
+        block_udp_between(pair.a, f"twblock{index}", port_a, port_b)
+        block_udp_between(pair.b, f"twblock{index}", port_b, port_a)
     sides: list[Side] = []
     for name, ns, veth, impl, ul4, ul6, host, env, psk in (
             ("a", pair.a, pair.veth_a, spec.impl_a, pair.a_ip, pair.a_ip6, 1, spec.env_a, psk_a),
