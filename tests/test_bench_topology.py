@@ -511,3 +511,38 @@ def test_bench_rtt_through_turbowg_wireguard_go_and_underlay(tmp_path) -> None:
     else:
         assert (tmp_path / "tunnel-rtt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert not (tmp_path / "tunnel.png").exists()
+
+
+@needs_netns
+@needs_iperf3
+@pytest.mark.skipif(shutil.which("nft") is None, reason="needs nftables")
+def test_bench_tunnel_path_derp_smoke(tmp_path) -> None:
+    """--path derp: turbowg through the local relay (batch and per-message receive) beside the direct tunnel,
+    one tiny TCP run each; the relay carried the DERP runs (status said so before and after), not UDP."""
+    result = _bench(tmp_path, "--path", "derp", "--tests", "tcp1", "--runs", "1", "--duration", "1", timeout=240)
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert not _announced_namespaces(result.stderr) & _namespaces()
+    raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
+    runs = {r["path"]: r for r in raw["runs"]}
+    assert set(runs) == {"turbowg", *tunnel.DERP_PATHS}
+    assert raw["meta"]["baseline"] == "turbowg" and raw["meta"]["derp"]["relay"].endswith(":3340")
+    assert raw["meta"]["commands"]["turbowg-derp-perframe"]["env"] == {"TURBOWG_DERP_BATCH": "0"}
+    for path in tunnel.DERP_PATHS:
+        run = runs[path]
+        assert run["ok"] and run["bytes_received"] > 10**5, run
+        assert run["detail"]["derp"]["derp_rx_bytes"] >= run["bytes_received"], run["detail"]
+        assert run["detail"]["tunnel_rx_bytes"] >= run["bytes_received"]
+        assert _table_row(result.stdout, "tcp1", raw["meta"]["labels"][path])[-1] == "1"
+    assert "derp" not in runs["turbowg"]["detail"]
+
+
+def test_path_derp_defaults_and_choices() -> None:
+    parser = argparse.ArgumentParser()
+    tunnel.add_arguments(parser)
+    args = parser.parse_args(["--path", "derp"])
+    assert args.path == "derp"
+    assert tunnel.choose_baseline(list(tunnel.DERP_DEFAULT_PATHS), []) == "turbowg"
+    assert tunnel.choose_baseline(["turbowg", "wireguard-go", "turbowg-derp"], []) == "wireguard-go"
+    assert tunnel.choose_baseline(["turbowg", "underlay"], []) is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--path", "relay"])
