@@ -49,8 +49,12 @@ from turbowg.testing.netns import HarnessError, check_prerequisites, delete_name
 from turbowg.testing.tunnel import Implementation, Topology, build_topology, known_implementations
 
 IMPLS = ("turbowg", "wireguard-go")
-# Extra variants: turbowgd with handshakes served in its event loop (no worker process), for A/B runs.
-VARIANTS = {"turbowg-inloop": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER": "0"})}
+# Extra variants for A/B runs: turbowgd with handshakes served in its event loop (no worker process); with
+# the worker fed through the data path (no handshake socket: the socketpair hand-off); with the worker at
+# SCHED_IDLE (only CPU nobody else wants).
+VARIANTS = {"turbowg-inloop": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER": "0"}),
+            "turbowg-nosteer": ("turbowg", {"TURBOWG_HANDSHAKE_STEERING": "0"}),
+            "turbowg-idle": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER_SCHED": "idle"})}
 DEFAULT_RATES = ("20000", "40000", "max")
 NO_FLOOD = "none"
 IPERF_PORT = 5211
