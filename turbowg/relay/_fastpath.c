@@ -229,6 +229,16 @@ static inline uint64_t conn_id(const Loop *L, int slot) {
 }
 
 static void emit(Loop *L, int slot, int kind, const void *data, size_t len) {
+    if (kind < 256 && L->nev) { /* frames handed up back to back from one conn: one event, one Python call */
+        event_t *last = &L->ev[L->nev - 1];
+        if (last->kind < 256 && last->id == conn_id(L, slot) && last->off + last->len == L->arena_len) {
+            if (reserve(&L->arena, &L->arena_cap, L->arena_len + len) < 0) { L->oom = 1; return; }
+            memcpy(L->arena + L->arena_len, data, len);
+            L->arena_len += len;
+            last->len += len;
+            return;
+        }
+    }
     if (L->nev == L->cev) {
         size_t n = L->cev ? L->cev * 2 : 256;
         event_t *q = realloc(L->ev, n * sizeof(event_t));
@@ -884,8 +894,9 @@ static PyObject *Loop_conn_info(Loop *L, PyObject *arg) {
                          "dead", c->dead ? Py_True : Py_False, "fd", c->fd);
 }
 
-/* poll() -> [(id, kind, bytes), ...]: one non-blocking turn. kind < 256 is a frame (bytes = the whole
- * frame, header included) handed up; the EV_* kinds are connection events. */
+/* poll() -> [(id, kind, bytes), ...]: one non-blocking turn. kind < 256: frames handed up (bytes = whole
+ * frames, headers included, as many as came back to back from that conn; kind is the first one's type);
+ * the EV_* kinds are connection events. */
 static PyObject *Loop_poll(Loop *L, PyObject *unused) {
     if (check_idle(L) < 0) return NULL;
     struct epoll_event evs[MAX_EVENTS];
