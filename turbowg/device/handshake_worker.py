@@ -53,6 +53,7 @@ QUEUE_SIZE = 4096
 UNDER_LOAD_BACKLOG = QUEUE_SIZE // 8
 UNDER_LOAD_HOLD = 1.0
 
+_NO_MAC2 = bytes(MAC_SIZE)
 _SIZES = {MESSAGE_INITIATION: INITIATION_SIZE, MESSAGE_RESPONSE: RESPONSE_SIZE, MESSAGE_COOKIE_REPLY: COOKIE_REPLY_SIZE}
 
 # Inter-process messages: tuples, marshalled. First element is the tag.
@@ -204,7 +205,10 @@ class HandshakeWorkerCore:
                 continue
             if self.under_load(backlog, now):
                 source = addr + port.to_bytes(2, "big")
-                if not checker.check_mac2(msg, source, now):
+                # An all-zero mac2 (what a sender without our cookie puts there) cannot be valid (a MAC is
+                # zero with probability 2^-128): skip the two BLAKE2s of the check (~45% of a flood
+                # message's cost here).
+                if msg[size - MAC_SIZE:] == _NO_MAC2 or not checker.check_mac2(msg, source, now):
                     if not self.cookie_limiter.allow(addr, now):
                         counters["tx_cookie_reply_ratelimited"] += 1
                         continue
