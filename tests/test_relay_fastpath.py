@@ -640,3 +640,20 @@ def test_handover_on_the_default_asyncio_loop_too() -> None:
             await b.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_average_queue_duration_is_kept_by_the_c_loop_too(net) -> None:
+    n = net(2)
+    n.sock[1].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    for i in range(2000):
+        n.loop.deliver(n.ids[1], key(0), i.to_bytes(4, "big") * 250)
+    n.loop.flush()
+    time.sleep(0.1)  # the reader is away: what is still queued waits
+    first = n.sock[1].recv(1 << 20)
+    n.poll()  # writable again: the packets written now waited ~100 ms
+    assert n.loop.stats()["avg_queue_ms"] > 5
+    rest = n.recv_all(1, 2000 * (5 + 32 + 1000) - len(first), timeout=10)
+    got = frames_of(first + rest)
+    assert [p[32:36] for _, p in got] == [i.to_bytes(4, "big") for i in range(2000)]
+    # an EWMA per packet: the packets that then flowed without waiting pull it back down
+    assert n.loop.stats()["avg_queue_ms"] < 5

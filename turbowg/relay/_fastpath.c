@@ -73,6 +73,7 @@ typedef struct {
     uint8_t *in; size_t in_len, in_cap;
     uint8_t *out; size_t out_len, out_off, out_head, out_cap;
     double last_progress;
+    double queued_at; /* when the oldest unsent output was queued (approximately: see write_out) */
     int *waiters; int nwaiters, cwaiters;
     uint32_t *seen; uint32_t seen_cap, seen_n;
 } conn_t;
@@ -104,6 +105,7 @@ typedef struct {
     unsigned long long packets_received, bytes_received, packets_received_disco, packets_sent, bytes_sent;
     unsigned long long dropped[NREASONS][2], dropped_bytes[NREASONS][2];
     unsigned long long sender_pauses, reads, writes, frames_up, polls, write_timeouts;
+    double avg_queue_ms; /* derper's average_queue_duration_ms: EWMA, alpha 0.1 per packet written */
 } Loop;
 
 static double mono(void) {
@@ -341,7 +343,7 @@ static void drop_all(Loop *L, conn_t *c, int reason) {
 static uint8_t *out_append(Loop *L, conn_t *c, size_t n) {
     if (c->out_len == c->out_off && c->out_len) c->out_len = c->out_off = c->out_head = 0;
     if (reserve(&c->out, &c->out_cap, c->out_len + n) < 0) { L->oom = 1; return NULL; }
-    if (c->out_len == c->out_off) c->last_progress = L->now; /* the write clock starts with the first byte */
+    if (c->out_len == c->out_off) c->last_progress = c->queued_at = L->now; /* the write clock starts now */
     uint8_t *p = c->out + c->out_len;
     c->out_len += n;
     return p;
@@ -406,10 +408,19 @@ static void write_out(Loop *L, int slot) {
             c->out_off += n;
             c->last_progress = L->now;
             c->stalled = 0;
+            int done = 0;
             while (c->out_head < c->out_off) { /* frames fully written */
                 size_t flen = HDR + be32(c->out + c->out_head + 1);
                 if (c->out_head + flen > c->out_off) break;
+                done += c->out[c->out_head] == T_RECV;
                 c->out_head += flen;
+            }
+            if (done) { /* the batch is charged its oldest packet's age, as the Python path */
+                double keep = 1.0;
+                for (int i = 0; i < done && keep > 1e-9; i++) keep *= 0.9;
+                double waited = (double)(long long)((L->now - c->queued_at) * 1000.0);
+                L->avg_queue_ms = L->avg_queue_ms * keep + waited * (1.0 - keep);
+                c->queued_at = L->now; /* what is left waited at most since now (an underestimate) */
             }
         }
         if (c->out_off == c->out_len) {
@@ -980,11 +991,12 @@ fail:
 
 static PyObject *Loop_stats(Loop *L, PyObject *unused) {
     PyObject *d = Py_BuildValue(
-        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:n}", "packets_received", L->packets_received,
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:n,s:d}", "packets_received", L->packets_received,
         "bytes_received", L->bytes_received, "packets_received_disco", L->packets_received_disco,
         "packets_sent", L->packets_sent, "bytes_sent", L->bytes_sent, "sender_pauses", L->sender_pauses,
         "reads", L->reads, "writes", L->writes, "frames_up", L->frames_up, "polls", L->polls,
-        "write_timeouts", L->write_timeouts, "conns", L->nconns - L->nfree, "routes", (Py_ssize_t)L->rused);
+        "write_timeouts", L->write_timeouts, "conns", L->nconns - L->nfree, "routes", (Py_ssize_t)L->rused,
+        "avg_queue_ms", L->avg_queue_ms);
     if (!d) return NULL;
     PyObject *drops = PyDict_New();
     if (!drops) { Py_DECREF(d); return NULL; }
@@ -1002,13 +1014,14 @@ static PyObject *Loop_stats(Loop *L, PyObject *unused) {
     return d;
 }
 
-/* counters() -> (packets_received, bytes_received, packets_received_disco, packets_sent, bytes_sent, drops):
+/* counters() -> (packets_received, bytes_received, packets_received_disco, packets_sent, bytes_sent, drops,
+ *                avg_queue_ms):
  * the cheap subset of stats() that Python syncs after every poll */
 static PyObject *Loop_counters(Loop *L, PyObject *unused) {
     unsigned long long drops = 0;
     for (int r = 0; r < NREASONS; r++) drops += L->dropped[r][0] + L->dropped[r][1];
-    return Py_BuildValue("(KKKKKK)", L->packets_received, L->bytes_received, L->packets_received_disco,
-                         L->packets_sent, L->bytes_sent, drops);
+    return Py_BuildValue("(KKKKKKd)", L->packets_received, L->bytes_received, L->packets_received_disco,
+                         L->packets_sent, L->bytes_sent, drops, L->avg_queue_ms);
 }
 
 static PyMethodDef Loop_methods[] = {

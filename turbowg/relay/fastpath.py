@@ -237,6 +237,12 @@ class FastPlane:
             d = st[name] - prev.get(name, 0)  # type: ignore[operator]
             if d:
                 setattr(m, name, getattr(m, name) + d)
+        # derper's average queue duration: the C loop keeps its own EWMA; fold it in with the weight of the
+        # packets it wrote since the last sync (alpha 0.1 per packet, as both EWMAs)
+        written = st["packets_sent"] - prev.get("packets_sent", 0)  # type: ignore[operator]
+        if written and hasattr(m, "avg_queue_duration_ms"):
+            keep = 0.9 ** min(written, 1000)
+            m.avg_queue_duration_ms = m.avg_queue_duration_ms * keep + st["avg_queue_ms"] * (1.0 - keep)
         old_drops = prev.get("dropped", {})
         for rk, (pkts, nbytes) in st["dropped"].items():  # type: ignore[union-attr]
             p0, b0 = old_drops.get(rk, (0, 0))  # type: ignore[union-attr]
