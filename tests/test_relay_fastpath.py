@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_relay_app import exchange, raw_upgrade, relay, run, server_tls, until
+from test_relay_server import authenticated
 
 from turbowg.derp import codec, keys
 from turbowg.derp.client import DerpClient
 from turbowg.derp.client_proto import ClientConnection
 from turbowg.relay import fastpath
-
-from test_relay_server import authenticated  # noqa: E402  (tests/ is on sys.path, as for the other tests)
+from turbowg.relay.http import RelayHTTPProtocol
 
 pytestmark = pytest.mark.skipif(not fastpath.HAVE_C, reason="turbowg.relay._fastpath not built or TURBOWG_NO_C set")
 
@@ -454,8 +455,6 @@ def test_any_split_gives_what_the_python_parser_gives(frames: list[tuple[str, by
 # ---------------------------------------------------------------------------------------------------
 # The relay with the plane in use
 
-from test_relay_app import exchange, raw_upgrade, relay, run, server_tls, until  # noqa: E402
-
 
 def test_app_clients_are_handed_to_the_c_loop_and_exchange_without_loss() -> None:
     async def main() -> None:
@@ -575,11 +574,9 @@ def test_app_peer_gone_duplicates_and_a_tls_client_talking_to_a_c_client(tmp_pat
                 await x.close()
 
         tls = server_tls(tmp_path)
-        server2 = None
         async with relay(tls) as (server2, turl):
-            plain_port = None  # a second listener without TLS on the same server
+            # a second listener, without TLS, on the same server
             loop = asyncio.get_running_loop()
-            from turbowg.relay.http import RelayHTTPProtocol
             lst = await loop.create_server(lambda: RelayHTTPProtocol(server2), "127.0.0.1", 0)
             plain_port = lst.sockets[0].getsockname()[1]
             t, p = DerpClient(), DerpClient()
