@@ -198,3 +198,17 @@ def test_codec_round_trip():
     assert decode(encode_batch(12, entries)) == (MSG_BATCH, 12, entries)
     assert decode(encode_config(3, b"k" * 32, [b"p" * 32])) == (MSG_CONFIG, 3, b"k" * 32, [b"p" * 32])
     assert decode(encode_results(5, [], entries, {"a": 1})) == (MSG_RESULTS, 5, [], entries, {"a": 1})
+
+
+def test_a_rate_past_the_limit_is_load_without_a_backlog():
+    from turbowg.device.handshake_worker import UNDER_LOAD_RATE
+
+    responder, _ = _keys()
+    core = _core(responder)
+    flood = [(MESSAGE_INITIATION, SRC, PORT, _flood_message(responder))] * 64
+    for k in range(UNDER_LOAD_RATE // 64):  # no backlog ever: each batch alone in the queue
+        replies, _, _ = core.process_batch(core.processed + 1, flood, 50.0 + k * 0.001)
+        assert not replies and not core.under_load(0, 50.0 + k * 0.001)
+    replies, _, _ = core.process_batch(core.processed + 1, flood, 50.9)
+    assert replies and core.under_load(0, 51.5)  # cookie replies (rate-limited per source) from here on
+    assert not core.under_load(0, 52.0)

@@ -6,8 +6,8 @@ is everything that worker decides, without sockets or a clock of its own:
 
 * `HandshakeWorkerCore.process_batch(handed_total, entries, now)`: for each message (raw source address
   bytes, port, bytes): size check; mac1 check (drop + count); the under-load decision (the backlog of
-  messages handed over but not yet processed is more than QUEUE_SIZE/8, and for UNDER_LOAD_HOLD seconds
-  after, as wireguard-go); under load: mac2 check, no valid mac2 -> a cookie reply (rate-limited per source)
+  messages handed over but not yet processed is more than QUEUE_SIZE/8, as wireguard-go, or more than
+  UNDER_LOAD_RATE came within a second; and for UNDER_LOAD_HOLD seconds after); under load: mac2 check, no valid mac2 -> a cookie reply (rate-limited per source)
   and nothing else, valid mac2 -> the per-source rate limiter (turbowg/ratelimiter). Then an initiation is
   identified (`identify_initiation`: the DH with our static key, decrypt of the initiator's static key and
   timestamp -- the stateless part of noise.handshake.consume_initiation, which needs only our private key
@@ -52,6 +52,9 @@ from turbowg.wire import (
 QUEUE_SIZE = 4096
 UNDER_LOAD_BACKLOG = QUEUE_SIZE // 8
 UNDER_LOAD_HOLD = 1.0
+# ... or when more than this many handshake messages came in one second: a Python worker pays ~60 us for an
+# initiation's DH where Go pays a few, so a flood it only just keeps up with (no backlog) would cost a core.
+UNDER_LOAD_RATE = 2048
 
 _NO_MAC2 = bytes(MAC_SIZE)
 _SIZES = {MESSAGE_INITIATION: INITIATION_SIZE, MESSAGE_RESPONSE: RESPONSE_SIZE, MESSAGE_COOKIE_REPLY: COOKIE_REPLY_SIZE}
@@ -145,6 +148,8 @@ class HandshakeWorkerCore:
         self.cookie_limiter = RateLimiter()  # cookie replies per source
         self.processed = 0  # messages taken from the queue, in all
         self.under_load_until = float("-inf")
+        self.window_start = float("-inf")
+        self.window_count = 0
         self.counters: Counter[str] = Counter()
 
     def configure(self, generation: int, private_key: bytes | None, peer_keys: Iterable[bytes]) -> None:
@@ -180,6 +185,12 @@ class HandshakeWorkerCore:
         identified: list[tuple] = []
         forwarded: list[Entry] = []
         counters = self.counters
+        if now - self.window_start >= 1.0:
+            self.window_start = now
+            self.window_count = 0
+        self.window_count += len(entries)
+        if self.window_count > UNDER_LOAD_RATE:
+            self.under_load_until = now + UNDER_LOAD_HOLD
         identity = self.identity
         checker = self.checker
         blake2s = hashlib.blake2s
