@@ -470,7 +470,8 @@ def test_app_clients_are_handed_to_the_c_loop_and_exchange_without_loss() -> Non
             assert rtt < 2
             assert server.metrics.packets_sent == server.metrics.packets_received == 21_000
             assert server.metrics.total_dropped() == 0
-            assert b"derp_packets_sent 21000" in server.render_metrics()
+            text = server.render_metrics()
+            assert b"derp_packets_sent 21000" in text and b"turbowg_fastpath_connections 2.0" in text
             await a.close()
             await b.close()
             await until(lambda: server.conns == set() and server.fast.conns == {}, "both gone")
@@ -533,6 +534,7 @@ def test_app_never_reading_client_pauses_sender_then_times_out() -> None:
             assert server.metrics.total_dropped() == 0 and server.metrics.write_timeouts == 0
             assert server.fast.queue_bytes(server.clients[stalled]) <= fastpath.QUEUE_BOUND + 1300
             await exchange(a, b, 300)  # the other pair flows while the flood's sender is paused
+            assert b"turbowg_fastpath_sender_pauses 0" not in server.render_metrics()
             await until(lambda: stalled not in server.clients, "the stalled client to be closed", timeout=10)
             assert server.metrics.write_timeouts == 1
             server.sync_metrics()

@@ -990,13 +990,16 @@ fail:
 }
 
 static PyObject *Loop_stats(Loop *L, PyObject *unused) {
+    size_t queued = 0, held = 0; /* bytes waiting to be written / read but not yet parsed, all conns */
+    for (int i = 0; i < L->nconns; i++)
+        if (L->conns[i].fd >= 0) { queued += pending(&L->conns[i]); held += L->conns[i].in_len; }
     PyObject *d = Py_BuildValue(
-        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:n,s:d}", "packets_received", L->packets_received,
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:n,s:d,s:n,s:n}", "packets_received", L->packets_received,
         "bytes_received", L->bytes_received, "packets_received_disco", L->packets_received_disco,
         "packets_sent", L->packets_sent, "bytes_sent", L->bytes_sent, "sender_pauses", L->sender_pauses,
         "reads", L->reads, "writes", L->writes, "frames_up", L->frames_up, "polls", L->polls,
         "write_timeouts", L->write_timeouts, "conns", L->nconns - L->nfree, "routes", (Py_ssize_t)L->rused,
-        "avg_queue_ms", L->avg_queue_ms);
+        "avg_queue_ms", L->avg_queue_ms, "queued_bytes", (Py_ssize_t)queued, "unparsed_bytes", (Py_ssize_t)held);
     if (!d) return NULL;
     PyObject *drops = PyDict_New();
     if (!drops) { Py_DECREF(d); return NULL; }

@@ -251,6 +251,12 @@ class FastPlane:
                 m.bytes_dropped[rk] += nbytes - b0
         self._prev = st
 
+    def gauges(self) -> dict[str, int]:
+        """ServerGauges' fast_* fields, from the last sync_metrics()."""
+        st = self._prev
+        return {"fast_conns": len(self.conns), "fast_queued_bytes": int(st.get("queued_bytes", 0)),  # type: ignore[call-overload]
+                "fast_sender_pauses": int(st.get("sender_pauses", 0))}  # type: ignore[call-overload]
+
     def queue_bytes(self, conn: FastConn) -> int:
         return self.c.queue_bytes(conn.fid) if conn.fid is not None and not self.closed else 0
 

@@ -68,6 +68,10 @@ class ServerGauges:
     dup_client_keys: int
     dup_client_conns: int
     watchers: int
+    # the C forwarding plane (fastpath.py); zero on the pure-Python path
+    fast_conns: int = 0  # connections whose socket the C loop owns
+    fast_queued_bytes: int = 0  # bytes queued in the C loop for its connections
+    fast_sender_pauses: int = 0  # times a sender was paused because a destination was over its bound
 
 
 def _counter(name: str, doc: str, value: int) -> Metric:
@@ -97,12 +101,16 @@ class DerpCollector(Collector):
             ("derp_current_dup_client_keys", "keys with more than one connection", g.dup_client_keys),
             ("derp_current_dup_client_conns", "connections sharing a key", g.dup_client_conns),
             ("derp_watchers", "mesh watchers", g.watchers),
+            ("turbowg_fastpath_connections", "connections owned by the C forwarding plane", g.fast_conns),
+            ("turbowg_fastpath_queued_bytes", "bytes queued in the C forwarding plane", g.fast_queued_bytes),
             ("derp_average_queue_duration_ms", "moving average of the milliseconds a packet waits in a "
              "client's send queue (derper's EWMA, alpha 0.1)", m.avg_queue_duration_ms),
         ):
             family = GaugeMetricFamily(name, doc)
             family.add_metric([], value)
             yield family
+        yield _counter("turbowg_fastpath_sender_pauses", "senders paused for a destination over its bound (C plane)",
+                       g.fast_sender_pauses)
         for name, doc in (
             ("accepts", "accepted connections"),
             ("packets_sent", "packets written to clients"),

@@ -327,12 +327,14 @@ class DerpServer:
         """The current sizes metrics.py exports (counters are in `self.metrics`)."""
         self.sync_metrics()  # metrics.py reads the counters right after this
         local = len(self.clients)
+        fast = self.fast.gauges() if self.fast is not None else {}
         return ServerGauges(
             clients_local=local,
             clients_remote=sum(1 for k in self._forwarders if k not in self.clients),
             dup_client_keys=self.dup_key_count(),
             dup_client_conns=self.dup_conn_count(),
             watchers=len(self.watchers),
+            **fast,
         )
 
     # -- registration (ConnOwner) -----------------------------------------------------------------
