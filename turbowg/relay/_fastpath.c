@@ -558,12 +558,12 @@ static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
 
 static void read_conn(Loop *L, int slot, int do_read) {
     conn_t *c = &L->conns[slot];
-    if (c->fd < 0 || c->dead || c->blocked_on >= 0) return;
+    if (c->fd < 0 || c->dead || c->blocked_on >= 0 || !c->reading) return; /* set_reading(True) reparses */
     size_t have = c->in_len;
     if (have) memcpy(L->rbuf, c->in, have);
     size_t room = L->rbuf_cap - have;
     if (room > L->read_chunk) room = L->read_chunk;
-    if (do_read && c->reading && room >= 4096) {
+    if (do_read && room >= 4096) {
         ssize_t n = recv(c->fd, L->rbuf + have, room, MSG_DONTWAIT);
         L->reads++;
         if (n == 0) {
