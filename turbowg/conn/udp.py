@@ -233,8 +233,21 @@ class UDPBind:
         if count <= 0:
             return
         addr = self._sockaddr(endpoint)
-        mv = memoryview(buf)
         counters = self.counters
+        if count == 1:  # one datagram (the interactive case): one sendto, nothing to group
+            size = sizes[sizes_start]
+            try:
+                self._sock.sendto(memoryview(buf)[offset:offset + size], addr)
+            except BlockingIOError:
+                counters["send_dropped_eagain"] += 1
+                return
+            except OSError:
+                counters["send_errors"] += 1
+                return
+            counters["send_calls"] += 1
+            counters["send_datagrams"] += 1
+            return
+        mv = memoryview(buf)
         if not self.gso:
             self._send_each(addr, self._slices(mv, offset, sizes, sizes_start, count))
             return

@@ -227,6 +227,12 @@ class TunDevice:
         if count <= 0:
             return
         fd = self._fd
+        if count == 1 and self.vnet_hdr:
+            # One packet (the interactive case): a zero virtio header and the packet in one writev, no
+            # copy into the write buffer (it is what coalesce would build: one GSO_NONE frame).
+            off = layout[0]
+            self._write(os.writev, fd, [vnet.ZERO_HDR, memoryview(buf)[off:off + layout[1]]], 1)
+            return
         if not self.vnet_hdr:
             mv = memoryview(buf)
             for k in range(count):
