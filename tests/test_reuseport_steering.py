@@ -182,13 +182,23 @@ def test_rebinding_moves_the_pair_and_fwmark_reaches_both():
         udp2.close()
 
 
-def test_the_reader_splits_gro_runs_and_keeps_handshakes_only():
+@pytest.mark.parametrize("recvmmsg", [True, False])
+def test_the_reader_keeps_handshakes_and_their_sources(recvmmsg, monkeypatch):
+    from turbowg.daemon import handshake_worker
+
+    if not recvmmsg:  # recvmsg per datagram (no recvmmsg in libc)
+        monkeypatch.setattr(handshake_worker, "_libc_recvmmsg", lambda: None)
     udp = UDPBind(0)
     hs = HandshakeSocket(udp._sock, gro=True)
     try:
         _send_all(udp.port, [INITIATION, RESPONSE, COOKIE], rounds=1)
         counters: Counter = Counter()
-        entries = HandshakeReader(hs.sock).drain(counters)
+        reader = HandshakeReader(hs.sock, slots=4)  # two recvmmsg calls for the six
+        assert (reader._recvmmsg is not None) == recvmmsg
+        entries = reader.drain(counters)
+        assert counters["rx_handshake_socket_reads"] == 6
+        assert sorted(e[3] for e in entries) == sorted([INITIATION, RESPONSE, COOKIE] * 2)
+        assert all(e[2] > 0 for e in entries)
         kinds = sorted(e[0] for e in entries)
         assert kinds == [1, 1, 2, 2, 3, 3]
         assert {len(e[1]) for e in entries} == {4, 16}  # 127.0.0.1 as 4 bytes, ::1 as 16
