@@ -58,9 +58,10 @@ SK_MEMINFO_RCVBUF = 1
 SK_MEMINFO_DROPS = 8
 
 # The handshake socket holds about this many handshake messages before the kernel drops (wireguard-go's
-# handshake queue: 4096). A queued datagram costs its skb's truesize, not its length: ~768-1280 bytes for a
-# 148-byte initiation off a veth or a NIC's page fragment (measured with SO_MEMINFO). SO_RCVBUF(FORCE) is
-# doubled by the kernel: 4096 * 1280 bytes of room.
+# handshake queue: 4096). A queued datagram costs its skb's truesize, not its length: 832 bytes for a
+# 148-byte initiation over loopback or veth (measured with SO_MEMINFO), more from a NIC's page fragments;
+# 1280 is the estimate. SO_RCVBUF(FORCE) is doubled by the kernel: 4096 * 1280 bytes of room (~6300
+# initiations at 832).
 QUEUE_MESSAGES = 4096
 SKB_TRUESIZE_ESTIMATE = 1280
 HANDSHAKE_RCVBUF = QUEUE_MESSAGES * SKB_TRUESIZE_ESTIMATE // 2
