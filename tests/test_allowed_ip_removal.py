@@ -8,19 +8,14 @@ reads the result back with the stock `wg show`.
 from __future__ import annotations
 
 import base64
-import contextlib
 import ipaddress
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import uuid
 
 import pytest
 
 from turbowg.device import Device
+from turbowg.testing.daemon import turbowgd_in_namespace
 from turbowg.uapi.protocol import parse_set
 
 K1 = bytes([1]) * 32
@@ -76,67 +71,22 @@ def test_device_removal_order_within_a_set() -> None:
 # A real turbowgd, raw UAPI text in, stock `wg show` out
 # ------------------------------------------------------------------------------------------------
 
-SOCKET_DIR = "/var/run/wireguard"
 needs_daemon = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("wg") is None
     or not os.path.exists("/dev/net/tun"), reason="needs root, iproute2, wg and /dev/net/tun")
 
 
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), check=check, timeout=30, capture_output=True, text=True)
-
-
-def turbowgd_command() -> list[str]:
-    exe = shutil.which("turbowgd")
-    return [exe] if exe else [sys.executable, "-m", "turbowg.turbowgd"]
-
-
-def uapi(path: str, text: str) -> bytes:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(path)
-        sock.sendall(text.encode())
-        answer = b""
-        while not answer.endswith(b"\n\n"):
-            chunk = sock.recv(65536)
-            assert chunk, answer
-            answer += chunk
-        return answer
-
-
 @needs_daemon
 def test_real_daemon_removes_one_allowed_ip() -> None:
-    ns = f"twgaip{uuid.uuid4().hex[:5]}"
-    ifname = f"twa{uuid.uuid4().hex[:6]}"
-    path = f"{SOCKET_DIR}/{ifname}.sock"
-    env = dict(os.environ)
-    env.pop("LOG_LEVEL", None)
-    run("ip", "netns", "add", ns)
-    daemon = subprocess.Popen(["ip", "netns", "exec", ns, *turbowgd_command(), "-f", ifname], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(path):
-            assert time.monotonic() < deadline and daemon.poll() is None, "turbowgd did not start"
-            time.sleep(0.05)
+    with turbowgd_in_namespace("twgaip") as d:
         peer = base64.b64encode(K1).decode()
-        run("wg", "set", ifname, "peer", peer, "allowed-ips", "10.0.0.0/24,10.0.1.0/24,fd00::/64")
-        answer = uapi(path, f"set=1\npublic_key={K1.hex()}\nupdate_only=true\nallowed_ip=-10.0.0.0/24\n\n")
+        d.wg("set", d.ifname, "peer", peer, "allowed-ips", "10.0.0.0/24,10.0.1.0/24,fd00::/64")
+        answer = d.uapi(f"set=1\npublic_key={K1.hex()}\nupdate_only=true\nallowed_ip=-10.0.0.0/24\n\n")
         assert answer == b"errno=0\n\n"
-        shown = run("wg", "show", ifname, "allowed-ips").stdout.split()
+        shown = d.wg("show", d.ifname, "allowed-ips").stdout.split()
         assert shown[0] == peer and set(shown[1:]) == {"10.0.1.0/24", "fd00::/64"}
         # Removing what the peer does not hold is not an error, and changes nothing.
-        assert uapi(path, f"set=1\npublic_key={K1.hex()}\nallowed_ip=-10.0.0.0/24\n\n") == b"errno=0\n\n"
-        assert uapi(path, f"set=1\npublic_key={K1.hex()}\nallowed_ip=-nonsense\n\n") == b"errno=-22\n\n"
-        shown = run("wg", "show", ifname, "allowed-ips").stdout.split()
+        assert d.uapi(f"set=1\npublic_key={K1.hex()}\nallowed_ip=-10.0.0.0/24\n\n") == b"errno=0\n\n"
+        assert d.uapi(f"set=1\npublic_key={K1.hex()}\nallowed_ip=-nonsense\n\n") == b"errno=-22\n\n"
+        shown = d.wg("show", d.ifname, "allowed-ips").stdout.split()
         assert set(shown[1:]) == {"10.0.1.0/24", "fd00::/64"}
-    finally:
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        run("ip", "netns", "del", ns, check=False)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)

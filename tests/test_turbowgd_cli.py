@@ -7,30 +7,18 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-SOCKET_DIR = "/var/run/wireguard"
+from turbowg.testing.daemon import SOCKET_DIR, turbowgd_command
+from turbowg.testing.netns import delete_namespace, ns_run, run, wait_until
+
 needs_netns = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"),
     reason="needs root, iproute2 and /dev/net/tun")
-
-
-def run(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), check=check, timeout=timeout, capture_output=True, text=True)
-
-
-def ns_run(ns: str, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    return run("ip", "netns", "exec", ns, *args, check=check, timeout=timeout)
-
-
-def turbowgd_command() -> list[str]:
-    exe = shutil.which("turbowgd")
-    return [exe] if exe else [sys.executable, "-m", "turbowg.turbowgd"]
 
 
 @contextlib.contextmanager
@@ -40,10 +28,7 @@ def namespace() -> Iterator[str]:
     try:
         yield ns
     finally:
-        for pid in run("ip", "netns", "pids", ns, check=False).stdout.split():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), 9)
-        run("ip", "netns", "del", ns, check=False)
+        delete_namespace(ns)
 
 
 def links(ns: str) -> set[str]:
@@ -140,15 +125,6 @@ def test_usage_errors_exit_2() -> None:
         assert remaining_processes(ns) == []
 
 
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @needs_netns
 @pytest.mark.parametrize("how", ["daemon", "-f", "--foreground", "WG_PROCESS_FOREGROUND"])
 def test_valid_name_still_starts(how: str) -> None:
@@ -167,13 +143,13 @@ def test_valid_name_still_starts(how: str) -> None:
                     env["WG_PROCESS_FOREGROUND"] = "1"
                 fg = subprocess.Popen(["ip", "netns", "exec", ns, *turbowgd_command(), *args], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                assert wait_for(lambda: os.path.exists(sock)), "no UAPI socket"
+                assert wait_until(lambda: os.path.exists(sock), 10), "no UAPI socket"
                 assert fg.poll() is None, "a foreground daemon must not return"
-            assert wait_for(lambda: os.path.exists(sock)), "no UAPI socket"
+            assert wait_until(lambda: os.path.exists(sock), 10), "no UAPI socket"
             assert ifname in links(ns)
             assert ns_run(ns, "wg", "show", ifname).returncode == 0
             ns_run(ns, "ip", "link", "del", ifname)
-            assert wait_for(lambda: not os.path.exists(sock)), "daemon did not remove its socket"
+            assert wait_until(lambda: not os.path.exists(sock), 10), "daemon did not remove its socket"
             if how != "daemon":
                 fg.wait(timeout=10)
         finally:

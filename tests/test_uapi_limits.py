@@ -16,33 +16,18 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
-import uuid
 
 import pytest
 
+from turbowg.testing.daemon import turbowgd_in_namespace
 from turbowg.uapi.model import DeviceSnapshot, DeviceUpdate, PeerSnapshot
 from turbowg.uapi.protocol import MAX_LINE_LENGTH, MAX_REQUEST_SIZE, UAPIConnection, get_reply
 from turbowg.uapi.server import UAPIServer, start_uapi_server
 
-SOCKET_DIR = "/var/run/wireguard"
 needs_netns = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"),
     reason="needs root, iproute2 and /dev/net/tun")
-
-
-def run(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), check=check, timeout=timeout, capture_output=True, text=True)
-
-
-def ns_run(ns: str, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
-    return run("ip", "netns", "exec", ns, *args, check=check, timeout=timeout)
-
-
-def turbowgd_command() -> list[str]:
-    exe = shutil.which("turbowgd")
-    return [exe] if exe else [sys.executable, "-m", "turbowg.turbowgd"]
 
 PEERS = 20  # a get=1 answer of ~6 KB: a 7-byte request is amplified ~1000 times
 
@@ -234,29 +219,17 @@ def rss_kib(pid: int) -> int:
 
 @needs_netns
 def test_real_daemon_memory_stays_bounded_under_a_pipelining_client() -> None:
-    ns = f"twglim{uuid.uuid4().hex[:5]}"
-    ifname = f"twl{uuid.uuid4().hex[:6]}"
-    path = f"{SOCKET_DIR}/{ifname}.sock"
-    env = dict(os.environ)
-    env.pop("LOG_LEVEL", None)
-    run("ip", "netns", "add", ns)
-    daemon = subprocess.Popen(["ip", "netns", "exec", ns, *turbowgd_command(), "-f", ifname], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(path):
-            assert time.monotonic() < deadline and daemon.poll() is None, "turbowgd did not start"
-            time.sleep(0.05)
+    with turbowgd_in_namespace("twglim") as daemon, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as flood:
         config = "set=1\nprivate_key=" + "11" * 32 + "\n" + "".join(
             f"public_key={i:064x}\nendpoint=192.0.2.1:{1000 + i}\nallowed_ip=10.{i}.0.0/24\nallowed_ip=10.{i}.1.0/24\n"
             for i in range(1, PEERS + 1)) + "\n"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as setter:
-            setter.connect(path)
+            setter.connect(daemon.socket)
             setter.sendall(config.encode())
             assert setter.recv(64) == b"errno=0\n\n"
         before = rss_kib(daemon.pid)
-        flood.connect(path)
+        flood.connect(daemon.socket)
         flood.setblocking(False)
         payload = b"get=1\n\n" * 100_000
         sent = 0
@@ -269,20 +242,9 @@ def test_real_daemon_memory_stays_bounded_under_a_pipelining_client() -> None:
         time.sleep(1.5)
         growth = rss_kib(daemon.pid) - before
         assert growth < 16 * 1024, f"turbowgd grew by {growth} KiB"
-        shown = subprocess.run(["wg", "show", ifname, "peers"], capture_output=True, text=True, timeout=10)
+        shown = subprocess.run(["wg", "show", daemon.ifname, "peers"], capture_output=True, text=True, timeout=10)
         assert shown.returncode == 0 and len(shown.stdout.split()) == PEERS, shown.stderr
         assert rss_kib(daemon.pid) - before < 16 * 1024
-    finally:
-        flood.close()
-        daemon.terminate()
-        try:
-            daemon.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        run("ip", "netns", "del", ns, check=False)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 @pytest.fixture(autouse=True)

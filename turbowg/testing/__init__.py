@@ -3,6 +3,8 @@
 
 - `netns`:   namespaces, veth pairs, commands inside a namespace, bounded waits; whatever a context
              manager here creates it deletes again, also when the body raises.
+- `daemon`:  one WireGuard daemon (turbowgd, wireguard-go or any binary with the same command line) in a
+             namespace, and raw UAPI text to it.
 - `tunnel`:  WireGuard tunnels between two namespaces, one implementation per side (turbowgd,
              wireguard-go or any binary with the same command line), configured only with stock `wg`.
 - `udpgen`:  the UDP load generator and receiver (UDP_SEGMENT sends, UDP_GRO reads), paced or not,
