@@ -54,7 +54,12 @@ IMPLS = ("turbowg", "wireguard-go")
 # SCHED_IDLE (only CPU nobody else wants).
 VARIANTS = {"turbowg-inloop": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER": "0"}),
             "turbowg-nosteer": ("turbowg", {"TURBOWG_HANDSHAKE_STEERING": "0"}),
-            "turbowg-idle": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER_SCHED": "idle"})}
+            "turbowg-idle": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER_SCHED": "idle"}),
+            "turbowg-closedport": ("turbowg", {})}
+# Control: the same flood sent to a port nobody listens on in the responder's namespace (the kernel drops it
+# and answers ICMP, rate-limited): what the flood costs the machine (flooder, softirq) without any daemon
+# work, to compare the other rows' "kept" with.
+CONTROL_FLOOD_PORT = {"turbowg-closedport": 9}
 DEFAULT_RATES = ("20000", "40000", "max")
 NO_FLOOD = "none"
 IPERF_PORT = 5211
@@ -254,7 +259,8 @@ def run_one(topo: Topology, side: FloodSide, impl: str, rate: str, rep: int, dur
             if rate != NO_FLOOD:
                 flooder = subprocess.Popen(
                     topo.exec_args(side.ns, sys.executable, "-m", "turbowg.bench.flooder", "--dst", side.target,
-                                   "--port", str(resp.port), "--public-key", resp.public_key,
+                                   "--port", str(CONTROL_FLOOD_PORT.get(impl, resp.port)),
+                                   "--public-key", resp.public_key,
                                    "--source-net", f"{FLOOD_NET}.0/24", "--sources", str(len(side.sources)),
                                    "--ports", str(FLOOD_PORTS), "--rate", "0" if rate == "max" else rate,
                                    "--duration", f"{duration + FLOOD_LEAD + 1.5:g}"),
