@@ -15,10 +15,11 @@ everything else: transport data, disco, STUN, junk and datagrams shorter than 4 
 returns 0) stay on the data socket, where the main process reads them as before. So the worker only
 ever reads what it can serve, and nothing it would have to pass back.
 
-When the program returns an index the group does not hold (the handshake socket closed: the worker is
-gone), the kernel falls back to its 4-tuple hash over the sockets left, i.e. everything goes to the data
-socket, and the main process's in-loop path serves it all (reuseport_select_sock: run_bpf_filter returns
-NULL for index >= socks, then select_by_hash). The GRO path looks the socket up without the skb (by hash
+When the program returns an index the group does not hold (the handshake socket closed), the kernel falls
+back to its 4-tuple hash over the sockets left (reuseport_select_sock: run_bpf_filter returns NULL for
+index >= socks, then select_by_hash): with the data socket alone, everything goes to it (tested). The
+daemon does not rely on that when its worker dies (see "Who may join" below): it keeps the handshake
+socket and reads it in the event loop until the worker is back. The GRO path looks the socket up without the skb (by hash
 only), so both sockets get UDP_GRO: a flow hashed to either is coalesced, and each reader splits by the
 segment size.
 
