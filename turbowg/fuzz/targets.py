@@ -538,21 +538,14 @@ def uapi_stream(data: bytes) -> None:
     if not data:
         return
     step, stream = data[0] + 1, data[1:]
-    whole = UAPIConnection()
-    requests = whole.receive_data(stream) + whole.receive_eof()
-    pieces = UAPIConnection()
-    chunked = []
-    for i in range(0, len(stream), step):
-        chunked += pieces.receive_data(stream[i:i + step])
-    chunked += pieces.receive_eof()
-    check([_request_key(r) for r in requests] == [_request_key(r) for r in chunked],
-          "requests depend on how the stream was cut")
-    check(sum(len(r.lines) for r in requests) <= stream.count(b"\n") + 1, "more lines than in the stream")
-    for request in requests:
-        check(request.kind in ("get", "set", "stats", "invalid"), f"odd request kind {request.kind!r}")
-        if request.kind == "set" and request.error is None:
+    requests, _ = _feed_both(UAPIConnection, lambda c, b: [_request_key(r) for r in c.receive_data(b)], stream,
+                             step, (), finish=lambda c: [_request_key(r) for r in c.receive_eof()])
+    check(sum(len(lines) for _, lines, _, _ in requests) <= stream.count(b"\n") + 1, "more lines than in the stream")
+    for kind, lines, error, _ in requests:
+        check(kind in ("get", "set", "stats", "invalid"), f"odd request kind {kind!r}")
+        if kind == "set" and error is None:
             try:
-                parse_set(request.lines)
+                parse_set(list(lines))
             except UAPIError:
                 pass
 
@@ -645,8 +638,10 @@ def relay_addr(data: bytes) -> None:
 
 
 def _feed_both(make: Callable[[], object], feed: Callable[[object, bytes], list], stream: bytes, step: int,
-               errors: tuple[type[BaseException], ...]) -> tuple[list, str | None]:
-    """Feed `stream` whole and in `step`-byte reads; both must give the same items and the same error."""
+               errors: tuple[type[BaseException], ...],
+               finish: Callable[[object], list] | None = None) -> tuple[list, str | None]:
+    """Feed `stream` whole and in `step`-byte reads (then `finish`, the end of the stream, if given); both must
+    give the same items and the same error."""
     outcomes = []
     for size in (max(1, len(stream)), step):
         conn = make()
@@ -655,6 +650,8 @@ def _feed_both(make: Callable[[], object], feed: Callable[[object, bytes], list]
         try:
             for i in range(0, len(stream), size):
                 got += feed(conn, stream[i:i + size])
+            if finish is not None:
+                got += finish(conn)
         except errors as exc:
             error = type(exc).__name__
         outcomes.append((got, error))

@@ -58,20 +58,22 @@ def serve_tcp(host: str, port: int, timeout: float) -> None:
         print(f"{total} {digest.hexdigest()}", flush=True)
 
 
-def send_tcp(host: str, port: int, total: int, seed: int, timeout: float, seconds: float | None = None) -> None:
-    """Send `total` bytes, or with `seconds`, as many as fit in that time (then print what was sent)."""
-    digest = hashlib.sha256()
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.2) + 1):
+def connect_retrying(host: str, port: int, deadline: float) -> socket.socket:
+    """A TCP connection to host:port, tried every 0.2 s until `deadline` (the other end may not listen yet)."""
+    for _ in range(int(max(0.0, deadline - time.monotonic()) / 0.2) + 1):
         try:
-            sock = socket.create_connection((host, port), timeout=5)
-            break
+            return socket.create_connection((host, port), timeout=5)
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-    else:
-        raise TimeoutError("no connection")
+    raise TimeoutError(f"no connection to {host}:{port}")
+
+
+def send_tcp(host: str, port: int, total: int, seed: int, timeout: float, seconds: float | None = None) -> None:
+    """Send `total` bytes, or with `seconds`, as many as fit in that time (then print what was sent)."""
+    digest = hashlib.sha256()
+    sock = connect_retrying(host, port, time.monotonic() + timeout)
     sock.settimeout(timeout)
     sent = 0
     stop_at = time.monotonic() + seconds if seconds else None

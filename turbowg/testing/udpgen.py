@@ -37,6 +37,7 @@ import sys
 import time
 
 from turbowg.linux import SO_RCVBUFFORCE, SO_SNDBUFFORCE, SOL_UDP, UDP_GRO, UDP_SEGMENT
+from turbowg.testing.tcpxfer import connect_retrying
 
 SEGMENTS_PER_CALL = 64
 # The kernel refuses a GSO buffer whose UDP payload plus headers does not fit in 16 bits.
@@ -137,23 +138,28 @@ def send(host: str, port: int, duration: float, size: int, rate_bps: float | Non
         view = view[:size]
     sendmsg = sock.sendmsg
     monotonic = time.monotonic
+
+    def burst(n: int) -> None:
+        """`n` sends; a full queue or an ICMP error from an earlier send counts as an error, not a stop."""
+        nonlocal datagrams, calls, errors
+        for _ in range(n):
+            try:
+                if gso:
+                    sendmsg([view], cmsg)
+                else:
+                    sock.send(view)
+                datagrams += per_call
+                calls += 1
+            except OSError as exc:
+                if exc.errno not in _TRANSIENT:
+                    raise
+                errors += 1
+
     start = monotonic()
     deadline = start + duration
     if rate_bps is None:
         while True:
-            # Check the clock every 16 calls: a syscall is cheap, time.monotonic() in Python less so.
-            for _ in range(16):
-                try:
-                    if gso:
-                        sendmsg([view], cmsg)
-                    else:
-                        sock.send(view)
-                    datagrams += per_call
-                    calls += 1
-                except OSError as exc:
-                    if exc.errno not in _TRANSIENT:
-                        raise
-                    errors += 1
+            burst(16)  # check the clock every 16 calls: a syscall is cheap, time.monotonic() in Python less so
             if monotonic() >= deadline:
                 break
     else:
@@ -169,17 +175,7 @@ def send(host: str, port: int, duration: float, size: int, rate_bps: float | Non
                 continue
             if now - next_send > MAX_LAG:
                 next_send = now  # behind: do not burst to catch up
-            try:
-                if gso:
-                    sendmsg([view], cmsg)
-                else:
-                    sock.send(view)
-                datagrams += per_call
-                calls += 1
-            except OSError as exc:
-                if exc.errno not in _TRANSIENT:
-                    raise
-                errors += 1
+            burst(1)
             next_send += interval
     elapsed = monotonic() - start
     sock.close()
@@ -405,16 +401,7 @@ def file_send(host: str, udp_port: int, ctl_port: int, nbytes: int, seed: int, r
     data = random.Random(seed).randbytes(nbytes)
     count = -(-nbytes // CHUNK)
     datagrams = [make_datagram(i, count, data[i * CHUNK:(i + 1) * CHUNK]) for i in range(count)]
-    for _ in range(int(timeout / 0.2) + 1):
-        try:
-            conn = socket.create_connection((host, ctl_port), timeout=5)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    else:
-        raise TimeoutError("control connection not accepted")
+    conn = connect_retrying(host, ctl_port, deadline)
     conn.settimeout(max(1.0, deadline - time.monotonic()))
     ctl = LineChannel(conn)
     ctl.send({"count": count, "bytes": nbytes})
