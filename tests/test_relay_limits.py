@@ -23,24 +23,16 @@ import uvloop
 
 from turbowg.derp import codec, keys
 from turbowg.derp.client import DerpClient
-from turbowg.relay.app import RelayConfig, RelayConfigError, prepare, serve_worker
+from turbowg.relay.app import RelayConfig, RelayConfigError, prepare
+from turbowg.testing.relay import serving_relay
 
 TIMEOUT = 15.0
 
 
 @contextlib.asynccontextmanager
 async def relay(**kw: Any) -> AsyncIterator[tuple[Any, int]]:
-    ready: asyncio.Future[list[tuple[str, int]]] = asyncio.get_running_loop().create_future()
-    config = RelayConfig(addr="127.0.0.1:0", dev=True, stun=False, workers=1,
-                         ready=lambda bound: ready.set_result(bound), **kw)
-    task = asyncio.create_task(serve_worker(config, prepare(config)))
-    bound = await asyncio.wait_for(ready, TIMEOUT)
-    try:
+    async with serving_relay(TIMEOUT, **kw) as (config, bound):
         yield config, bound[0][1]
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def probe(port: int) -> bool:

@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +20,16 @@ import pytest
 import uvloop
 
 from turbowg.derp.client import DerpClient
-from turbowg.relay.app import RelayConfig, RelayConfigError, prepare, serve_worker
+from turbowg.relay.app import RelayConfig, RelayConfigError, prepare
 from turbowg.relay.http import Response
 from turbowg.testing.netns import can_use_netns, exec_args, namespace_pair, ns_run
+from turbowg.testing.relay import serving_relay
 
 TIMEOUT = 10.0
 
 
-@contextlib.asynccontextmanager
-async def relay(**kw: Any) -> AsyncIterator[tuple[Any, list[tuple[str, int]]]]:
-    ready: asyncio.Future[list[tuple[str, int]]] = asyncio.get_running_loop().create_future()
-    kw.setdefault("dev", True)
-    config = RelayConfig(addr="127.0.0.1:0", stun=False, workers=1, ready=lambda bound: ready.set_result(bound), **kw)
-    task = asyncio.create_task(serve_worker(config, prepare(config)))
-    bound = await asyncio.wait_for(ready, TIMEOUT)
-    try:
-        yield config, bound
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+def relay(**kw: Any) -> contextlib.AbstractAsyncContextManager[tuple[Any, list[tuple[str, int]]]]:
+    return serving_relay(TIMEOUT, **kw)
 
 
 async def get(port: int, path: str, *headers: str, method: str = "GET", ssl: Any = None) -> tuple[int, dict[str, str], bytes]:

@@ -18,7 +18,7 @@ import uvloop
 
 from turbowg.derp import codec, keys
 from turbowg.derp.client import DerpClient, DerpClientError
-from turbowg.relay.app import RelayConfig, prepare, serve_worker
+from turbowg.testing.relay import serving_relay
 
 TIMEOUT = 10.0
 
@@ -68,17 +68,8 @@ def dead_url() -> str:
 
 @contextlib.asynccontextmanager
 async def relay(**kw: Any) -> AsyncIterator[tuple[Any, str]]:
-    ready: asyncio.Future[list[tuple[str, int]]] = asyncio.get_running_loop().create_future()
-    config = RelayConfig(addr="127.0.0.1:0", dev=True, stun=False, workers=1,
-                         ready=lambda bound: ready.set_result(bound), **kw)
-    task = asyncio.create_task(serve_worker(config, prepare(config)))
-    bound = await asyncio.wait_for(ready, TIMEOUT)
-    try:
+    async with serving_relay(TIMEOUT, **kw) as (config, bound):
         yield config, f"http://127.0.0.1:{bound[0][1]}/derp"
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def admitted(url: str, client: DerpClient) -> bool:

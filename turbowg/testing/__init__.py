@@ -10,5 +10,6 @@
 - `udpgen`:  the UDP load generator and receiver (UDP_SEGMENT sends, UDP_GRO reads), paced or not,
              and a verified file transfer over it with resends.
 - `tcpxfer`: a TCP transfer whose two ends print the SHA-256 of what they sent / received.
+- `relay`:   one relay worker on 127.0.0.1 in the test's event loop (no namespace needed).
 - `marks`:   pytest skip markers for the above (imports pytest; only tests import it).
 """
