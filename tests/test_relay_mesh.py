@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from derp_traffic import exchange
@@ -79,14 +82,28 @@ def test_meshed_relays_carry_100k_packets_and_peer_gone() -> None:
     asyncio.run(scenario())
 
 
+@contextlib.asynccontextmanager
+async def one_way_mesh(relay2_mesh_key: str = MESH_KEY) -> AsyncIterator[tuple[DerpServer, DerpServer, Any, int, DerpClient]]:
+    """Relay 1 meshed to relay 2 (listening on a free port), and a client B not yet connected:
+    (relay1, relay2, relay 1's mesh, relay 2's port, B). All closed on exit."""
+    relay1 = DerpServer(keys.generate_private_key(), mesh_key=MESH_KEY)
+    relay2 = DerpServer(keys.generate_private_key(), mesh_key=relay2_mesh_key)
+    l2, port2 = await _listen(relay2)
+    mesh1 = await start_mesh(relay1, MESH_KEY, [f"127.0.0.1:{port2}"], "relay1", tls=False)
+    b = DerpClient()
+    try:
+        yield relay1, relay2, mesh1, port2, b
+    finally:
+        await b.close()
+        await mesh1.close()
+        relay1.close()
+        relay2.close()
+        l2.close()
+
+
 def test_mesh_link_reconnects_after_relay_restart() -> None:
     async def scenario() -> None:
-        relay1 = DerpServer(keys.generate_private_key(), mesh_key=MESH_KEY)
-        relay2 = DerpServer(keys.generate_private_key(), mesh_key=MESH_KEY)
-        l2, port2 = await _listen(relay2)
-        mesh1 = await start_mesh(relay1, MESH_KEY, [f"127.0.0.1:{port2}"], "relay1", tls=False)
-        b = DerpClient()
-        try:
+        async with one_way_mesh() as (relay1, relay2, mesh1, port2, b):
             await mesh1.wait_connected(10)
             await b.connect(host="127.0.0.1", port=port2, tls=False)
             await _until(lambda: b.public_key in relay1.forwarder_keys(), 10, "relay 1 to learn B")
@@ -99,34 +116,17 @@ def test_mesh_link_reconnects_after_relay_restart() -> None:
             await _until(lambda: b2.public_key in relay1.forwarder_keys(), 10, "relay 1 to learn B2")
             assert mesh1.peers[0].counters.connects >= 2
             await b2.close()
-        finally:
-            await b.close()
-            await mesh1.close()
-            relay1.close()
-            relay2.close()
-            l2.close()
 
     asyncio.run(scenario())
 
 
 def test_wrong_mesh_key_gets_no_watch() -> None:
     async def scenario() -> None:
-        relay1 = DerpServer(keys.generate_private_key(), mesh_key=MESH_KEY)
-        relay2 = DerpServer(keys.generate_private_key(), mesh_key="cd" * 32)
-        l2, port2 = await _listen(relay2)
-        mesh1 = await start_mesh(relay1, MESH_KEY, [f"127.0.0.1:{port2}"], "relay1", tls=False)
-        b = DerpClient()
-        try:
+        async with one_way_mesh(relay2_mesh_key="cd" * 32) as (relay1, relay2, mesh1, port2, b):
             await b.connect(host="127.0.0.1", port=port2, tls=False)
             await _until(lambda: mesh1.peers[0].counters.connect_failures >= 1, 10, "mesh link to be refused")
             assert b.public_key not in relay1.forwarder_keys()
             assert relay2.metrics.protocol_errors >= 1
-        finally:
-            await b.close()
-            await mesh1.close()
-            relay1.close()
-            relay2.close()
-            l2.close()
 
     asyncio.run(scenario())
 
