@@ -15,6 +15,9 @@ workers) from /proc/<pid>/stat over the measurement window, per GB of packet pay
 
 Caveat printed with the results: load generators run on the same machine as the relay, so on a
 2-core box they compete with it for CPU; absolute numbers are a lower bound for the relay alone.
+
+Why one file (~590 lines): the benchmark driver and the load generator it starts (`--loadgen`, this same
+file) are the two ends of one packet format and one per-run record; one file keeps them in step.
 """
 
 from __future__ import annotations

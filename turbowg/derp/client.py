@@ -12,6 +12,9 @@ in one pass into one packed buffer, no object per packet) and drops rather than 
 
 The HTTP upgrade and the DERP handshake come from handshake.py and client_proto.py (the same code the
 relay's mesh links use); this module only adds the asyncio transport, queues and backpressure.
+
+Why one file (~490 lines): one class, the asyncio side of one relay connection; its send queue, receive
+queue, batch handler and ping share one transport's backpressure state.
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ None, no --derp) nothing here runs and nothing changes on the wire.
 * Handshakes: `handshake_sent` remembers which path an initiation took; `before_initiation` (the next one)
   tells the selector which path failed when nothing came back (on_handshake_timeout_direct / _derp).
 * Timers: `tick(now, out)` runs due selector timers; `next_deadline(now)` is when it next has work.
+
+Why one file (~460 lines): it is the one seam between the device and path selection; its send side, receive
+side and disco sealing all work on the same per-peer state and change together.
 """
 
 from __future__ import annotations

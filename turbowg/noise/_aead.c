@@ -14,6 +14,9 @@
  *   OpenResult: named tuple (end, count, auth_fail, replay, expired, keepalive, rx_bytes, authenticated,
  *               max_counter)
  * `layout`, `sizes`, `out_layout` are writable buffers of native int32 (array('i')).
+ *
+ * Why one file (~500 lines): one CPython extension module; the seal and open loops share the AEAD context,
+ * the replay window and the batch layout, and a split would export internal symbols across objects.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

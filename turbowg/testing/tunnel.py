@@ -9,6 +9,9 @@ path), and one tunnel per `TunnelSpec` over it. Tunnel i uses 10.201.i.0/24 and 
 51820 + 2i, side b on 51821 + 2i. `tunnel(impl_a, impl_b)` is the one-tunnel shorthand the tests use.
 Tear-down always happens, also when the body or the set-up raises: daemons are stopped, interfaces and
 namespaces deleted, UAPI sockets (/var/run/wireguard is shared by all namespaces) removed.
+
+Why one file (~450 lines): one topology; the tunnels, the DERP relay of DERP tunnels and the looking-at
+helpers all work on the same `Topology` / `Side` records.
 """
 
 from __future__ import annotations

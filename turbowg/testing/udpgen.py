@@ -20,6 +20,9 @@ File (every datagram self-describing and checked, missing ones resent over a TCP
     python -m turbowg.testing.udpgen file-send HOST UDP_PORT CTL_PORT --bytes N --rate-mbit 200
 
 Every result is one JSON line on stdout and includes the process's own CPU seconds (user + system).
+
+Why one file (~520 lines): it is one program, run as `python -m` inside namespaces; the load sender and
+receiver and the file transfer share the datagram format, the socket set-up and the JSON report.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@
  * 64-bit accumulator and converted to network order once at the end (RFC 1071: the sum is byte-order
  * independent up to a final byte swap).  Regions are always summed relative to their own first byte, so
  * the absolute alignment of the buffers does not matter (all loads go through memcpy).
+ *
+ * Why one file (~830 lines): one CPython extension module; ingest (GSO split) and coalesce (GRO) share
+ * the header parsing and the checksum code, and a split would export internal symbols across objects.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -33,6 +33,10 @@ Line semantics reproduced from wireguard-go (device/uapi.go):
   peer, then deletes it; here the other peer keeps X.
 - `endpoint` is a literal `ip:port` or `[ipv6]:port` (a zone such as `%eth0` allowed); hostnames are refused.
 - Boolean keys accept only `true`; numbers are unsigned decimal within the field width.
+
+Why one file (~450 lines): it is the codec of one protocol; request framing, the `set` parser and the `get`
+encoder share the line grammar and the error rules, and most of its length is the record above of where and
+why it differs from wireguard-go.
 """
 
 from __future__ import annotations
