@@ -246,7 +246,7 @@ def test_handshake_keypairs_talk_and_the_responder_confirms_on_first_data() -> N
     assert side_a.install(a) == [] and side_a.current is a  # initiator: usable at once
     assert side_b.install(b) == [] and side_b.current is None and side_b.next is b  # responder: waits
     packets = [ipv4(b"first"), ipv4(b"second" * 50)]
-    for message, packet in zip(seal(a, packets), packets):
+    for message, packet in zip(seal(a, packets), packets, strict=True):
         result, got = open_one(side_b.next, message)
         assert result.authenticated == 1 and got[:len(packet)] == packet
     assert side_b.confirm(b) == (True, []) and side_b.current is b and side_b.next is None

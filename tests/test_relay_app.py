@@ -36,7 +36,6 @@ from turbowg.relay.app import RelayConfig, RelayConfigError, parse_addr, prepare
 from turbowg.relay.http import RelayHTTPProtocol
 from turbowg.relay.server import DerpServer
 
-
 # A Ping/Pong over loopback through an idle-ish relay takes well under a millisecond; a second is a bound that
 # still holds on a loaded 2-core CI machine, and a failure means the pong is stuck, not slow.
 RTT_BOUND = 1.0
