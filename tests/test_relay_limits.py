@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import uvloop
@@ -207,6 +207,17 @@ def test_malformed_rate_limit_file_is_refused_with_line_and_reason(tmp_path: Pat
     assert proc.returncode == 2 and f"{path}{where}" in proc.stderr
 
 
+def read_until(stream: IO[str], lines: list[str], text: str, count: int, deadline: float) -> int:
+    """Read lines from `stream` into `lines` until `count` of them hold `text` (or end of stream, or `deadline`);
+    how many do."""
+    while sum(text in ln for ln in lines) < count and time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line)
+    return sum(text in ln for ln in lines)
+
+
 def test_sighup_reaches_every_worker_of_a_sharded_relay(tmp_path: Path) -> None:
     """`turbowg relay --workers 2 -client-rate-limits FILE`: SIGHUP to the supervisor reloads the file in both
     workers and stops nothing (without a handler SIGHUP would end the process)."""
@@ -219,21 +230,11 @@ def test_sighup_reaches_every_worker_of_a_sharded_relay(tmp_path: Path) -> None:
         assert proc.stdout is not None
         lines: list[str] = []
         deadline = time.monotonic() + 30
-        while sum("listening on" in ln for ln in lines) < 2 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-        assert sum("listening on" in ln for ln in lines) == 2, "".join(lines)
+        assert read_until(proc.stdout, lines, "listening on", 2, deadline) == 2, "".join(lines)
         time.sleep(0.3)
         limits.write_text(json.dumps({"default": {"bytes_per_sec": 2_000_000}, "clients": {}}))
         proc.send_signal(signal.SIGHUP)
-        while sum("rate limits reloaded" in ln for ln in lines) < 2 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-        assert sum("rate limits reloaded" in ln for ln in lines) == 2, "".join(lines)
+        assert read_until(proc.stdout, lines, "rate limits reloaded", 2, deadline) == 2, "".join(lines)
         assert proc.poll() is None
     finally:
         proc.terminate()
