@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -318,6 +318,23 @@ def wait_path(node: Node, want: str, timeout: float) -> float | None:
     return None
 
 
+def paths_during_transfer(a: Node, b: Node, port: int, seconds: float, want: str, timeout: float,
+                          change: Callable[[], None] | None = None) -> tuple[float | None, float | None, str, str]:
+    """A transfer a -> b for `seconds`; 2 s in, `change()` (if given) alters the network. Seconds until a and
+    b are on path `want` (None: not within `timeout`), and what was sent and received."""
+    xfer = BackgroundTransfer(a, b, port, seconds=seconds)
+    try:
+        if change is not None:
+            time.sleep(2)
+            change()
+        took_a = wait_path(a, want, timeout)
+        took_b = wait_path(b, want, timeout)
+        sent, received = xfer.finish()
+    finally:
+        xfer.kill()
+    return took_a, took_b, sent, received
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -336,15 +353,8 @@ def test_blocked_udp_tunnel_comes_up_over_derp_and_moves_direct_and_back(tmp_pat
         assert st["traffic"]["direct"]["rx_bytes"] == 0  # nothing came directly: the rule holds
 
         # (b) the rule removed while a transfer runs: direct within 10 s, on both sides.
-        xfer = BackgroundTransfer(a, b, 5302, seconds=14)
-        try:
-            time.sleep(2)
-            topo.unblock()
-            took_a = wait_path(a, "direct", SWITCH_DEADLINE)
-            took_b = wait_path(b, "direct", SWITCH_DEADLINE)
-            sent, received = xfer.finish()
-        finally:
-            xfer.kill()
+        took_a, took_b, sent, received = paths_during_transfer(a, b, 5302, 14, "direct", SWITCH_DEADLINE,
+                                                               change=topo.unblock)
         assert took_a is not None and took_b is not None, "not direct within 10 s\n" + topo.diagnostics()
         assert sent == received, (sent, received)
         st = a.peer_status()
@@ -360,15 +370,8 @@ def test_blocked_udp_tunnel_comes_up_over_derp_and_moves_direct_and_back(tmp_pat
         assert f"{B_IP}:{PORT_B}" in shown
 
         # (c) the rule back during a transfer: DERP within 10 s, the transfer completes.
-        xfer = BackgroundTransfer(a, b, 5303, seconds=14)
-        try:
-            time.sleep(2)
-            topo.block()
-            took_a = wait_path(a, "derp", SWITCH_DEADLINE)
-            took_b = wait_path(b, "derp", SWITCH_DEADLINE)
-            sent, received = xfer.finish()
-        finally:
-            xfer.kill()
+        took_a, took_b, sent, received = paths_during_transfer(a, b, 5303, 14, "derp", SWITCH_DEADLINE,
+                                                               change=topo.block)
         assert took_a is not None and took_b is not None, "no fallback within 10 s\n" + topo.diagnostics()
         assert sent == received, (sent, received)
         counters = a.status()["counters"]
@@ -424,13 +427,7 @@ def test_nat_hole_punching_without_endpoints(tmp_path) -> None:
         a, b = topo.a, topo.b
         assert wait_until(lambda: topo.relay_connected(a) and topo.relay_connected(b), 20), topo.diagnostics()
         assert ping(a, b.inner, timeout=30), "no ping over DERP\n" + topo.diagnostics()
-        xfer = BackgroundTransfer(a, b, 5306, seconds=8)
-        try:
-            took_a = wait_path(a, "direct", 15)
-            took_b = wait_path(b, "direct", 15)
-            sent, received = xfer.finish()
-        finally:
-            xfer.kill()
+        took_a, took_b, sent, received = paths_during_transfer(a, b, 5306, 8, "direct", 15)
         assert took_a is not None and took_b is not None, "no hole punched\n" + topo.diagnostics()
         assert sent == received, (sent, received)
         st_a, st_b = a.status(), b.status()
