@@ -36,7 +36,8 @@ def payload_chunks(total: int, seed: int):
         sent += n
 
 
-def serve_tcp(host: str, port: int, timeout: float) -> None:
+def accept_one(host: str, port: int, timeout: float) -> socket.socket:
+    """Listen on host:port, say "ready" on stdout, accept one connection within `timeout` (then stop listening)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as srv:
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -45,17 +46,22 @@ def serve_tcp(host: str, port: int, timeout: float) -> None:
         srv.settimeout(timeout)
         print("ready", flush=True)
         conn, _ = srv.accept()
-        conn.settimeout(timeout)
-        digest = hashlib.sha256()
-        total = 0
-        with conn:
-            while True:
-                data = conn.recv(1 << 20)
-                if not data:
-                    break
-                digest.update(data)
-                total += len(data)
-        print(f"{total} {digest.hexdigest()}", flush=True)
+    return conn
+
+
+def serve_tcp(host: str, port: int, timeout: float) -> None:
+    conn = accept_one(host, port, timeout)
+    conn.settimeout(timeout)
+    digest = hashlib.sha256()
+    total = 0
+    with conn:
+        while True:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            digest.update(data)
+            total += len(data)
+    print(f"{total} {digest.hexdigest()}", flush=True)
 
 
 def connect_retrying(host: str, port: int, deadline: float) -> socket.socket:

@@ -40,7 +40,7 @@ import sys
 import time
 
 from turbowg.linux import SO_RCVBUFFORCE, SO_SNDBUFFORCE, SOL_UDP, UDP_GRO, UDP_SEGMENT
-from turbowg.testing.tcpxfer import connect_retrying
+from turbowg.testing.tcpxfer import accept_one, connect_retrying
 
 SEGMENTS_PER_CALL = 64
 # The kernel refuses a GSO buffer whose UDP payload plus headers does not fit in 16 bits.
@@ -292,13 +292,7 @@ def file_serve(host: str, udp_port: int, ctl_port: int, timeout: float) -> dict[
     deadline = time.monotonic() + timeout
     udp, _gro = open_gro_socket(host, udp_port)
     udp.setblocking(False)
-    srv = socket.socket(family_of(host), socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((host, ctl_port))
-    srv.listen(1)
-    srv.settimeout(timeout)
-    print("ready", flush=True)
-    conn, _ = srv.accept()
+    conn = accept_one(host, ctl_port, timeout)
     conn.settimeout(max(1.0, deadline - time.monotonic()))
     ctl = LineChannel(conn)
     hello = ctl.recv()
@@ -385,7 +379,6 @@ def file_serve(host: str, udp_port: int, ctl_port: int, timeout: float) -> dict[
         ctl.send({"missing": to_ranges(missing)})
         finished = not missing
     conn.close()
-    srv.close()
     # Late stragglers (resent datagrams that had not been lost, only late) still count as duplicates.
     drain_udp()
     udp.close()
