@@ -7,6 +7,9 @@ the write timeout, then counted head drops), 10,000 clients; and a property test
 parser (server_proto.ServerConnection) as the reference. Then the whole relay with the plane in use
 (the socket handover after ServerInfo, PeerGone, duplicates, mixed TLS/plain clients), and the main relay
 tests again with TURBOWG_NO_C=1 so both paths stay covered.
+
+Why one file (~650 lines): the C plane's own tests and the relay's tests with the plane in use share the
+socketpair harness and the frame helpers, and are run together whenever _fastpath.c changes.
 """
 
 from __future__ import annotations

@@ -15,6 +15,10 @@
  *
  * Single-threaded by design: every method must be called from the thread that owns the asyncio loop.
  * poll() releases the GIL around its system calls and parsing (it touches no Python object meanwhile).
+ *
+ * Why one file (~1000 lines): one CPython extension module; the parser, the route table, the output buffers
+ * and the backpressure links between senders and destinations all act on the same conn_t array inside one
+ * poll() turn, and a split would only export these internals across objects.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
