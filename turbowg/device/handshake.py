@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from turbowg.conn.endpoint import Endpoint, cookie_source
 from turbowg.device.constants import REJECT_AFTER_MESSAGES, REKEY_TIMEOUT
-from turbowg.device.handshake_worker import Identified, accept_identified
 from turbowg.device.keypair import Keypair
 from turbowg.device.output import Out, add_datagram
 from turbowg.device.peer import Peer
@@ -16,7 +15,9 @@ from turbowg.device.state import DeviceState
 from turbowg.noise.handshake import (
     Handshake,
     HandshakeError,
+    Identified,
     LocalIdentity,
+    accept_identified,
     begin_session,
     consume_initiation,
     consume_response,

@@ -9,12 +9,11 @@ is everything that worker decides, without sockets or a clock of its own:
   messages handed over but not yet processed is more than QUEUE_SIZE/8, as wireguard-go, or more than
   UNDER_LOAD_RATE came within a second; and for UNDER_LOAD_HOLD seconds after); under load: mac2 check, no valid mac2 -> a cookie reply (rate-limited per source)
   and nothing else, valid mac2 -> the per-source rate limiter (turbowg/ratelimiter). Then an initiation is
-  identified (`identify_initiation`: the DH with our static key, decrypt of the initiator's static key and
-  timestamp -- the stateless part of noise.handshake.consume_initiation, which needs only our private key
-  and the precomputed static-static DH per peer); responses and cookie replies are forwarded as they are
-  (they need per-peer state). Returns (cookie replies to send, identified initiations, forwarded messages).
-* `accept_identified(handshake, identified, now)`: the per-peer rest of consume_initiation, run by the
-  main process on the peer's Handshake: timestamp replay and initiation-rate checks, then the state write.
+  identified (noise.handshake.identify_initiation: the stateless first half of consume_initiation, which
+  needs only our private key and the precomputed static-static DH per peer); responses and cookie replies
+  are forwarded as they are (they need per-peer state). Returns (cookie replies to send, identified
+  initiations, forwarded messages). The main process runs the per-peer second half
+  (noise.handshake.accept_identified) on the peer's Handshake.
 * the codec of the messages between the two processes (marshal of plain tuples: both ends are us).
 
 No `ipaddress` objects: sources are address bytes (4 or 16) and a port.
@@ -27,17 +26,10 @@ import hmac
 import marshal
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from turbowg.noise.cookie import CookieChecker
-from turbowg.noise.handshake import (
-    HANDSHAKE_INITIATION_RATE,
-    INITIAL_CHAINING_KEY,
-    Handshake,
-    HandshakeState,
-    LocalIdentity,
-)
-from turbowg.noise.primitives import MAC_SIZE, aead_open, dh, hash_, kdf, zero
+from turbowg.noise.handshake import Identified, LocalIdentity, identify_initiation
+from turbowg.noise.primitives import MAC_SIZE, dh
 from turbowg.ratelimiter import RateLimiter
 from turbowg.wire import (
     COOKIE_REPLY_SIZE,
@@ -67,73 +59,6 @@ MSG_SOCKET = 4  # main -> worker, with one fd: (MSG_SOCKET, read): the UDP socke
 #                 and, if `read`, to read handshake messages from (the steered handshake socket)
 
 Entry = tuple[int, bytes, int, bytes]  # kind, source address bytes, source port, message
-
-
-@dataclass(slots=True)
-class Identified:
-    """An initiation that decrypted under our static key to a configured peer (not yet replay-checked)."""
-
-    remote_static: bytes
-    sender: int
-    ephemeral: bytes
-    timestamp: bytes
-    hash: bytes
-    chaining_key: bytes
-
-    def as_tuple(self) -> tuple:
-        return (self.remote_static, self.sender, self.ephemeral, self.timestamp, self.hash, self.chaining_key)
-
-
-def identify_initiation(identity: LocalIdentity, msg: bytes,
-                        static_static: dict[bytes, bytes]) -> Identified | None:
-    """The stateless part of consume_initiation: which configured peer sent `msg`, and the handshake
-    hash/chaining key after its timestamp. `static_static` maps a peer's public key to DH(our private
-    key, its public key) (peers whose DH is all zero are left out). None if it does not decrypt."""
-    if len(msg) != INITIATION_SIZE or msg[0] != MESSAGE_INITIATION:
-        return None
-    ephemeral_public = bytes(msg[8:40])
-    h = hash_(identity.initial_hash, ephemeral_public)
-    (ck,) = kdf(INITIAL_CHAINING_KEY, ephemeral_public, 1)
-    es = dh(identity.private_key, ephemeral_public)
-    if es is None:
-        return None
-    ck, key = kdf(ck, es, 2)
-    encrypted_static = bytes(msg[40:88])
-    remote_static = aead_open(key, 0, encrypted_static, h)
-    if remote_static is None:
-        return None
-    h = hash_(h, encrypted_static)
-    ss = static_static.get(remote_static)
-    if ss is None:
-        return None
-    ck, key = kdf(ck, ss, 2)
-    encrypted_timestamp = bytes(msg[88:116])
-    timestamp = aead_open(key, 0, encrypted_timestamp, h)
-    if timestamp is None:
-        return None
-    h = hash_(h, encrypted_timestamp)
-    return Identified(remote_static, int.from_bytes(msg[4:8], "little"), ephemeral_public, timestamp, h, ck)
-
-
-def accept_identified(hs: Handshake, ident: Identified, now: float) -> bool:
-    """The per-peer rest of consume_initiation on the peer's Handshake: refuse a replayed timestamp or an
-    initiation within HANDSHAKE_INITIATION_RATE of the last one; else write the state (INITIATION_CONSUMED)."""
-    if hs.remote_static != ident.remote_static or hs.precomputed_static_static is None:
-        return False
-    replay = ident.timestamp <= hs.last_timestamp
-    flood = hs.last_initiation_consumption is not None and now - hs.last_initiation_consumption < HANDSHAKE_INITIATION_RATE
-    if replay or flood:
-        return False
-    hs.hash[:] = ident.hash
-    hs.chaining_key[:] = ident.chaining_key
-    hs.remote_ephemeral[:] = ident.ephemeral
-    zero(hs.local_ephemeral)
-    hs.remote_index = ident.sender
-    hs.last_timestamp = ident.timestamp
-    if hs.last_initiation_consumption is None or now > hs.last_initiation_consumption:
-        hs.last_initiation_consumption = now
-    hs.state = HandshakeState.INITIATION_CONSUMED
-    return True
 
 
 class HandshakeWorkerCore:
@@ -231,7 +156,7 @@ class HandshakeWorkerCore:
                     counters["rx_handshake_ratelimited"] += 1
                     continue
             if kind == MESSAGE_INITIATION:
-                ident = identify_initiation(identity, msg, self.static_static)
+                ident = identify_initiation(identity, msg, self.static_static.get)
                 if ident is None:
                     counters["rx_initiation_rejected"] += 1
                     continue

@@ -16,12 +16,12 @@ from collections.abc import Callable, Iterable
 
 from turbowg.conn.endpoint import Endpoint
 from turbowg.device.constants import REJECT_AFTER_TIME
-from turbowg.device.handshake_worker import Identified
 from turbowg.device.output import Out, Transmit, transmits
 from turbowg.device.peer import Peer
 from turbowg.device.route import check_inner_sources
 from turbowg.device.state import DeviceState
 from turbowg.device.timers import needs_rekey_on_receive
+from turbowg.noise.handshake import Identified
 from turbowg.wire import MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION, MESSAGE_TRANSPORT, TRANSPORT_MIN_SIZE
 
 _MESSAGE_TYPE = struct.Struct("<I")

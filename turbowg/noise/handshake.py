@@ -195,15 +195,28 @@ def peek_initiation_sender(msg: bytes) -> int:
     return int.from_bytes(msg[4:8], "little")
 
 
-def consume_initiation(
-    local: LocalIdentity,
-    msg: bytes,
-    lookup: Callable[[bytes], Handshake | None],
-    now: float,
-) -> Handshake | None:
-    """Decrypt an initiation addressed to `local`; `lookup` maps the initiator's static public key to
-    its Handshake. Returns that Handshake in INITIATION_CONSUMED, or None if the message is malformed,
-    from an unknown peer, replayed (TAI64N not newer) or flooding (within 20 ms of the last one)."""
+@dataclass(slots=True)
+class Identified:
+    """An initiation that decrypted under our static key to a configured peer (not yet replay-checked)."""
+
+    remote_static: bytes
+    sender: int
+    ephemeral: bytes
+    timestamp: bytes
+    hash: bytes
+    chaining_key: bytes
+
+    def as_tuple(self) -> tuple:
+        return (self.remote_static, self.sender, self.ephemeral, self.timestamp, self.hash, self.chaining_key)
+
+
+def identify_initiation(
+    local: LocalIdentity, msg: bytes, static_static: Callable[[bytes], bytes | None]
+) -> Identified | None:
+    """The stateless first half of consume_initiation: which peer sent `msg` to `local`, and the handshake
+    hash/chaining key after its timestamp. `static_static` maps the initiator's static public key to
+    DH(our private key, its public key), or None (unknown peer, or that DH is all zero). None if the
+    message is malformed or does not decrypt."""
     if len(msg) != INITIATION_SIZE:
         return None
     kind, sender = _INITIATION_HEAD.unpack_from(msg, 0)
@@ -223,10 +236,7 @@ def consume_initiation(
         return None
     h = hash_(h, encrypted_static)
 
-    hs = lookup(remote_static)
-    if hs is None:
-        return None
-    ss = hs.precomputed_static_static
+    ss = static_static(remote_static)
     if ss is None:
         return None
     ck, key = kdf(ck, ss, 2)
@@ -235,26 +245,56 @@ def consume_initiation(
     if timestamp is None:
         return None
     h = hash_(h, encrypted_timestamp)
+    return Identified(remote_static, sender, ephemeral_public, timestamp, h, ck)
 
+
+def accept_identified(hs: Handshake, ident: Identified, now: float) -> bool:
+    """The per-peer second half of consume_initiation, on the initiator's Handshake: refuse a replayed
+    timestamp (TAI64N not newer) or an initiation within HANDSHAKE_INITIATION_RATE of the last one; else
+    write the state (INITIATION_CONSUMED)."""
+    if hs.remote_static != ident.remote_static or hs.precomputed_static_static is None:
+        return False
     # Byte order of TAI64N is big-endian, so bytes comparison is time comparison.
-    replay = timestamp <= hs.last_timestamp
+    replay = ident.timestamp <= hs.last_timestamp
     flood = (
         hs.last_initiation_consumption is not None
         and now - hs.last_initiation_consumption < HANDSHAKE_INITIATION_RATE
     )
     if replay or flood:
-        return None
+        return False
 
-    _put(hs.hash, h)
-    _put(hs.chaining_key, ck)
-    _put(hs.remote_ephemeral, ephemeral_public)
+    _put(hs.hash, ident.hash)
+    _put(hs.chaining_key, ident.chaining_key)
+    _put(hs.remote_ephemeral, ident.ephemeral)
     zero(hs.local_ephemeral)
-    hs.remote_index = sender
-    hs.last_timestamp = timestamp
+    hs.remote_index = ident.sender
+    hs.last_timestamp = ident.timestamp
     if hs.last_initiation_consumption is None or now > hs.last_initiation_consumption:
         hs.last_initiation_consumption = now
     hs.state = HandshakeState.INITIATION_CONSUMED
-    return hs
+    return True
+
+
+def consume_initiation(
+    local: LocalIdentity,
+    msg: bytes,
+    lookup: Callable[[bytes], Handshake | None],
+    now: float,
+) -> Handshake | None:
+    """Decrypt an initiation addressed to `local`; `lookup` maps the initiator's static public key to
+    its Handshake. Returns that Handshake in INITIATION_CONSUMED, or None if the message is malformed,
+    from an unknown peer, replayed (TAI64N not newer) or flooding (within 20 ms of the last one)."""
+    found: Handshake | None = None
+
+    def static_static(remote_static: bytes) -> bytes | None:
+        nonlocal found
+        found = lookup(remote_static)
+        return None if found is None else found.precomputed_static_static
+
+    ident = identify_initiation(local, msg, static_static)
+    if ident is None or found is None or not accept_identified(found, ident, now):
+        return None
+    return found
 
 
 def create_response(hs: Handshake, local_index: int, ephemeral_private: bytes | None = None) -> bytearray:
