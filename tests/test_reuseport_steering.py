@@ -15,6 +15,7 @@ from collections import Counter
 import pytest
 
 from turbowg.bench.flood import responder_of, uapi_stats
+from turbowg.conn.recvmmsg import HandshakeReader
 from turbowg.conn.steering import (
     DATA_INDEX,
     HANDSHAKE_INDEX,
@@ -28,7 +29,7 @@ from turbowg.conn.steering import (
     steer,
 )
 from turbowg.conn.udp import UDPBind
-from turbowg.daemon.handshake_worker import HandshakeReader, WorkerLoop
+from turbowg.daemon.handshake_worker import WorkerLoop
 from turbowg.device.handshake_worker import (
     MSG_RESULTS,
     decode,
@@ -184,10 +185,10 @@ def test_rebinding_moves_the_pair_and_fwmark_reaches_both():
 
 @pytest.mark.parametrize("recvmmsg", [True, False])
 def test_the_reader_keeps_handshakes_and_their_sources(recvmmsg, monkeypatch):
-    from turbowg.daemon import handshake_worker
+    from turbowg.conn import recvmmsg as reader_module
 
     if not recvmmsg:  # recvmsg per datagram (no recvmmsg in libc)
-        monkeypatch.setattr(handshake_worker, "_libc_recvmmsg", lambda: None)
+        monkeypatch.setattr(reader_module, "libc_recvmmsg", lambda: None)
     udp = UDPBind(0)
     hs = HandshakeSocket(udp._sock, gro=True)
     try:

@@ -28,6 +28,7 @@ import struct
 import sys
 import time
 
+from turbowg.conn.recvmmsg import Iovec, Mmsghdr
 from turbowg.noise.handshake import INITIATION_SIZE, LABEL_MAC1, MESSAGE_INITIATION
 from turbowg.noise.primitives import MAC_SIZE, hash_, mac
 
@@ -53,21 +54,6 @@ def _ipv4_udp(src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) ->
     return ip + udp + payload
 
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
-class _Msghdr(ctypes.Structure):
-    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
-                ("msg_iov", ctypes.POINTER(_Iovec)), ("msg_iovlen", ctypes.c_size_t),
-                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t),
-                ("msg_flags", ctypes.c_int)]
-
-
-class _Mmsghdr(ctypes.Structure):
-    _fields_ = [("msg_hdr", _Msghdr), ("msg_len", ctypes.c_uint)]
-
-
 class _SockaddrIn(ctypes.Structure):
     _fields_ = [("sin_family", ctypes.c_ushort), ("sin_port", ctypes.c_uint16),
                 ("sin_addr", ctypes.c_ubyte * 4), ("sin_zero", ctypes.c_ubyte * 8)]
@@ -87,8 +73,8 @@ class RawSender:
         self.count = len(packets)
         self._buffers = [ctypes.create_string_buffer(p, len(p)) for p in with_tail]
         self._addr = _SockaddrIn(socket.AF_INET, 0, (ctypes.c_ubyte * 4)(*dst))
-        self._iovs = (_Iovec * len(with_tail))()
-        self._msgs = (_Mmsghdr * len(with_tail))()
+        self._iovs = (Iovec * len(with_tail))()
+        self._msgs = (Mmsghdr * len(with_tail))()
         for i, buf in enumerate(self._buffers):
             self._iovs[i].iov_base = ctypes.addressof(buf)
             self._iovs[i].iov_len = len(with_tail[i])
@@ -98,7 +84,7 @@ class RawSender:
             hdr.msg_iov = ctypes.pointer(self._iovs[i])
             hdr.msg_iovlen = 1
         self._base = ctypes.addressof(self._msgs)
-        self._size = ctypes.sizeof(_Mmsghdr)
+        self._size = ctypes.sizeof(Mmsghdr)
         self.position = 0
         self.errors = 0
 

@@ -1,0 +1,238 @@
+"""Many datagrams per system call through ctypes: recvmmsg(2), and the handshake socket's reader built on it.
+
+`Iovec`/`Msghdr`/`Mmsghdr` are struct iovec/msghdr/mmsghdr as recvmmsg(2) and sendmmsg(2) take them (the
+flooder of `bench flood`, bench/flooder.py, sends with them too); `libc_recvmmsg()` is libc's recvmmsg, or
+None where it is missing or the layout is not LP64 (the unpack of HandshakeReader assumes it).
+
+`HandshakeReader` is how the handshake worker (turbowg/daemon/handshake_worker.py) and, while the worker
+is down, the main process read the steered handshake socket (steering.py): drain until EAGAIN (bounded),
+UDP_GRO reads split by segment size, into (kind, source address bytes, port, message) entries.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import socket
+import struct
+import sys
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from turbowg.conn.steering import SK_MEMINFO_DROPS, meminfo
+from turbowg.linux import SOL_UDP, UDP_GRO
+from turbowg.wire import MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION
+
+if TYPE_CHECKING:
+    from turbowg.device.handshake_worker import Entry
+
+# Reads of the handshake socket per worker wake: more than UNDER_LOAD_BACKLOG (512), so that a wake that
+# finds more than 1/8 of a 4096-message queue waiting can see it (and turn "under load" on).
+MAX_WAKE_READS = 1024
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+
+
+def source_bytes(sockaddr: tuple, cache: dict) -> bytes:
+    """The source of a datagram on the dual-stack socket as address bytes (4 for v4-mapped, else 16)."""
+    host = sockaddr[0]
+    addr = cache.get(host)
+    if addr is None:
+        if len(cache) >= 4096:
+            cache.clear()
+        if host.startswith("::ffff:") and "." in host:
+            addr = socket.inet_aton(host[7:])
+        else:
+            addr = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        cache[host] = addr
+    return addr
+
+
+class Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class Msghdr(ctypes.Structure):
+    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
+                ("msg_iov", ctypes.POINTER(Iovec)), ("msg_iovlen", ctypes.c_size_t),
+                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t),
+                ("msg_flags", ctypes.c_int)]
+
+
+class Mmsghdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", Msghdr), ("msg_len", ctypes.c_uint)]
+
+
+_SOCKADDR_IN6 = 28
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+_MSG_TRUNC = 0x20
+_EAGAIN = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
+# A GRO run on the handshake socket is of handshake messages (<= 148 bytes, at most 64 segments).
+SLOT_BYTES = 64 * 148 + 128
+RECVMMSG_SLOTS = 128
+
+
+# The tail of one struct mmsghdr read back in one unpack: msg_controllen, msg_flags, msg_len.
+_TAIL_OFFSET = Msghdr.msg_controllen.offset
+_HEADER_TAIL = struct.Struct(f"=Qi{Mmsghdr.msg_len.offset - Msghdr.msg_flags.offset - 4}xI")
+_MMSGHDR_SIZE = ctypes.sizeof(Mmsghdr)
+
+
+def libc_recvmmsg() -> Any:
+    if Msghdr.msg_flags.offset != _TAIL_OFFSET + 8 or ctypes.sizeof(ctypes.c_size_t) != 8:
+        return None  # not the LP64 layout the unpack assumes: recvmsg per datagram
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.recvmmsg
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.POINTER(Mmsghdr), ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+class HandshakeReader:
+    """The worker's reads of the handshake socket: a wake drains it until EAGAIN (at most MAX_WAKE_READS),
+    RECVMMSG_SLOTS datagrams per recvmmsg(2) call (through ctypes: a system call costs ~2-3 us here, and
+    one per datagram was most of a flood message's cost), UDP_GRO reads split by segment size, into
+    (kind, source bytes, port, message) entries. Falls back to recvmsg_into per datagram without recvmmsg."""
+
+    def __init__(self, sock: socket.socket, slots: int = RECVMMSG_SLOTS) -> None:
+        self.sock = sock
+        self.buf = bytearray(65536)
+        self.view = memoryview(self.buf)
+        self.addresses: dict[str, bytes] = {}
+        self.sources: dict[bytes, bytes] = {}  # sockaddr address part -> source bytes
+        self.drops_base = 0
+        self._recvmmsg = libc_recvmmsg()
+        if self._recvmmsg is not None:
+            self.slots = slots
+            self.data = bytearray(slots * SLOT_BYTES)
+            self.names = bytearray(slots * _SOCKADDR_IN6)
+            self.controls = bytearray(slots * _GRO_CMSG_SPACE)
+            data_base = ctypes.addressof(ctypes.c_char.from_buffer(self.data))
+            name_base = ctypes.addressof(ctypes.c_char.from_buffer(self.names))
+            control_base = ctypes.addressof(ctypes.c_char.from_buffer(self.controls))
+            self.iovecs = (Iovec * slots)()
+            self.headers = bytearray(ctypes.sizeof(Mmsghdr) * slots)
+            self.msgs = (Mmsghdr * slots).from_buffer(self.headers)
+            for i in range(slots):
+                self.iovecs[i].iov_base = data_base + i * SLOT_BYTES
+                self.iovecs[i].iov_len = SLOT_BYTES
+                hdr = self.msgs[i].msg_hdr
+                hdr.msg_name = name_base + i * _SOCKADDR_IN6
+                hdr.msg_namelen = _SOCKADDR_IN6
+                hdr.msg_iov = ctypes.pointer(self.iovecs[i])
+                hdr.msg_iovlen = 1
+                hdr.msg_control = control_base + i * _GRO_CMSG_SPACE
+                hdr.msg_controllen = _GRO_CMSG_SPACE
+            self.template = bytes(self.headers)  # what the kernel overwrites, restored before each call
+            self.data_view = memoryview(self.data)
+
+    def drain(self, counters: Counter, limit: int = 0) -> list[Entry]:
+        if self._recvmmsg is None:
+            return self._drain_each(counters, limit)
+        entries: list[Entry] = []
+        limit = limit or MAX_WAKE_READS
+        fd = self.sock.fileno()
+        msgs = self.msgs
+        headers = self.headers
+        template = self.template
+        data = self.data_view
+        names = self.names
+        controls = self.controls
+        sources = self.sources
+        unpack = _HEADER_TAIL.unpack_from
+        size_of = _MMSGHDR_SIZE
+        reads = 0
+        while reads < limit:
+            headers[:] = template
+            n = self._recvmmsg(fd, msgs, min(self.slots, limit - reads), socket.MSG_DONTWAIT, None)
+            if n <= 0:
+                if n < 0 and ctypes.get_errno() not in _EAGAIN:
+                    counters["rx_handshake_socket_errors"] += 1
+                break
+            reads += n
+            for i in range(n):
+                controllen, flags, size = unpack(headers, i * size_of + _TAIL_OFFSET)
+                name_at = i * _SOCKADDR_IN6
+                raw = bytes(names[name_at + 8:name_at + 24])
+                source = sources.get(raw)
+                if source is None:
+                    if len(sources) >= 4096:
+                        sources.clear()
+                    source = sources[raw] = raw[12:] if raw[:12] == _V4_MAPPED else raw
+                port = (names[name_at + 2] << 8) | names[name_at + 3]
+                at = i * SLOT_BYTES
+                stride = size
+                if controllen:
+                    c = i * _GRO_CMSG_SPACE
+                    if int.from_bytes(controls[c + 8:c + 12], sys.byteorder) == SOL_UDP and \
+                            int.from_bytes(controls[c + 12:c + 16], sys.byteorder) == UDP_GRO:
+                        seg = int.from_bytes(controls[c + 16:c + 18], sys.byteorder)
+                        if 0 < seg < size:
+                            stride = seg
+                if flags & _MSG_TRUNC:
+                    counters["rx_handshake_socket_truncated"] += 1
+                pos = at
+                end = at + size
+                while pos < end:
+                    stop = pos + stride if pos + stride < end else end
+                    message = bytes(data[pos:stop])
+                    pos = stop
+                    kind = message[0] if message[1:4] == b"\0\0\0" else 0
+                    if not MESSAGE_INITIATION <= kind <= MESSAGE_COOKIE_REPLY:
+                        counters["rx_handshake_socket_other"] += 1
+                        continue
+                    entries.append((kind, source, port, message))
+            if n < self.slots:
+                break  # the queue is empty (or nearly: the next wake takes the rest)
+        counters["rx_handshake_socket_reads"] += reads
+        return entries
+
+    def _drain_each(self, counters: Counter, limit: int = 0) -> list[Entry]:
+        entries: list[Entry] = []
+        recv = self.sock.recvmsg_into
+        buf = self.buf
+        view = [self.view]
+        addresses = self.addresses
+        limit = limit or MAX_WAKE_READS
+        reads = 0
+        while reads < limit:
+            try:
+                n, ancdata, _flags, addr = recv(view, _GRO_CMSG_SPACE, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                counters["rx_handshake_socket_errors"] += 1
+                reads += 1
+                continue
+            reads += 1
+            source = addresses.get(addr[0])
+            if source is None:
+                source = source_bytes(addr, addresses)
+            port = addr[1]
+            stride = n
+            for level, kind, data in ancdata:
+                if level == SOL_UDP and kind == UDP_GRO and len(data) >= 2:
+                    seg = int.from_bytes(data[:4] if len(data) >= 4 else data[:2], sys.byteorder)
+                    if 0 < seg < n:
+                        stride = seg
+            pos = 0
+            while pos < n:
+                end = min(pos + stride, n)
+                message = bytes(buf[pos:end])
+                pos = end
+                kind = message[0] if len(message) >= 4 and not any(message[1:4]) else 0
+                if not MESSAGE_INITIATION <= kind <= MESSAGE_COOKIE_REPLY:
+                    counters["rx_handshake_socket_other"] += 1  # a GRO run that mixed in another message
+                    continue
+                entries.append((kind, source, port, message))
+        counters["rx_handshake_socket_reads"] += reads
+        return entries
+
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped at this socket (its receive queue was full), plus earlier sockets'."""
+        try:
+            return self.drops_base + meminfo(self.sock)[SK_MEMINFO_DROPS]
+        except OSError:
+            return self.drops_base
