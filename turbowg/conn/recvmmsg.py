@@ -5,8 +5,9 @@ flooder of `bench flood`, bench/flooder.py, sends with them too); `libc_recvmmsg
 None where it is missing or the layout is not LP64 (the unpack of HandshakeReader assumes it).
 
 `HandshakeReader` is how the handshake worker (turbowg/daemon/handshake_worker.py) and, while the worker
-is down, the main process read the steered handshake socket (steering.py): drain until EAGAIN (bounded),
-UDP_GRO reads split by segment size, into (kind, source address bytes, port, message) entries.
+is down, the main process (turbowg/daemon/handshake_offload.py) read the steered handshake socket
+(steering.py): drain until EAGAIN (bounded), UDP_GRO reads split by segment size, into (kind, source
+address bytes, port, message) entries.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ process binding the port with SO_REUSEPORT after our check joins the group. It g
 sockets live (the program returns 0 or 1, never its index); the GRO lookup (by hash, without the skb) may
 pick it and only decides whether to coalesce. If the handshake socket closed, the kernel would move the
 last member into its slot, so the handshake socket is never closed while the data socket lives: when the
-worker is gone, the main process reads the handshake socket itself (turbowg/daemon/handshake_worker.py).
+worker is gone, the main process reads the handshake socket itself (turbowg/daemon/handshake_offload.py).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import uvloop
 
 from turbowg.conn.udp import RECV_BUFFER, UDPBind
 from turbowg.daemon.derp_link import DerpLink
-from turbowg.daemon.handshake_worker import HandshakeOffload, enabled_from_env
+from turbowg.daemon.handshake_offload import HandshakeOffload, enabled_from_env
 from turbowg.daemon.trace import LatencyTrace, enable_kernel_timestamps
 from turbowg.daemon.trace import enabled_from_env as trace_enabled
 from turbowg.device import Device

@@ -1,6 +1,6 @@
 """Handshake work off the data path, sans-IO: what the handshake worker process does with each message.
 
-The daemon (turbowg/daemon/handshake_worker.py) takes handshake messages (initiation, response, cookie reply)
+The daemon (turbowg/daemon/handshake_offload.py) takes handshake messages (initiation, response, cookie reply)
 off the receive path at classification time and hands them in batches to a worker process. This module
 is everything that worker decides, without sockets or a clock of its own:
 
