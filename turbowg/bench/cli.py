@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,3 +18,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_relay_bench(bench_sub)
     add_datapath_bench(bench_sub)
     add_flood_bench(bench_sub)
+
+
+def add_bench(bench_subparsers: argparse._SubParsersAction, name: str, help: str, doc: str,
+              add_arguments: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    """`turbowg bench NAME`: its subparser, described by the first paragraph of the module's `doc`."""
+    parser = bench_subparsers.add_parser(name, help=help, description=doc.split("\n\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+def standalone_main(prog: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                    argv: list[str] | None = None) -> int:
+    """`python -m turbowg.bench.X`: the same arguments as `turbowg bench X`, without the turbowg CLI."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130

@@ -43,6 +43,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from turbowg.bench.cli import add_bench, standalone_main
+from turbowg.bench.report import NO_MATPLOTLIB, pyplot, save_figure
 from turbowg.bench.stats import median_ci_with_coverage
 from turbowg.testing.cpu import process_tree_cpu_seconds
 from turbowg.testing.netns import HarnessError, check_prerequisites, delete_namespace, run
@@ -409,13 +411,9 @@ def format_table(rows: Sequence[Row]) -> str:
 
 
 def write_chart(rows: Sequence[Row], impls: Sequence[str], rates: Sequence[str], filename: str) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no chart (pip install matplotlib)"
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     fig, (ax, rtt_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(1, len(impls))
     for index, impl in enumerate(impls):
@@ -440,10 +438,7 @@ def write_chart(rows: Sequence[Row], impls: Sequence[str], rates: Sequence[str],
     ax.set_title("TCP goodput under flood / without")
     rtt_ax.set_ylabel("ping RTT p99 through the tunnel, ms")
     rtt_ax.set_title("latency under flood (and TCP load)")
-    fig.suptitle("turbowg bench flood")
-    fig.tight_layout()
-    fig.savefig(filename, dpi=120)
-    plt.close(fig)
+    save_figure(fig, "turbowg bench flood", filename)
     return None
 
 
@@ -558,21 +553,11 @@ def command(args: argparse.Namespace) -> int:
 
 
 def add_flood_bench(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = bench_subparsers.add_parser(
-        "flood", help="tunnel goodput while the responder is flooded with handshake initiations",
-        description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return parser
+    return add_bench(bench_subparsers, "flood", "tunnel goodput while the responder is flooded with handshake initiations", __doc__, add_arguments)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m turbowg.bench.flood")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        return 130
+    return standalone_main("python -m turbowg.bench.flood", add_arguments, argv)
 
 
 if __name__ == "__main__":

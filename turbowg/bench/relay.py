@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from turbowg.bench.report import NO_MATPLOTLIB, pyplot, save_figure
 from turbowg.bench.stats import summarize
 
 PACKET_SIZE = 1400
@@ -447,13 +448,9 @@ def _table(configs: list[BenchConfig], runs: list[dict[str, Any]]) -> str:
 
 
 def _chart(configs: list[BenchConfig], runs: list[dict[str, Any]], path: str) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no chart (pip install matplotlib)"
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     panels = [("mbit_s", "received Mbit/s"), ("ping_p99_ms", "ping p99 under load (ms)"),
               ("cpu_s_per_gb", "relay CPU seconds per GB")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
@@ -470,10 +467,7 @@ def _chart(configs: list[BenchConfig], runs: list[dict[str, Any]], path: str) ->
                color=["#4c72b0" if "1w" in n else "#dd8452" for n in names])
         ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(title)
-    fig.suptitle("turbowg DERP relay (median, 95% CI)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, "turbowg DERP relay (median, 95% CI)", path, dpi=110)
     return f"chart written to {path}"
 
 

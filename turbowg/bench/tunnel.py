@@ -46,6 +46,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from turbowg.bench.cli import add_bench, standalone_main
+from turbowg.bench.report import NO_MATPLOTLIB, pyplot, save_figure
 from turbowg.bench.stats import median_ci, median_ci_with_coverage
 from turbowg.testing.cpu import alive as _alive
 from turbowg.testing.cpu import process_tree_cpu_seconds
@@ -663,13 +665,9 @@ def format_rtt_table(rows: Sequence[RttRow]) -> str:
 
 def write_rtt_chart(rows: Sequence[RttRow], paths: Sequence[str], tests: Sequence[str], filename: str) -> str | None:
     """p50 / p99 / p99.9 bars per test and path with CI error bars (log scale)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no chart (pip install matplotlib)"
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     tests = [t for t in tests if t in RTT_TESTS]
     fig, axes = plt.subplots(1, len(tests), figsize=(5 * len(tests), 4.5), squeeze=False)
     for t_index, test in enumerate(tests):
@@ -689,10 +687,7 @@ def write_rtt_chart(rows: Sequence[RttRow], paths: Sequence[str], tests: Sequenc
         ax.set_ylabel("RTT ms (median over runs, 95% CI; log scale)")
         ax.set_title(test)
         ax.legend(fontsize="small")
-    fig.suptitle("turbowg bench tunnel: round-trip time")
-    fig.tight_layout()
-    fig.savefig(filename, dpi=120)
-    plt.close(fig)
+    save_figure(fig, "turbowg bench tunnel: round-trip time", filename)
     return None
 
 
@@ -731,13 +726,9 @@ def format_table(rows: Sequence[Row], baseline_label: str = BASELINE) -> str:
 def write_chart(rows: Sequence[Row], paths: Sequence[str], tests: Sequence[str], filename: str,
                 baseline_label: str = BASELINE) -> str | None:
     """Grouped bar chart with CI error bars; returns a note instead when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no chart (pip install matplotlib)"
+    plt = pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     labels = {r.path: r.label or r.path for r in rows}
     # The bare veth is often 10-50x faster than any tunnel: a log axis keeps the tunnels readable, and a
     # second panel shows the ratio to the baseline peer, which is what the comparison is about.
@@ -779,10 +770,7 @@ def write_chart(rows: Sequence[Row], paths: Sequence[str], tests: Sequence[str],
         ratio_ax.set_ylabel(f"median throughput / {baseline_label}")
         ratio_ax.set_title(f"ratio to {baseline_label}")
         ratio_ax.legend(fontsize="small")
-    fig.suptitle("turbowg bench tunnel")
-    fig.tight_layout()
-    fig.savefig(filename, dpi=120)
-    plt.close(fig)
+    save_figure(fig, "turbowg bench tunnel", filename)
     return None
 
 
@@ -976,21 +964,11 @@ def command(args: argparse.Namespace) -> int:
 
 
 def add_tunnel_bench(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = bench_subparsers.add_parser(
-        "tunnel", help="iperf3/UDP throughput through turbowg vs wireguard-go vs the bare veth",
-        description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return parser
+    return add_bench(bench_subparsers, "tunnel", "iperf3/UDP throughput through turbowg vs wireguard-go vs the bare veth", __doc__, add_arguments)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m turbowg.bench.tunnel")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        return 130
+    return standalone_main("python -m turbowg.bench.tunnel", add_arguments, argv)
 
 
 if __name__ == "__main__":
