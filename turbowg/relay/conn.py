@@ -294,20 +294,26 @@ class ClientConn(asyncio.Protocol):
         if not q:
             self.queued_at = time.monotonic()
         q.append((src, packet))
+        self._packet_queued(src)
+
+    def _packet_queued(self, src: bytes) -> None:
+        """After a packet from `src` was queued for this client (here or, FastConn, in the C plane): tell the
+        owner the first time `src` reaches us, and have this connection flushed."""
         if src not in self.seen_srcs:
             self.server.note_delivery(src, self)
+        self._mark_dirty(False)
+
+    def _mark_dirty(self, schedule: bool) -> None:
         if not self.dirty:
             self.dirty = True
-            self.server.mark_dirty(self, False)
+            self.server.mark_dirty(self, schedule)
 
     def push_control(self, frame: bytes) -> None:
         """Queue a control frame (pong, keepalive, peer gone/present) for the next flush."""
         if self.closed:
             return
         self.control.append(frame)
-        if not self.dirty:
-            self.dirty = True
-            self.server.mark_dirty(self, True)
+        self._mark_dirty(True)
 
     def flush(self) -> None:
         """Write everything queued in one transport.write (unless the transport is over high water)."""

@@ -323,11 +323,7 @@ class FastConn(ClientConn):
                 super().enqueue_packet(src, packet)
             return
         self.plane.c.deliver(fid, src, packet)
-        if src not in self.seen_srcs:
-            self.server.note_delivery(src, self)
-        if not self.dirty:
-            self.dirty = True
-            self.server.mark_dirty(self, False)
+        self._packet_queued(src)
 
     def push_control(self, frame: bytes) -> None:
         fid = self.fid
@@ -338,9 +334,7 @@ class FastConn(ClientConn):
         if self.closed:
             return
         self.plane.c.write(fid, frame)
-        if not self.dirty:
-            self.dirty = True
-            self.server.mark_dirty(self, True)
+        self._mark_dirty(True)
 
     def flush(self) -> None:
         if not self.handed_over:
