@@ -23,6 +23,9 @@ the TCP load as well as the flood). Measured:
   bad mac1...), read over UAPI (`stats=1`); `-` for wireguard-go, which exposes none.
 
 Median and 95% CI over the repetitions (turbowg/bench/stats.py), a table, JSON and a PNG.
+
+Why one file (~560 lines): one benchmark; the flooder's namespace, the measured run, the row it reduces to
+and its table/chart share the snapshot and row records (the flooder process itself is bench/flooder.py).
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ used at least CPU_BOUND of a core.
 
 Every path is labelled with its implementation's version (`wireguard-go --version`), and `--peer-bin
 PATH` adds any other wireguard-go build (or compatible binary) as a path of its own.
+
+Why one file (~980 lines): one benchmark; its runs, per-test parsers, the rows they reduce to and the
+table/chart of those rows share the test list and the row records, and change together when a test is
+added (charts are drawn through bench/report.py, statistics in bench/stats.py).
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ reader never blocks a sender or any other client.
 It knows the relay only through `ConnOwner`, the small interface declared here and implemented by
 `DerpServer` (server.py): routing, registration and counters stay on the server's side, queueing and
 writing on this side, and neither reaches into the other's private state.
+
+Why one file (~450 lines): one class, ClientConn (and the ConnOwner interface it is written against); its
+queue, control frames, timers and writes share one transport's backpressure state.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ One `DerpServer` runs per event loop (per worker process). Each accepted connect
 relay of the region (mesh.py) or another shard of this relay (shards/) -- are reached through
 `PacketForwarder`s registered per key. Counters live in a `ServerMetrics`; the Prometheus view
 (metrics.py) reads them and `gauges()` and knows nothing else about the server.
+
+Why one file (~450 lines): one class, DerpServer: the client table, forwarding and the watcher/mesh
+registry share one state and change together.
 """
 
 from __future__ import annotations
