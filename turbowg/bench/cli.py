@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
 from collections.abc import Callable
+
+Command = Callable[[argparse.Namespace], int]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,6 +30,21 @@ def add_bench(bench_subparsers: argparse._SubParsersAction, name: str, help: str
     parser = bench_subparsers.add_parser(name, help=help, description=doc.split("\n\n")[0])
     add_arguments(parser)
     return parser
+
+
+def bench_command(name: str, errors: tuple[type[BaseException], ...]) -> Callable[[Command], Command]:
+    """Decorator of a bench's command: one of `errors` (bad arguments, a missing prerequisite) is printed
+    as `turbowg bench NAME: <error>` and the command returns 2."""
+    def wrap(command: Command) -> Command:
+        @functools.wraps(command)
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return command(args)
+            except errors as exc:
+                print(f"turbowg bench {name}: {exc}", file=sys.stderr)
+                return 2
+        return run
+    return wrap
 
 
 def standalone_main(prog: str, add_arguments: Callable[[argparse.ArgumentParser], None],

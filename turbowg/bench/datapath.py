@@ -19,6 +19,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
+from turbowg.bench.report import table
 from turbowg.bench.stats import median_ci_with_coverage
 from turbowg.device.replay import ReplayWindow as PyReplayWindow
 from turbowg.noise import transport
@@ -158,11 +159,7 @@ def run(args: argparse.Namespace) -> int:
             summary.setdefault(case.name, {})[impl] = {
                 "median_us": med, "ci_lo_us": lo, "ci_hi_us": hi, "coverage": coverage,
                 "packets_per_batch": case.packets, "runs_us": values}
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for k, row in enumerate(rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    print("\n".join(table(rows)))
     if not transport.HAVE_C or not fast.HAVE_C:
         print("note: a C accelerator is not built here: only the Python fallback was measured (turbowg doctor)")
     if args.runs < 6:

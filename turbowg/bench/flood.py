@@ -46,8 +46,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from turbowg.bench.cli import add_bench, standalone_main
-from turbowg.bench.report import NO_MATPLOTLIB, pyplot, save_figure
+from turbowg.bench.cli import add_bench, bench_command, standalone_main
+from turbowg.bench.report import NO_MATPLOTLIB, pyplot, save_figure, table
 from turbowg.bench.stats import median_ci_with_coverage
 from turbowg.testing.cpu import process_tree_cpu_seconds
 from turbowg.testing.netns import HarnessError, check_prerequisites, delete_namespace, run
@@ -397,12 +397,7 @@ def format_table(rows: Sequence[Row]) -> str:
         lines.append((row.impl, row.rate, _f(row.flood_rate, "{:.0f}"), gbps, kept, rtt,
                       _f(row.responder_cpu_percent, "{:.0f}"), _f(row.cookie_replies_per_s, "{:.0f}"),
                       _f(row.kernel_drops_per_s, "{:.0f}"), _f(row.daemon_drops_per_s, "{:.0f}"), runs))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for index, line in enumerate(lines):
-        out.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
-        if index == 0:
-            out.append("  ".join("-" * width for width in widths))
+    out = table(lines)
     short = [r.coverage for r in rows if r.coverage is not None and r.coverage < 0.95]
     if short:
         out.append(f"note: with fewer than 6 runs the interval is [min, max] (covers the median with probability "
@@ -540,23 +535,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=command)
 
 
+@bench_command("flood", (ValueError, HarnessError, OSError))
 def command(args: argparse.Namespace) -> int:
-    try:
-        impls = _split(args.impl, IMPLS)
-        unknown = [i for i in impls if i not in implementations()]
-        if unknown:
-            raise ValueError(f"unknown implementation(s) {', '.join(unknown)}")
-        rates = _check_rates(_split(args.rates, DEFAULT_RATES))
-        if not 0 < args.duration <= 600 or not 1 <= args.runs <= 100:
-            raise ValueError("--duration must be in (0, 600] and --runs in [1, 100]")
-        return run_bench(impls, rates, args.runs, args.duration, args.output_dir)
-    except (ValueError, HarnessError, OSError) as exc:
-        print(f"turbowg bench flood: {exc}", file=sys.stderr)
-        return 2
+    impls = _split(args.impl, IMPLS)
+    unknown = [i for i in impls if i not in implementations()]
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {', '.join(unknown)}")
+    rates = _check_rates(_split(args.rates, DEFAULT_RATES))
+    if not 0 < args.duration <= 600 or not 1 <= args.runs <= 100:
+        raise ValueError("--duration must be in (0, 600] and --runs in [1, 100]")
+    return run_bench(impls, rates, args.runs, args.duration, args.output_dir)
 
 
 def add_flood_bench(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return add_bench(bench_subparsers, "flood", "tunnel goodput while the responder is flooded with handshake initiations", __doc__, add_arguments)
+    return add_bench(bench_subparsers, "flood",
+                     "tunnel goodput while the responder is flooded with handshake initiations",
+                     __doc__, add_arguments)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from turbowg.bench.report import NO_MATPLOTLIB, pyplot, save_figure
+from turbowg.bench.report import NO_MATPLOTLIB, pyplot, save_figure, table
 from turbowg.bench.stats import summarize
 
 PACKET_SIZE = 1400
@@ -441,10 +441,7 @@ def _table(configs: list[BenchConfig], runs: list[dict[str, Any]]) -> str:
             values = [r[key] for r in mine if r[key] == r[key]]  # drop NaN
             row.append(summarize(values).format(fmt) if values else "-")
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(table(rows))
 
 
 def _chart(configs: list[BenchConfig], runs: list[dict[str, Any]], path: str) -> str:

@@ -50,8 +50,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from turbowg.bench.cli import add_bench, standalone_main
-from turbowg.bench.report import NO_MATPLOTLIB, pyplot, save_figure
+from turbowg.bench.cli import add_bench, bench_command, standalone_main
+from turbowg.bench.report import NO_MATPLOTLIB, pyplot, save_figure, table
 from turbowg.bench.stats import median_ci, median_ci_with_coverage
 from turbowg.testing.cpu import alive as _alive
 from turbowg.testing.cpu import process_tree_cpu_seconds
@@ -651,12 +651,7 @@ def format_rtt_table(rows: Sequence[RttRow]) -> str:
         runs = f"{row.n_ok}" + (f" ({row.n_failed} failed)" if row.n_failed else "")
         lines.append((row.test, row.label or row.path, *cells, _fmt(row.load_gbps, "{:.2f}"),
                       _fmt(row.loss_percent, "{:.1f}"), queue, cpu or "-", runs))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for index, line in enumerate(lines):
-        out.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
-        if index == 0:
-            out.append("  ".join("-" * width for width in widths))
+    out = table(lines)
     out.append(f"RTT: ping -s 56 every {RTT_INTERVAL * 1000:g} ms a -> b; per run p50/p99/p99.9, then the median over "
                f"runs [CI]; rtt-tcp: under one unpaced iperf3 TCP stream, rtt-paced400: one paced at {PACED_MBIT} "
                "Mbit/s; Recv-Q: the daemons' UDP socket under load (median of samples, max)")
@@ -709,12 +704,7 @@ def format_table(rows: Sequence[Row], baseline_label: str = BASELINE) -> str:
         lines.append((row.test, row.label or row.path, ci, _fmt(row.ratio_to_baseline, "{:.2f}"),
                       _fmt(row.cpu_seconds_per_gb, "{:.2f}"), _fmt(row.loss_percent, "{:.2f}"),
                       row.cpu_bound or "-", runs))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = []
-    for index, line in enumerate(lines):
-        out.append("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
-        if index == 0:
-            out.append("  ".join("-" * width for width in widths))
+    out = table(lines)
     if any(r.test == "udp-gso-paced" for r in rows):
         out.append(f"udp-gso-paced: the highest paced rate delivered with < {LOSS_LIMIT:g}% loss (udp-gso: unpaced)")
     if any(r.cpu_share for r in rows):
@@ -949,26 +939,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=command)
 
 
+@bench_command("tunnel", (ValueError, HarnessError, OSError))
 def command(args: argparse.Namespace) -> int:
-    try:
-        # With --peer-bin and no --impl, measure turbowg, the given builds and the underlay.
-        default = [p for p in PATHS if p in ("turbowg", UNDERLAY)] if args.peer_bin else None
-        derp = getattr(args, "path", "direct") == "derp"
-        if derp:
-            default = list(DERP_DEFAULT_PATHS)
-        elif default is None:
-            default = list(PATHS)
-        paths = _split_choices(args.impl, PATHS + DERP_PATHS, "implementation", default)
-        tests = _split_choices(args.tests, TESTS, "test", DERP_DEFAULT_TESTS if derp else None)
-        return run_bench(paths, tests, args.runs, args.duration, args.output_dir, ipv6=args.ipv6,
-                         peer_bins=args.peer_bin, sweep_step=args.sweep_step)
-    except (ValueError, HarnessError, OSError) as exc:
-        print(f"turbowg bench tunnel: {exc}", file=sys.stderr)
-        return 2
+    # With --peer-bin and no --impl, measure turbowg, the given builds and the underlay.
+    default = [p for p in PATHS if p in ("turbowg", UNDERLAY)] if args.peer_bin else None
+    derp = getattr(args, "path", "direct") == "derp"
+    if derp:
+        default = list(DERP_DEFAULT_PATHS)
+    elif default is None:
+        default = list(PATHS)
+    paths = _split_choices(args.impl, PATHS + DERP_PATHS, "implementation", default)
+    tests = _split_choices(args.tests, TESTS, "test", DERP_DEFAULT_TESTS if derp else None)
+    return run_bench(paths, tests, args.runs, args.duration, args.output_dir, ipv6=args.ipv6,
+                     peer_bins=args.peer_bin, sweep_step=args.sweep_step)
 
 
 def add_tunnel_bench(bench_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    return add_bench(bench_subparsers, "tunnel", "iperf3/UDP throughput through turbowg vs wireguard-go vs the bare veth", __doc__, add_arguments)
+    return add_bench(bench_subparsers, "tunnel",
+                     "iperf3/UDP throughput through turbowg vs wireguard-go vs the bare veth",
+                     __doc__, add_arguments)
 
 
 def main(argv: list[str] | None = None) -> int:
