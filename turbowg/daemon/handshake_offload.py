@@ -16,9 +16,8 @@ handshake socket itself in the event loop (the in-loop path) and restarts the wo
 keeps its shape (see steering.py on why it is never closed while the data socket lives).
 
 `TURBOWG_HANDSHAKE_WORKER=0` keeps the old way (one socket, handshakes served in the event loop);
-`TURBOWG_HANDSHAKE_STEERING=0` keeps the worker but no handshake socket (fed through the data path);
-`TURBOWG_HANDSHAKE_WORKER_NICE=N` (default 10; 0 keeps the daemon's) sets the worker's priority and
-`TURBOWG_HANDSHAKE_WORKER_SCHED=idle|batch|other` (default other) its scheduling policy.
+`TURBOWG_HANDSHAKE_STEERING=0` keeps the worker but no handshake socket (fed through the data path). The
+worker's own settings (priority, scheduling policy) are in handshake_worker.py.
 """
 
 from __future__ import annotations
@@ -42,6 +41,7 @@ from turbowg.device.handshake_worker import (
     MSG_RESULTS,
     QUEUE_SIZE,
     UNDER_LOAD_HOLD,
+    HandshakeRate,
     decode,
     encode_batch,
     encode_config,
@@ -131,9 +131,7 @@ class HandshakeOffload:
         self._fallback_reader = False  # the worker is gone: we read the handshake socket ourselves
         self._fallback_buf = bytearray(65536)
         self._fallback_addresses: dict[str, bytes] = {}
-        self._window_start = 0.0
-        self._window_count = 0
-        self._under_load_until = 0.0
+        self._handshake_rate = HandshakeRate(FALLBACK_UNDER_LOAD_PER_SECOND, UNDER_LOAD_HOLD)
         self._restart_handle: Any = None
         self._ready = False
         self.restart_delay = restart_delay_from_env()
@@ -346,15 +344,11 @@ class HandshakeOffload:
         if not entries:
             return
         now = time.monotonic()
-        if now - self._window_start > 1.0:
-            self._window_start = now
-            self._window_count = 0
-        self._window_count += len(entries)
-        if self._window_count > FALLBACK_UNDER_LOAD_PER_SECOND:
-            self._under_load_until = now + UNDER_LOAD_HOLD
+        self._handshake_rate.add(len(entries), now)
         device = self.device
         datagrams = [(msg, (_host(addr), port)) for _kind, addr, port, msg in entries]
-        _packets, transmits = device.handle_udp_batch(datagrams, now, under_load=now < self._under_load_until)
+        _packets, transmits = device.handle_udp_batch(datagrams, now,
+                                                      under_load=self._handshake_rate.under_load(now))
         if transmits:
             self._send(transmits)
         if self._after_results is not None:

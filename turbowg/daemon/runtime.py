@@ -33,6 +33,7 @@ from turbowg.daemon.handshake_offload import HandshakeOffload, enabled_from_env
 from turbowg.daemon.trace import LatencyTrace, enable_kernel_timestamps
 from turbowg.daemon.trace import enabled_from_env as trace_enabled
 from turbowg.device import Device
+from turbowg.device.handshake_worker import HandshakeRate
 from turbowg.device.receive import RX_MAX_PACKETS
 from turbowg.device.send import TX_MAX_MESSAGES
 from turbowg.tun.device import (
@@ -108,9 +109,7 @@ class Runtime:
         self._rxbuf = bytearray(UDP_RECV_BYTES + RECV_BUFFER)
         self._chunks: list[int] = []
         self._senders: list = []
-        self._handshake_window_start = 0.0
-        self._handshake_count = 0
-        self._under_load_until = 0.0
+        self._handshake_rate = HandshakeRate(UNDER_LOAD_HANDSHAKES_PER_SECOND, UNDER_LOAD_HOLD)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline = math.inf  # the device deadline self._timer is armed for
         self.stop_reason = ""
@@ -407,14 +406,10 @@ class Runtime:
             offset = chunks[i]
             if chunks[i + 1] - offset >= 4 and buf[offset] in (1, 2) and not buf[offset + 1]:
                 handshakes += 1
+        rate = self._handshake_rate
         if handshakes:
-            if now - self._handshake_window_start > 1.0:
-                self._handshake_window_start = now
-                self._handshake_count = 0
-            self._handshake_count += handshakes
-            if self._handshake_count > UNDER_LOAD_HANDSHAKES_PER_SECOND:
-                self._under_load_until = now + UNDER_LOAD_HOLD
-        return now < self._under_load_until
+            rate.add(handshakes, now)
+        return rate.under_load(now)
 
     def _send(self, transmits: list) -> None:
         udp = self.udp

@@ -61,6 +61,32 @@ MSG_SOCKET = 4  # main -> worker, with one fd: (MSG_SOCKET, read): the UDP socke
 Entry = tuple[int, bytes, int, bytes]  # kind, source address bytes, source port, message
 
 
+class HandshakeRate:
+    """Under load by rate, as the daemon's in-loop paths judge it: more than `limit` handshake messages in one
+    window of a second (a window starts with the first message more than a second after the last start)
+    turns it on for `hold` seconds after. Sans-IO: times are given."""
+
+    __slots__ = ("limit", "hold", "window_start", "count", "until")
+
+    def __init__(self, limit: int, hold: float = UNDER_LOAD_HOLD) -> None:
+        self.limit = limit
+        self.hold = hold
+        self.window_start = 0.0
+        self.count = 0
+        self.until = 0.0
+
+    def add(self, messages: int, now: float) -> None:
+        if now - self.window_start > 1.0:
+            self.window_start = now
+            self.count = 0
+        self.count += messages
+        if self.count > self.limit:
+            self.until = now + self.hold
+
+    def under_load(self, now: float) -> bool:
+        return now < self.until
+
+
 class HandshakeWorkerCore:
     """The worker's state: identity, per-peer static-static DH, cookie secret, rate limiters, counters."""
 
