@@ -54,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
                     "background. Configure it with wg(8) or wg-quick(8).",
         epilog="Environment: WG_PROCESS_FOREGROUND=1 (as -f), LOG_LEVEL=verbose|debug|info|error|silent "
                "(default error), TURBOWG_OFFLOADS=0 (no TUN/UDP offloads), TURBOWG_DERP=URL (as --derp), "
-               "TURBOWG_DERP_CA=FILE (as --derp-ca).")
+               "TURBOWG_DERP_CA=FILE (as --derp-ca), TURBOWG_NO_C=1 (pure-Python data path), "
+               "TURBOWG_HANDSHAKE_WORKER=0 (handshakes in the event loop, no worker process), "
+               "TURBOWG_HANDSHAKE_STEERING=0 (no kernel steering of handshakes to the worker's socket), "
+               "TURBOWG_TRACE_LATENCY=1 (per-stage latency table on SIGUSR1 and at exit), "
+               "TURBOWG_BUSY_POLL_US=N (spin N us after a wake; off by default).")
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-v", "--version", action="version", version=f"turbowgd v{__version__}")
     parser.add_argument("--derp", metavar="URL", default=None,
