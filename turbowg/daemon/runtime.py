@@ -380,8 +380,11 @@ class Runtime:
             udp.recv_packed(buf, 0, UDP_RECV_BYTES, chunks, senders, max_calls=MAX_UDP_READS_PER_WAKE)
         if not senders:
             return
-        count, transmits = self.device.handle_udp_packed(buf, chunks, senders, now,
-                                                         under_load=self._under_load(buf, chunks, now))
+        device = self.device
+        # The in-loop handshake path needs the handshake rate; while the worker takes handshakes (the sink is
+        # set), nothing here would read it, so the per-read scan is skipped.
+        under_load = self._under_load(buf, chunks, now) if device.handshake_sink is None else False
+        count, transmits = device.handle_udp_packed(buf, chunks, senders, now, under_load=under_load)
         if self.handshakes is not None:
             self.handshakes.flush()
         self._reschedule_timer()
