@@ -10,6 +10,8 @@
  *     .seal_batch(src, layout, start, count, dst, dst_off, mtu, receiver, counter, sizes, sizes_idx) -> int
  *     .seal_list(packets, dst, dst_off, mtu, receiver, counter, sizes, sizes_idx) -> int
  *     .open_batch(buf, off, end, stride, receiver, replay, out_layout, out_idx) -> OpenResult
+ *     .seal_sendto(fd, src, off, length, mtu, receiver, counter, dst, sockaddr) -> int
+ *     .open_write(buf, off, length, receiver, replay, allowed_src, tun_fd, prefix, layout) -> int
  *   ReplayWindow()  .accept(counter) -> bool, .reset()
  *   OpenResult: named tuple (end, count, auth_fail, replay, expired, keepalive, rx_bytes, authenticated,
  *               max_counter)
@@ -22,6 +24,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
 #include <openssl/evp.h>
 
 /* MESSAGE_TRANSPORT, HEADER_SIZE and TAG_SIZE repeat turbowg/wire.py (tests/test_constants.py checks). */
@@ -456,10 +461,179 @@ done:
     return result;
 }
 
+/* seal_sendto(fd, src, off, length, mtu, receiver, counter, dst, sockaddr) -> int
+ *
+ * The lone-packet send path (turbowg/device/send.py send_lone): seal src[off:off+length] under `counter`
+ * into dst[0:] and sendto(fd) the message to `sockaddr` (a packed struct sockaddr) in the same call, so one
+ * packet costs one Python->C crossing. Returns the message size when sent, or -errno when sendto failed (the
+ * message is sealed in dst either way: the counter is used, as on the batch path).
+ */
+static PyObject *Aead_seal_sendto(AeadObject *self, PyObject *args) {
+    Py_buffer src, dst, addr;
+    int fd;
+    Py_ssize_t off, length, mtu;
+    unsigned int receiver;
+    unsigned long long counter;
+    if (!PyArg_ParseTuple(args, "iy*nnnIKw*y*:seal_sendto", &fd, &src, &off, &length, &mtu, &receiver, &counter,
+                          &dst, &addr))
+        return NULL;
+    PyObject *result = NULL;
+    if (off < 0 || length < 0 || off + length > src.len || mtu <= 0) {
+        PyErr_SetString(PyExc_BufferError, "seal_sendto: packet outside the source buffer");
+        goto done;
+    }
+    Py_ssize_t padded = padded_length(length, mtu);
+    if (OVERHEAD + padded > dst.len) {
+        PyErr_SetString(PyExc_BufferError, "seal_sendto: no room in the destination buffer");
+        goto done;
+    }
+    if (addr.len <= 0 || addr.len > (Py_ssize_t)sizeof(struct sockaddr_storage)) {
+        PyErr_SetString(PyExc_ValueError, "seal_sendto: bad sockaddr");
+        goto done;
+    }
+    if (!seal_one(self->enc, (const uint8_t *)src.buf + off, length, padded, dst.buf, receiver, counter)) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL seal failed");
+        goto done;
+    }
+    /* Not worth releasing the GIL for one non-blocking send (nothing else runs in the daemon's process). */
+    ssize_t sent;
+    do {
+        sent = sendto(fd, dst.buf, (size_t)(OVERHEAD + padded), 0, (const struct sockaddr *)addr.buf,
+                      (socklen_t)addr.len);
+    } while (sent < 0 && errno == EINTR);
+    result = PyLong_FromSsize_t(sent < 0 ? -(Py_ssize_t)errno : (Py_ssize_t)(OVERHEAD + padded));
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&addr);
+    return result;
+}
+
+/* What open_write did (its return value; a failed TUN write is -errno instead). */
+enum { OW_WRITTEN, OW_KEEPALIVE, OW_AUTH_FAIL, OW_REPLAY, OW_EXPIRED, OW_BAD_INNER, OW_MISMATCH, OW_NOT_MINE };
+
+/* open_write(buf, off, length, receiver, replay, allowed_src, tun_fd, prefix, layout) -> int
+ *
+ * The lone-datagram receive path (turbowg/device/receive.py receive_lone): the one transport message at
+ * buf[off:off+length] is opened in place, checked against `replay`, its inner IP header checked and its
+ * source compared with `allowed_src` (what check_inner_sources does), and when all pass, written to the TUN
+ * as one writev(tun_fd, [prefix, packet]) (prefix: the zero virtio header, or empty). layout[0:2] gets
+ * (offset, inner length) of every kept packet (OW_WRITTEN, OW_MISMATCH, a failed write), so the caller can
+ * write it the ordinary way. Returns an OW_ code, or -errno when the TUN write failed.
+ */
+static PyObject *Aead_open_write(AeadObject *self, PyObject *args) {
+    Py_buffer buf, src_b, prefix, layout_b;
+    Py_ssize_t off, length;
+    unsigned int receiver;
+    PyObject *replay_o, *layout_o;
+    int tun_fd;
+    if (!PyArg_ParseTuple(args, "w*nnIO!y*iy*O:open_write", &buf, &off, &length, &receiver, &ReplayType,
+                          &replay_o, &src_b, &tun_fd, &prefix, &layout_o))
+        return NULL;
+    PyObject *result = NULL;
+    int have_layout = 0;
+    long code;
+    if (get_int32_buffer(layout_o, &layout_b, "layout") < 0)
+        goto done;
+    have_layout = 1;
+    if (off < 0 || length < 0 || off + length > buf.len || layout_b.len < 8) {
+        PyErr_SetString(PyExc_BufferError, "open_write: range out of the buffer");
+        goto done;
+    }
+    uint8_t *d = (uint8_t *)buf.buf + off;
+    if (length < OVERHEAD || get_le32(d) != MESSAGE_TRANSPORT || get_le32(d + 4) != receiver) {
+        code = OW_NOT_MINE;
+        goto finish;
+    }
+    uint64_t counter = get_le64(d + 8);
+    if (counter >= REJECT_AFTER_MESSAGES) {
+        code = OW_EXPIRED;
+        goto finish;
+    }
+    Py_ssize_t plen = length - OVERHEAD;
+    uint8_t *body = d + HEADER_SIZE;
+    uint8_t nonce[12] = {0};
+    put_le64(nonce + 4, counter);
+    EVP_CIPHER_CTX *ctx = self->dec;
+    int n1 = 0, n2 = 0;
+    if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) {
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL open failed");
+        goto done;
+    }
+    int ok = (plen == 0 || EVP_DecryptUpdate(ctx, body, &n1, body, (int)plen) == 1)
+        && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, body + plen) == 1
+        && EVP_DecryptFinal_ex(ctx, body + n1, &n2) == 1;
+    if (!ok) {
+        /* As open_batch: no unauthenticated plaintext stays in the buffer. */
+        if (plen && (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1
+                     || EVP_DecryptUpdate(ctx, body, &n1, body, (int)plen) != 1)) {
+            PyErr_SetString(PyExc_RuntimeError, "OpenSSL open failed");
+            goto done;
+        }
+        code = OW_AUTH_FAIL;
+        goto finish;
+    }
+    if (!replay_accept((ReplayObject *)replay_o, counter)) {
+        code = OW_REPLAY;
+        goto finish;
+    }
+    if (plen == 0) {
+        code = OW_KEEPALIVE;
+        goto finish;
+    }
+    /* The inner header, as turbowg/device/route.py check_inner_sources. */
+    unsigned version = body[0] >> 4;
+    Py_ssize_t inner, minimum;
+    const uint8_t *source;
+    Py_ssize_t source_len;
+    if (version == 4 && plen >= 20) {
+        inner = ((Py_ssize_t)body[2] << 8) | body[3];
+        minimum = 20;
+        source = body + 12;
+        source_len = 4;
+    } else if (version == 6 && plen >= 40) {
+        inner = 40 + (((Py_ssize_t)body[4] << 8) | body[5]);
+        minimum = 40;
+        source = body + 8;
+        source_len = 16;
+    } else {
+        code = OW_BAD_INNER;
+        goto finish;
+    }
+    if (inner < minimum || inner > plen) {
+        code = OW_BAD_INNER;
+        goto finish;
+    }
+    int32_t *layout = layout_b.buf;
+    layout[0] = (int32_t)(off + HEADER_SIZE);
+    layout[1] = (int32_t)inner;
+    if (src_b.len != source_len || memcmp(src_b.buf, source, (size_t)source_len) != 0) {
+        code = OW_MISMATCH;
+        goto finish;
+    }
+    struct iovec iov[2] = {{prefix.buf, (size_t)prefix.len}, {body, (size_t)inner}};
+    ssize_t written;
+    do {
+        written = prefix.len ? writev(tun_fd, iov, 2) : writev(tun_fd, iov + 1, 1);
+    } while (written < 0 && errno == EINTR);
+    code = written < 0 ? -(long)errno : OW_WRITTEN;
+finish:
+    result = PyLong_FromLong(code);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&src_b);
+    PyBuffer_Release(&prefix);
+    if (have_layout)
+        PyBuffer_Release(&layout_b);
+    return result;
+}
+
 static PyMethodDef Aead_methods[] = {
     {"seal_batch", (PyCFunction)Aead_seal_batch, METH_VARARGS, "Seal layout-described packets into dst."},
     {"seal_list", (PyCFunction)Aead_seal_list, METH_VARARGS, "Seal a list of packets into dst."},
     {"open_batch", (PyCFunction)Aead_open_batch, METH_VARARGS, "Open transport messages in place."},
+    {"seal_sendto", (PyCFunction)Aead_seal_sendto, METH_VARARGS, "Seal one packet and send it (lone path)."},
+    {"open_write", (PyCFunction)Aead_open_write, METH_VARARGS, "Open one message and write it to the TUN."},
     {NULL, NULL, 0, NULL},
 };
 
