@@ -192,6 +192,38 @@ def test_server_info_json() -> None:
     assert codec.ServerInfo.from_json(b'{"version":2,"TokenBucketBytesPerSecond":0}').version == 2
 
 
+# What derper's Go json.Unmarshal refuses (UnmarshalTypeError: a JSON bool or a float is no int, an int64
+# overflow is no int, a string is no bool), and what it accepts (null leaves the zero value).
+_BAD_SERVER_INFO = (
+    b'{"version":true}', b'{"version":false}', b'{"version":2.0}', b'{"version":"2"}', b'{"version":[2]}',
+    b'{"version":9223372036854775808}', b'{"TokenBucketBytesPerSecond":true}', b'{"tokenbucketbytesburst":"1"}',
+)
+_BAD_CLIENT_INFO = (
+    b'{"version":true}', b'{"version":1e0}', b'{"version":-9223372036854775809}', b'{"CanAckPings":1}',
+    b'{"CanAckPings":"true"}', b'{"IsProber":{}}', b'{"meshKey":true}', b'{"meshKey":["k"]}',
+)
+
+
+@pytest.mark.parametrize("raw", _BAD_SERVER_INFO)
+def test_server_info_refuses_wrongly_typed_fields_like_go(raw: bytes) -> None:
+    with pytest.raises(FrameError, match="ServerInfo"):
+        codec.ServerInfo.from_json(raw)
+
+
+@pytest.mark.parametrize("raw", _BAD_CLIENT_INFO)
+def test_client_info_refuses_wrongly_typed_fields_like_go(raw: bytes) -> None:
+    with pytest.raises(FrameError, match="ClientInfo"):
+        codec.ClientInfo.from_json(raw)
+
+
+def test_info_json_null_and_int64_bounds_accepted_like_go() -> None:
+    assert codec.ServerInfo.from_json(b'{"version":null,"TokenBucketBytesBurst":null}') == codec.ServerInfo(0)
+    assert codec.ServerInfo.from_json(b'{"version":-9223372036854775808}').version == -(1 << 63)
+    info = codec.ClientInfo.from_json(b'{"version":null,"meshKey":null,"CanAckPings":null,"IsProber":null}')
+    assert info == codec.ClientInfo(version=0, mesh_key="", can_ack_pings=False, is_prober=False)
+    assert codec.ClientInfo.from_json(b'{"version":9223372036854775807}').version == (1 << 63) - 1
+
+
 def test_box_seal_open_with_generated_keys() -> None:
     a, b, c = keys.generate_private_key(), keys.generate_private_key(), keys.generate_private_key()
     sealed = keys.seal_to(a, keys.public_key(b), b'{"version":2}')
@@ -202,6 +234,24 @@ def test_box_seal_open_with_generated_keys() -> None:
     tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
     assert keys.open_from(b, keys.public_key(a), tampered) is None
     assert keys.open_from(b, keys.public_key(a), sealed[:30]) is None
+
+
+# The all-zero key and another point of small order: X25519 with them gives the all-zero shared secret.
+_LOW_ORDER = (bytes(32), bytes([1]) + bytes(31), bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"))
+
+
+@pytest.mark.parametrize("peer", _LOW_ORDER)
+def test_seal_to_refuses_low_order_peer_key(peer: bytes) -> None:
+    with pytest.raises(keys.LowOrderKeyError):
+        keys.seal_to(keys.generate_private_key(), peer, b'{"version":2}')
+    assert keys.open_from(keys.generate_private_key(), peer, bytes(64)) is None
+    assert issubclass(keys.LowOrderKeyError, ValueError)
+
+
+def test_seal_to_wrong_length_key_is_not_called_low_order() -> None:
+    with pytest.raises((TypeError, ValueError)) as info:
+        keys.seal_to(keys.generate_private_key(), bytes(31), b"x")
+    assert not isinstance(info.value, keys.LowOrderKeyError)
 
 
 def test_box_matches_known_nacl_vector() -> None:

@@ -136,8 +136,8 @@ class ClientConnection:
         self.server_key = server_key
         try:
             sealed = keys.seal_to(self._private_key, server_key, self._info.to_json())
-        except RuntimeError:  # nacl refuses a low-order key (e.g. all zeros): no shared secret
-            raise FrameError(f"server key {server_key.hex()} is not a usable Curve25519 key") from None
+        except keys.LowOrderKeyError as exc:  # e.g. all zeros: no shared secret, the handshake cannot go on
+            raise FrameError(f"server key is not a usable Curve25519 key: {exc}") from None
         self._out += encode_client_info(self.public_key, sealed)
         self.state = ClientState.AWAIT_SERVER_INFO
 

@@ -514,6 +514,39 @@ def _lower_keys(obj: object) -> dict[str, object]:
     return {str(k).lower(): v for k, v in obj.items()}
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1  # Go's int on the 64-bit hosts derper runs on
+
+
+def _json_int(fields: dict[str, object], name: str, what: str) -> int:
+    # Go's json.Unmarshal into an int field: absent or null leaves 0; a bool, float, string, ... or an
+    # int64 overflow is an UnmarshalTypeError, which derper (and its client) treat as a failed handshake.
+    # bool is checked first: Python's True is an int.
+    value = fields.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not _INT64_MIN <= value <= _INT64_MAX:
+        raise FrameError(f"{what} {name} is not a 64-bit integer")
+    return value
+
+
+def _json_bool(fields: dict[str, object], name: str, what: str) -> bool:
+    value = fields.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise FrameError(f"{what} {name} is not a boolean")
+    return value
+
+
+def _json_str(fields: dict[str, object], name: str, what: str) -> str:
+    value = fields.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise FrameError(f"{what} {name} is not a string")
+    return value
+
+
 @dataclass(slots=True, frozen=True)
 class ClientInfo:
     version: int = PROTOCOL_VERSION
@@ -540,19 +573,11 @@ class ClientInfo:
             fields = _lower_keys(json.loads(raw))
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: '[' * 100000
             raise FrameError(f"bad ClientInfo JSON: {exc}") from None
-        version = fields.get("version", 0)
-        mesh_key = fields.get("meshkey", "")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise FrameError("ClientInfo version is not an integer")
-        if mesh_key is None:
-            mesh_key = ""
-        if not isinstance(mesh_key, str):
-            raise FrameError("ClientInfo meshKey is not a string")
         return cls(
-            version=version,
-            mesh_key=mesh_key,
-            can_ack_pings=bool(fields.get("canackpings", False)),
-            is_prober=bool(fields.get("isprober", False)),
+            version=_json_int(fields, "version", "ClientInfo"),
+            mesh_key=_json_str(fields, "meshkey", "ClientInfo"),
+            can_ack_pings=_json_bool(fields, "canackpings", "ClientInfo"),
+            is_prober=_json_bool(fields, "isprober", "ClientInfo"),
         )
 
 
@@ -569,7 +594,7 @@ class ServerInfo:
             fields = _lower_keys(json.loads(raw))
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: '[' * 100000
             raise FrameError(f"bad ServerInfo JSON: {exc}") from None
-        version = fields.get("version", 0)
-        if not isinstance(version, int):
-            raise FrameError("ServerInfo version is not an integer")
-        return cls(version=version)
+        # derper's serverInfo also has the token-bucket ints; unused here, but typed as Go would check them.
+        _json_int(fields, "tokenbucketbytespersecond", "ServerInfo")
+        _json_int(fields, "tokenbucketbytesburst", "ServerInfo")
+        return cls(version=_json_int(fields, "version", "ServerInfo"))

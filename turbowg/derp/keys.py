@@ -25,6 +25,11 @@ class KeyFormatError(ValueError):
     """A key in text form that cannot be parsed."""
 
 
+class LowOrderKeyError(ValueError):
+    """A peer public key (all zeros, or another point of small order) with which X25519 gives the all-zero
+    shared secret: no box can be made to or from it."""
+
+
 def generate_private_key() -> bytes:
     return bytes(PrivateKey.generate())
 
@@ -85,18 +90,30 @@ def load_or_create_config(path: str | os.PathLike[str]) -> bytes:
     return private
 
 
+def _box(private: bytes, peer_public: bytes) -> Box:
+    # The one place that refuses a low-order peer key, for both directions of the handshake (the client
+    # sealing to the ServerKey, the relay sealing ServerInfo to the client key). Box() runs X25519 at
+    # once, and libsodium fails it (nacl's RuntimeError, a CryptoError) when the shared secret is all zero.
+    ours, theirs = PrivateKey(private), PublicKey(peer_public)  # nacl refuses a wrong length here, not below
+    try:
+        return Box(ours, theirs)
+    except CryptoError:
+        raise LowOrderKeyError(f"public key {bytes(peer_public).hex()} gives no shared secret (low-order point)") from None
+
+
 def seal_to(private: bytes, peer_public: bytes, message: bytes, nonce: bytes | None = None) -> bytes:
-    """NaCl box of `message` from `private` to `peer_public`: 24-byte nonce || ciphertext."""
+    """NaCl box of `message` from `private` to `peer_public`: 24-byte nonce || ciphertext.
+    LowOrderKeyError if `peer_public` is all zeros or another low-order point."""
     if nonce is None:
         nonce = nacl_random(NONCE_LEN)
-    return bytes(Box(PrivateKey(private), PublicKey(peer_public)).encrypt(message, nonce))
+    return bytes(_box(private, peer_public).encrypt(message, nonce))
 
 
 def open_from(private: bytes, peer_public: bytes, sealed: bytes) -> bytes | None:
-    """Opens a seal_to() box; None if it is too short or does not authenticate."""
+    """Opens a seal_to() box; None if it is too short, does not authenticate or the key is low-order."""
     if len(sealed) < NONCE_LEN + 16:
         return None
     try:
-        return Box(PrivateKey(private), PublicKey(peer_public)).decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN])
-    except (CryptoError, ValueError, TypeError):
+        return _box(private, peer_public).decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN])
+    except (CryptoError, ValueError, TypeError):  # LowOrderKeyError is a ValueError
         return None
