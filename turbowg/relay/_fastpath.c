@@ -54,6 +54,18 @@
 #define EV_WRITE_TIMEOUT 258 /* no write progress for write_timeout: queued packets dropped */
 #define EV_DELIVERY 259      /* first packet from a sender to this conn; bytes: sender key */
 #define EV_ACTIVE 260        /* a conn flagged notify_active sent something */
+#define EV_RECORDS 261       /* records from a sibling channel the loop does not handle; bytes: whole records */
+
+/* Records on a channel to a sibling shard (shards/records.py): 4-byte big-endian body length, 1-byte type. */
+#define REC_PACKET 1 /* src key | dst key | packet */
+#define REC_PRESENT 2
+#define REC_GONE 3
+#define REC_XOFF 4   /* key: the receiving shard's queue for key is over bound; stop sending to it */
+#define REC_XON 5    /* key: it drained below bound/2 */
+#define MAX_CHANNELS 64 /* channel bits in a client's xoff_mask */
+#define CHAN_CAP 4   /* a client's queue fed by channels drops head past CHAN_CAP*bound (XOFF in flight) */
+
+enum { K_CLIENT, K_CHAN };
 
 enum { R_QUEUE_HEAD, R_WRITE_ERROR, R_GONE, NREASONS };
 static const char *reason_names[NREASONS] = {"queue_head", "write_error", "gone_disconnected"};
@@ -63,6 +75,11 @@ static const uint8_t DISCO_MAGIC[6] = {'T', 'S', 0xf0, 0x9f, 0x92, 0xac};
 
 typedef struct {
     int fd;            /* -1: free slot */
+    int kind;          /* K_CLIENT: a DERP client; K_CHAN: the channel to a sibling shard (records, not frames) */
+    int chan_bit;      /* K_CHAN: its bit in the clients' xoff_mask, -1 if none */
+    uint64_t xoff_mask; /* K_CLIENT: channels told XOFF for this client's key (XON is owed when it drains) */
+    int blocked_x;     /* the sender waits in blocked_on's xwaiters (an XOFF'd key), not its waiters */
+    int *xwaiters; int nxwaiters, cxwaiters; /* K_CHAN: senders waiting for an XON */
     uint32_t gen;      /* bumped on reuse: ids are gen<<32 | slot */
     uint32_t uid;      /* unique per add(), for the delivery sets */
     uint8_t key[KEY];
@@ -82,7 +99,10 @@ typedef struct {
     uint32_t *seen; uint32_t seen_cap, seen_n;
 } conn_t;
 
-typedef struct { uint8_t key[KEY]; int32_t slot; uint8_t state; } route_t; /* state 0 empty 1 used 2 tomb */
+/* state 0 empty 1 used 2 tomb; uid: fresh whenever the entry points somewhere new (a key announced by a sibling
+ * is a delivery source without a conn: its uid stands in for the conn's in the delivery sets); xoff: the
+ * sibling said XOFF for this key (only for entries that point at a channel) */
+typedef struct { uint8_t key[KEY]; int32_t slot; uint32_t uid; uint8_t state, xoff; } route_t;
 
 typedef struct { uint64_t id; int kind; size_t off, len; } event_t;
 
@@ -109,6 +129,8 @@ typedef struct {
     unsigned long long packets_received, bytes_received, packets_received_disco, packets_sent, bytes_sent;
     unsigned long long dropped[NREASONS][2], dropped_bytes[NREASONS][2];
     unsigned long long sender_pauses, reads, writes, frames_up, polls, write_timeouts;
+    unsigned long long forwarded_out, forwarded_in, xoffs_sent, xoff_pauses;
+    int chan_slot[MAX_CHANNELS]; /* channel bit -> slot, -1 */
     double avg_queue_ms; /* derper's average_queue_duration_ms: EWMA, alpha 0.1 per packet written */
 } Loop;
 
@@ -205,7 +227,11 @@ static int route_rehash(Loop *L, size_t cap) {
 
 static int route_set(Loop *L, const uint8_t *k, int slot) {
     int at = route_find(L, k);
-    if (at >= 0) { L->routes[at].slot = slot; return 0; }
+    if (at >= 0) {
+        route_t *r = &L->routes[at];
+        if (r->slot != slot) { r->slot = slot; r->xoff = 0; r->uid = L->next_uid++; if (!L->next_uid) L->next_uid = 1; }
+        return 0;
+    }
     if ((L->rused + L->rtomb + 1) * 2 > L->rcap) { /* rehashing also clears the tombstones */
         size_t cap = 64;
         while ((L->rused + 1) * 4 > cap) cap *= 2;
@@ -217,6 +243,9 @@ static int route_set(Loop *L, const uint8_t *k, int slot) {
     memcpy(L->routes[i].key, k, KEY);
     L->routes[i].slot = slot;
     L->routes[i].state = 1;
+    L->routes[i].xoff = 0;
+    L->routes[i].uid = L->next_uid++;
+    if (!L->next_uid) L->next_uid = 1;
     L->rused++;
     return 0;
 }
@@ -235,9 +264,9 @@ static inline uint64_t conn_id(const Loop *L, int slot) {
 }
 
 static void emit(Loop *L, int slot, int kind, const void *data, size_t len) {
-    if (kind < 256 && L->nev) { /* frames handed up back to back from one conn: one event, one Python call */
+    if ((kind < 256 || kind == EV_RECORDS) && L->nev) { /* back to back from one conn: one event */
         event_t *last = &L->ev[L->nev - 1];
-        if (last->kind < 256 && last->id == conn_id(L, slot) && last->off + last->len == L->arena_len) {
+        if ((last->kind < 256) == (kind < 256) && (last->kind == EV_RECORDS) == (kind == EV_RECORDS) && last->id == conn_id(L, slot) && last->off + last->len == L->arena_len) {
             if (reserve(&L->arena, &L->arena_cap, L->arena_len + len) < 0) { L->oom = 1; return; }
             memcpy(L->arena + L->arena_len, data, len);
             L->arena_len += len;
@@ -299,10 +328,20 @@ static void mark_dirty(Loop *L, int slot) {
 
 static inline size_t pending(const conn_t *c) { return c->out_len - c->out_off; }
 
-static void count_drop(Loop *L, int reason, const uint8_t *frame) {
-    uint32_t n = be32(frame + 1);
-    const uint8_t *pkt = frame + HDR + KEY;
-    size_t plen = n >= KEY ? n - KEY : 0;
+/* An output buffer holds frames (a client's) or records (a channel's): both have a 5-byte header. */
+static inline size_t unit_len(const conn_t *c, const uint8_t *p) {
+    return HDR + (c->kind == K_CHAN ? be32(p) : be32(p + 1));
+}
+
+static inline int unit_is_packet(const conn_t *c, const uint8_t *p) {
+    return c->kind == K_CHAN ? p[4] == REC_PACKET : p[0] == T_RECV;
+}
+
+static void count_drop(Loop *L, int reason, const conn_t *c, const uint8_t *frame) {
+    int chan = c->kind == K_CHAN;
+    uint32_t n = chan ? be32(frame) : be32(frame + 1), head = chan ? 2 * KEY : KEY;
+    const uint8_t *pkt = frame + HDR + head;
+    size_t plen = n >= head ? n - head : 0;
     int kind = is_disco(pkt, plen) ? 0 : 1;
     L->dropped[reason][kind]++;
     L->dropped_bytes[reason][kind] += plen;
@@ -312,7 +351,7 @@ static void count_drop(Loop *L, int reason, const uint8_t *frame) {
  * partly written already is kept (the stream must stay framed); control frames are always kept. */
 static void drop_head(Loop *L, conn_t *c, int reason, size_t keep) {
     size_t p = c->out_head;
-    if (c->out_off > p) p += HDR + be32(c->out + p + 1); /* partly written: keep it */
+    if (c->out_off > p) p += unit_len(c, c->out + p); /* partly written: keep it */
     size_t w = p, end = c->out_len, left = pending(c);
     while (p < end) {
         if (left <= keep) { /* enough: the rest stays as it is */
@@ -320,9 +359,9 @@ static void drop_head(Loop *L, conn_t *c, int reason, size_t keep) {
             w += end - p;
             break;
         }
-        size_t flen = HDR + be32(c->out + p + 1);
-        if (c->out[p] == T_RECV) {
-            count_drop(L, reason, c->out + p);
+        size_t flen = unit_len(c, c->out + p);
+        if (unit_is_packet(c, c->out + p)) {
+            count_drop(L, reason, c, c->out + p);
             left -= flen;
         } else {
             if (w != p) memmove(c->out + w, c->out + p, flen);
@@ -337,8 +376,9 @@ static void drop_head(Loop *L, conn_t *c, int reason, size_t keep) {
 static void drop_all(Loop *L, conn_t *c, int reason) {
     size_t p = c->out_head;
     while (p + HDR <= c->out_len) {
-        size_t flen = HDR + be32(c->out + p + 1);
-        if (c->out[p] == T_RECV && p + flen <= c->out_len && p + flen > c->out_off) count_drop(L, reason, c->out + p);
+        size_t flen = unit_len(c, c->out + p);
+        if (unit_is_packet(c, c->out + p) && p + flen <= c->out_len && p + flen > c->out_off)
+            count_drop(L, reason, c, c->out + p);
         p += flen;
     }
     c->out_len = c->out_off = c->out_head = 0;
@@ -353,22 +393,58 @@ static uint8_t *out_append(Loop *L, conn_t *c, size_t n) {
     return p;
 }
 
-static void wake_waiters(Loop *L, conn_t *d) {
-    int n = d->nwaiters;
-    d->nwaiters = 0;
+static void release_waiters(Loop *L, int *list, int n) {
     for (int i = 0; i < n; i++) {
-        int s = d->waiters[i];
+        int s = list[i];
         conn_t *w = &L->conns[s];
         if (w->fd < 0) continue;
         w->blocked_on = -1;
+        w->blocked_x = 0;
         update_mask(L, w, s);
         add_reparse(L, s);
     }
 }
 
+static void mark_dirty(Loop *L, int slot);
+static uint8_t *out_append(Loop *L, conn_t *c, size_t n);
+
+static void put_record(uint8_t *o, uint8_t type, uint32_t n) {
+    o[0] = n >> 24; o[1] = n >> 16; o[2] = n >> 8; o[3] = n; o[4] = type;
+}
+
+/* XOFF/XON for `key` to the sibling on channel slot ch (written with the channel's next batch). */
+static void send_flow(Loop *L, int ch, uint8_t type, const uint8_t *key) {
+    conn_t *c = &L->conns[ch];
+    if (c->fd < 0 || c->dead || c->kind != K_CHAN) return;
+    uint8_t *o = out_append(L, c, HDR + KEY);
+    if (!o) return;
+    put_record(o, type, KEY);
+    memcpy(o + HDR, key, KEY);
+    mark_dirty(L, ch);
+}
+
+/* d drained (or went away): the senders it paused go on; siblings told XOFF for its key hear XON. */
+static void wake_waiters(Loop *L, conn_t *d) {
+    int n = d->nwaiters;
+    d->nwaiters = 0;
+    release_waiters(L, d->waiters, n);
+    uint64_t m = d->xoff_mask;
+    d->xoff_mask = 0;
+    for (int b = 0; m && b < MAX_CHANNELS; b++, m >>= 1)
+        if ((m & 1) && L->chan_slot[b] >= 0) send_flow(L, L->chan_slot[b], REC_XON, d->key);
+}
+
+static void wake_xwaiters(Loop *L, conn_t *ch) {
+    int n = ch->nxwaiters;
+    ch->nxwaiters = 0;
+    release_waiters(L, ch->xwaiters, n);
+}
+
 static void remove_waiter(Loop *L, conn_t *d, int slot) {
     for (int i = 0; i < d->nwaiters; i++)
         if (d->waiters[i] == slot) { d->waiters[i] = d->waiters[--d->nwaiters]; return; }
+    for (int i = 0; i < d->nxwaiters; i++)
+        if (d->xwaiters[i] == slot) { d->xwaiters[i] = d->xwaiters[--d->nxwaiters]; return; }
 }
 
 static void add_outwait(Loop *L, int slot) {
@@ -387,6 +463,7 @@ static void conn_fail(Loop *L, int slot, int kind, const char *why) {
     c->mask = 0;
     if (c->blocked_on >= 0) { remove_waiter(L, &L->conns[c->blocked_on], slot); c->blocked_on = -1; }
     wake_waiters(L, c);
+    wake_xwaiters(L, c);
     emit(L, slot, kind, why, strlen(why));
 }
 
@@ -414,9 +491,9 @@ static void write_out(Loop *L, int slot) {
             c->stalled = 0;
             int done = 0;
             while (c->out_head < c->out_off) { /* frames fully written */
-                size_t flen = HDR + be32(c->out + c->out_head + 1);
+                size_t flen = unit_len(c, c->out + c->out_head);
                 if (c->out_head + flen > c->out_off) break;
-                done += c->out[c->out_head] == T_RECV;
+                done += c->kind == K_CLIENT && c->out[c->out_head] == T_RECV; /* queue time: clients only */
                 c->out_head += flen;
             }
             if (done) { /* the batch is charged its oldest packet's age, as the Python path */
@@ -441,11 +518,11 @@ static void write_out(Loop *L, int slot) {
         update_mask(L, c, slot);
     }
     if (want) add_outwait(L, slot);
-    if (c->nwaiters && pending(c) <= L->bound / 2) wake_waiters(L, c);
+    if ((c->nwaiters || c->xoff_mask) && pending(c) <= L->bound / 2) wake_waiters(L, c);
 }
 
 static void flush_dirty(Loop *L) {
-    /* writing can wake senders but never dirties anything: one pass */
+    /* writing can wake senders and queue an XON on a channel (appended to dirty: the same pass writes it) */
     for (int i = 0; i < L->ndirty; i++) {
         int s = L->dirty[i];
         if (L->conns[s].dirty) write_out(L, s);
@@ -486,10 +563,103 @@ static int seen_check_add(Loop *L, conn_t *d, uint32_t uid) {
     return 1;
 }
 
+static void keep_rest(Loop *L, conn_t *s, const uint8_t *buf, size_t len, size_t p) {
+    size_t rest = len - p;
+    if (rest) {
+        if (reserve(&s->in, &s->in_cap, rest) < 0) { L->oom = 1; s->in_len = 0; return; }
+        memmove(s->in, buf + p, rest);
+    } else if (s->in_cap > (64u << 10)) {
+        free(s->in); s->in = NULL; s->in_cap = 0;
+    }
+    s->in_len = rest;
+}
+
+static void block_sender(Loop *L, int slot, int ds, int on_xoff) {
+    conn_t *s = &L->conns[slot], *d = &L->conns[ds];
+    s->blocked_on = ds;
+    s->blocked_x = on_xoff;
+    if (on_xoff ? grow((void **)&d->xwaiters, &d->cxwaiters, d->nxwaiters + 1, sizeof(int))
+                : grow((void **)&d->waiters, &d->cwaiters, d->nwaiters + 1, sizeof(int))) {
+        L->oom = 1;
+    } else if (on_xoff) {
+        d->xwaiters[d->nxwaiters++] = slot;
+    } else {
+        d->waiters[d->nwaiters++] = slot;
+    }
+    L->sender_pauses++;
+    if (on_xoff) L->xoff_pauses++;
+    update_mask(L, s, slot);
+}
+
+/* Records from the sibling on channel `slot`: PACKET records for keys routed to a local client are delivered
+ * here (never forwarded again: a sibling only delivers locally), XOFF/XON switch a key's route, the rest
+ * (PRESENT/GONE, packets for keys the C loop does not hold) goes up to Python as EV_RECORDS. */
+static void process_records(Loop *L, int slot, const uint8_t *buf, size_t len) {
+    conn_t *ch = &L->conns[slot];
+    size_t p = 0;
+    while (len - p >= HDR) {
+        uint32_t n = be32(buf + p);
+        uint8_t t = buf[p + 4];
+        if (n > MAX_FRAME || (t == REC_PACKET && n < 2 * KEY) || ((t == REC_XOFF || t == REC_XON) && n != KEY)) {
+            char why[96];
+            snprintf(why, sizeof why, "channel record type %u length %u is malformed", t, n);
+            ch->in_len = 0;
+            conn_fail(L, slot, EV_PROTOCOL, why);
+            return;
+        }
+        if (p + HDR + n > len) break;
+        const uint8_t *b = buf + p + HDR;
+        if (t == REC_PACKET) {
+            int at = route_find(L, b + KEY);
+            conn_t *d = at >= 0 ? &L->conns[L->routes[at].slot] : NULL;
+            if (d && d->kind == K_CLIENT && !d->dead && d->fd >= 0) {
+                int ds = L->routes[at].slot;
+                size_t plen = n - 2 * KEY;
+                /* the sibling cannot be paused per key at once (XOFF is in flight): a cap, then head drops */
+                if (pending(d) >= CHAN_CAP * L->bound || (d->stalled && pending(d) >= L->bound))
+                    drop_head(L, d, R_QUEUE_HEAD, L->bound);
+                uint8_t *o = out_append(L, d, HDR + KEY + plen);
+                if (o) {
+                    put_hdr(o, T_RECV, KEY + plen);
+                    memcpy(o + HDR, b, KEY);
+                    memcpy(o + HDR + KEY, b + 2 * KEY, plen);
+                    L->packets_sent++;
+                    L->bytes_sent += plen;
+                    L->forwarded_in++;
+                    int sat = route_find(L, b);
+                    /* a source without a route here: its key hash, kept apart from the counted uids */
+                    uint32_t uid = sat >= 0 ? L->routes[sat].uid : (uint32_t)key_hash(L, b) | 0x80000000u;
+                    if (seen_check_add(L, d, uid)) emit(L, ds, EV_DELIVERY, b, KEY);
+                    mark_dirty(L, ds);
+                    if (pending(d) >= L->bound && ch->chan_bit >= 0 && !(d->xoff_mask & (1ULL << ch->chan_bit))) {
+                        d->xoff_mask |= 1ULL << ch->chan_bit;
+                        L->xoffs_sent++;
+                        send_flow(L, slot, REC_XOFF, d->key);
+                    }
+                }
+                p += HDR + n;
+                continue;
+            }
+        } else if (t == REC_XOFF || t == REC_XON) {
+            int at = route_find(L, b);
+            if (at >= 0 && L->routes[at].slot == slot) {
+                L->routes[at].xoff = t == REC_XOFF;
+                if (t == REC_XON) wake_xwaiters(L, ch);
+            }
+            p += HDR + n;
+            continue;
+        }
+        emit(L, slot, EV_RECORDS, buf + p, HDR + n);
+        p += HDR + n;
+    }
+    keep_rest(L, ch, buf, len, p);
+}
+
 /* Parse frames from buf[0:len] for sender `slot`; keep what is not consumed in the sender's `in`. */
 static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
     conn_t *s = &L->conns[slot];
     size_t p = 0;
+    if (s->kind == K_CHAN) { process_records(L, slot, buf, len); return; }
     if (s->notify_active && s->active_poll != L->polls && len) {
         s->active_poll = L->polls;
         emit(L, slot, EV_ACTIVE, "", 0);
@@ -511,20 +681,31 @@ static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
             if (at >= 0) {
                 int ds = L->routes[at].slot;
                 conn_t *d = &L->conns[ds];
+                if (!d->dead && d->fd >= 0 && d->kind == K_CHAN) { /* the key is on a sibling shard */
+                    size_t plen = flen - KEY;
+                    if (L->routes[at].xoff) { block_sender(L, slot, ds, 1); break; }
+                    if (pending(d) >= L->bound) {
+                        if (!d->stalled) { block_sender(L, slot, ds, 0); break; }
+                        drop_head(L, d, R_QUEUE_HEAD, L->bound / 2); /* the sibling stalled past the timeout */
+                    }
+                    uint8_t *o = out_append(L, d, HDR + 2 * KEY + plen);
+                    if (o) {
+                        put_record(o, REC_PACKET, 2 * KEY + plen);
+                        memcpy(o + HDR, s->key, KEY);
+                        memcpy(o + HDR + KEY, payload, KEY + plen); /* dst key and packet, as they came */
+                        L->packets_received++;
+                        L->bytes_received += plen;
+                        if (is_disco(payload + KEY, plen)) L->packets_received_disco++;
+                        L->forwarded_out++;
+                        mark_dirty(L, ds);
+                    }
+                    p += HDR + flen;
+                    continue;
+                }
                 if (!d->dead && d->fd >= 0) {
                     size_t plen = flen - KEY;
                     if (pending(d) >= L->bound) {
-                        if (!d->stalled) { /* backpressure: this sender waits for d to drain */
-                            s->blocked_on = ds;
-                            if (grow((void **)&d->waiters, &d->cwaiters, d->nwaiters + 1, sizeof(int)) < 0) {
-                                L->oom = 1;
-                            } else {
-                                d->waiters[d->nwaiters++] = slot;
-                            }
-                            L->sender_pauses++;
-                            update_mask(L, s, slot);
-                            break;
-                        }
+                        if (!d->stalled) { block_sender(L, slot, ds, 0); break; } /* waits for d to drain */
                         drop_head(L, d, R_QUEUE_HEAD, L->bound / 2); /* stalled past the write timeout */
                     }
                     uint8_t *o = out_append(L, d, HDR + KEY + plen);
@@ -550,14 +731,7 @@ static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
         emit(L, slot, t, buf + p, HDR + flen);
         p += HDR + flen;
     }
-    size_t rest = len - p;
-    if (rest) {
-        if (reserve(&s->in, &s->in_cap, rest) < 0) { L->oom = 1; s->in_len = 0; return; }
-        memmove(s->in, buf + p, rest);
-    } else if (s->in_cap > (64u << 10)) {
-        free(s->in); s->in = NULL; s->in_cap = 0;
-    }
-    s->in_len = rest;
+    keep_rest(L, s, buf, len, p);
 }
 
 static void read_conn(Loop *L, int slot, int do_read) {
@@ -632,7 +806,7 @@ static int check_idle(Loop *L) {
 
 static void free_conn(Loop *L, int slot) {
     conn_t *c = &L->conns[slot];
-    free(c->in); free(c->out); free(c->waiters); free(c->seen);
+    free(c->in); free(c->out); free(c->waiters); free(c->xwaiters); free(c->seen);
     uint32_t gen = c->gen;
     memset(c, 0, sizeof *c);
     c->fd = -1; c->gen = gen + 1; c->blocked_on = -1;
@@ -649,6 +823,7 @@ static PyObject *Loop_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     L->epfd = L->evfd = -1;
     L->bound = bound; L->read_chunk = chunk; L->write_timeout = wt;
     L->next_uid = 1;
+    for (int i = 0; i < MAX_CHANNELS; i++) L->chan_slot[i] = -1;
     L->epfd = epoll_create1(EPOLL_CLOEXEC);
     L->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     L->rbuf_cap = chunk + 2 * (HDR + MAX_FRAME) + 64;
@@ -694,16 +869,21 @@ static PyObject *Loop_close(Loop *L, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* add(fd, key, inbytes=b"", outbytes=b"") -> id. The loop owns fd from now on (remove() closes it). */
+/* add(fd, key, inbytes=b"", outbytes=b"", channel=-1) -> id. The loop owns fd from now on (remove() closes
+ * it). channel >= 0: fd is the channel to sibling shard number `channel` (records, not DERP frames; key is
+ * only a label); route() keys the sibling announces to its id. */
 static PyObject *Loop_add(Loop *L, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fd", "key", "inbytes", "outbytes", NULL};
-    int fd;
+    static char *kwlist[] = {"fd", "key", "inbytes", "outbytes", "channel", NULL};
+    int fd, channel = -1;
     Py_buffer key, in = {0}, out = {0};
     if (check_idle(L) < 0) return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iy*|y*y*", kwlist, &fd, &key, &in, &out)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iy*|y*y*i", kwlist, &fd, &key, &in, &out, &channel)) return NULL;
     PyObject *ret = NULL;
     int slot = -1;
     if (key.len != KEY) { PyErr_SetString(PyExc_ValueError, "key must be 32 bytes"); goto done; }
+    if (channel >= 0 && channel < MAX_CHANNELS && L->chan_slot[channel] >= 0) {
+        PyErr_SetString(PyExc_ValueError, "channel number in use"); goto done;
+    }
     if (in.len > MAX_FRAME + HDR + (Py_ssize_t)L->read_chunk) { PyErr_SetString(PyExc_ValueError, "inbytes too long"); goto done; }
     if (grow((void **)&L->free_slots, &L->cfree, L->nfree + 1, sizeof(int)) < 0) { PyErr_NoMemory(); goto done; }
     if (L->nfree) {
@@ -724,6 +904,9 @@ static PyObject *Loop_add(Loop *L, PyObject *args, PyObject *kw) {
     c->mask = EPOLLIN;
     c->reading = 1;
     c->blocked_on = -1;
+    c->kind = channel >= 0 ? K_CHAN : K_CLIENT;
+    c->chan_bit = channel >= 0 && channel < MAX_CHANNELS ? channel : -1;
+    if (c->chan_bit >= 0) L->chan_slot[c->chan_bit] = slot;
     c->uid = L->next_uid++;
     if (!L->next_uid) L->next_uid = 1;
     memcpy(c->key, key.buf, KEY);
@@ -771,8 +954,19 @@ static PyObject *Loop_remove(Loop *L, PyObject *arg) {
     if (c->blocked_on >= 0) remove_waiter(L, &L->conns[c->blocked_on], s);
     c->dead = 1;
     wake_waiters(L, c);
-    int at = route_find(L, c->key);
-    if (at >= 0 && L->routes[at].slot == s) route_del(L, c->key);
+    wake_xwaiters(L, c);
+    if (c->kind == K_CHAN) { /* every key the sibling announced: handed up from now on */
+        for (size_t i = 0; i < L->rcap; i++)
+            if (L->routes[i].state == 1 && L->routes[i].slot == s) { L->routes[i].state = 2; L->rused--; L->rtomb++; }
+        if (c->chan_bit >= 0) {
+            uint64_t bit = 1ULL << c->chan_bit;
+            for (int i = 0; i < L->nconns; i++) L->conns[i].xoff_mask &= ~bit;
+            L->chan_slot[c->chan_bit] = -1;
+        }
+    } else {
+        int at = route_find(L, c->key);
+        if (at >= 0 && L->routes[at].slot == s) route_del(L, c->key);
+    }
     free_conn(L, s);
     L->free_slots[L->nfree++] = s;
     if (L->nreparse) signal_work(L);
@@ -841,6 +1035,7 @@ static PyObject *Loop_deliver(Loop *L, PyObject *args) {
     if (s < 0) goto out;
     if (src.len != KEY || pkt.len > MAX_PACKET) { PyErr_SetString(PyExc_ValueError, "bad key or packet size"); goto out; }
     conn_t *c = &L->conns[s];
+    if (c->kind != K_CLIENT) { PyErr_SetString(PyExc_ValueError, "deliver() to a channel: use forward()"); goto out; }
     if (c->dead) { ret = Py_False; Py_INCREF(ret); goto out; }
     L->now = mono();
     if (pending(c) >= 2 * L->bound || (c->stalled && pending(c) >= L->bound)) drop_head(L, c, R_QUEUE_HEAD, L->bound);
@@ -855,6 +1050,39 @@ static PyObject *Loop_deliver(Loop *L, PyObject *args) {
     ret = Py_True; Py_INCREF(ret);
 out:
     PyBuffer_Release(&src);
+    PyBuffer_Release(&pkt);
+    return ret;
+}
+
+/* forward(channel id, src, dst, packet, limit) -> queued bytes, or -1 (dropped: over `limit` or closed): a
+ * PACKET record from a sender Python holds (TLS, WebSocket, a mesh peer) to a key on the sibling. */
+static PyObject *Loop_forward(Loop *L, PyObject *args) {
+    PyObject *idobj;
+    Py_buffer src, dst, pkt;
+    Py_ssize_t limit;
+    if (check_idle(L) < 0) return NULL;
+    if (!PyArg_ParseTuple(args, "Oy*y*y*n", &idobj, &src, &dst, &pkt, &limit)) return NULL;
+    PyObject *ret = NULL;
+    int s = slot_arg(L, idobj);
+    if (s < 0) goto out;
+    if (src.len != KEY || dst.len != KEY || pkt.len > MAX_PACKET) {
+        PyErr_SetString(PyExc_ValueError, "bad key or packet size"); goto out;
+    }
+    conn_t *c = &L->conns[s];
+    if (c->kind != K_CHAN) { PyErr_SetString(PyExc_ValueError, "forward() needs a channel"); goto out; }
+    if (c->dead || pending(c) > (size_t)limit) { ret = PyLong_FromLong(-1); goto out; }
+    L->now = mono();
+    uint8_t *o = out_append(L, c, HDR + 2 * KEY + pkt.len);
+    if (!o) { PyErr_NoMemory(); goto out; }
+    put_record(o, REC_PACKET, 2 * KEY + pkt.len);
+    memcpy(o + HDR, src.buf, KEY);
+    memcpy(o + HDR + KEY, dst.buf, KEY);
+    memcpy(o + HDR + 2 * KEY, pkt.buf, pkt.len);
+    mark_dirty(L, s);
+    ret = PyLong_FromSize_t(pending(c));
+out:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
     PyBuffer_Release(&pkt);
     return ret;
 }
@@ -903,10 +1131,12 @@ static PyObject *Loop_conn_info(Loop *L, PyObject *arg) {
     int s = slot_arg(L, arg);
     if (s < 0) return NULL;
     conn_t *c = &L->conns[s];
-    return Py_BuildValue("{s:n,s:n,s:O,s:O,s:O,s:O,s:i}", "queue_bytes", (Py_ssize_t)pending(c),
+    return Py_BuildValue("{s:n,s:n,s:O,s:O,s:O,s:O,s:i,s:O,s:K,s:s}", "queue_bytes", (Py_ssize_t)pending(c),
                          "in_bytes", (Py_ssize_t)c->in_len, "paused", c->blocked_on >= 0 ? Py_True : Py_False,
                          "reading", (c->mask & EPOLLIN) ? Py_True : Py_False, "stalled", c->stalled ? Py_True : Py_False,
-                         "dead", c->dead ? Py_True : Py_False, "fd", c->fd);
+                         "dead", c->dead ? Py_True : Py_False, "fd", c->fd,
+                         "xoff_paused", c->blocked_x ? Py_True : Py_False, "xoff_mask", (unsigned long long)c->xoff_mask,
+                         "kind", c->kind == K_CHAN ? "channel" : "client");
 }
 
 /* poll() -> [(id, kind, bytes), ...]: one non-blocking turn. kind < 256: frames handed up (bytes = whole
@@ -998,12 +1228,15 @@ static PyObject *Loop_stats(Loop *L, PyObject *unused) {
     for (int i = 0; i < L->nconns; i++)
         if (L->conns[i].fd >= 0) { queued += pending(&L->conns[i]); held += L->conns[i].in_len; }
     PyObject *d = Py_BuildValue(
-        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:n,s:d,s:n,s:n}", "packets_received", L->packets_received,
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:n,s:d,s:n,s:n,s:K,s:K,s:K,s:K}",
+        "packets_received", L->packets_received,
         "bytes_received", L->bytes_received, "packets_received_disco", L->packets_received_disco,
         "packets_sent", L->packets_sent, "bytes_sent", L->bytes_sent, "sender_pauses", L->sender_pauses,
         "reads", L->reads, "writes", L->writes, "frames_up", L->frames_up, "polls", L->polls,
         "write_timeouts", L->write_timeouts, "conns", L->nconns - L->nfree, "routes", (Py_ssize_t)L->rused,
-        "avg_queue_ms", L->avg_queue_ms, "queued_bytes", (Py_ssize_t)queued, "unparsed_bytes", (Py_ssize_t)held);
+        "avg_queue_ms", L->avg_queue_ms, "queued_bytes", (Py_ssize_t)queued, "unparsed_bytes", (Py_ssize_t)held,
+        "packets_forwarded_out", L->forwarded_out, "packets_forwarded_in", L->forwarded_in,
+        "xoffs_sent", L->xoffs_sent, "xoff_pauses", L->xoff_pauses);
     if (!d) return NULL;
     PyObject *drops = PyDict_New();
     if (!drops) { Py_DECREF(d); return NULL; }
@@ -1027,8 +1260,8 @@ static PyObject *Loop_stats(Loop *L, PyObject *unused) {
 static PyObject *Loop_counters(Loop *L, PyObject *unused) {
     unsigned long long drops = 0;
     for (int r = 0; r < NREASONS; r++) drops += L->dropped[r][0] + L->dropped[r][1];
-    return Py_BuildValue("(KKKKKKd)", L->packets_received, L->bytes_received, L->packets_received_disco,
-                         L->packets_sent, L->bytes_sent, drops, L->avg_queue_ms);
+    return Py_BuildValue("(KKKKKKdKK)", L->packets_received, L->bytes_received, L->packets_received_disco,
+                         L->packets_sent, L->bytes_sent, drops, L->avg_queue_ms, L->forwarded_out, L->forwarded_in);
 }
 
 static PyMethodDef Loop_methods[] = {
@@ -1036,12 +1269,14 @@ static PyMethodDef Loop_methods[] = {
     {"fileno", (PyCFunction)Loop_fileno, METH_NOARGS, "the epoll fd (readable when poll() has work)"},
     {"close", (PyCFunction)Loop_close, METH_NOARGS, "close every socket and the epoll fd"},
     {"add", (PyCFunction)(void (*)(void))Loop_add, METH_VARARGS | METH_KEYWORDS,
-     "add(fd, key, inbytes=b'', outbytes=b'') -> id; the loop owns fd from now on"},
+     "add(fd, key, inbytes=b'', outbytes=b'', channel=-1) -> id; the loop owns fd from now on"},
     {"remove", (PyCFunction)Loop_remove, METH_O, "remove(id): close the socket, count queued packets as gone"},
     {"route", (PyCFunction)Loop_route, METH_VARARGS, "route(key, id): SendPacket to key goes to id here"},
     {"unroute", (PyCFunction)Loop_unroute, METH_O, "unroute(key): SendPacket to key is handed up"},
     {"write", (PyCFunction)Loop_write, METH_VARARGS, "write(id, frames): queue raw frame bytes"},
     {"deliver", (PyCFunction)Loop_deliver, METH_VARARGS, "deliver(id, src, packet) -> bool: queue a RecvPacket"},
+    {"forward", (PyCFunction)Loop_forward, METH_VARARGS,
+     "forward(channel, src, dst, packet, limit) -> queued bytes or -1: queue a PACKET record to a sibling"},
     {"flush", (PyCFunction)Loop_flush, METH_NOARGS, "write every conn with queued output"},
     {"poll", (PyCFunction)Loop_poll, METH_NOARGS, "one non-blocking turn -> [(id, kind, bytes)]"},
     {"set_reading", (PyCFunction)Loop_set_reading, METH_VARARGS, "set_reading(id, on)"},
@@ -1076,6 +1311,9 @@ PyMODINIT_FUNC PyInit__fastpath(void) {
     PyModule_AddIntConstant(m, "EV_WRITE_TIMEOUT", EV_WRITE_TIMEOUT);
     PyModule_AddIntConstant(m, "EV_DELIVERY", EV_DELIVERY);
     PyModule_AddIntConstant(m, "EV_ACTIVE", EV_ACTIVE);
+    PyModule_AddIntConstant(m, "EV_RECORDS", EV_RECORDS);
+    PyModule_AddIntConstant(m, "REC_XOFF", REC_XOFF);
+    PyModule_AddIntConstant(m, "REC_XON", REC_XON);
     PyModule_AddIntConstant(m, "MAX_FRAME", HDR + MAX_FRAME);
     return m;
 }
