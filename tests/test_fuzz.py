@@ -136,6 +136,33 @@ def test_regression_uapi_number_longer_than_int_limit() -> None:
     targets.uapi_set(("listen_port=" + "1" * 5000).encode())
 
 
+@pytest.mark.parametrize("info", [b'{"version":true}', b'{"Version":false}', b'{"version":1e0}'])
+def test_regression_derp_info_json_wrong_types(info: bytes) -> None:
+    """A sealed ServerInfo / ClientInfo of {"version":true} parsed to version=True (a bool is an int in Python),
+    where derper's json.Unmarshal refuses it; the targets now check the parsed types (type(v) is int)."""
+    sealed_input = bytes([targets.DERP_SEALED_INFO, 255]) + len(info).to_bytes(2, "big") + info
+    targets.derp_client(sealed_input)
+    targets.derp_server(sealed_input)
+    codec = targets.mod("derp_codec")
+    for parse in (codec.ServerInfo.from_json, codec.ClientInfo.from_json):
+        with pytest.raises(codec.FrameError):
+            parse(info)
+
+
+def test_encode_set_writes_every_field_in_uapi_order() -> None:
+    """The uapi_set round trip's encoder: each set field once, in wg's order; unset (None) and false flags
+    left out, but a zero port / fwmark written (0 is a value, not 'unset')."""
+    from turbowg.uapi.protocol import parse_set
+
+    key, psk = "ab" * 32, "cd" * 32
+    lines = ["private_key=" + "11" * 32, "listen_port=0", "fwmark=0", "replace_peers=true",
+             f"public_key={key}", "update_only=true", f"preshared_key={psk}", "endpoint=1.2.3.4:51820",
+             "persistent_keepalive_interval=25", "replace_allowed_ips=true", "allowed_ip=10.0.0.0/8",
+             "protocol_version=1", f"public_key={psk}", "remove=true", "public_key=" + "ef" * 32]
+    assert targets.encode_set(parse_set(lines)) == lines
+    assert targets.encode_set(parse_set(["listen_port=7"])) == ["listen_port=7"]
+
+
 def test_regression_derp_info_json_nested_too_deep() -> None:
     """A ClientInfo / ServerInfo of '[' * 100000 raised RecursionError out of json.loads."""
     codec = targets.mod("derp_codec")

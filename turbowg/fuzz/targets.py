@@ -277,6 +277,26 @@ def _run(fn: Callable[[], object]) -> tuple[str, object]:
         return "raise", type(exc).__name__
 
 
+def _c_equals_python(
+    what: str, table_name: str, fns: tuple[Callable[..., object], Callable[..., object]], dst_size: int,
+    table_len: int, call: Callable[[Callable[..., object], bytearray, array.array], object],
+) -> tuple[tuple[str, object], bytearray, array.array]:
+    """Runs `call(fn, dst, table)` for the Python then the C `fns`, each on fresh buffers filled with marker
+    values (so a byte written by one and not the other shows); outcome, dst and table must all agree.
+    Returns the Python side's (outcome, dst, table)."""
+    results = []
+    for fn in fns:
+        dst = bytearray([_FILL]) * dst_size
+        table = array.array("i", [-7]) * table_len
+        outcome = _run(lambda fn=fn, dst=dst, table=table: call(fn, dst, table))
+        results.append((outcome, dst, table))
+    (py, py_dst, py_table), (c, c_dst, c_table) = results
+    check(py == c, f"C {what} {c} != Python {py}")
+    check(py_dst == c_dst, f"C and Python {what} wrote different bytes")
+    check(py_table == c_table, f"C and Python {what} wrote different {table_name}")
+    return results[0]
+
+
 def _normalize(packet: bytes) -> bytes:
     """A packet with the fields a GSO split rewrites (IPv4 ID and header checksum, TCP/UDP checksum) zeroed."""
     pkt = bytearray(packet)
@@ -309,15 +329,20 @@ def _ingest_all(frames: list[bytes]) -> list[bytes]:
     return out
 
 
-def _coalesce_py(packets: list[bytes], tcp: bool, udp: bool) -> list[bytes]:
-    from turbowg.tun import fast
-
-    src = b"".join(packets)
+def _joined_with_layout(packets: list[bytes]) -> tuple[bytes, array.array]:
+    """The packets back to back, and the (offset, length) int pairs coalesce reads them by."""
     layout = array.array("i")
     pos = 0
     for p in packets:
         layout += array.array("i", [pos, len(p)])
         pos += len(p)
+    return b"".join(packets), layout
+
+
+def _coalesce_py(packets: list[bytes], tcp: bool, udp: bool) -> list[bytes]:
+    from turbowg.tun import fast
+
+    src, layout = _joined_with_layout(packets)
     dst = bytearray(len(src) + 10 * len(packets) + 64)
     frames = array.array("i", bytes(8 * max(1, len(packets))))
     n = fast.coalesce_py(src, layout, len(packets), dst, frames, tcp, udp)
@@ -341,16 +366,9 @@ def tun_ingest(data: bytes) -> None:
     dst_off, idx, trim = data[0] * 8, data[1] % 8, data[2] % 4
     frame = data[3:]
     frame_len = max(0, len(frame) - trim)
-    results = []
-    for fn in (fast.ingest_py, fast.ingest):
-        dst = bytearray([_FILL]) * _DST_SIZE
-        layout = array.array("i", [-7]) * (2 * _LAYOUT_ENTRIES)
-        outcome = _run(lambda fn=fn, dst=dst, layout=layout: fn(frame, frame_len, dst, dst_off, layout, idx))
-        results.append((outcome, dst, layout))
-    (py, py_dst, py_layout), (c, c_dst, c_layout) = results
-    check(py == c, f"C ingest {c} != Python {py}")
-    check(py_dst == c_dst, "C and Python ingest wrote different bytes")
-    check(py_layout == c_layout, "C and Python ingest wrote different layouts")
+    py, py_dst, py_layout = _c_equals_python(
+        "ingest", "layouts", (fast.ingest_py, fast.ingest), _DST_SIZE, 2 * _LAYOUT_ENTRIES,
+        lambda fn, dst, layout: fn(frame, frame_len, dst, dst_off, layout, idx))
     if py[0] != "ok":
         return
     count, next_off = py[1]
@@ -389,25 +407,13 @@ def tun_coalesce(data: bytes) -> None:
     flags = data[0]
     tcp, udp = bool(flags & GRO_TCP), bool(flags & GRO_UDP)
     packets = _split_packets(data[1:])
-    src = b"".join(packets)
-    layout = array.array("i")
-    pos = 0
-    for p in packets:
-        layout += array.array("i", [pos, len(p)])
-        pos += len(p)
+    src, layout = _joined_with_layout(packets)
     room = len(src) + 10 * len(packets) + 64
     if flags & GRO_SMALL_DST:
         room //= 2
-    results = []
-    for fn in (fast.coalesce_py, fast.coalesce):
-        dst = bytearray([_FILL]) * room
-        frames = array.array("i", [-7]) * (2 * max(1, len(packets)))
-        outcome = _run(lambda fn=fn, dst=dst, frames=frames: fn(src, layout, len(packets), dst, frames, tcp, udp))
-        results.append((outcome, dst, frames))
-    (py, py_dst, py_frames), (c, c_dst, c_frames) = results
-    check(py == c, f"C coalesce {c} != Python {py}")
-    check(py_dst == c_dst, "C and Python coalesce wrote different bytes")
-    check(py_frames == c_frames, "C and Python coalesce wrote different frame tables")
+    py, _dst, _frames = _c_equals_python(
+        "coalesce", "frame tables", (fast.coalesce_py, fast.coalesce), room, 2 * max(1, len(packets)),
+        lambda fn, dst, frames: fn(src, layout, len(packets), dst, frames, tcp, udp))
     if py[0] != "ok":
         return
     n = py[1]
@@ -475,38 +481,43 @@ def aead_open(data: bytes) -> None:
 # UAPI
 
 
+def _set_field_lines(obj, fields: tuple[tuple[str, Callable[..., str]], ...]) -> list[str]:  # noqa: ANN001
+    """`name=value` for each of `fields` set on `obj`, in order: None means unset, and a flag is written
+    only when true (`set=1` has no `=false`); 0 is a value and is written."""
+    lines: list[str] = []
+    for name, fmt in fields:
+        value = getattr(obj, name)
+        if value is not None and value is not False:
+            lines.append(f"{name}={fmt(value)}")
+    return lines
+
+
+def _flag(_value: bool) -> str:
+    return "true"
+
+
+def _hex(value: bytes) -> str:
+    return value.hex()
+
+
 def encode_set(update) -> list[str]:  # noqa: ANN001
     """The `set=1` lines that parse back into `update` (the encoder the round trip needs)."""
     from turbowg.uapi.protocol import format_endpoint, format_network
 
-    lines: list[str] = []
-    if update.private_key is not None:
-        lines.append(f"private_key={update.private_key.hex()}")
-    if update.listen_port is not None:
-        lines.append(f"listen_port={update.listen_port}")
-    if update.fwmark is not None:
-        lines.append(f"fwmark={update.fwmark}")
-    if update.replace_peers:
-        lines.append("replace_peers=true")
+    lines = _set_field_lines(update, (("private_key", _hex), ("listen_port", str), ("fwmark", str),
+                                      ("replace_peers", _flag)))
     for peer in update.peers:
         lines.append(f"public_key={peer.public_key.hex()}")
         if peer.remove:
             lines.append("remove=true")
             continue
-        if peer.update_only:
-            lines.append("update_only=true")
-        if peer.preshared_key is not None:
-            lines.append(f"preshared_key={peer.preshared_key.hex()}")
-        if peer.endpoint is not None:
-            lines.append(f"endpoint={format_endpoint(peer.endpoint)}")
-        if peer.persistent_keepalive_interval is not None:
-            lines.append(f"persistent_keepalive_interval={peer.persistent_keepalive_interval}")
-        if peer.replace_allowed_ips:
-            lines.append("replace_allowed_ips=true")
+        lines += _set_field_lines(peer, (
+            ("update_only", _flag), ("preshared_key", _hex), ("endpoint", format_endpoint),
+            ("persistent_keepalive_interval", str), ("replace_allowed_ips", _flag),
+        ))
         lines += [f"allowed_ip=-{format_network(n)}" for n in getattr(peer, "remove_allowed_ips", ())]
         lines += [f"allowed_ip={format_network(n)}" for n in peer.allowed_ips]
-        if peer.protocol_version is not None:
-            lines.append(f"protocol_version={peer.protocol_version}")
+        lines += _set_field_lines(peer, (("protocol_version", str),))
     return lines
 
 
@@ -563,20 +574,15 @@ def wg_keys(data: bytes) -> None:
     from turbowg.noise.keys import KeyFormatError, decode_hex_key, decode_key, encode_hex_key, encode_key
 
     text = data.decode("latin-1")
-    try:
-        key = decode_key(text)
-    except KeyFormatError:
-        pass
-    else:
-        check(len(key) == 32, f"decode_key gave {len(key)} bytes")
-        check(encode_key(key) == text.strip(), "decode_key accepted a non-canonical spelling")
-    try:
-        key = decode_hex_key(text)
-    except KeyFormatError:
-        pass
-    else:
-        check(len(key) == 32, f"decode_hex_key gave {len(key)} bytes")
-        check(encode_hex_key(key) == text.strip().lower(), "decode_hex_key accepted a non-canonical spelling")
+    # Each form's canonical spelling: base64 as written, hex in lower case (the UAPI writes lower case).
+    for decode, encode, canonical in ((decode_key, encode_key, text.strip()),
+                                      (decode_hex_key, encode_hex_key, text.strip().lower())):
+        try:
+            key = decode(text)
+        except KeyFormatError:
+            continue
+        check(len(key) == 32, f"{decode.__name__} gave {len(key)} bytes")
+        check(encode(key) == canonical, f"{decode.__name__} accepted a non-canonical spelling")
 
 
 @functools.cache
@@ -779,21 +785,36 @@ def _derp_publics() -> tuple[bytes, bytes]:
     return keys.public_key(DERP_SERVER_PRIVATE), keys.public_key(DERP_CLIENT_PRIVATE)
 
 
+def _derp_input(data: bytes, to_server: bool) -> tuple[int, int, bytes] | None:
+    """A derp_server / derp_client input as (flags, read size, stream): byte 0 = flags, byte 1 = read size - 1.
+    With DERP_SEALED_INFO, bytes 2.. are an info JSON (then raw bytes) sealed here and framed as the other
+    side's handshake (ClientInfo to the relay; ServerKey + ServerInfo to the client), so the fuzzer gets
+    past the box it could never forge."""
+    if len(data) < 2:
+        return None
+    flags, step, body = data[0], data[1] + 1, data[2:]
+    if not flags & DERP_SEALED_INFO:
+        return flags, step, body
+    codec, keys = mod("derp_codec"), mod("derp_keys")
+    server_public, client_public = _derp_publics()
+    info, rest = _info_and_rest(body)
+    if to_server:
+        sealed = keys.seal_to(DERP_CLIENT_PRIVATE, server_public, info, nonce=DERP_NONCE)
+        return flags, step, codec.encode_client_info(client_public, sealed) + rest
+    sealed = keys.seal_to(DERP_SERVER_PRIVATE, client_public, info, nonce=DERP_NONCE)
+    return flags, step, codec.encode_server_key(server_public) + codec.encode_server_info(sealed) + rest
+
+
 @_register("derp_server", "server_proto ServerConnection.receive_data (ClientInfo JSON, frame validation)")
 def derp_server(data: bytes) -> None:
     """Client-to-relay bytes: byte 0 = flags (1: bytes 2.. are a ClientInfo JSON sealed here, 2: relay has a
     mesh key), byte 1 = read size - 1; events do not depend on the read sizes."""
-    proto, codec, keys = mod("server_proto"), mod("derp_codec"), mod("derp_keys")
-    if len(data) < 2:
+    proto, codec = mod("server_proto"), mod("derp_codec")
+    parsed = _derp_input(data, to_server=True)
+    if parsed is None:
         return
-    flags, step, body = data[0], data[1] + 1, data[2:]
-    server_public, client_public = _derp_publics()
-    if flags & DERP_SEALED_INFO:
-        info, rest = _info_and_rest(body)
-        sealed = keys.seal_to(DERP_CLIENT_PRIVATE, server_public, info, nonce=DERP_NONCE)
-        stream = codec.encode_client_info(client_public, sealed) + rest
-    else:
-        stream = body
+    flags, step, stream = parsed
+    server_public = _derp_publics()[0]
     mesh_key = DERP_MESH_KEY if flags & DERP_MESH_SERVER else ""
 
     def make():  # noqa: ANN202
@@ -813,7 +834,8 @@ def derp_server(data: bytes) -> None:
         if event[0] == "auth":
             _tag, client_key, info, can_mesh, _server_info = event
             check(client_key == stream[5:37], "authenticated a key that is not the ClientInfo's")
-            check(isinstance(info.mesh_key, str) and isinstance(info.version, int), f"odd ClientInfo {info!r}")
+            check(isinstance(info.mesh_key, str) and type(info.version) is int  # a JSON true is no version
+                  and type(info.can_ack_pings) is bool and type(info.is_prober) is bool, f"odd ClientInfo {info!r}")
             check(codec.ClientInfo.from_json(info.to_json()) == info, "ClientInfo JSON round trip")
             check(not can_mesh or bool(mesh_key), "mesh rights without a mesh key")
         elif event[0] in ("send", "forward"):
@@ -824,17 +846,12 @@ def derp_server(data: bytes) -> None:
 def derp_client(data: bytes) -> None:
     """Relay-to-client bytes: byte 0 = flags (1: a ServerKey frame, then bytes 2.. as a ServerInfo JSON sealed
     here), byte 1 = read size - 1; messages do not depend on the read sizes."""
-    client_proto, codec, keys = mod("client_proto"), mod("derp_codec"), mod("derp_keys")
-    if len(data) < 2:
+    client_proto, codec = mod("client_proto"), mod("derp_codec")
+    parsed = _derp_input(data, to_server=False)
+    if parsed is None:
         return
-    flags, step, body = data[0], data[1] + 1, data[2:]
-    server_public, client_public = _derp_publics()
-    if flags & DERP_SEALED_INFO:
-        info, rest = _info_and_rest(body)
-        sealed = keys.seal_to(DERP_SERVER_PRIVATE, client_public, info, nonce=DERP_NONCE)
-        stream = codec.encode_server_key(server_public) + codec.encode_server_info(sealed) + rest
-    else:
-        stream = body
+    flags, step, stream = parsed
+    server_public = _derp_publics()[0]
 
     def make():  # noqa: ANN202
         return client_proto.ClientConnection(DERP_CLIENT_PRIVATE, mesh_key=DERP_MESH_KEY)
@@ -844,7 +861,7 @@ def derp_client(data: bytes) -> None:
     for message in messages:
         if isinstance(message, client_proto.Connected):
             check(message.server_key == server_public or not flags & DERP_SEALED_INFO, "connected to another key")
-            check(isinstance(message.server_info.version, int), "odd ServerInfo")
+            check(type(message.server_info.version) is int, f"odd ServerInfo {message.server_info!r}")  # not bool
         else:
             _check_message_round_trip(codec, message)
 
