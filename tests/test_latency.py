@@ -62,9 +62,10 @@ def _daemon_log(side) -> str:
 
 
 @needs_netns
-def test_trace_times_every_stage_of_pings_through_the_tunnel(tmp_path) -> None:
+@pytest.mark.parametrize("lone", ["1", "0"])
+def test_trace_times_every_stage_of_pings_through_the_tunnel(tmp_path, lone) -> None:
     files = {side: str(tmp_path / f"trace-{side}.json") for side in "ab"}
-    env = {"TURBOWG_TRACE_LATENCY": "1"}
+    env = {"TURBOWG_TRACE_LATENCY": "1", "TURBOWG_LONE_PATH": lone}
     with tunnel("turbowg", "turbowg", env_a={**env, "TURBOWG_TRACE_LATENCY_FILE": files["a"]},
                 env_b={**env, "TURBOWG_TRACE_LATENCY_FILE": files["b"]}) as tun:
         assert ping(tun.a, tun.server_v4, count=3)
@@ -79,16 +80,28 @@ def test_trace_times_every_stage_of_pings_through_the_tunnel(tmp_path) -> None:
         summaries = {side: json.load(open(path)) for side, path in files.items()}
         # SIGUSR1 also writes the table to the daemon's log.
         assert wait_until(lambda: "latency trace" in _daemon_log(tun.a), 10)
+    # The lone path (default) does device + send / device + TUN write in one call each: one stage for both.
+    if lone == "1":
+        tun_stages = ("tun.read1", "tun.lone", "tun.exit", "tun.total")
+        udp_stages = ("udp.read", "udp.lone", "udp.total")
+        tun_work, udp_work = "tun.lone", "udp.lone"
+    else:
+        tun_stages = tuple(s for s in trace_mod.TUN_STAGES if s != "tun.lone")
+        udp_stages = ("udp.read", "udp.device", "udp.write", "udp.total")
+        tun_work, udp_work = "tun.device", "udp.device"
     for side, summary in summaries.items():
         # Each side sealed (TUN -> UDP) and opened (UDP -> TUN) about one packet per ping, one per wake.
-        for stage in (*trace_mod.TUN_STAGES, "udp.read", "udp.device", "udp.write", "udp.total"):
+        for stage in (*tun_stages, *udp_stages):
             assert summary[stage]["count"] >= count // 2, (side, stage, summary)
             assert 0 <= summary[stage]["p50"] < 1e6, (side, stage)
-        assert summary["tun.total"]["p50"] >= summary["tun.device"]["p50"] > 0
-        assert summary["udp.total"]["p50"] >= summary["udp.device"]["p50"] > 0
+        assert summary["tun.total"]["p50"] >= summary[tun_work]["p50"] > 0
+        assert summary["udp.total"]["p50"] >= summary[udp_work]["p50"] > 0
         assert summary["tun.packets"]["p50"] == 1 and summary["udp.packets"]["p50"] == 1
-        # A lone packet costs one read: the read that only says EAGAIN is skipped.
-        assert summary["tun.read_more"]["p50"] == 0
+        if lone == "0":  # A lone packet costs one read: the read that only says EAGAIN is skipped.
+            assert summary["tun.read_more"]["p50"] == 0
+        else:  # ... and the lone path never takes the batch path's stages for a ping
+            assert summary.get("tun.device", {}).get("count", 0) <= 3, summary
+            assert summary.get("udp.device", {}).get("count", 0) <= 3, summary
     # The kernel's receive stamp of the datagram (SIOCGSTAMPNS): the loop's wakeup latency, on at least one side.
     assert any(s.get("udp.kernel", {}).get("count", 0) > 0 for s in summaries.values())
 

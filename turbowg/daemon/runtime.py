@@ -5,6 +5,12 @@ One event loop, three readers: the TUN fd (packets out of the kernel -> encrypt 
 fd until it would block (bounded), hand the whole batch to the core, then flush the core's output per peer
 with as few system calls as the kernel allows (UDP GSO, TUN GRO).
 
+A lone packet (a wake long after the previous one on that fd: interactive traffic) takes a shorter way:
+one read, then `Device.send_lone` / `Device.receive_lone`, each one C call for the crypto and the system
+call that sends the result on (seal + sendto; open + checks + TUN writev); anything unusual about the packet
+(no session, a handshake message, the DERP path) falls back to the batch path with the same read.
+`TURBOWG_LONE_PATH=0` turns the lone calls off (the batch path then carries lone packets too).
+
 Timers: no polling. The device reports its earliest deadline (`Device.next_deadline()`, O(1)); the runtime
 keeps one `call_later` armed for it and moves it earlier after every batch and every UAPI `set` that armed
 something sooner (a later deadline only costs one tick that finds nothing to do and re-arms).
@@ -16,6 +22,7 @@ and the timers in one order, and its readers and the timer share that state.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
 import os
@@ -34,8 +41,9 @@ from turbowg.daemon.trace import LatencyTrace, enable_kernel_timestamps
 from turbowg.daemon.trace import enabled_from_env as trace_enabled
 from turbowg.device import Device
 from turbowg.device.handshake_worker import HandshakeRate
-from turbowg.device.receive import RX_MAX_PACKETS
+from turbowg.device.receive import LONE_WRITE, LONE_WRITTEN, RX_MAX_PACKETS
 from turbowg.device.send import TX_MAX_MESSAGES
+from turbowg.noise.transport import pack_sockaddr
 from turbowg.tun.device import (
     READ_ROOM_BYTES,
     READ_ROOM_PACKETS,
@@ -44,6 +52,7 @@ from turbowg.tun.device import (
     TunDevice,
     open_tun,
 )
+from turbowg.tun.vnet import ZERO_HDR
 from turbowg.uapi.server import UAPIServer, start_uapi_server
 
 log = logging.getLogger("turbowg.runtime")
@@ -76,6 +85,29 @@ def busy_poll_from_env() -> float:
 # A wake this long after the previous one on the same fd counts as a lone packet (see _on_tun_readable).
 # Above the 1 ms bursts of common pacers (iperf3's pacing timer), so a paced flow keeps draining whole bursts.
 LONE_GAP = 0.002
+
+def lone_path_from_env() -> bool:
+    """TURBOWG_LONE_PATH=0 sends lone packets down the batch path too (for A/B measurements)."""
+    return os.environ.get("TURBOWG_LONE_PATH", "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+class SockaddrCache(dict):
+    """endpoint -> packed sockaddr for Aead.seal_sendto, filled on first use (a hit is one dict lookup);
+    b"" for an endpoint the lone path cannot send to (a relay pseudo-endpoint, a malformed one)."""
+
+    MAX = 4096
+
+    def __missing__(self, endpoint: tuple[str, int]) -> bytes:
+        host, port = endpoint
+        try:
+            value = pack_sockaddr(host, port) if port else b""
+        except (OSError, ValueError, TypeError):
+            value = b""
+        if len(self) >= self.MAX:
+            self.clear()
+        self[endpoint] = value
+        return value
+
 
 # Packed batches: all TUN reads of one wake land in one staging buffer, all UDP reads in one receive buffer.
 TUN_STAGE_BYTES = 1 << 20
@@ -127,6 +159,11 @@ class Runtime:
         self._spin_fds: dict[int, Callable[[], None]] = {}
         self._tun_reader: Callable[[], None] = self._on_tun_readable
         self._udp_reader: Callable[[], None] = self._on_udp_readable
+        self._lone = lone_path_from_env()
+        self._sockaddrs = SockaddrCache()
+        self._udp_fd = -1
+        self._tun_fd = -1
+        self._tun_prefix = b""  # what precedes a packet written to the TUN: the zero virtio header, or nothing
 
     # ---- life cycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -134,6 +171,8 @@ class Runtime:
         self._stopped = asyncio.Event()
         self.tun = open_tun(self.ifname, vnet_hdr=self.offloads, mtu=self.mtu)
         self.device.mtu = self.tun.mtu
+        self._tun_fd = self.tun.fileno()
+        self._tun_prefix = ZERO_HDR if self.tun.vnet_hdr else b""
         log.info("interface %s up: vnet_hdr=%s offloads=%#x", self.ifname, self.tun.vnet_hdr, self.tun.offloads)
         if enabled_from_env():
             self.handshakes = HandshakeOffload(self.device, self._loop, self._send, self._reschedule_timer)
@@ -187,6 +226,7 @@ class Runtime:
                 self._spin_epoll.unregister(old.fileno())
             old.close()
         self.udp = udp
+        self._udp_fd = udp.fileno()
         self.device.set_bound_port(self.udp.port)
         udp_reader = self._on_udp_readable
         if self.trace is not None:
@@ -268,11 +308,13 @@ class Runtime:
                 loop.remove_reader(self.udp.fileno())
             self.udp.close()
             self.udp = None
+            self._udp_fd = -1
         if self.tun is not None:
             if loop is not None:
                 loop.remove_reader(self.tun.fileno())
             self.tun.close()
             self.tun = None
+            self._tun_fd = -1
 
     # ---- data path ------------------------------------------------------------------------------
     def _on_tun_readable_spin(self) -> None:
@@ -325,18 +367,39 @@ class Runtime:
         lone = now - self._tun_last_wake > LONE_GAP
         self._tun_last_wake = now
         try:
-            for _ in range(MAX_TUN_READS_PER_WAKE):
-                if cursor > TUN_STAGE_BYTES or count > TUN_STAGE_PACKETS:
-                    break
-                got, cursor = read_packed(stage, cursor, layout, count)
-                if got < 0:
-                    break
-                if got:
-                    runs.append(count)
+            if lone:
+                got, cursor = read_packed(stage, 0, layout, 0)
+                if got == 1:
+                    if self._lone and self._udp_fd >= 0:
+                        sent = self.device.send_lone(stage, layout[0], layout[1], now, self._udp_fd,
+                                                     self._sockaddrs)
+                        if sent is not None:
+                            self._count_lone_send(sent)
+                            self._reschedule_timer()
+                            return
+                    runs.append(0)
+                    runs.append(1)
+                    count = 1
+                elif got > 1:  # a coalesced frame: a burst after all, drain as usual
+                    runs.append(0)
                     runs.append(got)
-                    count += got
-                    if lone and got == 1:
+                    count = got
+                    lone = False
+                elif got < 0:
+                    return
+                else:
+                    lone = False
+            if not lone:
+                for _ in range(MAX_TUN_READS_PER_WAKE):
+                    if cursor > TUN_STAGE_BYTES or count > TUN_STAGE_PACKETS:
                         break
+                    got, cursor = read_packed(stage, cursor, layout, count)
+                    if got < 0:
+                        break
+                    if got:
+                        runs.append(count)
+                        runs.append(got)
+                        count += got
         except OSError as exc:
             self.stop(f"TUN read failed: {exc}")
             return
@@ -376,6 +439,8 @@ class Runtime:
             cursor = udp.recv_packed(buf, 0, UDP_RECV_BYTES, chunks, senders, max_calls=1)
             if chunks and chunks[2] < chunks[1] - chunks[0]:
                 udp.recv_packed(buf, cursor, UDP_RECV_BYTES, chunks, senders, max_calls=MAX_UDP_READS_PER_WAKE - 1)
+            elif chunks and self._lone and self._tun_fd >= 0 and self._on_lone_datagram(buf, chunks, now):
+                return
         else:
             udp.recv_packed(buf, 0, UDP_RECV_BYTES, chunks, senders, max_calls=MAX_UDP_READS_PER_WAKE)
         if not senders:
@@ -400,6 +465,42 @@ class Runtime:
             # A local answer (ping, RPC) is often queued on the TUN by the time the write returns: take it
             # now rather than after another loop turn.
             self._tun_reader()
+
+    def _on_lone_datagram(self, buf: bytearray, chunks: list[int], now: float) -> bool:
+        """One datagram read in a lone wake: Device.receive_lone (open + checks + TUN write in one C call).
+        False when the batch path must take it (nothing was done then)."""
+        start = chunks[0]
+        device = self.device
+        result = device.receive_lone(buf, start, chunks[1] - start, self._senders[0], now, self._tun_fd,
+                                     self._tun_prefix)
+        if result is None:
+            return False
+        tun = self.tun
+        if result == LONE_WRITTEN:
+            counters = tun.counters  # type: ignore[union-attr]
+            counters["write_frames"] += 1
+            counters["write_packets"] += 1
+        elif result == LONE_WRITE and tun is not None:
+            try:  # the ordinary write: it counts a dropped packet, or finds the TUN gone
+                tun.write_packed(buf, device.rx_layout, 1)
+            except OSError as exc:
+                self.stop(f"TUN write failed: {exc}")
+                return True
+        self._reschedule_timer()
+        if result and self._reply_poll is not None and self._reply_poll(0):
+            self._tun_reader()  # the local answer, in the same wake (see _on_udp_readable)
+        return True
+
+    def _count_lone_send(self, sent: int) -> None:
+        """UDPBind.send_packed's counters for one datagram Device.send_lone sent (or failed to)."""
+        counters = self.udp.counters  # type: ignore[union-attr]
+        if sent >= 0:
+            counters["send_calls"] += 1
+            counters["send_datagrams"] += 1
+        elif sent == -errno.EAGAIN:
+            counters["send_dropped_eagain"] += 1
+        else:
+            counters["send_errors"] += 1
 
     def _under_load(self, buf: bytearray, chunks: list[int], now: float) -> bool:
         # Handshake messages (types 1 and 2) per second; a flood turns on cookie replies for a while.

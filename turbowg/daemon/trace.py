@@ -14,6 +14,8 @@ Per wake that carried exactly one packet (the interactive case), the stages reco
                  tun.send      -> the last UDP send returned (includes the timer re-arm in between)
                  tun.exit      -> the callback returned
                  tun.total     callback entry -> exit
+                 tun.lone      instead of device + send, when Device.send_lone took the packet: route,
+                               seal and sendto in one call (tun.exit then counts from its return)
     UDP -> TUN:  udp.kernel    the datagram's kernel receive timestamp (SIOCGSTAMPNS) -> callback entry:
                                the wakeup latency of the loop (scheduler, epoll, uvloop dispatch)
                  udp.read      callback entry -> recv_packed returned (the datagram and the EAGAIN read)
@@ -22,6 +24,8 @@ Per wake that carried exactly one packet (the interactive case), the stages reco
                  udp.exit      -> the callback returned (includes an answer the runtime took from the TUN in
                                the same wake, which is then also traced as a TUN wake of its own)
                  udp.total     callback entry -> the TUN write returned
+                 udp.lone      instead of device + write, when Device.receive_lone took the datagram:
+                               open, checks and TUN write in one call
 
 Also per wake, whatever the packet count: packets per wake (tun.packets, udp.packets: how much the daemon
 stages) and the UDP socket's next-datagram size at wake (udp.inq_bytes, SIOCINQ).
@@ -46,8 +50,8 @@ from typing import Any
 SIOCGSTAMPNS = 0x8907
 MAX_SAMPLES = 1 << 18  # per stage; later samples are dropped (the first quarter million are plenty)
 
-TUN_STAGES = ("tun.read1", "tun.read_more", "tun.device", "tun.send", "tun.exit", "tun.total")
-UDP_STAGES = ("udp.kernel", "udp.read", "udp.device", "udp.write", "udp.exit", "udp.total")
+TUN_STAGES = ("tun.read1", "tun.read_more", "tun.device", "tun.send", "tun.lone", "tun.exit", "tun.total")
+UDP_STAGES = ("udp.kernel", "udp.read", "udp.device", "udp.write", "udp.lone", "udp.exit", "udp.total")
 COUNTS = ("tun.packets", "udp.packets", "udp.inq_bytes")
 
 
@@ -90,6 +94,8 @@ class LatencyTrace:
         if "handle_tun_packed" not in vars(device):
             device.handle_tun_packed = self._wrap(device.handle_tun_packed, "tun.device")
             device.handle_udp_packed = self._wrap(device.handle_udp_packed, "udp.device")
+            device.send_lone = self._wrap(device.send_lone, "tun.lone")
+            device.receive_lone = self._wrap(device.receive_lone, "udp.lone")
 
     def attach_udp(self, udp: Any) -> None:
         udp.recv_packed = self._wrap(udp.recv_packed, "udp.read")
@@ -118,6 +124,13 @@ class LatencyTrace:
             reads = [m for m, k in mine if k == "tun.read"]
             device = [m for m, k in mine if k == "tun.device"]
             sends = [m for m, k in mine if k == "tun.send"]
+            lone = [m for m, k in mine if k == "tun.lone"]
+            if reads and lone and not device:  # send_lone took it (a None answer is followed by device)
+                _add(samples["tun.read1"], reads[0] - start)
+                _add(samples["tun.lone"], lone[0] - reads[-1])
+                _add(samples["tun.exit"], end - lone[0])
+                _add(samples["tun.total"], end - start)
+                return
             if not reads or not device or not sends:
                 return
             _add(samples["tun.read1"], reads[0] - start)
@@ -168,6 +181,9 @@ class LatencyTrace:
             reads = [m for m, k in mine if k == "udp.read"]
             device = [m for m, k in mine if k == "udp.device"]
             writes = [m for m, k in mine if k == "udp.write"]
+            lone = [m for m, k in mine if k == "udp.lone"]
+            if lone and not device:  # receive_lone took it: the TUN write happened inside
+                device, writes = lone, lone
             if not reads or not device or not writes:
                 return
             try:
@@ -180,8 +196,11 @@ class LatencyTrace:
                 if 0 < arrived <= wall:
                     _add(samples["udp.kernel"], wall - arrived)
             _add(samples["udp.read"], reads[0] - start)
-            _add(samples["udp.device"], device[0] - reads[0])
-            _add(samples["udp.write"], writes[-1] - device[0])
+            if device is writes:
+                _add(samples["udp.lone"], device[0] - reads[0])
+            else:
+                _add(samples["udp.device"], device[0] - reads[0])
+                _add(samples["udp.write"], writes[-1] - device[0])
             _add(samples["udp.exit"], end - writes[-1])
             _add(samples["udp.total"], writes[-1] - start)
 

@@ -6,6 +6,8 @@ messages to handshake.py.
 `open_batch` (turbowg/noise/transport.py: authenticate, decrypt in place, replay window) and one
 `check_inner_sources` (turbowg/device/route.py: inner IP header, allowed source) call per run of messages to
 one keypair; the packets for the TUN are described by the preallocated `Device.rx_layout`.
+`receive_lone` is the same for the one datagram of a lone wake, with the open, the replay and inner checks
+and the TUN write in one C call (`Aead.open_write`); anything unusual goes down the batch path instead.
 """
 
 from __future__ import annotations
@@ -22,9 +24,26 @@ from turbowg.device.route import check_inner_sources
 from turbowg.device.state import DeviceState
 from turbowg.device.timers import needs_rekey_on_receive
 from turbowg.noise.handshake import Identified
+from turbowg.noise.transport import (
+    OW_AUTH_FAIL,
+    OW_BAD_INNER,
+    OW_EXPIRED,
+    OW_KEEPALIVE,
+    OW_MISMATCH,
+    OW_NOT_MINE,
+    OW_REPLAY,
+    OW_WRITTEN,
+)
 from turbowg.wire import MESSAGE_COOKIE_REPLY, MESSAGE_INITIATION, MESSAGE_TRANSPORT, TRANSPORT_MIN_SIZE
 
 _MESSAGE_TYPE = struct.Struct("<I")
+
+# What receive_lone did with the packet (None: nothing, the batch path must take the datagram).
+LONE_NOTHING = 0  # nothing to write (keepalive, dropped, refused): counted
+LONE_WRITTEN = 1  # written to the TUN
+LONE_WRITE = 2  # the caller writes rx_layout[0:2] (source re-checked here, or the C write failed)
+
+_REFUSED = {OW_AUTH_FAIL: "rx_decrypt_failed", OW_REPLAY: "rx_replay", OW_EXPIRED: "rx_expired_keypair"}
 
 # Room of the packed receive path: inner packets one batch of UDP reads can hold (32 bytes each at least:
 # the runtime's 2 MiB receive buffer plus one last 64 KiB read).
@@ -143,6 +162,63 @@ class ReceivePath(DeviceState):
                     heard[peer] = False
         self._after_receive(heard, now, out)
         return n_out, transmits(out)
+
+    def receive_lone(self, buf: bytearray, off: int, length: int, endpoint: Endpoint, now: float, tun_fd: int,
+                     prefix: bytes) -> int | None:
+        """The lone-datagram path: the one transport message at buf[off:off+length] from `endpoint` is opened,
+        checked and written to the TUN `tun_fd` (writev of `prefix` + packet) in one C call
+        (`Aead.open_write`), then handle_udp_packed's bookkeeping is done for it (counters, roaming, key
+        confirmation, timers). Returns LONE_NOTHING / LONE_WRITTEN / LONE_WRITE, or None when the datagram
+        needs the batch path (not a transport message, unknown index, expired keypair, the DERP path
+        selector); nothing is changed then. What it starts (a rekey, staged packets after a key
+        confirmation) is queued for the next tick, after the packet."""
+        if length < TRANSPORT_MIN_SIZE or self.paths is not None:
+            return None
+        unpack = _MESSAGE_TYPE.unpack_from
+        if unpack(buf, off)[0] != MESSAGE_TRANSPORT:
+            return None
+        receiver = unpack(buf, off + 4)[0]
+        entry = self._indices.get(receiver)
+        keypair = entry.keypair if entry is not None else None
+        if keypair is None or now - keypair.created >= REJECT_AFTER_TIME:
+            return None
+        peer = entry.peer  # type: ignore[union-attr]
+        code = keypair.receive_aead.open_write(buf, off, length, receiver, keypair.replay, peer.allowed_src, tun_fd,
+                                               prefix, self.rx_layout)
+        data = True
+        if code == OW_NOT_MINE:  # cannot happen after the checks above; nothing was touched
+            return None
+        if code == OW_WRITTEN:
+            result = LONE_WRITTEN
+        elif code < 0:
+            result = LONE_WRITE  # the TUN write failed: the caller's write counts it (or finds the TUN gone)
+        elif code == OW_MISMATCH:
+            result = LONE_WRITE if self._check_sources(peer, buf, self.rx_layout, 0, 1) else LONE_NOTHING
+        elif code == OW_KEEPALIVE:
+            self.counters["rx_keepalive"] += 1
+            data = False
+            result = LONE_NOTHING
+        elif code == OW_BAD_INNER:
+            self.counters["rx_bad_inner_packet"] += 1
+            result = LONE_NOTHING
+        else:  # not authenticated: nothing else happens (as handle_udp_packed)
+            self.counters[_REFUSED[code]] += 1
+            return LONE_NOTHING
+        # What handle_udp_packed and _after_receive do for one authenticated message, inlined.
+        peer.endpoint = endpoint
+        peer.rx_bytes += length
+        if peer.keypairs.next is keypair:
+            self._confirm_keypair(peer, keypair, now, self._queued)
+        timers = peer.timers
+        if timers.persistent_keepalive_interval > 0:
+            timers.any_authenticated_packet_traversal(now)
+        timers.new_handshake = None  # any_authenticated_packet_received
+        if data:
+            timers.data_received(now)
+        if not peer.sent_last_minute_handshake and needs_rekey_on_receive(peer.keypairs.current, now):
+            peer.sent_last_minute_handshake = True
+            self._initiate_handshake(peer, now, self._queued)
+        return result
 
     def _check_sources(self, peer: Peer, buf: bytearray, layout: array, start: int, count: int) -> int:
         """Keep the packets layout[start:start+count] whose inner source routes to `peer` (compacting the

@@ -3,6 +3,8 @@ peer by destination, seal them under the peer's current keypair, or stage them u
 
 `handle_tun_packed` is the runtime's hot path: one call per batch of TUN reads, one `seal_batch` call per run
 of packets to one peer, sealed messages written back to back into the preallocated `Device.tx_buffer`.
+`send_lone` is the same for the one packet of a lone wake (the interactive case), with the seal and the
+sendto in one C call; anything unusual about the packet sends it down the batch path instead.
 """
 
 from __future__ import annotations
@@ -10,7 +12,12 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable, Sequence
 
-from turbowg.device.constants import REJECT_AFTER_MESSAGES
+from turbowg.device.constants import (
+    REJECT_AFTER_MESSAGES,
+    REJECT_AFTER_TIME,
+    REKEY_AFTER_MESSAGES,
+    REKEY_AFTER_TIME,
+)
 from turbowg.device.keypair import Keypair
 from turbowg.device.output import Out, PackedTransmit, Transmit, add_datagram, transmits
 from turbowg.device.peer import Peer
@@ -109,6 +116,55 @@ class SendPath(DeviceState):
                 paths.data_sent(peer, endpoint, cursor - first_byte, total, now, out)
             self._after_send(peer, cursor - first_byte, True, now, out)
         return packed, transmits(out)
+
+    def send_lone(self, buf: bytearray, off: int, length: int, now: float, fd: int,
+                  sockaddrs: dict) -> int | None:
+        """The lone-packet path: route buf[off:off+length], seal it and send it on the UDP socket `fd` in one
+        call (`Aead.seal_sendto`), then do what handle_tun_packed does for it (counter, bytes, timers).
+        `sockaddrs` maps an endpoint to its packed sockaddr (b"": not sendable here). Returns what the send
+        returned (the message size, or -errno), or None when the packet needs the batch path (bad header, no
+        route, no usable session, staged packets, the DERP path selector): the caller hands it to
+        handle_tun_packed, which counts or stages it. A rekey it calls for is queued for the next tick
+        (next_deadline() then says at once): the handshake goes out after the packet, not before it."""
+        if length < 20:
+            return None
+        version = buf[off] >> 4
+        if version == 4:
+            peer = self.allowed_ips.lookup(bytes(buf[off + 16:off + 20]))
+        elif version == 6 and length >= 40:
+            peer = self.allowed_ips.lookup(bytes(buf[off + 24:off + 40]))
+        else:
+            return None
+        if peer is None or peer.staged or not self.up or self.paths is not None:
+            return None
+        keypair = peer.keypairs.current
+        if keypair is None:
+            return None
+        counter = keypair.send_counter
+        # _sending_keypair(peer, 1, now), inlined: one Python frame less per packet.
+        if counter + 1 > REJECT_AFTER_MESSAGES or now - keypair.created >= REJECT_AFTER_TIME:
+            return None
+        endpoint = peer.endpoint
+        if endpoint is None:
+            return None
+        sockaddr = sockaddrs[endpoint]
+        if not sockaddr:
+            return None
+        mtu = self.mtu
+        sent = keypair.send_aead.seal_sendto(fd, buf, off, length, mtu, keypair.remote_index, counter,
+                                             self.tx_buffer, sockaddr)
+        keypair.send_counter = counter + 1
+        # _after_send(peer, size, True, now, out), inlined (the same timer events, fewer frames).
+        peer.tx_bytes += sent if sent >= 0 else OVERHEAD + padded_length(length, mtu)
+        timers = peer.timers
+        if timers.persistent_keepalive_interval > 0:
+            timers.any_authenticated_packet_traversal(now)
+        timers.send_keepalive = None  # any_authenticated_packet_sent
+        if timers.new_handshake is None:
+            timers.data_sent(now)
+        if counter + 1 > REKEY_AFTER_MESSAGES or (keypair.is_initiator and now - keypair.created > REKEY_AFTER_TIME):
+            self._initiate_handshake(peer, now, self._queued)
+        return sent
 
     def _merge(self, packed: list[PackedTransmit], others: list[Transmit]) -> list[Transmit]:
         """PackedTransmits as datagram lists (copies out of tx_buffer), then the other transmits."""

@@ -17,10 +17,24 @@
   message for `receiver`. A message that fails authentication is left as it came (no unauthenticated
   plaintext ever stays in `buf`). What the plaintexts are and whether they may come from that peer is the
   device's business (turbowg/device/route.py), not cryptography's.
+
+The lone-packet path (one packet per wake, the interactive case) does a crossing's whole work in one call:
+
+- ``seal_sendto(fd, src, off, length, mtu, receiver, counter, dst, sockaddr) -> int``: seal one packet into
+  dst[0:] and sendto(fd) it to `sockaddr` (packed struct sockaddr, see `pack_sockaddr`); returns the
+  message size, or -errno when the send failed (the message is sealed and the counter used all the same).
+- ``open_write(buf, off, length, receiver, replay, allowed_src, tun_fd, prefix, layout) -> int``: open the
+  one message at buf[off:off+length] in place, replay-check it, check its inner header and source (as
+  route.check_inner_sources), and write it to the TUN with writev(tun_fd, [prefix, packet]); returns an
+  `OW_*` code, or -errno when the TUN write failed. layout[0:2] gets (offset, inner length) of a kept packet.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
+import socket
 import struct
 from typing import NamedTuple
 
@@ -44,6 +58,39 @@ def padded_length(length: int, mtu: int) -> int:
     if padded_last > mtu:
         padded_last = mtu
     return length + padded_last - last
+
+
+# open_write's answers (the same numbers in _aead.c); a failed TUN write is -errno instead.
+OW_WRITTEN, OW_KEEPALIVE, OW_AUTH_FAIL, OW_REPLAY, OW_EXPIRED, OW_BAD_INNER, OW_MISMATCH, OW_NOT_MINE = range(8)
+
+
+def pack_sockaddr(host: str, port: int) -> bytes:
+    """The struct sockaddr_in6 an AF_INET6 (dual-stack) socket sends to for (host, port), IPv4 mapped."""
+    try:
+        raw = socket.inet_pton(socket.AF_INET, host)
+        raw = b"\0" * 10 + b"\xff\xff" + raw
+    except OSError:
+        raw = socket.inet_pton(socket.AF_INET6, host)
+    if not 0 < port <= 65535:
+        raise ValueError(f"port {port} out of range 1..65535")
+    return struct.pack("=H", socket.AF_INET6) + struct.pack("!HI16sI", port, 0, raw, 0)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.sendto.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_uint]
+_libc.sendto.restype = ctypes.c_ssize_t
+
+
+def _sendto_fd(fd: int, data: bytes, sockaddr: bytes) -> int:
+    """sendto(2) on a bare fd (the C version's call): bytes sent, or -errno."""
+    while True:
+        sent = _libc.sendto(fd, data, len(data), 0, sockaddr, len(sockaddr))
+        if sent >= 0:
+            return sent
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            return -err
 
 
 class OpenResult(NamedTuple):
@@ -108,6 +155,49 @@ class PyAead:
             cur += size
         return cur - dst_off
 
+    def seal_sendto(self, fd: int, src, off: int, length: int, mtu: int, receiver: int, counter: int, dst,
+                    sockaddr: bytes) -> int:
+        if off < 0 or length < 0 or off + length > len(src):
+            raise BufferError("seal_sendto: packet outside the source buffer")
+        size = self._seal(memoryview(src)[off:off + length], memoryview(dst), 0, mtu, receiver, counter)
+        sent = _sendto_fd(fd, bytes(dst[:size]), sockaddr)
+        return sent if sent < 0 else size
+
+    def open_write(self, buf, off: int, length: int, receiver: int, replay, allowed_src: bytes, tun_fd: int,
+                   prefix: bytes, layout) -> int:
+        if off < 0 or length < 0 or off + length > len(buf):
+            raise BufferError("open_write: range out of the buffer")
+        opened = self.open_batch(buf, off, off + length, max(length, 1), receiver, replay, layout, 0)
+        if opened.end == off:
+            return OW_NOT_MINE
+        if opened.expired:
+            return OW_EXPIRED
+        if opened.auth_fail:
+            return OW_AUTH_FAIL
+        if opened.replay:
+            return OW_REPLAY
+        if opened.keepalive:
+            return OW_KEEPALIVE
+        body, plen = layout[0], layout[1]
+        version = buf[body] >> 4
+        if version == 4 and plen >= 20:
+            inner, minimum, source = (buf[body + 2] << 8) | buf[body + 3], 20, buf[body + 12:body + 16]
+        elif version == 6 and plen >= 40:
+            inner, minimum, source = 40 + ((buf[body + 4] << 8) | buf[body + 5]), 40, buf[body + 8:body + 24]
+        else:
+            return OW_BAD_INNER
+        if not minimum <= inner <= plen:
+            return OW_BAD_INNER
+        layout[1] = inner
+        if source != allowed_src:
+            return OW_MISMATCH
+        packet = memoryview(buf)[body:body + inner]
+        try:
+            os.writev(tun_fd, [prefix, packet] if prefix else [packet])
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
+        return OW_WRITTEN
+
     def open_batch(self, buf, off: int, end: int, stride: int, receiver: int, replay, out_layout,
                    out_idx: int) -> OpenResult:
         mv = memoryview(buf)
@@ -166,4 +256,8 @@ except ImportError:
     CReplayWindow = None  # the caller uses turbowg.device.replay.ReplayWindow
     HAVE_C = False
 
-__all__ = ["Aead", "CReplayWindow", "HAVE_C", "OVERHEAD", "OpenResult", "PyAead", "padded_length"]
+__all__ = [
+    "OW_AUTH_FAIL", "OW_BAD_INNER", "OW_EXPIRED", "OW_KEEPALIVE", "OW_MISMATCH", "OW_NOT_MINE", "OW_REPLAY",
+    "OW_WRITTEN", "Aead", "CReplayWindow", "HAVE_C", "OVERHEAD", "OpenResult", "PyAead", "pack_sockaddr",
+    "padded_length",
+]
