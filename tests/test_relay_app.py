@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import gc
 import ipaddress
 import resource
@@ -16,16 +15,9 @@ import subprocess
 import time
 import types
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-import uvloop
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from turbowg.derp import client as client_mod
 from turbowg.derp import codec, keys
@@ -33,70 +25,20 @@ from turbowg.derp.client import DerpClient, DerpClientError
 from turbowg.derp.client_proto import ClientConnection
 from turbowg.derp.codec import FrameType
 from turbowg.relay.app import RelayConfig, RelayConfigError, parse_addr, prepare, serve_worker
-from turbowg.relay.http import RelayHTTPProtocol
-from turbowg.relay.server import DerpServer
+from turbowg.testing.relay import (
+    connected_clients,
+    exchange,
+    make_cert,
+    raw_upgrade,
+    relay,
+    run,
+    server_tls,
+    until,
+)
 
 # A Ping/Pong over loopback through an idle-ish relay takes well under a millisecond; a second is a bound that
 # still holds on a loaded 2-core CI machine, and a failure means the pong is stuck, not slow.
 RTT_BOUND = 1.0
-
-
-def run(coro_fn: Callable[[], Awaitable[Any]], timeout: float = 60.0) -> Any:
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro_fn()
-
-    return uvloop.run(bounded())
-
-
-def make_cert(directory: Path, hostname: str = "localhost") -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname),
-                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )
-    crt, keyfile = directory / f"{hostname}.crt", directory / f"{hostname}.key"
-    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    return crt, keyfile
-
-
-def server_tls(directory: Path) -> ssl.SSLContext:
-    crt, key = make_cert(directory)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(crt), str(key))
-    return ctx
-
-
-@contextlib.asynccontextmanager
-async def relay(tls: ssl.SSLContext | None = None, **kw: Any) -> AsyncIterator[tuple[DerpServer, str]]:
-    server = DerpServer(keys.generate_private_key(), **kw)
-    loop = asyncio.get_running_loop()
-    listener = await loop.create_server(lambda: RelayHTTPProtocol(server), "127.0.0.1", 0, ssl=tls)
-    port = listener.sockets[0].getsockname()[1]
-    try:
-        yield server, f"{'https' if tls else 'http'}://127.0.0.1:{port}/derp"
-    finally:
-        listener.close()
-        server.close()
-        await asyncio.sleep(0.01)
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Poll `predicate` (every 10 ms) until true; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def checked_ping(client: DerpClient, monkeypatch: pytest.MonkeyPatch, data: bytes) -> float:
@@ -117,35 +59,12 @@ async def checked_ping(client: DerpClient, monkeypatch: pytest.MonkeyPatch, data
     return rtt
 
 
-def payload(i: int) -> bytes:
-    # sizes vary from 4 to ~1400 bytes; contents depend on the sequence number
-    size = 4 + (i * 37) % 1400
-    return i.to_bytes(4, "big") + bytes([i & 0xFF]) * (size - 4)
-
-
-async def exchange(a: DerpClient, b: DerpClient, count: int, window: int = 64) -> None:
-    """a sends `count` packets to b in windows, waiting for each window to arrive (no congestion)."""
-    expect = 0
-    for start in range(0, count, window):
-        end = min(start + window, count)
-        a.send_many(b.public_key, [payload(i) for i in range(start, end)])
-        await a.drain()
-        while expect < end:
-            for msg in await b.recv_many():
-                if isinstance(msg, codec.ReceivedPacket):
-                    assert msg.source == a.public_key
-                    assert msg.data == payload(expect), f"packet {expect} lost or altered"
-                    expect += 1
-
-
 @pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
 def test_100k_packets_exchanged_without_loss(use_tls: bool, tmp_path: Path, monkeypatch) -> None:
     async def main() -> None:
         tls = server_tls(tmp_path) if use_tls else None
         async with relay(tls) as (server, url):
-            a, b = DerpClient(), DerpClient()
-            await a.connect(url, verify=False)
-            await b.connect(url, verify=False)
+            a, b = await connected_clients(url, verify=False)
             await exchange(a, b, 100_000)
             await exchange(b, a, 1_000)  # and the other way
             assert server.metrics.total_dropped() == 0
@@ -174,9 +93,7 @@ def test_tls_client_verifies_certificate_when_asked(tmp_path: Path) -> None:
 def test_peer_gone_arrives_when_peer_leaves() -> None:
     async def main() -> None:
         async with relay() as (server, url):
-            a, b = DerpClient(), DerpClient()
-            await a.connect(url)
-            await b.connect(url)
+            a, b = await connected_clients(url)
             a.send(b.public_key, b"hello")
             assert await b.recv() == codec.ReceivedPacket(a.public_key, b"hello")
             await a.close()
@@ -186,15 +103,6 @@ def test_peer_gone_arrives_when_peer_leaves() -> None:
             await until(lambda: server.clients == {} and server.conns == set(), "the relay to forget both clients")
 
     run(main)
-
-
-async def raw_upgrade(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n")
-    head = await reader.readuntil(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 101 ")
-    return reader, writer
 
 
 async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
@@ -253,9 +161,7 @@ def test_closed_by_server_tells_a_close_from_an_open_connection() -> None:
 def test_hostile_input_closes_only_that_connection() -> None:
     async def main() -> None:
         async with relay() as (server, url):
-            good_a, good_b = DerpClient(), DerpClient()
-            await good_a.connect(url)
-            await good_b.connect(url)
+            good_a, good_b = await connected_clients(url)
 
             # 1. garbage instead of an HTTP request
             port = int(url.rsplit(":", 1)[1].split("/")[0])
@@ -347,9 +253,7 @@ def test_client_that_never_reads_drops_and_counts_while_others_flow() -> None:
             stalled = proto.public_key
             w.transport.pause_reading()
 
-            flood, a, b = DerpClient(), DerpClient(), DerpClient()
-            for c in (flood, a, b):
-                await c.connect(url)
+            flood, a, b = await connected_clients(url, 3)
             for _ in range(20):
                 flood.send_many(stalled, [bytes(1200)] * 256)
                 await flood.drain()

@@ -26,7 +26,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_relay_app import exchange, raw_upgrade, relay, run, server_tls, until
 from test_relay_server import authenticated
 
 from turbowg.derp import codec, keys
@@ -34,6 +33,7 @@ from turbowg.derp.client import DerpClient
 from turbowg.derp.client_proto import ClientConnection
 from turbowg.relay import fastpath
 from turbowg.relay.http import RelayHTTPProtocol
+from turbowg.testing.relay import exchange, raw_upgrade, relay, run, server_tls, until
 
 pytestmark = pytest.mark.skipif(not fastpath.HAVE_C, reason="turbowg.relay._fastpath not built or TURBOWG_NO_C set")
 
