@@ -80,6 +80,7 @@ typedef struct {
     uint64_t xoff_mask; /* K_CLIENT: channels told XOFF for this client's key (XON is owed when it drains) */
     int blocked_x;     /* the sender waits in blocked_on's xwaiters (an XOFF'd key), not its waiters */
     int *xwaiters; int nxwaiters, cxwaiters; /* K_CHAN: senders waiting for an XON */
+    unsigned long long rec_out, rec_in; /* K_CHAN: PACKET records queued by C senders / delivered in C */
     uint32_t gen;      /* bumped on reuse: ids are gen<<32 | slot */
     uint32_t uid;      /* unique per add(), for the delivery sets */
     uint8_t key[KEY];
@@ -626,6 +627,7 @@ static void process_records(Loop *L, int slot, const uint8_t *buf, size_t len) {
                     L->packets_sent++;
                     L->bytes_sent += plen;
                     L->forwarded_in++;
+                    ch->rec_in++;
                     int sat = route_find(L, b);
                     /* a source without a route here: its key hash, kept apart from the counted uids */
                     uint32_t uid = sat >= 0 ? L->routes[sat].uid : (uint32_t)key_hash(L, b) | 0x80000000u;
@@ -697,6 +699,7 @@ static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
                         L->bytes_received += plen;
                         if (is_disco(payload + KEY, plen)) L->packets_received_disco++;
                         L->forwarded_out++;
+                        d->rec_out++;
                         mark_dirty(L, ds);
                     }
                     p += HDR + flen;
@@ -1131,12 +1134,13 @@ static PyObject *Loop_conn_info(Loop *L, PyObject *arg) {
     int s = slot_arg(L, arg);
     if (s < 0) return NULL;
     conn_t *c = &L->conns[s];
-    return Py_BuildValue("{s:n,s:n,s:O,s:O,s:O,s:O,s:i,s:O,s:K,s:s}", "queue_bytes", (Py_ssize_t)pending(c),
+    return Py_BuildValue("{s:n,s:n,s:O,s:O,s:O,s:O,s:i,s:O,s:K,s:s,s:K,s:K}", "queue_bytes", (Py_ssize_t)pending(c),
                          "in_bytes", (Py_ssize_t)c->in_len, "paused", c->blocked_on >= 0 ? Py_True : Py_False,
                          "reading", (c->mask & EPOLLIN) ? Py_True : Py_False, "stalled", c->stalled ? Py_True : Py_False,
                          "dead", c->dead ? Py_True : Py_False, "fd", c->fd,
                          "xoff_paused", c->blocked_x ? Py_True : Py_False, "xoff_mask", (unsigned long long)c->xoff_mask,
-                         "kind", c->kind == K_CHAN ? "channel" : "client");
+                         "kind", c->kind == K_CHAN ? "channel" : "client", "records_out", c->rec_out,
+                         "records_in", c->rec_in);
 }
 
 /* poll() -> [(id, kind, bytes), ...]: one non-blocking turn. kind < 256: frames handed up (bytes = whole

@@ -10,6 +10,13 @@ keys the C loop holds are forwarded without Python; every other frame, SendPacke
 `FastConn` is the connection the server makes when a fast plane exists: a `ClientConn` until the handover,
 then the same object (same registration, timers, watchers) whose output goes to the C loop.
 
+Channels to sibling shards (shards/peer.py) join the same C loop (`FastPlane.add_channel`): a key a
+sibling announces is routed in the C table to its channel, so a SendPacket for it becomes a PACKET record
+in the channel's output buffer (written once per turn), PACKET records read from a channel are delivered
+to local C clients without Python, and per-key XOFF/XON records between the two C loops pause the senders
+of a key whose receiver is full. PRESENT/GONE and packets for keys C does not hold come up as EV_RECORDS
+to the channel's `ChannelEnd`.
+
 The C loop's epoll fd is registered with the asyncio loop (`add_reader`); `poll()` does one non-blocking
 turn. One thread: all of this runs on the worker's event loop.
 """
@@ -20,7 +27,7 @@ import asyncio
 import logging
 import os
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from turbowg import accel
 from turbowg.derp.codec import ClientInfo
@@ -48,8 +55,24 @@ if _fastpath is not None:
     EV_WRITE_TIMEOUT = _fastpath.EV_WRITE_TIMEOUT
     EV_DELIVERY = _fastpath.EV_DELIVERY
     EV_ACTIVE = _fastpath.EV_ACTIVE
+    EV_RECORDS = _fastpath.EV_RECORDS
 
-_SYNCED = ("packets_received", "bytes_received", "packets_received_disco", "packets_sent", "bytes_sent")
+_SYNCED = ("packets_received", "bytes_received", "packets_received_disco", "packets_sent", "bytes_sent",
+           "packets_forwarded_out", "packets_forwarded_in")
+_CHANNEL_LABEL = b"\x00" * 32  # a channel has no DERP key
+
+
+class ChannelEnd(Protocol):
+    """What the C loop reports a sibling channel's events to (shards/peer.py's ShardPeer in C mode)."""
+
+    def records_received(self, data: bytes) -> None:
+        """Whole records the C loop did not handle (PRESENT/GONE, packets for keys it does not hold)."""
+
+    def channel_lost(self, reason: str) -> None:
+        """The channel closed or broke; the C loop has forgotten it and every route to it."""
+
+    def channel_drained(self, queued: int) -> None:
+        """After a poll, while registered with `watch_drain`: bytes still queued on the channel."""
 _LOOP_MODULES = ("uvloop", "asyncio")
 
 
@@ -66,6 +89,9 @@ class FastPlane:
         self.server = server
         self.c = _fastpath.Loop(bound=bound, write_timeout=server.limits.write_timeout or 0.0)
         self.conns: dict[int, FastConn] = {}
+        self.channels: dict[int, ChannelEnd] = {}
+        self._draining: dict[int, ChannelEnd] = {}  # channels whose Python senders wait for the queue to drain
+        self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._prev: dict[str, object] = {}
@@ -92,19 +118,19 @@ class FastPlane:
         conn.flush()  # packets queued in Python before the handover go first, through asyncio
         if conn.paused or t.get_write_buffer_size():
             return False  # asyncio still holds output: try again after the next read
-        pending = conn.proto._pending  # bytes after the last whole frame: the C loop continues from them
         try:
             fd = os.dup(sock.fileno())
         except OSError:
             return self._refuse(conn)
         t.pause_reading()
+        pending = conn.proto.take_pending()  # bytes after the last whole frame: the C loop continues from them
         try:
             fid = self.c.add(fd, conn.key, pending)
         except (OSError, ValueError):
             os.close(fd)
+            conn.proto.receive_data(pending)  # back to the Python parser, as if never taken
             t.resume_reading()
             return self._refuse(conn)
-        conn.proto._pending = b""
         conn.fid = fid
         conn.handed_over = True
         conn.transport = None
@@ -133,7 +159,7 @@ class FastPlane:
         self._tick = None
         self._on_ready()
         self.sync_metrics()
-        if self.conns and self._loop is not None:
+        if (self.conns or self.channels) and self._loop is not None:
             self._tick = self._loop.call_later(TICK, self._on_tick)
 
     def drop(self, fid: int) -> None:
@@ -143,12 +169,68 @@ class FastPlane:
         except KeyError:
             pass
 
+    # -- sibling channels -----------------------------------------------------------------------------
+
+    def add_channel(self, sock: socket.socket, number: int, end: ChannelEnd) -> int:
+        """The C loop owns `sock` (a channel to sibling shard `number`) from now on; events go to `end`."""
+        fid: int = self.c.add(sock.detach(), _CHANNEL_LABEL, channel=number)
+        self.channels[fid] = end
+        self._attach()
+        return fid
+
+    def drop_channel(self, fid: int) -> None:
+        """Close a channel (its routes go with it); the end hears channel_lost."""
+        end = self.channels.pop(fid, None)
+        self._draining.pop(fid, None)
+        try:
+            self.c.remove(fid)
+        except (KeyError, ValueError):
+            pass
+        if end is not None:
+            end.channel_lost("closed")
+
+    def forward(self, fid: int, src: bytes, dst: bytes, packet: bytes, limit: int) -> int:
+        """A PACKET record from a sender Python holds; queued bytes on the channel, or -1 if dropped."""
+        if self.closed:
+            return -1
+        queued: int = self.c.forward(fid, src, dst, packet, limit)
+        self.request_flush()
+        return queued
+
+    def write_channel(self, fid: int, records: bytes) -> None:
+        if self.closed:
+            return
+        self.c.write(fid, records)
+        self.request_flush()
+
+    def watch_drain(self, fid: int, end: ChannelEnd) -> None:
+        self._draining[fid] = end
+
+    def unwatch_drain(self, fid: int) -> None:
+        self._draining.pop(fid, None)
+
+    def request_flush(self) -> None:
+        """Write what Python queued in the C loop at the end of this event-loop turn (once per turn)."""
+        if not self._flush_scheduled and not self.closed:
+            self._flush_scheduled = True
+            self.server.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self.closed:
+            self.c.flush()
+
+    def channel_info(self, fid: int) -> dict[str, object]:
+        return self.c.conn_info(fid)
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
         for conn in list(self.conns.values()):
             conn.abort()
+        for fid in list(self.channels):
+            self.drop_channel(fid)
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
@@ -171,12 +253,20 @@ class FastPlane:
         c = self.c
         if isinstance(conn, FastConn) and conn.fid is not None:
             c.route(key, conn.fid)
+        elif conn is None and (fid := self._channel_of(key)) is not None:
+            c.route(key, fid)  # held by a sibling shard: SendPacket becomes a PACKET record in C
         else:
             c.unroute(key)
         # duplicates: the C loop says when one of them speaks (derper's last-writer-is-active)
         for d in server.conns_for_key(key):
             if isinstance(d, FastConn) and d.fid is not None:
                 c.set_notify_active(d.fid, d.is_dup)
+
+    def _channel_of(self, key: bytes) -> int | None:
+        """The C channel of the forwarder Python would use for `key` (the first registered), if it is one."""
+        fwd = self.server.first_forwarder(key)
+        fid = getattr(fwd, "c_channel", None)
+        return fid if fid is not None and fid in self.channels else None
 
     # -- events from the C loop -----------------------------------------------------------------------
 
@@ -187,6 +277,9 @@ class FastPlane:
             return
         if events:
             self._dispatch(events)
+        if self._draining:
+            for fid, end in list(self._draining.items()):
+                end.channel_drained(self.c.queue_bytes(fid))
         self.server.flush_dirty()
         if self.c.counters() != self._last:
             self.sync_metrics()
@@ -197,6 +290,9 @@ class FastPlane:
         for fid, kind, data in events:
             conn = conns.get(fid)
             if conn is None:
+                end = self.channels.get(fid)
+                if end is not None:
+                    self._channel_event(fid, end, kind, data)
                 continue
             if kind < 256:
                 conn.fast_frame(data)
@@ -218,6 +314,25 @@ class FastPlane:
                 log.info("derp client %s: no write progress for %.1fs; closing", conn.describe(),
                          server.limits.write_timeout)
                 conn.abort()
+
+    def _channel_event(self, fid: int, end: ChannelEnd, kind: int, data: bytes) -> None:
+        if kind == EV_RECORDS:
+            end.records_received(data)
+        elif kind in (EV_CLOSED, EV_PROTOCOL):
+            log.log(logging.DEBUG if self.closed else logging.ERROR, "shard channel: %s",
+                    data.decode(errors="replace"))
+            self.channels.pop(fid, None)
+            self._draining.pop(fid, None)
+            try:
+                self.c.remove(fid)
+            except KeyError:
+                pass
+            end.channel_lost(data.decode(errors="replace"))
+        elif kind == EV_WRITE_TIMEOUT:
+            # the sibling took nothing for the write timeout: its queued packets were dropped (queue_head) and
+            # senders go on with head drops until it reads again; the channel itself stays
+            log.warning("shard channel: no write progress for %.1fs; dropped its queued packets",
+                        self.server.limits.write_timeout)
 
     # -- counters -------------------------------------------------------------------------------------
 

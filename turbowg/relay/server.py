@@ -163,6 +163,8 @@ class DerpServer:
             # A key on a sibling shard is part of this relay: mesh watchers must hear of it too.
             if key not in self.clients and len(siblings) == 1:
                 self._broadcast_frame(encode_peer_present(key))
+        if self.fast is not None and lst[0] is fwd:
+            self.fast.sync_key(key)  # a sibling's key: the C plane routes it to the channel
 
     def unregister_forwarder(self, key: bytes, fwd: PacketForwarder) -> None:
         lst = self._forwarders.get(key)
@@ -180,6 +182,8 @@ class DerpServer:
             del self._forwarders[key]
             if key not in self.clients:
                 self._peer_gone_from_region(key)
+        if self.fast is not None:
+            self.fast.sync_key(key)
 
     def add_conn_listener(self, cb: ConnListener) -> Callable[[], None]:
         """`cb(key, present)` when a key gets its first local connection / loses its last one."""
@@ -198,6 +202,11 @@ class DerpServer:
 
     def forwarder_keys(self) -> Iterable[bytes]:
         return list(self._forwarders)
+
+    def first_forwarder(self, key: bytes) -> PacketForwarder | None:
+        """The forwarder route_packet uses for `key` when no local client holds it."""
+        fwds = self._forwarders.get(key)
+        return fwds[0] if fwds else None
 
     def deliver_forwarded(self, src: bytes, dst: bytes, packet: bytes) -> bool:
         """A packet from a mesh peer or another shard for a local client; never forwarded again."""

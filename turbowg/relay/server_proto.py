@@ -119,6 +119,12 @@ class ServerConnection:
     def close(self) -> None:
         self.state = ServerState.CLOSED
 
+    def take_pending(self) -> bytes:
+        """The bytes received after the last whole frame, which this parser then forgets: whoever takes
+        over the stream (fastpath.FastPlane.take) continues from them."""
+        pending, self._pending = self._pending, b""
+        return pending
+
     def receive_data(self, data: bytes) -> None:
         if self.state is ServerState.CLOSED:
             return

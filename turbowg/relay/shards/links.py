@@ -4,7 +4,9 @@
 `attach` turns each channel into a ShardPeer (peer.py), announces every key this shard holds -- now
 and whenever a key gets its first or loses its last local connection (`DerpServer.add_conn_listener`)
 -- and stops reading from this shard's clients while any channel is congested, so senders feel TCP
-backpressure instead of the channel dropping.
+backpressure instead of the channel dropping. With a C forwarding plane (server.fast) the channel sockets
+go to the C loop instead of asyncio (ShardPeer.attach_c): C-held senders are then paused per key by the
+C loops themselves, and the congestion signal only comes from packets Python forwards.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class ShardLinks:
     def counters(self) -> ShardCounters:
         total = ShardCounters()
         for peer in self.peers.values():
-            for name, value in vars(peer.counters).items():
+            for name, value in vars(peer.sync_counters()).items():
                 setattr(total, name, getattr(total, name) + value)
         return total
 
@@ -64,7 +66,10 @@ class ShardContext:
 
         for peer_index, sock in sorted(self.channels.items()):
             peer = ShardPeer(server, peer_index, on_congestion=on_congestion)
-            await loop.connect_accepted_socket(lambda p=peer: p, sock)
+            if server.fast is not None:
+                peer.attach_c(server.fast, sock)
+            else:
+                await loop.connect_accepted_socket(lambda p=peer: p, sock)
             peers[peer_index] = peer
 
         def on_conn_change(key: bytes, present: bool) -> None:

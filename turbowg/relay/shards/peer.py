@@ -10,6 +10,15 @@ locks anywhere on this path.
 
 Flow control: when the channel holds more than CHANNEL_HIGH unsent bytes the peer reports congestion
 (`on_congestion`, links.py pauses the shard's client reads) until it drains below CHANNEL_LOW.
+
+Two ways to run, one record format:
+- asyncio (the pure-Python path, TURBOWG_NO_C=1): the channel is an asyncio transport and every packet
+  crosses in Python, as described above.
+- C (`attach_c`, when the worker has a C forwarding plane): the channel fd belongs to the worker's C loop
+  (fastpath.py, _fastpath.c). Packets between C-held clients cross without Python, with per-key XOFF/XON
+  records between the two C loops as backpressure; this object then only sees what C hands up
+  (`records_received`: PRESENT/GONE, packets for keys Python holds), and forwards for senders Python holds
+  (TLS, WebSocket, mesh) through `FastPlane.forward`.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from turbowg.relay.server import DerpServer
 from turbowg.relay.shards import records
@@ -31,6 +40,11 @@ from turbowg.relay.shards.records import (
     append_packet,
 )
 from turbowg.wire import KEY_SIZE
+
+if TYPE_CHECKING:
+    import socket
+
+    from turbowg.relay.fastpath import FastPlane
 
 log = logging.getLogger("turbowg.relay.shards")
 
@@ -88,10 +102,37 @@ class ShardPeer(asyncio.Protocol):
         self._transport_paused = False
         self._batch_full = False
         self._congested = False
+        # C mode (attach_c): the channel's id in the worker's C loop, and packets Python forwarded through it
+        self.c_channel: int | None = None
+        self._plane: FastPlane | None = None
+        self._py_packets_out = 0
+        self._py_packets_in = 0
+
+    def attach_c(self, plane: FastPlane, sock: socket.socket) -> None:
+        """Hand the channel socket to the worker's C loop (instead of an asyncio transport)."""
+        self._plane = plane
+        self.c_channel = plane.add_channel(sock, self.peer_index, self)
+
+    def sync_counters(self) -> ShardCounters:
+        """The counters, with the packets the C loop moved on this channel added (C mode)."""
+        if self.c_channel is not None and self._plane is not None:
+            try:
+                info = self._plane.channel_info(self.c_channel)
+            except (KeyError, ValueError):
+                return self.counters
+            self.counters.packets_out = self._py_packets_out + int(info["records_out"])  # type: ignore[call-overload]
+            self.counters.packets_in = self._py_packets_in + int(info["records_in"])  # type: ignore[call-overload]
+        return self.counters
 
     # -- sending side (called from the DerpServer's forwarding path) --------------------------------
 
     def forward_packet(self, src: bytes, dst: bytes, packet: bytes) -> bool:
+        fid = self.c_channel
+        if fid is not None:
+            return self._forward_c(fid, src, dst, packet)
+        if self._plane is not None:  # C mode, channel gone
+            self.counters.dropped_closed += 1
+            return False
         transport = self._transport
         if transport is None or transport.is_closing():
             self.counters.dropped_closed += 1
@@ -110,8 +151,42 @@ class ShardPeer(asyncio.Protocol):
             self._loop.call_soon(self._flush)
         return True
 
+    def _forward_c(self, fid: int, src: bytes, dst: bytes, packet: bytes) -> bool:
+        assert self._plane is not None
+        queued = self._plane.forward(fid, src, dst, packet, self.max_backlog)
+        if queued < 0:
+            self.counters.dropped_backlog += 1
+            return False
+        self._py_packets_out += 1
+        self.counters.packets_out += 1
+        if queued > CHANNEL_HIGH and not self._batch_full:
+            self._batch_full = True  # until channel_drained says it is below CHANNEL_LOW
+            self._plane.watch_drain(fid, self)
+            self._update_congestion()
+        return True
+
+    # -- C mode: fastpath.ChannelEnd -----------------------------------------------------------------
+
+    def records_received(self, data: bytes) -> None:
+        self.data_received(data)
+
+    def channel_lost(self, reason: str) -> None:
+        self.c_channel = None
+        self.connection_lost(None)
+
+    def channel_drained(self, queued: int) -> None:
+        if queued < CHANNEL_LOW and self._batch_full and self._plane is not None and self.c_channel is not None:
+            self._batch_full = False
+            self._plane.unwatch_drain(self.c_channel)
+            self._update_congestion()
+
     def announce(self, key: bytes, present: bool) -> None:
         """Tell the peer shard that this shard gained or lost a client key."""
+        if self.c_channel is not None and self._plane is not None:
+            rec = bytearray()
+            append_announce(rec, key, present)
+            self._plane.write_channel(self.c_channel, bytes(rec))
+            return
         if self._transport is None or self._transport.is_closing():
             return
         append_announce(self._out, key, present)
@@ -134,7 +209,9 @@ class ShardPeer(asyncio.Protocol):
 
     def close(self) -> None:
         """Close the channel (connection_lost then unregisters the sibling's keys)."""
-        if self._transport is not None:
+        if self.c_channel is not None and self._plane is not None:
+            self._plane.drop_channel(self.c_channel)
+        elif self._transport is not None:
             self._transport.close()
 
     def _update_congestion(self) -> None:
@@ -180,6 +257,7 @@ class ShardPeer(asyncio.Protocol):
             pos = body + length
             if rec_type == REC_PACKET:
                 counters.packets_in += 1
+                self._py_packets_in += 1
                 if not server.deliver_forwarded(
                     data[body : body + KEY_SIZE], data[body + KEY_SIZE : body + 2 * KEY_SIZE], data[body + 2 * KEY_SIZE : pos]
                 ):
