@@ -468,14 +468,14 @@ def test_rtt_summary_and_table() -> None:
 def test_bench_rtt_through_turbowg_wireguard_go_and_underlay(tmp_path) -> None:
     """Tiny RTT runs on every path: the pings' answers came back through each tunnel (its receiving daemon's
     own counter moved by at least the echo requests), wireguard-go ran, the load ran, the table and chart."""
-    result = _bench(tmp_path, "--impl", "turbowg,wireguard-go,underlay", "--tests", "rtt-idle,rtt-tcp,rtt-paced400",
-                    "--runs", "1", "--duration", "1", timeout=300)
+    result = _bench(tmp_path, "--impl", "turbowg,wireguard-go,underlay", "--tests",
+                    "rtt-idle,rtt-tcp,rtt-paced400,rtt-paced100", "--runs", "1", "--duration", "1", timeout=300)
     assert result.returncode == 0, result.stderr + result.stdout
     assert not _announced_namespaces(result.stderr) & _namespaces()
     raw = json.loads((tmp_path / "tunnel-runs.json").read_text())
     assert raw["meta"]["commands"]["wireguard-go"]["command"] == ["wireguard-go"]
     runs = {(r["path"], r["test"]): r for r in raw["runs"]}
-    assert len(runs) == 9
+    assert len(runs) == 12
     for (path, test), r in runs.items():
         assert r["ok"], r
         detail = r["detail"]
@@ -495,11 +495,11 @@ def test_bench_rtt_through_turbowg_wireguard_go_and_underlay(tmp_path) -> None:
             if path != "underlay":
                 assert set(detail["udp_recvq_bytes"]) == {"daemon a", "daemon b"}
                 assert all(q["samples"] > 0 for q in detail["udp_recvq_bytes"].values())
-        if test == "rtt-paced400":
-            assert r["gbps"] < 1.5 * tunnel.PACED_MBIT / 1000  # paced, not flat out
+        if test in tunnel.PACED_MBIT:
+            assert r["gbps"] < 1.5 * tunnel.PACED_MBIT[test] / 1000  # paced, not flat out
     labels = raw["meta"]["labels"]
     for path in ("turbowg", "wireguard-go", "underlay"):
-        for test in ("rtt-idle", "rtt-tcp", "rtt-paced400"):
+        for test in ("rtt-idle", "rtt-tcp", "rtt-paced400", "rtt-paced100"):
             cells = _table_row(result.stdout, test, labels.get(path, path))
             assert cells[2].startswith(f"{runs[(path, test)]['detail']['rtt_ms']['p50']:.3f} ")
     assert {(s["path"], s["test"]) for s in raw["rtt_summary"]} == set(runs)

@@ -14,9 +14,10 @@ machine (thermal, noisy neighbours) hits all implementations alike. Tests:
 - udp-gso-paced: the same load paced in time, swept over offered rates from low to past saturation
                (doubling from SWEEP_START_MBIT, then two bisection steps); the figure is the highest
                rate delivered with less than 1% loss.
-- rtt-idle / rtt-tcp / rtt-paced400: round-trip times of ping (56-byte payload, one every RTT_INTERVAL,
-               for the run's duration) from a to b through the path: idle, while one unpaced iperf3 TCP
-               stream runs a -> b, and while one iperf3 TCP stream paced at 400 Mbit/s runs. Each run gives
+- rtt-idle / rtt-tcp / rtt-paced400 / rtt-paced100: round-trip times of ping (56-byte payload, one every
+               RTT_INTERVAL, for the run's duration) from a to b through the path: idle, while one unpaced
+               iperf3 TCP stream runs a -> b, and while one iperf3 TCP stream paced at 400 or 100 Mbit/s runs
+               (100: a rate every path here carries, so the paths answer under the same load). Each run gives
                its p50/p99/p99.9; the table shows the median of those over the runs with its CI. Under load
                the Recv-Q of each daemon's UDP socket is sampled (`ss`, every RTT_QUEUE_SAMPLE s).
 
@@ -71,7 +72,7 @@ from turbowg.testing.tunnel import (
 
 THROUGHPUT_TESTS = ("tcp1", "tcp4", "udp", "udp-gso", "udp-gso-paced")
 # Round-trip time through the tunnel: idle, under one unpaced iperf3 TCP stream, under a paced one (400 Mbit/s).
-RTT_TESTS = ("rtt-idle", "rtt-tcp", "rtt-paced400")
+RTT_TESTS = ("rtt-idle", "rtt-tcp", "rtt-paced400", "rtt-paced100")
 TESTS = THROUGHPUT_TESTS + RTT_TESTS
 PATHS = ("turbowg", "turbowg-nooffload", "turbowg-python", "wireguard-go", UNDERLAY)
 # --path derp: turbowg over a local DERP relay (`turbowg relay -dev` in namespace b; UDP between the two tunnel
@@ -245,7 +246,7 @@ def _udpgen(topo: Topology, path: Tunnel | NetPath, duration: float, ipv6: bool,
 RTT_INTERVAL = 0.005  # seconds between pings (ping's -i; root may go this fast)
 RTT_WARMUP = 1.0  # seconds of load before the first ping (TCP slow start)
 RTT_QUEUE_SAMPLE = 0.1  # seconds between `ss` samples of the daemons' UDP Recv-Q under load
-PACED_MBIT = 400
+PACED_MBIT = {"rtt-paced400": 400, "rtt-paced100": 100}  # the paced RTT tests' TCP load
 _PING_LINE = re.compile(r"icmp_seq=(\d+) .*time=([\d.]+) ms")
 
 
@@ -301,8 +302,8 @@ def _rtt(topo: Topology, path: Tunnel | NetPath, test: str, duration: float, ipv
                                       text=True)
             _wait_listening(topo, "tcp", IPERF_PORT, server)
             args = ["iperf3", "-c", host, "-p", str(IPERF_PORT), "-t", f"{duration + RTT_WARMUP + 1.5:g}", "-J"]
-            if test == "rtt-paced400":
-                args += ["-b", f"{PACED_MBIT}M"]
+            if test in PACED_MBIT:
+                args += ["-b", f"{PACED_MBIT[test]}M"]
             client = subprocess.Popen(topo.exec_args(topo.ns_a, *args), stdin=subprocess.DEVNULL,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             time.sleep(RTT_WARMUP)
@@ -653,7 +654,7 @@ def format_rtt_table(rows: Sequence[RttRow]) -> str:
                       _fmt(row.loss_percent, "{:.1f}"), queue, cpu or "-", runs))
     out = table(lines)
     out.append(f"RTT: ping -s 56 every {RTT_INTERVAL * 1000:g} ms a -> b; per run p50/p99/p99.9, then the median over "
-               f"runs [CI]; rtt-tcp: under one unpaced iperf3 TCP stream, rtt-paced400: one paced at {PACED_MBIT} "
+               f"runs [CI]; rtt-tcp: under one unpaced iperf3 TCP stream, rtt-pacedN: one paced at N "
                "Mbit/s; Recv-Q: the daemons' UDP socket under load (median of samples, max)")
     short = [r.coverage for r in rows if r.coverage is not None and r.coverage < 0.95]
     if short:
