@@ -17,6 +17,8 @@ the TCP load as well as the flood). Measured:
 - ping RTT p50/p99 (ms) and ping loss;
 - the flood really sent (flooder's count) and delivered (packets received by b's veth from f);
 - the responder's CPU (utime+stime of the daemon and its children from /proc/PID/stat, % of one core);
+- the flooder's own CPU (% of one core, its report): it shares the 2 cores with the tunnel, and the kernel's
+  delivery of the flood into the responder's namespace is mostly charged to it;
 - cookie replies: UDP datagrams arriving in f (/proc/net/snmp there: nothing else sends to f);
 - kernel drops: UDP receive-buffer overflows in b (RcvbufErrors: the daemon did not read in time);
 - daemon drops: turbowgd's own counters of handshake messages it dropped (queue full, rate limited,
@@ -56,10 +58,11 @@ from turbowg.testing.tunnel import Implementation, Topology, build_topology, kno
 IMPLS = ("turbowg", "wireguard-go")
 # Extra variants for A/B runs: turbowgd with handshakes served in its event loop (no worker process); with
 # the worker fed through the data path (no handshake socket: the socketpair hand-off); with the worker at
-# SCHED_IDLE (only CPU nobody else wants).
+# SCHED_IDLE (only CPU nobody else wants); at SCHED_BATCH (no wakeup preemption of the data path).
 VARIANTS = {"turbowg-inloop": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER": "0"}),
             "turbowg-nosteer": ("turbowg", {"TURBOWG_HANDSHAKE_STEERING": "0"}),
             "turbowg-idle": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER_SCHED": "idle"}),
+            "turbowg-batch": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER_SCHED": "batch"}),
             "turbowg-closedport": ("turbowg", {})}
 # Control: the same flood sent to a port nobody listens on in the responder's namespace (the kernel drops it
 # and answers ICMP, rate-limited): what the flood costs the machine (flooder, softirq) without any daemon
@@ -196,6 +199,7 @@ class FloodRun:
     flood_rate: float = 0.0  # what the flooder really sent per second
     flood_delivered_rate: float = 0.0  # packets/s b received from f
     responder_cpu_percent: float | None = None
+    flooder_cpu_percent: float | None = None
     cookie_replies_per_s: float | None = None
     kernel_drops_per_s: float | None = None
     daemon_drops_per_s: float | None = None
@@ -316,6 +320,8 @@ def run_one(topo: Topology, side: FloodSide, impl: str, rate: str, rep: int, dur
     result.responder_cpu_percent = 100.0 * (after.cpu - before.cpu) / window
     result.flood_sent = int(flood_report.get("sent", 0))
     result.flood_rate = float(flood_report.get("rate", 0.0))
+    if "cpu_percent" in flood_report:
+        result.flooder_cpu_percent = float(flood_report["cpu_percent"])
     result.flood_delivered_rate = (after.flood_rx - before.flood_rx) / window
 
     def delta(a: dict[str, int], b: dict[str, int], *keys: str) -> int:
@@ -346,6 +352,7 @@ class Row:
     rtt_p99_ms: float | None
     flood_rate: float | None
     responder_cpu_percent: float | None
+    flooder_cpu_percent: float | None
     cookie_replies_per_s: float | None
     kernel_drops_per_s: float | None
     daemon_drops_per_s: float | None
@@ -374,7 +381,8 @@ def summarize(runs: Sequence[FloodRun], impls: Sequence[str], rates: Sequence[st
             rows.append(Row(impl, rate, len(ok), failed, gbps, kept, _med([r.rtt_p50_ms for r in ok]),
                             _med([r.rtt_p99_ms for r in ok]),
                             _med([r.flood_rate for r in ok]) if rate != NO_FLOOD else None,
-                            _med([r.responder_cpu_percent for r in ok]), _med([r.cookie_replies_per_s for r in ok]),
+                            _med([r.responder_cpu_percent for r in ok]), _med([r.flooder_cpu_percent for r in ok]),
+                            _med([r.cookie_replies_per_s for r in ok]),
                             _med([r.kernel_drops_per_s for r in ok]), _med([r.daemon_drops_per_s for r in ok]),
                             coverage))
     return rows
@@ -386,7 +394,7 @@ def _f(value: float | None, fmt: str) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     header = ("impl", "flood/s", "sent/s", "Gbit/s median [95% CI]", "kept % [95% CI]", "RTT p50/p99 ms",
-              "resp CPU %", "cookie/s", "kdrop/s", "ddrop/s", "runs")
+              "resp CPU %", "flooder CPU %", "cookie/s", "kdrop/s", "ddrop/s", "runs")
     lines = [header]
     for row in rows:
         gbps = "-" if row.gbps is None else f"{row.gbps[0]:.2f} [{row.gbps[1]:.2f}, {row.gbps[2]:.2f}]"
@@ -395,14 +403,17 @@ def format_table(rows: Sequence[Row]) -> str:
         rtt = f"{_f(row.rtt_p50_ms, '{:.2f}')}/{_f(row.rtt_p99_ms, '{:.1f}')}"
         runs = f"{row.n_ok}" + (f" ({row.n_failed} failed)" if row.n_failed else "")
         lines.append((row.impl, row.rate, _f(row.flood_rate, "{:.0f}"), gbps, kept, rtt,
-                      _f(row.responder_cpu_percent, "{:.0f}"), _f(row.cookie_replies_per_s, "{:.0f}"),
+                      _f(row.responder_cpu_percent, "{:.0f}"), _f(row.flooder_cpu_percent, "{:.0f}"),
+                      _f(row.cookie_replies_per_s, "{:.0f}"),
                       _f(row.kernel_drops_per_s, "{:.0f}"), _f(row.daemon_drops_per_s, "{:.0f}"), runs))
     out = table(lines)
     short = [r.coverage for r in rows if r.coverage is not None and r.coverage < 0.95]
     if short:
         out.append(f"note: with fewer than 6 runs the interval is [min, max] (covers the median with probability "
                    f"{min(short):.0%}, not 95%)")
-    out.append("kept = goodput under flood / without flood (same repetition); cookie/s = UDP datagrams back at "
+    out.append("kept = goodput under flood / without flood (same repetition); flooder CPU = the flooder "
+               "process (same flooder for every implementation; turbowg-closedport = same flood to a closed "
+               "port: the machine's own cost); cookie/s = UDP datagrams back at "
                "the flooder; kdrop/s = kernel receive-buffer drops at the responder; ddrop/s = handshake "
                "messages the daemon dropped (its own counters)")
     return "\n".join(out)
