@@ -48,12 +48,16 @@ def _parse_hex32(text: str, what: str) -> bytes:
     return raw
 
 
+def _parse_key_text(text: str, prefix: str, what: str) -> bytes:
+    text = text.strip()
+    if text.startswith(prefix):  # the prefix is optional: derper's headers and flags also take bare hex
+        text = text[len(prefix) :]
+    return _parse_hex32(text, what)
+
+
 def parse_private_key(text: str) -> bytes:
     """`privkey:<hex>` (or bare hex)."""
-    text = text.strip()
-    if text.startswith(PRIVATE_PREFIX):
-        text = text[len(PRIVATE_PREFIX) :]
-    return _parse_hex32(text, "private key")
+    return _parse_key_text(text, PRIVATE_PREFIX, "private key")
 
 
 def format_private_key(private: bytes) -> str:
@@ -62,10 +66,7 @@ def format_private_key(private: bytes) -> str:
 
 def parse_public_key(text: str) -> bytes:
     """`nodekey:<hex>` or bare hex (derper's Derp-Public-Key header form)."""
-    text = text.strip()
-    if text.startswith(PUBLIC_PREFIX):
-        text = text[len(PUBLIC_PREFIX) :]
-    return _parse_hex32(text, "public key")
+    return _parse_key_text(text, PUBLIC_PREFIX, "public key")
 
 
 def format_public_key(public: bytes) -> str:
