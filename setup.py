@@ -19,6 +19,9 @@ setup(
         # Inner IP header + allowed-source checks of opened packets (the device's side of the receive path).
         Extension("turbowg.device._route", ["turbowg/device/_route.c"], extra_compile_args=_CFLAGS,
                   optional=True),
+        # The handshake worker's screening of a recvmmsg batch: header, size, mac1 (BLAKE2s), per-source limiter.
+        Extension("turbowg.conn._hsscreen", ["turbowg/conn/_hsscreen.c"], extra_compile_args=_CFLAGS,
+                  optional=True),
         # The relay's forwarding plane: an epoll loop owning authenticated DERP client sockets.
         Extension("turbowg.relay._fastpath", ["turbowg/relay/_fastpath.c"], extra_compile_args=_CFLAGS,
                   optional=True),

@@ -17,6 +17,11 @@ is everything that worker decides, without sockets or a clock of its own:
 * the codec of the messages between the two processes (marshal of plain tuples: both ends are us).
 
 No `ipaddress` objects: sources are address bytes (4 or 16) and a port.
+
+From the steered handshake socket the worker reads through a screener (turbowg/conn/recvmmsg.py
+`make_screener`, C in turbowg/conn/_hsscreen.c): one call per recvmmsg batch does the size, mac1 and, under
+load, the zero-mac2 cookie-reply limiter checks, so a dropped flood message costs no Python object;
+`process_screened` does the rest for what it kept (the same decisions as `process_batch`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ import hmac
 import marshal
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from typing import Any
 
+from turbowg.conn.recvmmsg import V_ACCEPT, V_COOKIE, V_FORWARD, make_screener
 from turbowg.noise.cookie import CookieChecker
 from turbowg.noise.handshake import Identified, LocalIdentity, identify_initiation
 from turbowg.noise.primitives import MAC_SIZE, dh
@@ -96,7 +103,8 @@ class HandshakeWorkerCore:
         self.static_static: dict[bytes, bytes] = {}
         self.generation = 0
         self.limiter = RateLimiter()  # messages with a valid mac2, under load (wireguard-go)
-        self.cookie_limiter = RateLimiter()  # cookie replies per source
+        self.cookie_limiter = RateLimiter()  # cookie replies per source (process_batch)
+        self.screener: Any = None  # mac1 + the cookie-reply limiter of the screened path (process_screened)
         self.processed = 0  # messages taken from the queue, in all
         self.under_load_until = float("-inf")
         self.window_start = float("-inf")
@@ -109,11 +117,13 @@ class HandshakeWorkerCore:
         if private_key is None or not any(private_key):
             self.identity = None
             self.checker = None
+            self.screener = None
             self.static_static = {}
             return
         if self.identity is None or self.identity.private_key != private_key:
             self.identity = LocalIdentity(private_key)
             self.checker = CookieChecker(self.identity.public_key)
+            self.screener = make_screener(self.identity.mac1_key)
         table = {}
         for key in peer_keys:
             key = bytes(key)
@@ -128,6 +138,62 @@ class HandshakeWorkerCore:
             self.under_load_until = now + UNDER_LOAD_HOLD
         return now < self.under_load_until
 
+    def load_for_chunk(self, seen: int, chunk: int, now: float) -> bool:
+        """Under load for a batch of `chunk` messages read from the socket, `seen` read in this wake so far
+        (this batch included): the backlog rule (more than UNDER_LOAD_BACKLOG waited), the rate rule (more
+        than UNDER_LOAD_RATE in a second), and the hold, as process_batch applies them."""
+        self._count_window(chunk, now)
+        return self.under_load(seen, now)
+
+    def _count_window(self, count: int, now: float) -> None:
+        if now - self.window_start >= 1.0:
+            self.window_start = now
+            self.window_count = 0
+        self.window_count += count
+        if self.window_count > UNDER_LOAD_RATE:
+            self.under_load_until = now + UNDER_LOAD_HOLD
+
+    def process_screened(self, kept: Sequence[tuple], screened: int, now: float,
+                         ) -> tuple[list[tuple[bytes, bytes, int]], list[tuple], list[Entry]]:
+        """process_batch for what the screener kept of `screened` messages (verdict, kind, addr, port, msg):
+        the cookie replies it allowed, the mac2 checks it left to us, identification and forwarding."""
+        replies: list[tuple[bytes, bytes, int]] = []
+        identified: list[tuple] = []
+        forwarded: list[Entry] = []
+        counters = self.counters
+        self.processed += screened
+        identity = self.identity
+        checker = self.checker
+        if identity is None or checker is None:
+            counters["rx_handshake_no_private_key"] += len(kept)
+            return replies, identified, forwarded
+        for verdict, kind, addr, port, msg in kept:
+            if verdict == V_FORWARD:
+                forwarded.append((kind, addr, port, msg))
+                continue
+            if verdict != V_ACCEPT:
+                source = addr + port.to_bytes(2, "big")
+                if verdict == V_COOKIE or not checker.check_mac2(msg, source, now):
+                    if verdict != V_COOKIE and not self.screener.allow(addr, int(now * 1_000_000_000)):
+                        counters["tx_cookie_reply_ratelimited"] += 1
+                        continue
+                    sender = int.from_bytes(msg[4:8], "little")
+                    replies.append((checker.create_reply(msg, sender, source, now), addr, port))
+                    counters["tx_cookie_reply"] += 1
+                    continue
+                if not self.limiter.allow(addr, now):
+                    counters["rx_handshake_ratelimited"] += 1
+                    continue
+            if kind == MESSAGE_INITIATION:
+                ident = identify_initiation(identity, msg, self.static_static.get)
+                if ident is None:
+                    counters["rx_initiation_rejected"] += 1
+                    continue
+                identified.append((self.generation, addr, port, *ident.as_tuple()))
+            else:
+                forwarded.append((kind, addr, port, msg))
+        return replies, identified, forwarded
+
     def process_batch(self, handed_total: int, entries: Sequence[Entry], now: float,
                       ) -> tuple[list[tuple[bytes, bytes, int]], list[tuple], list[Entry]]:
         """Returns (cookie replies as (datagram, addr, port), identified initiations as
@@ -136,12 +202,7 @@ class HandshakeWorkerCore:
         identified: list[tuple] = []
         forwarded: list[Entry] = []
         counters = self.counters
-        if now - self.window_start >= 1.0:
-            self.window_start = now
-            self.window_count = 0
-        self.window_count += len(entries)
-        if self.window_count > UNDER_LOAD_RATE:
-            self.under_load_until = now + UNDER_LOAD_HOLD
+        self._count_window(len(entries), now)
         identity = self.identity
         checker = self.checker
         blake2s = hashlib.blake2s

@@ -54,12 +54,15 @@ class RateLimiter:
 
     def allow(self, address: bytes, now: float) -> bool:
         """One message from `address` at monotonic time `now` (seconds): may it be processed?"""
-        now_ns = int(now * _NS)
+        return self.allow_ns(address, int(now * _NS))
+
+    def allow_ns(self, address: bytes, now_ns: int) -> bool:
+        """`allow` with the time in integer nanoseconds (as the C screener, turbowg/conn/_hsscreen.c, takes it)."""
         last_gc = self._last_gc
         if last_gc is None:
             self._last_gc = now_ns
         elif now_ns - last_gc >= self.gc_interval_ns:
-            self.collect(now)
+            self._collect_ns(now_ns)
         key = address if len(address) == 4 else source_key(address)
         bucket = self._buckets.get(key)
         if bucket is None:
@@ -82,7 +85,9 @@ class RateLimiter:
 
     def collect(self, now: float) -> int:
         """Drop buckets idle longer than the GC interval; returns how many were dropped."""
-        now_ns = int(now * _NS)
+        return self._collect_ns(int(now * _NS))
+
+    def _collect_ns(self, now_ns: int) -> int:
         self._last_gc = now_ns
         limit = self.gc_interval_ns
         stale = [key for key, bucket in self._buckets.items() if now_ns - bucket[1] > limit]
