@@ -91,9 +91,10 @@ def load_or_create_config(path: str | os.PathLike[str]) -> bytes:
     return private
 
 
-def _box(private: bytes, peer_public: bytes) -> Box:
-    # The one place that refuses a low-order peer key, for both directions of the handshake (the client
-    # sealing to the ServerKey, the relay sealing ServerInfo to the client key). Box() runs X25519 at
+def box_between(private: bytes, peer_public: bytes) -> Box:
+    """The NaCl box between a private key and a peer's public key; LowOrderKeyError for a low-order key."""
+    # The one place that refuses a low-order peer key: both directions of the DERP handshake (the client
+    # sealing to the ServerKey, the relay sealing ServerInfo to the client key) and disco's boxes. Box() runs X25519 at
     # once, and libsodium fails it (nacl's RuntimeError, a CryptoError) when the shared secret is all zero.
     ours, theirs = PrivateKey(private), PublicKey(peer_public)  # nacl refuses a wrong length here, not below
     try:
@@ -107,7 +108,7 @@ def seal_to(private: bytes, peer_public: bytes, message: bytes, nonce: bytes | N
     LowOrderKeyError if `peer_public` is all zeros or another low-order point."""
     if nonce is None:
         nonce = nacl_random(NONCE_LEN)
-    return bytes(_box(private, peer_public).encrypt(message, nonce))
+    return bytes(box_between(private, peer_public).encrypt(message, nonce))
 
 
 def open_from(private: bytes, peer_public: bytes, sealed: bytes) -> bytes | None:
@@ -115,6 +116,6 @@ def open_from(private: bytes, peer_public: bytes, sealed: bytes) -> bytes | None
     if len(sealed) < NONCE_LEN + 16:
         return None
     try:
-        return _box(private, peer_public).decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN])
+        return box_between(private, peer_public).decrypt(sealed[NONCE_LEN:], sealed[:NONCE_LEN])
     except (CryptoError, ValueError, TypeError):  # LowOrderKeyError is a ValueError
         return None

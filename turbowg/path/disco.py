@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from nacl.exceptions import CryptoError
-from nacl.public import Box, PrivateKey, PublicKey
+from nacl.public import Box, PrivateKey
 
 from turbowg.conn.endpoint import Endpoint
+from turbowg.derp.keys import box_between
 from turbowg.path.constants import MAX_CALL_ME_MAYBE_ENDPOINTS
 from turbowg.wire import KEY_SIZE
 
@@ -192,10 +193,7 @@ def make_box(private_key: bytes, peer_public: bytes) -> Box:
     ValueError for keys that are not 32 bytes or a DH that fails (a low-order public key)."""
     if len(private_key) != KEY_SIZE or len(peer_public) != KEY_SIZE:
         raise ValueError("keys must be 32 bytes")
-    try:
-        return Box(PrivateKey(bytes(private_key)), PublicKey(bytes(peer_public)))
-    except (CryptoError, RuntimeError) as exc:  # libsodium refuses an all-zero shared secret
-        raise ValueError(f"no box with this public key: {exc}") from None
+    return box_between(bytes(private_key), bytes(peer_public))  # LowOrderKeyError is a ValueError
 
 
 def seal(box: Box, sender_public: bytes, message: Message, nonce: bytes | None = None) -> bytes:
