@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import random
 import socket
+import struct
+import time
 from array import array
 
 import pytest
@@ -377,3 +379,52 @@ def _reseal(keypair, packet: bytes, counter: int) -> bytes:
 def _inner(device, buf: bytearray, n: int) -> list[bytes]:
     layout = device.rx_layout
     return [bytes(buf[layout[2 * k]:layout[2 * k] + layout[2 * k + 1]]) for k in range(n)]
+
+
+# -- the lone read: transport.recv_one against UDPBind.recv_packed ------------------------------------------
+
+@pytest.mark.skipif(transport.recv_one is None, reason="C extension not built")
+def test_lone_read_matches_recv_packed() -> None:
+    """Runtime._read_lone (C recv_one) gives the chunk, sender and counters UDPBind.recv_packed gives, for IPv4
+    and IPv6 senders, an empty datagram and a UDP_GRO batch; nothing there is no chunk."""
+    from turbowg.conn.udp import RECV_BUFFER, UDPBind
+    from turbowg.daemon.runtime import Runtime
+    from turbowg.linux import SOL_UDP, UDP_SEGMENT
+
+    bind = UDPBind(0, gso=True, gro=True)
+    rt = Runtime("twlone0", socket_dir="/nonexistent")
+    rt.udp, rt._udp_fd = bind, bind.fileno()
+    v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        v6.bind(("::1", 0))
+        sends = [
+            lambda: v4.sendto(b"four" * 30, ("127.0.0.1", bind.port)),
+            lambda: v6.sendto(b"six" * 40, ("::1", bind.port)),
+            lambda: v4.sendto(b"", ("127.0.0.1", bind.port)),
+            lambda: v4.sendmsg([b"g" * 300 + b"h" * 100], [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", 100))], 0,
+                               ("127.0.0.1", bind.port)),
+        ]
+        for send in sends:
+            results = []
+            for reader in ("c", "py"):
+                send()
+                time.sleep(0.01)
+                buf = bytearray(4 * RECV_BUFFER)
+                chunks: list[int] = []
+                senders: list = []
+                before = dict(bind.counters)
+                if reader == "c":
+                    cursor = rt._read_lone(bind, buf, chunks, senders)
+                else:
+                    cursor = bind.recv_packed(buf, 0, RECV_BUFFER, chunks, senders, max_calls=1)
+                delta = {k: v - before.get(k, 0) for k, v in bind.counters.items() if v != before.get(k, 0)}
+                results.append((cursor, chunks, senders, bytes(buf[:cursor]), delta))
+            assert results[0] == results[1]
+            assert results[0][1]
+        assert results[0][1] == [0, 400, 100]  # the GRO batch: four segments of 100 bytes
+        assert rt._read_lone(bind, bytearray(RECV_BUFFER), [], []) == 0  # EAGAIN: nothing, not counted
+    finally:
+        v4.close()
+        v6.close()
+        bind.close()

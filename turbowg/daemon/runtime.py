@@ -28,6 +28,7 @@ import math
 import os
 import select
 import signal
+import socket
 import time
 from array import array
 from collections.abc import Callable
@@ -43,7 +44,7 @@ from turbowg.device import Device
 from turbowg.device.handshake_worker import HandshakeRate
 from turbowg.device.receive import LONE_WRITE, LONE_WRITTEN, RX_MAX_PACKETS
 from turbowg.device.send import TX_MAX_MESSAGES
-from turbowg.noise.transport import pack_sockaddr
+from turbowg.noise.transport import pack_sockaddr, recv_one
 from turbowg.tun.device import (
     READ_ROOM_BYTES,
     READ_ROOM_PACKETS,
@@ -109,6 +110,25 @@ class SockaddrCache(dict):
         return value
 
 
+class EndpointCache(dict):
+    """packed sockaddr (what recv_one reports) -> endpoint, as UDPBind names a sender: IPv4-mapped addresses
+    as IPv4, no scope."""
+
+    MAX = 4096
+
+    def __missing__(self, raw: bytes) -> tuple[str, int]:
+        port = int.from_bytes(raw[2:4], "big")
+        if raw[8:20] == b"\0" * 10 + b"\xff\xff":
+            host = socket.inet_ntop(socket.AF_INET, raw[20:24])
+        else:
+            host = socket.inet_ntop(socket.AF_INET6, raw[8:24])
+        endpoint = (host, port)
+        if len(self) >= self.MAX:
+            self.clear()
+        self[raw] = endpoint
+        return endpoint
+
+
 # Packed batches: all TUN reads of one wake land in one staging buffer, all UDP reads in one receive buffer.
 TUN_STAGE_BYTES = 1 << 20
 TUN_STAGE_ROOM = READ_ROOM_BYTES  # what one read may add (see turbowg/tun/device.py)
@@ -161,6 +181,9 @@ class Runtime:
         self._udp_reader: Callable[[], None] = self._on_udp_readable
         self._lone = lone_path_from_env()
         self._sockaddrs = SockaddrCache()
+        self._endpoints = EndpointCache()
+        self._from = bytearray(28)  # the sender's sockaddr_in6 of a lone read
+        self._recv_one = recv_one if lone_path_from_env() else None  # None without the C extension
         self._udp_fd = -1
         self._tun_fd = -1
         self._tun_prefix = b""  # what precedes a packet written to the TUN: the zero virtio header, or nothing
@@ -436,7 +459,10 @@ class Runtime:
         lone = now - self._udp_last_wake > LONE_GAP
         self._udp_last_wake = now
         if lone:  # one read; more only if it was a GRO batch (see _on_tun_readable)
-            cursor = udp.recv_packed(buf, 0, UDP_RECV_BYTES, chunks, senders, max_calls=1)
+            if self._recv_one is not None and self._udp_fd >= 0:
+                cursor = self._read_lone(udp, buf, chunks, senders)
+            else:
+                cursor = udp.recv_packed(buf, 0, UDP_RECV_BYTES, chunks, senders, max_calls=1)
             if chunks and chunks[2] < chunks[1] - chunks[0]:
                 udp.recv_packed(buf, cursor, UDP_RECV_BYTES, chunks, senders, max_calls=MAX_UDP_READS_PER_WAKE - 1)
             elif chunks and self._lone and self._tun_fd >= 0 and self._on_lone_datagram(buf, chunks, now):
@@ -465,6 +491,26 @@ class Runtime:
             # A local answer (ping, RPC) is often queued on the TUN by the time the write returns: take it
             # now rather than after another loop turn.
             self._tun_reader()
+
+    def _read_lone(self, udp: UDPBind, buf: bytearray, chunks: list[int], senders: list) -> int:
+        """UDPBind.recv_packed(max_calls=1) in one C call (transport.recv_one): the same chunk, sender and
+        counters, without the tuples, address string and ancillary list of recvmsg_into."""
+        got = self._recv_one(self._udp_fd, buf, 0, RECV_BUFFER, self._from)  # type: ignore[misc]
+        counters = udp.counters
+        if got < 0:
+            if got != -errno.EAGAIN:
+                counters["recv_calls"] += 1
+                counters["recv_errors"] += 1
+            return 0
+        n = got & 0xFFFFFFFF
+        stride = got >> 32 or n or 1  # a GRO batch's segment size; an empty datagram is one (too short) one
+        chunks.append(0)
+        chunks.append(n)
+        chunks.append(stride)
+        senders.append(self._endpoints[bytes(self._from)])
+        counters["recv_calls"] += 1
+        counters["recv_datagrams"] += -(-n // stride) if n else 1
+        return n
 
     def _on_lone_datagram(self, buf: bytearray, chunks: list[int], now: float) -> bool:
         """One datagram read in a lone wake: Device.receive_lone (open + checks + TUN write in one C call).

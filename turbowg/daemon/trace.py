@@ -86,6 +86,7 @@ class LatencyTrace:
                 self._packets += result[0]
             return result
 
+        traced.__wrapped__ = func  # type: ignore[attr-defined]
         return traced
 
     def attach_tun(self, tun: Any, device: Any) -> None:
@@ -143,6 +144,9 @@ class LatencyTrace:
         return on_tun_readable
 
     def udp_reader(self, callback: Callable[[], None], runtime: Any) -> Callable[[], None]:
+        recv_one = getattr(runtime, "_recv_one", None)
+        if recv_one is not None and not hasattr(recv_one, "__wrapped__"):  # once, though every rebind comes here
+            runtime._recv_one = self._wrap(recv_one, "udp.read")  # the lone read (C recv_one)
         marks = self._marks
         kinds = self._kinds
         samples = self.samples

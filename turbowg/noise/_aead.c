@@ -12,6 +12,7 @@
  *     .open_batch(buf, off, end, stride, receiver, replay, out_layout, out_idx) -> OpenResult
  *     .seal_sendto(fd, src, off, length, mtu, receiver, counter, dst, sockaddr) -> int
  *     .open_write(buf, off, length, receiver, replay, allowed_src, tun_fd, prefix, layout) -> int
+ *   recv_one(fd, buf, off, cap, addr) -> int
  *   ReplayWindow()  .accept(counter) -> bool, .reset()
  *   OpenResult: named tuple (end, count, auth_fail, replay, expired, keepalive, rx_bytes, authenticated,
  *               max_counter)
@@ -25,6 +26,8 @@
 #include <stdint.h>
 #include <string.h>
 #include <errno.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <openssl/evp.h>
@@ -650,8 +653,87 @@ static PyTypeObject AeadType = {
     .tp_methods = Aead_methods,
 };
 
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_GRO
+#define UDP_GRO 104
+#endif
+
+/* recv_one(fd, buf, off, cap, addr) -> int
+ *
+ * The lone-datagram read (turbowg/daemon/runtime.py): one recvmsg(fd) into buf[off:off+cap], the sender's
+ * sockaddr into `addr` (a writable buffer, zero-filled past what the kernel gave). Returns the datagram's
+ * length n, or -errno (EAGAIN: nothing there). When the read was a UDP_GRO batch of segments of s < n bytes,
+ * returns n | s << 32 (the caller then takes the batch path). Python's recvmsg_into does the same read with
+ * a tuple, a list, an address string and an ancillary-data list per call.
+ */
+static PyObject *aead_recv_one(PyObject *Py_UNUSED(module), PyObject *args) {
+    int fd;
+    Py_buffer buf, addr;
+    Py_ssize_t off, cap;
+    if (!PyArg_ParseTuple(args, "iw*nnw*:recv_one", &fd, &buf, &off, &cap, &addr))
+        return NULL;
+    PyObject *result = NULL;
+    if (off < 0 || cap <= 0 || off + cap > buf.len) {
+        PyErr_SetString(PyExc_BufferError, "recv_one: range out of the buffer");
+        goto done;
+    }
+    struct sockaddr_storage from;
+    struct iovec iov = {(uint8_t *)buf.buf + off, (size_t)cap};
+    union {
+        char space[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } control;
+    struct msghdr msg = {0};
+    msg.msg_name = &from;
+    msg.msg_namelen = sizeof(from);
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.space;
+    msg.msg_controllen = sizeof(control.space);
+    ssize_t n;
+    do {
+        n = recvmsg(fd, &msg, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        result = PyLong_FromLong(-(long)errno);
+        goto done;
+    }
+    long long segment = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+        if (c->cmsg_level == SOL_UDP && c->cmsg_type == UDP_GRO && c->cmsg_len >= CMSG_LEN(sizeof(uint16_t))) {
+            int value = 0;
+            if (c->cmsg_len >= CMSG_LEN(sizeof(int)))
+                memcpy(&value, CMSG_DATA(c), sizeof(int));
+            else {
+                uint16_t v16;
+                memcpy(&v16, CMSG_DATA(c), sizeof(v16));
+                value = v16;
+            }
+            if (value > 0 && value < n)
+                segment = value;
+        }
+    }
+    size_t namelen = msg.msg_namelen < (socklen_t)sizeof(from) ? msg.msg_namelen : sizeof(from);
+    if ((size_t)addr.len < namelen)
+        namelen = (size_t)addr.len;
+    memcpy(addr.buf, &from, namelen);
+    memset((uint8_t *)addr.buf + namelen, 0, (size_t)addr.len - namelen);
+    result = PyLong_FromLongLong((long long)n | (segment << 32));
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&addr);
+    return result;
+}
+
+static PyMethodDef aead_functions[] = {
+    {"recv_one", aead_recv_one, METH_VARARGS, "One recvmsg: datagram length (| GRO segment << 32) or -errno."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef aead_module = {
-    PyModuleDef_HEAD_INIT, "turbowg.noise._aead", "Batched WireGuard transport AEAD (C).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "turbowg.noise._aead", "Batched WireGuard transport AEAD (C).", -1, aead_functions,
 };
 
 PyMODINIT_FUNC PyInit__aead(void) {

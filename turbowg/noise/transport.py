@@ -27,6 +27,9 @@ The lone-packet path (one packet per wake, the interactive case) does a crossing
   one message at buf[off:off+length] in place, replay-check it, check its inner header and source (as
   route.check_inner_sources), and write it to the TUN with writev(tun_fd, [prefix, packet]); returns an
   `OW_*` code, or -errno when the TUN write failed. layout[0:2] gets (offset, inner length) of a kept packet.
+- ``recv_one(fd, buf, off, cap, addr) -> int`` (C only, None without it): one recvmsg into buf[off:off+cap]
+  with the sender's sockaddr in `addr`: n, n | segment << 32 for a UDP_GRO batch, or -errno. Without C the
+  runtime reads through UDPBind.recv_packed, which gives the same datagram and sender.
 """
 
 from __future__ import annotations
@@ -247,17 +250,18 @@ class PyAead:
 try:
     if not accel.use_c():
         raise ImportError("TURBOWG_NO_C set")
-    from turbowg.noise._aead import Aead
+    from turbowg.noise._aead import Aead, recv_one
     from turbowg.noise._aead import ReplayWindow as CReplayWindow
 
     HAVE_C = True
 except ImportError:
     Aead = PyAead  # type: ignore[assignment,misc]
     CReplayWindow = None  # the caller uses turbowg.device.replay.ReplayWindow
+    recv_one = None
     HAVE_C = False
 
 __all__ = [
     "OW_AUTH_FAIL", "OW_BAD_INNER", "OW_EXPIRED", "OW_KEEPALIVE", "OW_MISMATCH", "OW_NOT_MINE", "OW_REPLAY",
     "OW_WRITTEN", "Aead", "CReplayWindow", "HAVE_C", "OVERHEAD", "OpenResult", "PyAead", "pack_sockaddr",
-    "padded_length",
+    "padded_length", "recv_one",
 ]
