@@ -58,11 +58,13 @@ from turbowg.testing.tunnel import Implementation, Topology, build_topology, kno
 IMPLS = ("turbowg", "wireguard-go")
 # Extra variants for A/B runs: turbowgd with handshakes served in its event loop (no worker process); with
 # the worker fed through the data path (no handshake socket: the socketpair hand-off); with the worker at
-# SCHED_IDLE (only CPU nobody else wants); at SCHED_BATCH (no wakeup preemption of the data path).
+# SCHED_IDLE (only CPU nobody else wants); at SCHED_BATCH (no wakeup preemption of the data path);
+# without the worker's C batch screener (each flood message made into Python objects, then checked).
 VARIANTS = {"turbowg-inloop": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER": "0"}),
             "turbowg-nosteer": ("turbowg", {"TURBOWG_HANDSHAKE_STEERING": "0"}),
             "turbowg-idle": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER_SCHED": "idle"}),
             "turbowg-batch": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER_SCHED": "batch"}),
+            "turbowg-noscreen": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER_SCREEN": "0"}),
             "turbowg-closedport": ("turbowg", {})}
 # Control: the same flood sent to a port nobody listens on in the responder's namespace (the kernel drops it
 # and answers ICMP, rate-limited): what the flood costs the machine (flooder, softirq) without any daemon

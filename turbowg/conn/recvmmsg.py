@@ -27,7 +27,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from turbowg.accel import use_c
-from turbowg.conn.steering import SK_MEMINFO_DROPS, meminfo
+from turbowg.conn.steering import SK_MEMINFO_DROPS, SK_MEMINFO_RMEM_ALLOC, meminfo
 from turbowg.linux import SOL_UDP, UDP_GRO
 from turbowg.noise.primitives import MAC_SIZE
 from turbowg.ratelimiter import RateLimiter
@@ -52,6 +52,10 @@ if TYPE_CHECKING:
 # finds more than 1/8 of a 4096-message queue waiting can see it (and turn "under load" on).
 MAX_WAKE_READS = 1024
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
+# Bytes of receive-queue memory per queued handshake datagram, at least (its skb's truesize: 832 for a
+# 148-byte initiation over veth or loopback, more from a NIC): the queue's memory over this is an upper
+# estimate of the messages waiting.
+QUEUED_TRUESIZE_FLOOR = 768
 
 
 def source_bytes(sockaddr: tuple, cache: dict) -> bytes:
@@ -311,8 +315,10 @@ class HandshakeReader:
     def screen(self, screener: Any, counters: Counter, now: float, under_load: Any, limit: int = 0) -> list | None:
         """`drain` through `screener` (make_screener): only what passed its checks comes back, as
         (verdict, kind, source bytes, port, message). `under_load(seen)` is asked before each recvmmsg batch
-        is screened, `seen` = datagrams read in this wake so far, this batch included. None without recvmmsg
-        (the caller drains and processes as before)."""
+        is screened, `seen` = what waited in the queue when this wake began, as far as we know: the datagrams
+        read so far (this batch included), or the queue's memory / QUEUED_TRUESIZE_FLOOR if more (so a wake
+        that finds more than 1/8 of the queue waiting is under load from its first batch on, as when the
+        whole wake was read before deciding). None without recvmmsg (the caller drains as before)."""
         if self._recvmmsg is None:
             return None
         kept: list = []
@@ -321,6 +327,10 @@ class HandshakeReader:
         now_ns = int(now * 1_000_000_000)
         totals = [0] * len(SCREEN_COUNTERS)
         reads = 0
+        try:
+            queued = meminfo(self.sock)[SK_MEMINFO_RMEM_ALLOC] // QUEUED_TRUESIZE_FLOOR
+        except OSError:
+            queued = 0
         while reads < limit:
             self.headers[:] = self.template
             n = self._recvmmsg(fd, self.msgs, min(self.slots, limit - reads), socket.MSG_DONTWAIT, None)
@@ -330,7 +340,7 @@ class HandshakeReader:
                 break
             reads += n
             batch, counts = screener.screen(self.headers, self.data, self.names, self.controls, n, SLOT_BYTES,
-                                            _GRO_CMSG_SPACE, now_ns, under_load(reads))
+                                            _GRO_CMSG_SPACE, now_ns, under_load(max(reads, queued)))
             kept += batch
             for index, value in enumerate(counts):
                 totals[index] += value

@@ -55,6 +55,8 @@ MIN_WAKE_INTERVAL = 0.002  # seconds between two wakes of the worker for its soc
 _PR_SET_PDEATHSIG = 1
 # The worker yields the CPU to the data path: handshake work is what waits when both want it.
 DEFAULT_NICE = 10
+# TURBOWG_HANDSHAKE_WORKER_SCREEN=0: no batch screener (each message drained into Python, then checked), for A/B.
+SCREEN = os.environ.get("TURBOWG_HANDSHAKE_WORKER_SCREEN", "1").strip().lower() not in ("0", "off", "no", "false")
 # TURBOWG_HANDSHAKE_WORKER_SCHED=idle|batch|other: the worker's scheduling policy (see docs/DESIGN.md).
 DEFAULT_SCHED = "other"
 
@@ -129,18 +131,16 @@ class WorkerLoop:
         if wait > 0:
             time.sleep(wait)
         self.last_wake = now = self.clock()
-        if core.screener is not None:
+        if core.screener is not None and SCREEN:
             # One C call per recvmmsg batch (turbowg/conn/_hsscreen.c): a dropped flood message makes no object.
-            read_before = [0]
-
             def under_load(seen: int) -> bool:
-                chunk, read_before[0] = seen - read_before[0], seen
-                return core.load_for_chunk(seen, chunk, now)
+                return core.load_for_chunk(seen, 0, now)
 
             kept = self.reader.screen(core.screener, core.counters, now, under_load)
             if kept is not None:
                 screened = core.counters["rx_handshake_screened"] - self.screened_seen
                 self.screened_seen += screened
+                core.load_for_chunk(0, screened, now)  # the rate rule counts what this wake read
                 if kept or screened:
                     replies, ident, fwd = core.process_screened(kept, screened, now)
                     self._send_replies(replies)
