@@ -6,8 +6,10 @@ bounded, no loss once the sibling reads again), a receiver that does not read pa
 records -- only the senders of its key, the sibling going away. Then two DerpServers, each with its C plane,
 joined the same way through ShardPeer.attach_c and served over real sockets: exchange both ways without a
 packet crossing in Python, a key moving between the shards, and the sibling shard going away (its keys
-unrouted, PeerGone to the clients that heard from them). The asyncio channel (TURBOWG_NO_C=1) is covered by
-test_relay_shards.py, which runs on both paths.
+unrouted, PeerGone to the clients that heard from them). Last, mesh ForwardPacket through the same C
+mechanism: from a mesh peer's connection to a local client and on to the sibling shard, never from a plain
+client; and two meshed relays whose inbound ForwardPacket frames are delivered in C. The asyncio channel
+(TURBOWG_NO_C=1) is covered by test_relay_shards.py, which runs on both paths.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from turbowg.derp import codec
 from turbowg.derp.client import DerpClient
 from turbowg.derp.codec import PeerGone, ReceivedPacket
 from turbowg.relay import fastpath
+from turbowg.relay.mesh import start_mesh
 from turbowg.relay.server import DerpServer
 from turbowg.relay.shards.peer import ShardPeer
 from turbowg.testing.relay import exchange, relay, run, until
@@ -409,5 +412,79 @@ def test_sibling_going_away_unroutes_its_keys_and_sends_peer_gone() -> None:
             x.send(y.public_key, b"to nowhere")
             await until(lambda: servers["A"].metrics.packets_dropped != before, "unknown-destination drop")
             assert not peers["A"].forward_packet(x.public_key, y.public_key, b"x")
+
+    run(main)
+
+
+# ---------------------------------------------------------------------------------------------------
+# mesh ForwardPacket through the same mechanism
+
+
+def forward_frame(src: bytes, dst: bytes, packet: bytes) -> bytes:
+    return bytes([codec.FrameType.FORWARD_PACKET]) + (64 + len(packet)).to_bytes(4, "big") + src + dst + packet
+
+
+def test_mesh_forward_packets_are_delivered_locally_and_to_the_sibling_in_c(pair) -> None:
+    p = pair()
+    p.client("m", "A", key(100))  # a mesh peer relay's connection to shard A
+    p.client("n", "A", key(101))  # a plain client: its ForwardPacket is not C's to deliver
+    p.client("x", "A", key(1))
+    p.client("y", "B", key(2))
+    p.loops["A"].set_mesh(p.ids["m"], 10.0)
+    src = key(77)  # a client of the other relay
+    p.sock["m"].sendall(forward_frame(src, key(1), b"local") + forward_frame(src, key(2), b"sibling")
+                        + forward_frame(src, key(55), b"unknown"))
+    assert receive(p, "x", 1) == [(src, b"local")]
+    assert receive(p, "y", 1) == [(src, b"sibling")]  # the last hop either way
+    p.poll(3)
+    up_m = b"".join(d for c, k, d in p.events["A"] if k < 256 and c == p.ids["m"])
+    assert up_m == forward_frame(src, key(55), b"unknown")  # Python: unknown destination on forward
+    p.sock["n"].sendall(forward_frame(src, key(1), b"not a mesh peer"))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not [e for e in p.events["A"] if e[0] == p.ids["n"] and e[1] < 256]:
+        p.poll()
+    up_n = b"".join(d for c, k, d in p.events["A"] if k < 256 and c == p.ids["n"])
+    assert up_n == forward_frame(src, key(1), b"not a mesh peer")  # handed up: Python refuses it
+    a = p.loops["A"].stats()
+    assert a["packets_forwarded_in"] == 2 and a["packets_forwarded_out"] == 1
+    assert [e for e in p.events["A"] if e[1] == fastpath.EV_DELIVERY and e[0] == p.ids["x"]][0][2] == src
+
+
+def test_meshed_relays_deliver_forwarded_packets_in_c() -> None:
+    mesh_key = "cd" * 32
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            r1, url1 = await stack.enter_async_context(relay(mesh_key=mesh_key))
+            r2, url2 = await stack.enter_async_context(relay(mesh_key=mesh_key))
+            region = [u.split("//")[1].split("/")[0] for u in (url1, url2)]
+            for r, me in ((r1, region[0]), (r2, region[1])):  # each meshes with the other, as --mesh-with
+                mesh = await start_mesh(r, mesh_key, region, me, tls=False)
+                stack.push_async_callback(mesh.close)
+                await mesh.wait_connected(10)
+            a, b = DerpClient(), DerpClient()
+            await a.connect(url1)
+            await b.connect(url2)
+            stack.push_async_callback(a.close)
+            stack.push_async_callback(b.close)
+            await until(lambda: b.public_key in r1.forwarder_keys(), "relay 1 to learn B")
+            await until(lambda: a.public_key in r2.forwarder_keys(), "relay 2 to learn A")
+            mesh_conns = [c for c in r2.conns if c.can_mesh]
+            await until(lambda: all(c.fid is not None for c in mesh_conns), "mesh peer handed to C")  # type: ignore[attr-defined]
+            a.send(b.public_key, b"across the mesh")
+            async with asyncio.timeout(5):
+                while True:
+                    msg = await b.recv()
+                    if isinstance(msg, ReceivedPacket):
+                        assert msg == ReceivedPacket(a.public_key, b"across the mesh")
+                        break
+            assert r2.fast.stats()["packets_forwarded_in"] == 1  # type: ignore[union-attr]
+            # and PeerGone still reaches b when a leaves (the delivery was reported up by C)
+            await a.close()
+            async with asyncio.timeout(10):
+                while True:
+                    msg = await b.recv()
+                    if isinstance(msg, PeerGone) and msg.peer == a.public_key:
+                        break
 
     run(main)

@@ -81,6 +81,8 @@ typedef struct {
     int blocked_x;     /* the sender waits in blocked_on's xwaiters (an XOFF'd key), not its waiters */
     int *xwaiters; int nxwaiters, cxwaiters; /* K_CHAN: senders waiting for an XON */
     unsigned long long rec_out, rec_in; /* K_CHAN: PACKET records queued by C senders / delivered in C */
+    int mesh;          /* a mesh peer relay (set_mesh): its ForwardPacket frames are delivered here in C */
+    double wtimeout;   /* this conn's write timeout if > 0 (mesh peers get longer), else the loop's */
     uint32_t gen;      /* bumped on reuse: ids are gen<<32 | slot */
     uint32_t uid;      /* unique per add(), for the delivery sets */
     uint8_t key[KEY];
@@ -657,6 +659,47 @@ static void process_records(Loop *L, int slot, const uint8_t *buf, size_t len) {
     keep_rest(L, ch, buf, len, p);
 }
 
+/* ForwardPacket from mesh peer `slot` (src | dst | packet in `b`): the packet's last hop, as derper's. To a
+ * local client (the mesh peer is not paused per destination: past 2*bound the oldest queued packets go, as
+ * deliver()), or on to the sibling shard holding dst (which only delivers locally). 0: not handled here. */
+static int mesh_forward(Loop *L, int slot, const uint8_t *b, uint32_t n) {
+    int at = route_find(L, b + KEY);
+    if (at < 0) return 0;
+    int ds = L->routes[at].slot;
+    conn_t *d = &L->conns[ds];
+    if (d->dead || d->fd < 0) return 0;
+    size_t plen = n - 2 * KEY;
+    if (d->kind == K_CHAN) {
+        if (pending(d) >= L->bound) {
+            if (!d->stalled) { block_sender(L, slot, ds, 0); return -1; }
+            drop_head(L, d, R_QUEUE_HEAD, L->bound / 2);
+        }
+        uint8_t *o = out_append(L, d, HDR + n);
+        if (!o) return 1;
+        put_record(o, REC_PACKET, n);
+        memcpy(o + HDR, b, n);
+        L->forwarded_in++;
+        L->forwarded_out++;
+        d->rec_out++;
+        mark_dirty(L, ds);
+        return 1;
+    }
+    if (pending(d) >= 2 * L->bound || (d->stalled && pending(d) >= L->bound)) drop_head(L, d, R_QUEUE_HEAD, L->bound);
+    uint8_t *o = out_append(L, d, HDR + KEY + plen);
+    if (!o) return 1;
+    put_hdr(o, T_RECV, KEY + plen);
+    memcpy(o + HDR, b, KEY);
+    memcpy(o + HDR + KEY, b + 2 * KEY, plen);
+    L->forwarded_in++;
+    L->packets_sent++;
+    L->bytes_sent += plen;
+    int sat = route_find(L, b);
+    uint32_t uid = sat >= 0 ? L->routes[sat].uid : (uint32_t)key_hash(L, b) | 0x80000000u;
+    if (seen_check_add(L, d, uid)) emit(L, ds, EV_DELIVERY, b, KEY);
+    mark_dirty(L, ds);
+    return 1;
+}
+
 /* Parse frames from buf[0:len] for sender `slot`; keep what is not consumed in the sender's `in`. */
 static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
     conn_t *s = &L->conns[slot];
@@ -730,6 +773,11 @@ static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
                 }
             }
         }
+        if (t == T_FORWARD && s->mesh && flen >= 2 * KEY) {
+            int r = mesh_forward(L, slot, payload, flen);
+            if (r < 0) break; /* paused on a full channel */
+            if (r > 0) { p += HDR + flen; continue; }
+        }
         L->frames_up++;
         emit(L, slot, t, buf + p, HDR + flen);
         p += HDR + flen;
@@ -771,7 +819,8 @@ static void check_timeouts(Loop *L) {
         int s = L->outwait[i];
         conn_t *c = &L->conns[s];
         if (c->fd < 0 || c->dead || !pending(c)) { c->in_outwait = 0; continue; }
-        if (!c->stalled && L->write_timeout > 0 && L->now - c->last_progress > L->write_timeout) {
+        double wt = c->wtimeout > 0 ? c->wtimeout : L->write_timeout;
+        if (!c->stalled && wt > 0 && L->now - c->last_progress > wt) {
             c->stalled = 1;
             L->write_timeouts++;
             drop_head(L, c, R_QUEUE_HEAD, 0);
@@ -1124,6 +1173,20 @@ static PyObject *Loop_set_notify_active(Loop *L, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_mesh(id, write_timeout): the conn is a mesh peer relay (its ForwardPacket frames are delivered in C)
+ * with its own write timeout (0: the loop's). */
+static PyObject *Loop_set_mesh(Loop *L, PyObject *args) {
+    PyObject *idobj;
+    double wt;
+    if (!PyArg_ParseTuple(args, "Od", &idobj, &wt)) return NULL;
+    int s = slot_arg(L, idobj);
+    if (s < 0) return NULL;
+    if (L->conns[s].kind != K_CLIENT) { PyErr_SetString(PyExc_ValueError, "set_mesh() on a channel"); return NULL; }
+    L->conns[s].mesh = 1;
+    L->conns[s].wtimeout = wt;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Loop_queue_bytes(Loop *L, PyObject *arg) {
     int s = slot_arg(L, arg);
     if (s < 0) return NULL;
@@ -1285,6 +1348,7 @@ static PyMethodDef Loop_methods[] = {
     {"poll", (PyCFunction)Loop_poll, METH_NOARGS, "one non-blocking turn -> [(id, kind, bytes)]"},
     {"set_reading", (PyCFunction)Loop_set_reading, METH_VARARGS, "set_reading(id, on)"},
     {"set_notify_active", (PyCFunction)Loop_set_notify_active, METH_VARARGS, "set_notify_active(id, on)"},
+    {"set_mesh", (PyCFunction)Loop_set_mesh, METH_VARARGS, "set_mesh(id, write_timeout): a mesh peer relay"},
     {"queue_bytes", (PyCFunction)Loop_queue_bytes, METH_O, "queue_bytes(id) -> bytes queued for the conn"},
     {"conn_info", (PyCFunction)Loop_conn_info, METH_O, "conn_info(id) -> dict (tests, debugging)"},
     {"stats", (PyCFunction)Loop_stats, METH_NOARGS, "cumulative counters"},

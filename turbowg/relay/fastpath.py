@@ -131,6 +131,8 @@ class FastPlane:
             conn.proto.receive_data(pending)  # back to the Python parser, as if never taken
             t.resume_reading()
             return self._refuse(conn)
+        if conn.can_mesh:  # a mesh peer relay: its ForwardPacket frames are delivered in C too
+            self.c.set_mesh(fid, conn._write_timeout())
         conn.fid = fid
         conn.handed_over = True
         conn.transport = None
@@ -377,7 +379,7 @@ class FastPlane:
 
 
 class FastConn(ClientConn):
-    """A ClientConn that moves to the C loop once authenticated (plain TCP only; mesh peers stay)."""
+    """A ClientConn that moves to the C loop once authenticated (plain TCP only)."""
 
     __slots__ = ("plane", "fid", "handed_over", "_take_after")
 
@@ -392,9 +394,9 @@ class FastConn(ClientConn):
 
     def on_authenticated(self, client_key: bytes, info: ClientInfo, can_mesh: bool, server_info_frame: bytes) -> None:
         super().on_authenticated(client_key, info, can_mesh, server_info_frame)
-        # Mesh peers carry ForwardPacket and watcher traffic (handled in Python anyway) and have their own
-        # write timeout: they stay on asyncio.
-        self._take_after = not can_mesh
+        # Mesh peers move too: C delivers their ForwardPacket frames (set_mesh) with the mesh write timeout;
+        # WatchConns, ClosePeer and the PeerPresent/PeerGone they get stay Python's (handed up / written down).
+        self._take_after = True
 
     def data_received(self, data: bytes) -> None:
         if self.handed_over:
