@@ -321,7 +321,8 @@ class FastPlane:
         if kind == EV_RECORDS:
             end.records_received(data)
         elif kind in (EV_CLOSED, EV_PROTOCOL):
-            log.log(logging.DEBUG if self.closed else logging.ERROR, "shard channel: %s",
+            # a sibling that stops closes its end (the supervisor reports a sibling that died)
+            log.log(logging.ERROR if kind == EV_PROTOCOL else logging.INFO, "shard channel: %s",
                     data.decode(errors="replace"))
             self.channels.pop(fid, None)
             self._draining.pop(fid, None)
