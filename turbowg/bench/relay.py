@@ -329,11 +329,13 @@ async def _ping_loop(host: str, port: int, tls: bool, stop: asyncio.Event) -> li
     rtts: list[float] = []
     async with DerpClient() as client:
         await client.connect(host=host, port=port, tls=tls, verify=False)
-        while not stop.is_set():
+        while True:  # at least one ping, even when connecting under load outlasted a short run
             try:
                 rtts.append(await client.ping(timeout=2.0) * 1000.0)
             except DerpClientError:
                 rtts.append(2000.0)  # a lost pong counts as the timeout, not as nothing
+            if stop.is_set():
+                break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), PING_INTERVAL)
     return rtts
@@ -542,11 +544,24 @@ def _worker_list(text: str) -> list[int]:
 
 
 def run_relay_bench(args: argparse.Namespace) -> int:
-    if args.size < 16 or args.size > 65536:
-        print("turbowg bench relay: --size must be between 16 and 65536", file=sys.stderr)
+    sizes = args.sizes if args.sweep else [args.size]
+    if any(size < 16 or size > 65536 for size in sizes):
+        print("turbowg bench relay: --size/--sizes must be between 16 and 65536", file=sys.stderr)
         return 2
+    if args.sweep:
+        from turbowg.bench.relay_sweep import run_sweep
+
+        args.runs = args.runs or 3
+        args.json = args.json or "bench-relay-sweep.json"
+        args.png = "bench-relay-sweep.png" if args.png is None else args.png
+        main = run_sweep(args)
+    else:
+        args.runs = args.runs or 5
+        args.json = args.json or "bench-relay.json"
+        args.png = "bench-relay.png" if args.png is None else args.png
+        main = _bench(args)
     try:
-        return asyncio.run(_bench(args))
+        return asyncio.run(main)
     except KeyboardInterrupt:
         return 130
 
@@ -557,15 +572,42 @@ def add_relay_bench(bench_subparsers: Any) -> None:
         description="Benchmark the turbowg DERP relay on loopback with its own load generator.",
     )
     p.add_argument("--duration", type=_positive_float, default=5.0, help="seconds per run (default 5)")
-    p.add_argument("--runs", type=_positive_int, default=5, help="runs per configuration (default 5)")
+    p.add_argument("--runs", type=_positive_int, default=None,
+                   help="runs (sweeps with --sweep) per configuration (default 5; with --sweep 3)")
     p.add_argument("--pairs", type=_positive_int, default=4, help="sender->receiver client pairs (default 4)")
     p.add_argument("--size", type=int, default=PACKET_SIZE, help=f"packet bytes (default {PACKET_SIZE})")
     p.add_argument("--workers", type=_worker_list, default=[1, 2], help="relay worker counts (default 1,2)")
     p.add_argument("--rate-mbit", type=_positive_float, default=200.0,
                    help="total offered load of the paced runs in Mbit/s (default 200)")
     p.add_argument("--gen-procs", type=_positive_int, default=2, help="load generator processes (default 2)")
-    p.add_argument("--json", default="bench-relay.json", help="raw runs (default bench-relay.json)")
-    p.add_argument("--png", default="bench-relay.png", help="bar chart (default bench-relay.png; '' for none)")
+    p.add_argument("--json", default=None, help="raw runs (default bench-relay.json; bench-relay-sweep.json)")
+    p.add_argument("--png", default=None,
+                   help="chart (default bench-relay.png; bench-relay-sweep.png; '' for none)")
+    from turbowg.bench import relay_sweep as sw
+
+    s = p.add_argument_group("rate sweep (--sweep): the knee per relay path, worker count, pairs and size")
+    s.add_argument("--sweep", action="store_true",
+                   help="paced offered load from low to past saturation; reports the knee (highest load carried "
+                        f"with < {sw.LOSS_LIMIT_PCT:g}%% loss), ping RTT at half the knee and at it, CPU s/GB")
+    s.add_argument("--steps", type=_positive_int, default=sw.DEFAULT_STEPS,
+                   help=f"offered rates per sweep (default {sw.DEFAULT_STEPS}; it stops two lossy steps past the knee)")
+    s.add_argument("--step-seconds", type=_positive_float, default=sw.DEFAULT_STEP_SECONDS,
+                   help=f"seconds per offered rate (default {sw.DEFAULT_STEP_SECONDS:g})")
+    s.add_argument("--probe-seconds", type=_positive_float, default=sw.PROBE_SECONDS,
+                   help=f"unpaced probe that places the ladder, and the generator calibration (default {sw.PROBE_SECONDS:g})")
+    s.add_argument("--ladder-ratio", type=_positive_float, default=sw.LADDER_RATIO,
+                   help=f"ratio between offered rates (default 2^(1/4) = {sw.LADDER_RATIO:.3f})")
+    s.add_argument("--sizes", type=sw.positive_list(int), default=[1400, 64], help="packet sizes (default 1400,64)")
+    s.add_argument("--pair-counts", type=sw.positive_list(int), default=[10, 2], help="pair counts (default 10,2)")
+    s.add_argument("--paths", type=sw.path_list, default=["c", "py"],
+                   help="relay paths: c (as shipped), py (TURBOWG_NO_C=1) (default c,py)")
+    s.add_argument("--no-tls", dest="tls_rows", action="store_false",
+                   help="skip the TLS rows (C path, largest size and pair count, each worker count)")
+    s.add_argument("--pin", action="store_true",
+                   help="also 1-worker rows with the relay on CPU 0 (taskset) and generators+pinger on CPU 1: "
+                        "the per-core knee")
+    s.add_argument("--ping-interval", type=_positive_float, default=0.005,
+                   help="seconds between DERP pings of the latency client (default 0.005)")
     p.set_defaults(func=run_relay_bench)
 
 
