@@ -16,6 +16,8 @@ from .handshake import LABEL_COOKIE, LABEL_MAC1
 from .primitives import MAC_SIZE, XNONCE_SIZE, hash_, mac, xaead_open, xaead_seal
 
 _COOKIE_REPLY_HEAD = struct.Struct("<II")  # type word, receiver index
+COOKIE_CACHE = 4096  # sources whose cookie the responder keeps
+NONCE_POOL = 64  # cookie-reply nonces drawn per getrandom
 
 
 def _mac_offsets(msg: bytes | bytearray) -> tuple[int, int]:
@@ -31,6 +33,12 @@ class CookieChecker:
         self.cookie_key = hash_(LABEL_COOKIE, local_public)
         self._secret: bytearray | None = None
         self._secret_set = 0.0
+        # Under a flood the same sources get reply after reply: their cookies (MAC(secret, src), fixed for
+        # the secret's 120 s) are kept, bounded, and forgotten with the secret; nonces are drawn in bulk
+        # (one getrandom per NONCE_POOL replies).
+        self._cookies: dict[bytes, bytes] = {}
+        self._nonces = b""
+        self._nonce_at = 0
 
     def check_mac1(self, msg: bytes | bytearray) -> bool:
         if len(msg) < 2 * MAC_SIZE:
@@ -63,9 +71,19 @@ class CookieChecker:
                 self._secret[:] = bytes(len(self._secret))
             self._secret = bytearray(os.urandom(32))
             self._secret_set = now
-        cookie = mac(bytes(self._secret), src)
+            self._cookies.clear()
+        cookie = self._cookies.get(src)
+        if cookie is None:
+            if len(self._cookies) >= COOKIE_CACHE:
+                self._cookies.clear()
+            cookie = self._cookies[src] = mac(bytes(self._secret), src)
         mac1_at, mac2_at = _mac_offsets(msg)
-        nonce = os.urandom(XNONCE_SIZE)
+        at = self._nonce_at
+        if at + XNONCE_SIZE > len(self._nonces):
+            self._nonces = os.urandom(XNONCE_SIZE * NONCE_POOL)
+            at = 0
+        nonce = self._nonces[at:at + XNONCE_SIZE]
+        self._nonce_at = at + XNONCE_SIZE
         sealed = xaead_seal(self.cookie_key, nonce, cookie, bytes(msg[mac1_at:mac2_at]))
         return _COOKIE_REPLY_HEAD.pack(MESSAGE_COOKIE_REPLY, receiver_index) + nonce + sealed
 
