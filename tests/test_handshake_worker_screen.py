@@ -185,3 +185,31 @@ def test_python_fallback_is_used_without_c(monkeypatch):
     assert isinstance(recvmmsg.make_screener(KEY), PyScreener)
     monkeypatch.setattr(recvmmsg, "use_c", lambda: True)
     assert isinstance(recvmmsg.make_screener(KEY), _hsscreen.Screener)
+
+
+def test_cookie_replies_keep_the_cookie_per_secret_and_never_repeat_a_nonce():
+    from turbowg.noise.cookie import CookieChecker, CookieGenerator
+    from turbowg.noise.primitives import xaead_open
+
+    public = os.urandom(32)
+    checker = CookieChecker(public)
+    msg = bytearray(148)
+    msg[0] = 1
+    CookieGenerator(public).add_macs(msg, 1.0)
+    src = bytes([10, 203, 0, 1]) + (40000).to_bytes(2, "big")
+
+    def cookie_of(reply: bytes) -> bytes:
+        return xaead_open(checker.cookie_key, reply[8:32], reply[32:], bytes(msg[116:132]))
+
+    replies = [checker.create_reply(msg, 7, src, 1.0 + i / 1000) for i in range(200)]
+    assert len({r[8:32] for r in replies}) == 200  # nonces across several bulk draws
+    assert len({cookie_of(r) for r in replies}) == 1
+    # A new secret (after 120 s) makes a new cookie for the same source: the cached one is gone.
+    later = checker.create_reply(msg, 7, src, 200.0)
+    assert cookie_of(later) not in {cookie_of(replies[0]), None}
+    # ... and what a sender proves with it is checked against the new secret.
+    generator = CookieGenerator(public)
+    generator.add_macs(msg, 200.0)
+    assert generator.consume_reply(later, 200.0)
+    generator.add_macs(msg, 200.0)
+    assert checker.check_mac2(bytes(msg), src, 200.0)
