@@ -393,13 +393,8 @@ class Runtime:
             if lone:
                 got, cursor = read_packed(stage, 0, layout, 0)
                 if got == 1:
-                    if self._lone and self._udp_fd >= 0:
-                        sent = self.device.send_lone(stage, layout[0], layout[1], now, self._udp_fd,
-                                                     self._sockaddrs)
-                        if sent is not None:
-                            self._count_lone_send(sent)
-                            self._reschedule_timer()
-                            return
+                    if self._lone and self._udp_fd >= 0 and self._send_one(stage, layout, now):
+                        return
                     runs.append(0)
                     runs.append(1)
                     count = 1
@@ -427,6 +422,9 @@ class Runtime:
             self.stop(f"TUN read failed: {exc}")
             return
         if not runs:
+            return
+        # One packet after all (between the bursts of a paced flow: an ACK, a ping): the one-call way too.
+        if not lone and count == 1 and self._lone and self._udp_fd >= 0 and self._send_one(stage, layout, now):
             return
         packed, transmits = self.device.handle_tun_packed(stage, layout, runs, now)
         self._reschedule_timer()
@@ -469,6 +467,10 @@ class Runtime:
                 return
         else:
             udp.recv_packed(buf, 0, UDP_RECV_BYTES, chunks, senders, max_calls=MAX_UDP_READS_PER_WAKE)
+            # One datagram after all (see _on_tun_readable): the one-call way too.
+            if len(senders) == 1 and chunks[2] >= chunks[1] - chunks[0] and self._lone and self._tun_fd >= 0 \
+                    and self._on_lone_datagram(buf, chunks, now):
+                return
         if not senders:
             return
         device = self.device
@@ -537,8 +539,12 @@ class Runtime:
             self._tun_reader()  # the local answer, in the same wake (see _on_udp_readable)
         return True
 
-    def _count_lone_send(self, sent: int) -> None:
-        """UDPBind.send_packed's counters for one datagram Device.send_lone sent (or failed to)."""
+    def _send_one(self, stage: bytearray, layout: array, now: float) -> bool:
+        """The one packet read (stage, layout[0:2]) through Device.send_lone (route + seal + sendto in one C
+        call) with UDPBind.send_packed's counters; False when the batch path must take it (nothing done)."""
+        sent = self.device.send_lone(stage, layout[0], layout[1], now, self._udp_fd, self._sockaddrs)
+        if sent is None:
+            return False
         counters = self.udp.counters  # type: ignore[union-attr]
         if sent >= 0:
             counters["send_calls"] += 1
@@ -547,6 +553,8 @@ class Runtime:
             counters["send_dropped_eagain"] += 1
         else:
             counters["send_errors"] += 1
+        self._reschedule_timer()
+        return True
 
     def _under_load(self, buf: bytearray, chunks: list[int], now: float) -> bool:
         # Handshake messages (types 1 and 2) per second; a flood turns on cookie replies for a while.
