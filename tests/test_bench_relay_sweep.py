@@ -150,6 +150,39 @@ def test_climbing_stops_two_lossy_steps_past_the_knee() -> None:
     assert not sw.should_stop([_step(100, 0.0), _step(119, 1.0), _step(141, 0.0)])
 
 
+def _climb(ladder: list[float], capacity: float) -> list[dict[str, Any]]:
+    import asyncio
+
+    async def measure(rate: float) -> dict[str, Any]:  # a relay that carries `capacity` and refuses the rest
+        return _step(rate, 0.0 if rate <= capacity else 100.0 * (1 - capacity / rate))
+
+    return asyncio.run(sw.climb(ladder, measure, 2**0.25))
+
+
+def test_climb_stops_two_steps_past_the_knee_and_measures_half_the_knee() -> None:
+    ladder = sw.make_ladder(1000.0, 8, 2**0.25)
+    steps = _climb(ladder, capacity=1000.0)
+    rates = [s["rate_fps"] for s in steps]
+    assert rates[:8] == ladder[:8] and len(rates) == 8  # the knee is the probe: two lossy steps above, done
+    knee = sw.pick_knee(steps)
+    assert knee is not None and knee["rate_fps"] == pytest.approx(1000.0)
+    assert sw.step_near(steps, 500.0) is not None  # on the ladder already: 4 steps below
+
+
+def test_climb_goes_on_up_while_nothing_is_lost_and_down_while_everything_is() -> None:
+    ladder = sw.make_ladder(1000.0, 8, 2**0.25)
+    up = _climb(ladder, capacity=2000.0)
+    knee = sw.pick_knee(up)
+    assert knee is not None and knee["rate_fps"] == pytest.approx(2000.0)
+    assert sw.should_stop(up) and len(up) == 8 + 4  # up past the top (1414) to 2000, then 2 lossy steps
+    down = _climb(ladder, capacity=300.0)
+    knee = sw.pick_knee(down)
+    assert knee is not None and 300.0 / 2**0.25 < knee["rate_fps"] <= 300.0
+    half = sw.step_near(down, knee["rate_fps"] / 2)
+    assert half is not None and half is down[-1]  # below the ladder: measured at the end
+    assert len(_climb(ladder, capacity=1.0)) == 2 + sw.EXTRA_STEPS  # gives up: no knee, bounded
+
+
 def test_ladder_is_geometric_with_the_probe_below_the_top() -> None:
     ladder = sw.make_ladder(1000.0, 8, 2**0.25)
     assert len(ladder) == 8

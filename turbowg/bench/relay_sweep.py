@@ -6,7 +6,9 @@ pinned) one sweep starts a fresh relay, bulk load generator processes (`python -
 repetition of a configuration probes the carried rate with an unpaced step and fixes a geometric ladder
 of offered rates around it (ratio 2^(1/4) by default, the probe rate at the third step from the top); every
 repetition then climbs that ladder, one step of `--step-seconds` each, and stops after two lossy steps in a
-row. The knee of a sweep is the highest offered rate carried with < LOSS_LIMIT_PCT % loss.
+row (going on up past the ladder while nothing is lost, and down below it when every step lost). The knee
+of a sweep is the highest offered rate carried with < LOSS_LIMIT_PCT % loss; if no step lies at half the
+knee, one more step measures the ping RTT there.
 
 Loss is counted exactly, in frames. Per sender a token bucket against the monotonic clock schedules
 floor(rate x seconds) frames; each ~1 ms tick the sender writes what is due, from pre-built frames. Frames
@@ -44,7 +46,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,11 +63,11 @@ SETTLE_MAX = 10.0  # most seconds to wait for an overloaded relay to go idle bef
 CHUNK_BYTES = 1 << 16  # most bytes one send() carries; TLS records and partial writes stay small
 RECV_BYTES = 1 << 20
 UNPACED_CHUNKS = 16  # chunks per sender per tick when unpaced: up to 1 MB per ms per sender
-EXTRA_STEPS = 4  # the ladder goes on up by this many steps while the relay loses nothing
+EXTRA_STEPS = 4  # the ladder goes on up (down) by this many steps while the relay loses nothing (everything)
 LADDER_RATIO = 2 ** 0.25
 PROBE_AT_FROM_TOP = 2  # the probe rate is this many steps below the top of the ladder
 DEFAULT_STEPS = 8
-DEFAULT_STEP_SECONDS = 1.5
+DEFAULT_STEP_SECONDS = 1.2
 PROBE_SECONDS = 1.0
 KEY_SIZE = 32
 _HEADER = struct.Struct(">BI")
@@ -241,6 +243,34 @@ def should_stop(steps: Sequence[dict[str, Any]], past_knee: int = 2) -> bool:
     """Stop climbing once the last `past_knee` paced steps all lost >= LOSS_LIMIT_PCT."""
     paced = [s for s in steps if not s.get("unpaced")]
     return len(paced) >= past_knee and not any(is_clean(s) for s in paced[-past_knee:])
+
+
+async def climb(ladder: Sequence[float], measure: Callable[[float], Awaitable[dict[str, Any]]], ratio: float,
+                extra: int = EXTRA_STEPS) -> list[dict[str, Any]]:
+    """Offer the ladder's rates from the bottom; returns the paced steps in the order they ran.
+
+    Stops two lossy steps past the knee (or when the relay hung up: a step with "closed"); goes on up by
+    `ratio` past the top until then, and down below the bottom while no step was clean (at most `extra`
+    steps each way); then measures half the knee when no step lies there (its RTT is reported).
+    """
+    steps: list[dict[str, Any]] = []
+    rates = list(ladder)
+    while rates:
+        steps.append(await measure(rates.pop(0)))
+        if should_stop(steps) or steps[-1].get("closed"):
+            break
+        if not rates and len(steps) < len(ladder) + extra:
+            rates.append(steps[-1]["rate_fps"] * ratio)  # not two lossy steps past a knee yet
+    lowest = min(s["rate_fps"] for s in steps)
+    for _ in range(extra):
+        if steps[-1].get("closed") or pick_knee(steps) is not None:
+            break
+        lowest /= ratio
+        steps.append(await measure(lowest))
+    knee = pick_knee(steps)
+    if knee is not None and not steps[-1].get("closed") and step_near(steps, knee["rate_fps"] / 2) is None:
+        steps.append(await measure(knee["rate_fps"] / 2))
+    return steps
 
 
 def generator_bound(steps: Sequence[dict[str, Any]], knee: dict[str, Any] | None, ceiling_fps: float | None,
@@ -650,6 +680,8 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
         ping_task = asyncio.create_task(_pinger("127.0.0.1", port, cfg.tls, stop, pings, args.ping_interval))
         pids = _relay_pids(relay.pid)
 
+        measured = [0]
+
         async def settle() -> None:
             """Until the relay is idle (bounded): an overloaded step's backlog must not load the next one."""
             deadline = time.monotonic() + SETTLE_MAX
@@ -681,6 +713,7 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
                    "ping_p50_ms": _pct(rtts, 0.5), "ping_p99_ms": _pct(rtts, 0.99), "pings": len(rtts),
                    "relay_cpu_s": cpu1 - cpu0, "cpu_s_per_gb": (cpu1 - cpu0) / gb if gb else float("nan")}
             steps.append(rec)
+            measured[0] += 1
             print(f"    {'unpaced probe' if rate == 0 else f'{rate / 1e3:8.1f} kpkt/s'}: delivered "
                   f"{rec['delivered_fps'] / 1e3:.1f} kpkt/s, loss {rec['loss_pct']:.3f}% (refused "
                   f"{rec['refused_pct']:.3f}, relay {rec['relay_lost_pct']:.3f}, generator {rec['shortfall_pct']:.3f}), "
@@ -695,19 +728,10 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
             if probe_fps <= 0:
                 raise RuntimeError("the unpaced probe delivered nothing")
             ladder = make_ladder(probe_fps, args.steps, args.ladder_ratio)
-        rates = list(ladder)
-        while rates:
-            await step(rates.pop(0), args.step_seconds)
-            if should_stop(steps) or steps[-1]["closed"]:
-                break  # two lossy steps past the knee, or the relay hung up on the generator
-            if not rates and is_clean(steps[-1]) and len(steps) < len(ladder) + 1 + EXTRA_STEPS:
-                rates.append(steps[-1]["rate_fps"] * args.ladder_ratio)  # not saturated yet: one more up
-        closed = steps[-1]["closed"]
-        if closed:
-            steps = [s for s in steps if not s["closed"]]  # not comparable: some pairs were gone
+        await climb(ladder, lambda rate: step(rate, args.step_seconds), args.ladder_ratio)
+        if steps[-1]["closed"]:
+            steps[:] = [s for s in steps if not s["closed"]]  # not comparable: some pairs were gone
         knee = pick_knee(steps)
-        if knee is not None and not closed and step_near(steps, knee["rate_fps"] / 2) is None:
-            await step(knee["rate_fps"] / 2, args.step_seconds)  # the RTT at half the knee
     finally:
         stop.set()
         if ping_task is not None:
@@ -722,6 +746,7 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
             except TimeoutError:
                 relay.kill()
                 await relay.wait()
+    closed = any(s["closed"] for s in steps) or len(steps) < measured[0]
     half = step_near(steps, knee["rate_fps"] / 2) if knee else None
     return {
         "config": cfg.name, "path": cfg.path, "workers": cfg.workers, "tls": cfg.tls, "pairs": cfg.pairs,
