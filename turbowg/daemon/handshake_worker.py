@@ -10,9 +10,12 @@ Worker process (`python -m turbowg.daemon.handshake_worker FD`, spawned by the r
 is one end of a nonblocking unix SOCK_SEQPACKET socketpair to the main process. It gets the identity and
 the peers' public keys in a config message after every UAPI set that changes them, and the handshake
 socket with SCM_RIGHTS (MSG_SOCKET; again after a rebind). It polls both: a wake of the handshake socket
-reads it until EAGAIN (at most MAX_WAKE_READS, UDP_GRO reads split by segment size); the number read is
-the backlog for the under-load decision (more than 512 = more than 1/8 of a 4096-message queue, and for a
-second after, as wireguard-go). The socket's receive buffer holds ~4096 handshake messages; a flood past
+reads it until EAGAIN (at most MAX_WAKE_READS, UDP_GRO reads split by segment size), each recvmmsg batch
+screened in one C call (turbowg/conn/_hsscreen.c: header, size, mac1, under load the zero-mac2 cookie-reply
+limiter), so only what passes becomes Python objects. What waited when the wake began (the queue's memory
+over a datagram's least truesize, or what was read) is the backlog for the under-load decision (more than
+512 = more than 1/8 of a 4096-message queue, and for a second after, as wireguard-go). Wakes are at least
+MIN_WAKE_INTERVAL apart, LOAD_WAKE_INTERVAL while under load. The socket's receive buffer holds ~4096 handshake messages; a flood past
 what the worker reads is dropped by the kernel there (counted: rx_handshake_socket_kernel_drops, from
 SO_MEMINFO), never touching the data socket. Cookie replies go out of the handshake socket (same port).
 What it identified (initiations from configured peers) and forwarded (responses, cookie replies) goes to
