@@ -16,7 +16,11 @@ workers) from /proc/<pid>/stat over the measurement window, per GB of packet pay
 Caveat printed with the results: load generators run on the same machine as the relay, so on a
 2-core box they compete with it for CPU; absolute numbers are a lower bound for the relay alone.
 
-Why one file (~590 lines): the benchmark driver and the load generator it starts (`--loadgen`, this same
+`--sweep` (relay_sweep.py) instead climbs a ladder of paced offered rates per configuration and reports
+the knee (highest rate carried with < 0.1% loss), the ping RTT at half the knee and at it, and CPU per GB,
+for the C path and the Python path (TURBOWG_NO_C=1), with a bulk load generator of its own.
+
+Why one file (~620 lines): the benchmark driver and the load generator it starts (`--loadgen`, this same
 file) are the two ends of one packet format and one per-run record; one file keeps them in step.
 """
 
@@ -604,8 +608,8 @@ def add_relay_bench(bench_subparsers: Any) -> None:
     s.add_argument("--no-tls", dest="tls_rows", action="store_false",
                    help="skip the TLS rows (C path, largest size and pair count, each worker count)")
     s.add_argument("--pin", action="store_true",
-                   help="also 1-worker rows with the relay on CPU 0 (taskset) and generators+pinger on CPU 1: "
-                        "the per-core knee")
+                   help="also C-path 1-worker rows with the relay on CPU 0 (taskset) and generators+pinger on "
+                        "CPU 1: the per-core knee")
     s.add_argument("--ping-interval", type=_positive_float, default=0.005,
                    help="seconds between DERP pings of the latency client (default 0.005)")
     p.set_defaults(func=run_relay_bench)

@@ -17,8 +17,8 @@ sender like a full NIC queue; frames the generator was too late to present (more
 schedule) are its shortfall. Receivers count the bytes of fixed-size RecvPacket frames by a 41-byte header
 (type, length, source key, step tag) that no other frame and no payload contains, so they never parse a
 frame in Python. After the step the generator waits until every frame written has arrived (or the stream
-has been quiet for DRAIN_QUIET); frames of a step that arrive during the next one are credited to their own
-step (the tag), and after a lossy step the next one waits until the relay is idle.
+has been quiet for DRAIN_QUIET): what arrives later is lost (and, during the next step, counted apart as that
+step's "late", by its tag, not as the next step's). After a lossy step the next waits until the relay is idle.
 loss = (scheduled - delivered) / scheduled; scheduled - delivered = refused + shortfall + lost in the relay.
 
 A sweep whose first lossy step lost only what the generator failed to present (the relay refused and
@@ -57,7 +57,7 @@ from turbowg.bench.stats import summarize
 LOSS_LIMIT_PCT = 0.1  # the knee: highest offered rate carried with less loss than this
 TICK = 0.001  # pacing step (seconds)
 MAX_LAG = 0.05  # frames due longer than this are the generator's shortfall, not sent in a burst
-DRAIN_QUIET = 0.25
+DRAIN_QUIET = 0.5
 DRAIN_MAX = 3.0
 SETTLE_MAX = 10.0  # most seconds to wait for an overloaded relay to go idle before the next step
 CHUNK_BYTES = 1 << 16  # most bytes one send() carries; TLS records and partial writes stay small
@@ -656,6 +656,7 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
                       ceiling: float | None) -> dict[str, Any]:
     from turbowg.bench.relay import BenchConfig, _cpu_seconds, _relay_command, _relay_pids, _wait_listening
 
+    began = time.monotonic()
     port = _free_port()
     env = dict(os.environ)
     env.pop("TURBOWG_NO_C", None)
@@ -692,21 +693,20 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
                     return
 
         async def step(rate: float, seconds: float) -> dict[str, Any]:
+            settled = time.monotonic()
             if steps and not is_clean(steps[-1]):
                 await settle()
             cpu0, t0 = _cpu_seconds(pids), time.monotonic()
+            settled = t0 - settled
             counts = await gens.step(rate, seconds)
-            if steps and counts["late_prev"]:  # the step before's frames that arrived during this one
-                prev = steps[-1]
-                prev["delivered"] += counts["late_prev"]
-                prev["late"] = prev.get("late", 0) + counts["late_prev"]
-                prev.update(step_loss(prev["scheduled"], prev["sent"], prev["refused"], prev["shortfall"],
-                                      prev["delivered"]))
+            if steps:  # the step before's frames that came only during this one: lost for it, but say so
+                steps[-1]["late"] = counts["late_prev"]
             cpu1 = _cpu_seconds(pids)  # includes the drain: the relay's work for this step's frames
             t1 = t0 + seconds
             rtts = [rtt for t, rtt in pings if t0 <= t < t1]
             gb = counts["delivered"] * cfg.size / 1e9
-            rec = {**counts, "rate_fps": rate, "unpaced": rate == 0,
+            rec = {**counts, "rate_fps": rate, "unpaced": rate == 0, "settle_s": settled,
+                   "step_wall_s": time.monotonic() - t0, "at_s": t0 - began,
                    "delivered_fps": counts["delivered"] / seconds,
                    **step_loss(counts["scheduled"], counts["sent"], counts["refused"], counts["shortfall"],
                                counts["delivered"]),
@@ -717,7 +717,8 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
             print(f"    {'unpaced probe' if rate == 0 else f'{rate / 1e3:8.1f} kpkt/s'}: delivered "
                   f"{rec['delivered_fps'] / 1e3:.1f} kpkt/s, loss {rec['loss_pct']:.3f}% (refused "
                   f"{rec['refused_pct']:.3f}, relay {rec['relay_lost_pct']:.3f}, generator {rec['shortfall_pct']:.3f}), "
-                  f"ping p99 {rec['ping_p99_ms']:.2f} ms", file=sys.stderr, flush=True)
+                  f"ping p99 {rec['ping_p99_ms']:.2f} ms [at {rec['at_s']:.1f} s, settled {settled:.1f} s, "
+                  f"took {rec['step_wall_s']:.1f} s]", file=sys.stderr, flush=True)
             return rec
 
         await asyncio.sleep(0.1)  # the pinger connects
@@ -789,9 +790,9 @@ def sweep_configs(args: argparse.Namespace) -> list[SweepConfig]:
                for size in args.sizes for pairs in args.pair_counts for path in args.paths for w in args.workers]
     if args.tls_rows and "c" in args.paths:
         configs += [SweepConfig("c", w, True, max(args.pair_counts), max(args.sizes)) for w in args.workers]
-    if args.pin:
-        configs += [SweepConfig(path, 1, False, pairs, size, pinned=True)
-                    for size in args.sizes for pairs in args.pair_counts for path in args.paths]
+    if args.pin and "c" in args.paths:  # the per-core number is the C plane's (the Python path: 2 workers' rows)
+        configs += [SweepConfig("c", 1, False, pairs, size, pinned=True)
+                    for size in args.sizes for pairs in args.pair_counts]
     return configs
 
 
