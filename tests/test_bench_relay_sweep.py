@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from turbowg.bench import relay_loadgen as lg
 from turbowg.bench import relay_sweep as sw
 
 # ------------------------------------------------------------------------------------------------
@@ -22,7 +23,7 @@ from turbowg.bench import relay_sweep as sw
 
 
 def test_pacer_schedules_floor_rate_times_duration_and_nothing_after() -> None:
-    pacer = sw.Pacer(1000.0, start=10.0, duration=1.0)
+    pacer = lg.Pacer(1000.0, start=10.0, duration=1.0)
     total = 0
     for ms in range(0, 1200):  # a tick every ms, 200 ms past the end
         total += pacer.take(10.0 + ms / 1000.0)
@@ -31,7 +32,7 @@ def test_pacer_schedules_floor_rate_times_duration_and_nothing_after() -> None:
 
 
 def test_pacer_counts_what_is_too_late_as_shortfall_not_a_burst() -> None:
-    pacer = sw.Pacer(1000.0, start=0.0, duration=1.0, max_lag=0.05)
+    pacer = lg.Pacer(1000.0, start=0.0, duration=1.0, max_lag=0.05)
     assert pacer.take(0.0) == 0
     assert pacer.take(0.2) == 50  # 200 due, only 50 ms worth may go at once
     assert pacer.shortfall == 150
@@ -45,8 +46,8 @@ def test_pacer_counts_what_is_too_late_as_shortfall_not_a_burst() -> None:
 
 
 def _stream(key: bytes, size: int, tag: int, frames: int, keepalives: int, rng: random.Random) -> tuple[bytes, bytes]:
-    base = sw.frame_base(sw.RECV_PACKET, key, size)
-    needle, payload = sw.step_payload(base, size, tag)
+    base = lg.frame_base(lg.RECV_PACKET, key, size)
+    needle, payload = lg.step_payload(base, size, tag)
     parts = [base + payload] * frames + [b"\x06\x00\x00\x00\x00"] * keepalives  # KeepAlive frames
     rng.shuffle(parts)
     return needle, b"".join(parts)
@@ -65,7 +66,7 @@ def test_frame_counter_is_exact_across_any_split(size: int) -> None:
     rng = random.Random(size)
     key = os.urandom(32)
     needle, data = _stream(key, size, 3, 500, 37, rng)
-    counter = sw.FrameCounter(needle, len(sw.frame_base(sw.RECV_PACKET, key, size)) + size, size=4096)
+    counter = lg.FrameCounter(needle, len(lg.frame_base(lg.RECV_PACKET, key, size)) + size, size=4096)
     for chunk in _chunks(data, rng):
         counter.feed(chunk)
     assert counter.frames == 500 and counter.other_bytes == 37 * 5 and counter.late == 0
@@ -78,8 +79,8 @@ def test_frame_counter_credits_the_previous_step_apart_and_ignores_other_frames(
     old_needle, old = _stream(key, size, 1, 100, 0, rng)
     new_needle, new = _stream(key, size, 2, 70, 0, rng)
     _, other = _stream(key, size + 1, 2, 9, 0, rng)  # a different length is not a data frame of this step
-    frame_len = sw.TAGGED_HEADER - 4 + size
-    counter = sw.FrameCounter(old_needle, frame_len)
+    frame_len = lg.TAGGED_HEADER - 4 + size
+    counter = lg.FrameCounter(old_needle, frame_len)
     counter.feed(old[: 50 * frame_len + 7])
     assert counter.frames == 50
     counter.next_step(new_needle)
@@ -90,10 +91,10 @@ def test_frame_counter_credits_the_previous_step_apart_and_ignores_other_frames(
 
 def test_step_payload_filler_is_outside_the_needles_bloom_and_never_forms_a_header() -> None:
     for tag in range(1, 40):
-        base = sw.frame_base(sw.RECV_PACKET, os.urandom(32), 64)
-        prev, _ = sw.step_payload(base, 64, tag - 1)
-        needle, payload = sw.step_payload(base, 64, tag, avoid=prev)
-        assert len(needle) == sw.TAGGED_HEADER and len(payload) == 64
+        base = lg.frame_base(lg.RECV_PACKET, os.urandom(32), 64)
+        prev, _ = lg.step_payload(base, 64, tag - 1)
+        needle, payload = lg.step_payload(base, 64, tag, avoid=prev)
+        assert len(needle) == lg.TAGGED_HEADER and len(payload) == 64
         filler = payload[-1]
         assert (filler & 63) not in {b & 63 for b in needle + prev}
         assert (base + payload).count(needle) == 1 and ((base + payload) * 3).count(needle) == 3
@@ -238,7 +239,7 @@ def relay_port(request: pytest.FixtureRequest) -> Iterator[int]:
 
 
 def test_generator_counts_every_frame_exactly_through_a_real_relay(relay_port: int) -> None:
-    gen = sw._Generator({"host": "127.0.0.1", "port": relay_port, "tls": False, "pairs": 3, "size": 64})
+    gen = lg.Generator({"host": "127.0.0.1", "port": relay_port, "tls": False, "pairs": 3, "size": 64})
     for rate, seconds in ((3000.0, 0.4), (7001.0, 0.3)):
         r = gen.step(rate, seconds)
         assert r["scheduled"] == 3 * int(rate * seconds)
@@ -249,7 +250,7 @@ def test_generator_counts_every_frame_exactly_through_a_real_relay(relay_port: i
 
 
 def test_generator_direct_mode_is_its_own_ceiling() -> None:
-    gen = sw._Generator({"direct": True, "tls": False, "pairs": 2, "size": 1400})
+    gen = lg.Generator({"direct": True, "tls": False, "pairs": 2, "size": 1400})
     r = gen.step(0.0, 0.3)  # unpaced
     assert r["sent"] > 0 and r["delivered"] == r["sent"] and r["refused"] == 0 and r["other_bytes"] == 0
 
