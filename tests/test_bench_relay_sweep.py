@@ -260,17 +260,20 @@ def test_sweep_end_to_end_on_a_tiny_ladder(tmp_path) -> None:  # type: ignore[no
     proc = subprocess.run(
         [sys.executable, "-m", "turbowg", "bench", "relay", "--sweep", "--runs", "1", "--steps", "2",
          "--step-seconds", "0.3", "--probe-seconds", "0.3", "--workers", "1", "--paths", "c,py", "--sizes", "64",
-         "--pair-counts", "2", "--no-tls", "--json", str(out_json), "--png", str(out_png)],
+         "--pair-counts", "2", "--no-tls", "--pin", "--json", str(out_json), "--png", str(out_png)],
         capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("C 1w plain 2p 64B (n=1)", "Py 1w plain 2p 64B (n=1)", "knee kpkt/s", "p99 ms @knee/2",
+    for name in ("C 1w plain 2p 64B (n=1)", "Py 1w plain 2p 64B (n=1)", "C 1w plain 2p 64B pin (n=1)",
+                 "knee kpkt/s", "p99 ms @knee/2",
                  "Loss = (scheduled - delivered) / scheduled", "Generator ceiling"):
         assert name in proc.stdout
     data = json.loads(out_json.read_text())
     assert data["meta"]["calibration"][0]["ceiling_fps"] > 0
     runs = data["runs"]
     assert {r["path"] for r in runs} == {"c", "py"}
+    assert [r["relay_cpus"] for r in runs if r["pinned"]] == [[0]]  # the per-core row: the relay on CPU 0 only
+    assert all(len(r["relay_cpus"]) == os.cpu_count() for r in runs if not r["pinned"])
     for run in runs:
         assert run["steps"][0]["unpaced"] and run["probe_fps"] > 0
         paced = [s for s in run["steps"] if not s["unpaced"]]

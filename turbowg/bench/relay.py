@@ -589,7 +589,10 @@ def add_relay_bench(bench_subparsers: Any) -> None:
                    help="chart (default bench-relay.png; bench-relay-sweep.png; '' for none)")
     from turbowg.bench import relay_sweep as sw
 
-    s = p.add_argument_group("rate sweep (--sweep): the knee per relay path, worker count, pairs and size")
+    s = p.add_argument_group(
+        "rate sweep (--sweep): the knee per relay path, worker count, pairs and size",
+        "The default sweep takes ~15 minutes here; a quick look (~2-3 minutes): --sweep --runs 1 --steps 5 "
+        "--step-seconds 0.6 --probe-seconds 0.5.")
     s.add_argument("--sweep", action="store_true",
                    help="paced offered load from low to past saturation; reports the knee (highest load carried "
                         f"with < {sw.LOSS_LIMIT_PCT:g}%% loss), ping RTT at half the knee and at it, CPU s/GB")

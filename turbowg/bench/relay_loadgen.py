@@ -6,7 +6,7 @@ over loopback: the generator's own ceiling), says {"ready": true}, then runs one
 {"op": "step", "rate_per_pair": R, "duration": S} line on stdin and answers each with one JSON line of
 counts. Bulk work only, so it can offer more than the relay carries: per sender a token bucket (Pacer)
 against the monotonic clock decides each ~1 ms tick how many pre-built frames are due and writes them in
-one send(); receivers recv_into one buffer and count fixed-size frames by their tagged header
+sends of up to 64 KB; receivers recv_into one buffer and count fixed-size frames by their tagged header
 (FrameCounter), never parsing a frame. relay_sweep.py drives it and turns the counts into loss and knees.
 Loss accounting per step: sent + refused (the socket was full) + shortfall (more than MAX_LAG late) =
 scheduled, exactly; delivered = this step's frames counted by the receivers until all that was sent came

@@ -253,6 +253,13 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def _affinity(pid: int) -> set[int]:
+    try:
+        return os.sched_getaffinity(pid)
+    except OSError:
+        return set()
+
+
 def _pin(cpus: set[int]) -> Callable[[], None]:
     def apply() -> None:
         os.sched_setaffinity(0, cpus)
@@ -275,6 +282,7 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
         preexec_fn=_pin({0}) if cfg.pinned else None,
     )
     gens: _Gens | None = None
+    relay_cpus: list[int] = []
     stop = asyncio.Event()
     pings: list[tuple[float, float]] = []
     ping_task: asyncio.Task[None] | None = None
@@ -287,6 +295,7 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
         gens = await _Gens.start(base, cfg.pairs, 1 if cfg.pinned else args.gen_procs)
         ping_task = asyncio.create_task(_pinger("127.0.0.1", port, cfg.tls, stop, pings, args.ping_interval))
         pids = _relay_pids(relay.pid)
+        relay_cpus = sorted(set().union(*(_affinity(pid) for pid in pids)))
 
         measured = [0]
 
@@ -368,7 +377,7 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
         "knee_cpu_s_per_gb": knee["cpu_s_per_gb"] if knee else float("nan"),
         "generator_ceiling_fps": ceiling,
         "generator_bound": generator_bound(steps, knee, ceiling, args.ladder_ratio),
-        "closed": closed,
+        "closed": closed, "relay_cpus": relay_cpus,
     }
 
 
