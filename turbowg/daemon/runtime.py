@@ -15,7 +15,7 @@ Timers: no polling. The device reports its earliest deadline (`Device.next_deadl
 keeps one `call_later` armed for it and moves it earlier after every batch and every UAPI `set` that armed
 something sooner (a later deadline only costs one tick that finds nothing to do and re-arms).
 
-Why one file (~520 lines): the one owner of the daemon's lifetime: it opens and closes TUN, UDP, UAPI, DERP
+Why one file (~670 lines): the one owner of the daemon's lifetime: it opens and closes TUN, UDP, UAPI, DERP
 and the timers in one order, and its readers and the timer share that state.
 """
 

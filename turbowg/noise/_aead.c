@@ -18,8 +18,10 @@
  *               max_counter)
  * `layout`, `sizes`, `out_layout` are writable buffers of native int32 (array('i')).
  *
- * Why one file (~500 lines): one CPython extension module; the seal and open loops share the AEAD context,
- * the replay window and the batch layout, and a split would export internal symbols across objects.
+ * Why one file (~760 lines): one CPython extension module; the seal and open loops share the AEAD context,
+ * the replay window and the batch layout, and a split would export internal symbols across objects. The
+ * lone-packet calls (seal_sendto, open_write, recv_one) are here because the first two are the same seal and
+ * open with the system call that follows them, on the same contexts; recv_one is their read.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
