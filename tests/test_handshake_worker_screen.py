@@ -213,3 +213,25 @@ def test_cookie_replies_keep_the_cookie_per_secret_and_never_repeat_a_nonce():
     assert generator.consume_reply(later, 200.0)
     generator.add_macs(msg, 200.0)
     assert checker.check_mac2(bytes(msg), src, 200.0)
+
+
+def test_a_wake_that_read_a_flood_answers_what_was_accepted_before_it_knew():
+    """The screener judged the first batches of a wake not under load (ACCEPT); the whole wake read more than
+    UNDER_LOAD_BACKLOG, so those get cookie replies (rate limited), not a key exchange each."""
+    from turbowg.bench.flooder import build_initiation
+    from turbowg.device.handshake_worker import UNDER_LOAD_BACKLOG
+
+    core = HandshakeWorkerCore()
+    core.configure(1, generate_private_key(), [])
+    kept = [(V_ACCEPT, 1, bytes([10, 203, 0, 1 + i % 4]), 40000, build_initiation(core.identity.mac1_key))
+            for i in range(40)]
+    replies, identified, _ = core.process_screened(kept, UNDER_LOAD_BACKLOG + 1, 100.0,
+                                                   backlog=UNDER_LOAD_BACKLOG + 1)
+    assert not identified and core.counters["rx_initiation_rejected"] == 0
+    assert len(replies) == 4 * 4  # 4 sources, 4 replies each before their buckets run dry
+    assert core.counters["tx_cookie_reply_ratelimited"] == 40 - 16
+    # A small wake (no flood): the same messages go to identification.
+    calm = HandshakeWorkerCore()
+    calm.configure(1, core.identity.private_key, [])
+    replies, identified, _ = calm.process_screened(kept[:3], 3, 100.0, backlog=3)
+    assert not replies and calm.counters["rx_initiation_rejected"] == 3

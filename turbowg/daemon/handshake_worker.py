@@ -154,7 +154,7 @@ class WorkerLoop:
                 self.screened_seen += screened
                 core.load_for_chunk(0, screened, now)  # the rate rule counts what this wake read
                 if kept or screened:
-                    replies, ident, fwd = core.process_screened(kept, screened, now)
+                    replies, ident, fwd = core.process_screened(kept, screened, now, backlog=screened)
                     self._send_replies(replies)
                     identified += ident
                     forwarded += fwd

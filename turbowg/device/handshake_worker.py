@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from turbowg.conn.recvmmsg import V_ACCEPT, V_COOKIE, V_FORWARD, make_screener
+from turbowg.conn.recvmmsg import V_ACCEPT, V_COOKIE, V_FORWARD, V_MAC2, make_screener
 from turbowg.noise.cookie import CookieChecker
 from turbowg.noise.handshake import Identified, LocalIdentity, identify_initiation
 from turbowg.noise.primitives import MAC_SIZE, dh
@@ -51,9 +51,11 @@ from turbowg.wire import (
 QUEUE_SIZE = 4096
 UNDER_LOAD_BACKLOG = QUEUE_SIZE // 8
 UNDER_LOAD_HOLD = 1.0
-# ... or when more than this many handshake messages came in one second: a Python worker pays ~60 us for an
-# initiation's DH where Go pays a few, so a flood it only just keeps up with (no backlog) would cost a core.
-UNDER_LOAD_RATE = 2048
+# ... or when more than this many handshake messages came in one second: a Python worker pays ~60-100 us for
+# an initiation's DH where Go pays a few, so a flood it only just keeps up with (no backlog) would cost a core.
+# 512/s bounds that at ~5% of one (2048 let a 2,000/s flood cost 12-20%, and a nice-10 worker on a busy
+# machine fell behind by seconds); 512 handshakes/s is still a rekey every 2 minutes for 60,000 peers.
+UNDER_LOAD_RATE = 512
 
 _NO_MAC2 = bytes(MAC_SIZE)
 _SIZES = {MESSAGE_INITIATION: INITIATION_SIZE, MESSAGE_RESPONSE: RESPONSE_SIZE, MESSAGE_COOKIE_REPLY: COOKIE_REPLY_SIZE}
@@ -153,10 +155,14 @@ class HandshakeWorkerCore:
         if self.window_count > UNDER_LOAD_RATE:
             self.under_load_until = now + UNDER_LOAD_HOLD
 
-    def process_screened(self, kept: Sequence[tuple], screened: int, now: float,
+    def process_screened(self, kept: Sequence[tuple], screened: int, now: float, backlog: int = 0,
                          ) -> tuple[list[tuple[bytes, bytes, int]], list[tuple], list[Entry]]:
         """process_batch for what the screener kept of `screened` messages (verdict, kind, addr, port, msg):
-        the cookie replies it allowed, the mac2 checks it left to us, identification and forwarding."""
+        the cookie replies it allowed, the mac2 checks it left to us, identification and forwarding.
+        `backlog` is what the wake read in all: the screener decided "under load" batch by batch, before it
+        knew; if the whole wake says so, what it accepted gets the under-load treatment here (as
+        process_batch, which decides after the whole wake was read), so a wake that finds a flood does not
+        run a key exchange for each of its first UNDER_LOAD_BACKLOG messages."""
         replies: list[tuple[bytes, bytes, int]] = []
         identified: list[tuple] = []
         forwarded: list[Entry] = []
@@ -167,13 +173,16 @@ class HandshakeWorkerCore:
         if identity is None or checker is None:
             counters["rx_handshake_no_private_key"] += len(kept)
             return replies, identified, forwarded
+        load = self.under_load(backlog, now)
         for verdict, kind, addr, port, msg in kept:
             if verdict == V_FORWARD:
                 forwarded.append((kind, addr, port, msg))
                 continue
+            if verdict == V_ACCEPT and load:
+                verdict = V_MAC2
             if verdict != V_ACCEPT:
                 source = addr + port.to_bytes(2, "big")
-                if verdict == V_COOKIE or not checker.check_mac2(msg, source, now):
+                if verdict == V_COOKIE or msg[-MAC_SIZE:] == _NO_MAC2 or not checker.check_mac2(msg, source, now):
                     if verdict != V_COOKIE and not self.screener.allow(addr, int(now * 1_000_000_000)):
                         counters["tx_cookie_reply_ratelimited"] += 1
                         continue
