@@ -281,6 +281,8 @@ class Generator:
         self.counters: list[FrameCounter] = []
         self.keys: list[tuple[bytes, bytes]] = []  # (what the sender writes, what its receiver sees) before the payload
         self.tag = 0
+        self.stdin_buf = b""
+        self.reported: list[int] = []  # per pair, the frames the last step's answer counted
         self.closed = 0  # connections the relay closed (a sweep after that is not comparable)
         self.rx: dict[int, tuple[socket.socket, FrameCounter | None]] = {}
         self.scratch = FrameCounter(b"\xff" * TAGGED_HEADER, 1, 1 << 16)  # sender sockets: whatever the relay says
@@ -308,6 +310,7 @@ class Generator:
             self.rx[tx.fileno()] = (tx, None)
             self.ep.register(rxs.fileno(), select.EPOLLIN)
             self.ep.register(tx.fileno(), select.EPOLLIN)
+        self.reported = [0] * pairs
         if listener is not None:
             listener.close()
 
@@ -325,6 +328,27 @@ class Generator:
                 self.closed += 1
                 return
 
+    def wait_command(self, fd: int) -> bytes:
+        """The next line from `fd` (b"" at EOF), reading the receivers meanwhile.
+
+        Why: a relay with a backlog must be able to deliver it between steps (and so go idle, which the
+        sweep waits for), not stall on receivers nobody reads."""
+        self.ep.register(fd, select.EPOLLIN)
+        try:
+            while b"\n" not in self.stdin_buf:
+                for ready, _ in self.ep.poll(1.0):
+                    if ready != fd:
+                        self._read(ready)
+                        continue
+                    chunk = os.read(fd, 4096)
+                    if not chunk:
+                        return b""
+                    self.stdin_buf += chunk
+            line, _, self.stdin_buf = self.stdin_buf.partition(b"\n")
+            return line
+        finally:
+            self.ep.unregister(fd)
+
     def _poll(self, timeout: float) -> None:
         for fd, _ in self.ep.poll(max(0.0, timeout)):
             self._read(fd)
@@ -339,10 +363,13 @@ class Generator:
         """One step: paced at `rate_per_pair` frames/s per pair (0: unpaced) for `duration` seconds."""
         self.tag += 1
         size = self.cfg["size"]
-        for sender, counter, (sent_base, seen_base) in zip(self.senders, self.counters, self.keys, strict=True):
+        for i, (sender, counter, (sent_base, seen_base)) in enumerate(
+                zip(self.senders, self.counters, self.keys, strict=True)):
             needle, payload = step_payload(seen_base, size, self.tag, avoid=counter.header)
             sender.next_step(sent_base + payload)
+            after_report = counter.frames - self.reported[i]  # came between the steps: late for the one before
             counter.next_step(needle)
+            counter.late = after_report
         sent0 = self.sent()
         refused0 = sum(s.refused for s in self.senders)
         ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -387,6 +414,7 @@ class Generator:
         sent = self.sent() - sent0
         refused = sum(s.refused for s in self.senders) - refused0
         delivered = self.delivered()
+        self.reported = [c.frames for c in self.counters]
         scheduled = sum(p.scheduled for p in pacers) if pacers else sent
         shortfall = sum(p.shortfall for p in pacers)
         return {
@@ -406,12 +434,14 @@ def _loadgen_entry(cfg_json: str) -> int:
         os.sched_setaffinity(0, set(cfg["cpus"]))
     gen = Generator(cfg)
     print(json.dumps({"ready": True}), flush=True)
-    for line in sys.stdin:
+    while True:
+        line = gen.wait_command(sys.stdin.fileno())
+        if not line:
+            return 0
         cmd = json.loads(line)
         if cmd.get("op") != "step":
-            break
+            return 0
         print(json.dumps(gen.step(float(cmd["rate_per_pair"]), float(cmd["duration"]))), flush=True)
-    return 0
 
 
 if __name__ == "__main__":
