@@ -5,10 +5,12 @@ One event loop, three readers: the TUN fd (packets out of the kernel -> encrypt 
 fd until it would block (bounded), hand the whole batch to the core, then flush the core's output per peer
 with as few system calls as the kernel allows (UDP GSO, TUN GRO).
 
-A lone packet (a wake long after the previous one on that fd: interactive traffic) takes a shorter way:
-one read, then `Device.send_lone` / `Device.receive_lone`, each one C call for the crypto and the system
-call that sends the result on (seal + sendto; open + checks + TUN writev); anything unusual about the packet
-(no session, a handshake message, the DERP path) falls back to the batch path with the same read.
+A lone packet (a wake long after the previous one on that fd: interactive traffic; or a wake whose reads
+found just one, between a paced flow's bursts) takes a shorter way: `Device.send_lone` /
+`Device.receive_lone`, each one C call for the crypto and the system call that sends the result on (seal +
+sendto; open + checks + TUN writev), the lone UDP read itself one C recvmsg (`transport.recv_one`); anything
+unusual about the packet (no session, a handshake message, the DERP path) falls back to the batch path with
+the same read.
 `TURBOWG_LONE_PATH=0` turns the lone calls off (the batch path then carries lone packets too).
 
 Timers: no polling. The device reports its earliest deadline (`Device.next_deadline()`, O(1)); the runtime
@@ -86,6 +88,7 @@ def busy_poll_from_env() -> float:
 # A wake this long after the previous one on the same fd counts as a lone packet (see _on_tun_readable).
 # Above the 1 ms bursts of common pacers (iperf3's pacing timer), so a paced flow keeps draining whole bursts.
 LONE_GAP = 0.002
+
 
 def lone_path_from_env() -> bool:
     """TURBOWG_LONE_PATH=0 sends lone packets down the batch path too (for A/B measurements)."""
