@@ -144,3 +144,29 @@ def test_busy_poll_carries_traffic_and_survives_a_port_change(spin_us) -> None:
         tun.a.wg("set", tun.a.ifname, "peer", tun.b.public, "endpoint", f"{tun.b.underlay_ip}:{tun.b.port + 100}")
         assert ping(tun.a, tun.server_v4, count=3)
         assert tun.a.daemon.alive() and tun.b.daemon.alive()
+
+
+@needs_netns
+@pytest.mark.parametrize("lone", ["1", "0"])
+def test_lone_path_keeps_the_io_counters(lone) -> None:
+    """Pings through the one-call lone path move the daemons' UDP and TUN counters (stats=1) as the batch
+    path does: one datagram sent and received, one packet read and written, per echo on each side."""
+    from test_integration import device_stats
+
+    env = {"TURBOWG_LONE_PATH": lone}
+    keys = ("udp_send_datagrams", "udp_send_calls", "udp_recv_datagrams", "udp_recv_calls", "tunio_read_packets",
+            "tunio_write_packets", "tunio_write_frames")
+    with tunnel("turbowg", "turbowg", env_a=env, env_b=env) as tun:
+        assert ping(tun.a, tun.server_v4, count=3)
+        before = {side: device_stats(getattr(tun, side).ifname) for side in "ab"}
+        count = 20
+        result = tun.a.sh("ping", "-n", "-c", str(count), "-i", "0.01", "-W", "1", tun.server_v4, check=False)
+        assert result.returncode == 0, result.stdout
+        after = {side: device_stats(getattr(tun, side).ifname) for side in "ab"}
+    for side in "ab":
+        delta = {k: after[side].get(k, 0) - before[side].get(k, 0) for k in keys}
+        # Each side sent and received one datagram per echo, read one packet from its TUN and wrote one
+        # (a few more for the odd IPv6 housekeeping packet the interfaces send on their own).
+        for key in keys:
+            assert count <= delta[key] <= count + 4, (side, key, delta)
+        assert after[side].get("send_errors", 0) == after[side].get("udp_send_errors", 0) == 0
