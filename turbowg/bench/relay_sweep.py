@@ -552,8 +552,15 @@ async def run_sweep(args: argparse.Namespace) -> int:
     print()
     print(f"DERP relay rate sweep: up to {args.steps} offered rates per sweep (ratio {args.ladder_ratio:.3f}, "
           f"{args.step_seconds:g} s each), {args.runs} interleaved sweeps per configuration. Median [95% CI] "
-          "over sweeps.")
+          "over sweeps (distribution-free; with fewer than 6 sweeps the interval is [min, max]).")
     print(sweep_table(configs, runs))
+    for cfg in (c for c in configs if c.pinned):
+        knees = [r["knee_fps"] for r in runs if r["config"] == cfg.name and r["knee_fps"] == r["knee_fps"]]
+        if knees:
+            k = summarize(knees)
+            print(f"per-core knee ({cfg.pairs} pairs, {cfg.size} B, C plane pinned to CPU 0, load on CPU 1): "
+                  f"{k.median / 1e3:.0f} kpkt/s = {k.median * cfg.size * 8 / 1e9:.2f} Gbit/s of packets "
+                  f"[{k.lo / 1e3:.0f}, {k.hi / 1e3:.0f}] kpkt/s")
     print()
     print(LOSS_NOTE)
     print("Generator ceiling (unpaced, senders straight into receivers, no relay): " + ", ".join(
