@@ -58,13 +58,16 @@ def _message(kind: str, rnd: bytes, zero_mac2: bool) -> bytes:
         return struct.pack("<I", 1) + rnd[:20]
     if kind == "badreserved":
         return b"\x01\x00\x01\x00" + (rnd * 8)[:144]
+    if kind == "empty":
+        return b""
     return rnd[:3]  # shorter than a header
 
 
 SOURCES = [_V4 + bytes([10, 203, 0, i]) for i in range(1, 5)] + \
     [bytes.fromhex(f"fd000000000000{i:02x}") + os.urandom(8) for i in range(1, 3)]
 
-kinds = st.sampled_from(["init", "init", "init", "resp", "badmac1", "cookie", "badsize", "badreserved", "short"])
+kinds = st.sampled_from(["init", "init", "init", "resp", "badmac1", "cookie", "badsize", "badreserved", "short",
+                         "empty"])
 datagram = st.tuples(st.lists(st.tuples(kinds, st.binary(min_size=20, max_size=20), st.booleans()), min_size=1,
                               max_size=4),
                      st.integers(0, len(SOURCES) - 1), st.integers(1, 65535), st.booleans(), st.booleans())

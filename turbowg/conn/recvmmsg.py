@@ -173,7 +173,7 @@ class PyScreener:
             if flags & _MSG_TRUNC:
                 truncated += 1
             at = i * slot_bytes
-            for pos in range(0, size, stride):
+            for pos in range(0, size, stride or 1):  # an empty datagram (stride 0) holds no message
                 length = min(stride, size - pos)
                 msg = bytes(data[at + pos:at + pos + length])
                 kind = msg[0] if length >= 4 and msg[1:4] == b"\0\0\0" else 0
