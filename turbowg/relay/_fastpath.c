@@ -269,7 +269,8 @@ static inline uint64_t conn_id(const Loop *L, int slot) {
 static void emit(Loop *L, int slot, int kind, const void *data, size_t len) {
     if ((kind < 256 || kind == EV_RECORDS) && L->nev) { /* back to back from one conn: one event */
         event_t *last = &L->ev[L->nev - 1];
-        if ((last->kind < 256) == (kind < 256) && (last->kind == EV_RECORDS) == (kind == EV_RECORDS) && last->id == conn_id(L, slot) && last->off + last->len == L->arena_len) {
+        int same_kind = kind < 256 ? last->kind < 256 : last->kind == kind;
+        if (same_kind && last->id == conn_id(L, slot) && last->off + last->len == L->arena_len) {
             if (reserve(&L->arena, &L->arena_cap, L->arena_len + len) < 0) { L->oom = 1; return; }
             memcpy(L->arena + L->arena_len, data, len);
             L->arena_len += len;
