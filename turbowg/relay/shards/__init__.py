@@ -6,7 +6,8 @@ port with SO_REUSEPORT, so the kernel spreads connections across them. One modul
 
   supervisor.py  forks the workers, hands each its channel ends, forwards stop signals, reaps them
   records.py     the record format on a channel between two shards (PACKET / PRESENT / GONE)
-  peer.py        ShardPeer: one channel's asyncio end, the packet forwarder for the sibling's keys,
+  peer.py        ShardPeer: one channel's end (asyncio, or the worker's C loop when it has one: then
+                 packets cross in C with per-key XOFF/XON), the forwarder for the sibling's keys,
                  with batching and flow control
   links.py       ShardContext.attach: wires a worker's DerpServer to its siblings (key announcements,
                  pausing client reads while a channel is congested)
