@@ -448,15 +448,18 @@ def sweep_table(configs: list[SweepConfig], runs: list[dict[str, Any]]) -> str:
 
 
 def sweep_chart(configs: list[SweepConfig], runs: list[dict[str, Any]], path: str) -> str:
-    """Per packet size: delivered vs offered (knees marked) and ping p99 vs offered, medians per step."""
+    """Per packet size: delivered vs offered (knees marked), ping p99 vs offered (medians per step), and the
+    knee of every configuration (median, 95% CI; generator-bound rows hatched)."""
     plt = pyplot()
     if plt is None:
         return NO_MATPLOTLIB
     sizes = sorted({c.size for c in configs}, reverse=True)
-    fig, axes = plt.subplots(len(sizes), 2, figsize=(13, 4.8 * len(sizes)), squeeze=False)
+    fig, axes = plt.subplots(len(sizes), 3, figsize=(19, 5.2 * len(sizes)), squeeze=False)
     for row, size in enumerate(sizes):
-        ax_rate, ax_rtt = axes[row]
-        for cfg in (c for c in configs if c.size == size):
+        ax_rate, ax_rtt, ax_knee = axes[row]
+        names, meds, lo, hi, colors, hatches = [], [], [], [], [], []
+        for index, cfg in enumerate(c for c in configs if c.size == size):
+            color = plt.get_cmap("tab20")(index % 20)  # up to 20 rows per size, each its own colour
             mine = [r for r in runs if r["config"] == cfg.name]
             by_rate: dict[float, list[dict[str, Any]]] = {}
             for r in mine:
@@ -470,13 +473,19 @@ def sweep_chart(configs: list[SweepConfig], runs: list[dict[str, Any]], path: st
             delivered = [summarize([s["delivered_fps"] for s in by_rate[x]]).median / 1e3 for x in rates]
             p99 = [summarize([s["ping_p99_ms"] for s in by_rate[x] if s["ping_p99_ms"] == s["ping_p99_ms"]]
                              or [float("nan")]).median for x in rates]
-            (line,) = ax_rate.plot(offered, delivered, marker=".", label=cfg.name)
-            ax_rtt.plot(offered, p99, marker=".", color=line.get_color(), label=cfg.name)
+            ax_rate.plot(offered, delivered, marker=".", color=color, label=cfg.name)
+            ax_rtt.plot(offered, p99, marker=".", color=color, label=cfg.name)
             knees = [r["knee_fps"] for r in mine if r["knee_fps"] == r["knee_fps"]]
             if knees:
                 k = summarize(knees)
                 ax_rate.errorbar([k.median / 1e3], [k.median / 1e3], xerr=[[(k.median - k.lo) / 1e3],
-                                 [(k.hi - k.median) / 1e3]], marker="o", color=line.get_color(), capsize=3)
+                                 [(k.hi - k.median) / 1e3]], marker="o", color=color, capsize=3)
+                names.append(cfg.name.replace(f" {size}B", ""))
+                meds.append(k.median / 1e3)
+                lo.append((k.median - k.lo) / 1e3)
+                hi.append((k.hi - k.median) / 1e3)
+                colors.append(color)
+                hatches.append("//" if any(r["generator_bound"] for r in mine) else "")
         lim = ax_rate.get_xlim()
         ax_rate.plot(lim, lim, color="grey", lw=0.6, ls=":")
         for ax, ylabel in ((ax_rate, "delivered kpkt/s"), (ax_rtt, "ping p99 ms")):
@@ -487,6 +496,12 @@ def sweep_chart(configs: list[SweepConfig], runs: list[dict[str, Any]], path: st
             ax.legend(fontsize=6)
         ax_rate.set_title(f"{size} B: carried vs offered (o: knee, median and 95% CI)")
         ax_rtt.set_title(f"{size} B: DERP ping p99 under load")
+        bars = ax_knee.bar(range(len(names)), meds, yerr=[lo, hi], capsize=3, color=colors)
+        for bar, hatch in zip(bars, hatches, strict=True):
+            bar.set_hatch(hatch)
+        ax_knee.set_xticks(range(len(names)), names, rotation=40, ha="right", fontsize=7)
+        ax_knee.set_ylabel("knee kpkt/s")
+        ax_knee.set_title(f"{size} B: knee (< {LOSS_LIMIT_PCT:g}% loss; hatched: generator-bound)")
     save_figure(fig, "turbowg DERP relay rate sweep", path, dpi=100)
     return f"chart written to {path}"
 
