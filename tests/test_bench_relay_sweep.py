@@ -286,7 +286,13 @@ def test_sweep_end_to_end_on_a_tiny_ladder(tmp_path) -> None:  # type: ignore[no
     assert out_png.exists() or "matplotlib is not installed" in proc.stdout
 
 
-def test_sweep_rejects_bad_lists() -> None:
-    proc = subprocess.run([sys.executable, "-m", "turbowg", "bench", "relay", "--sweep", "--paths", "c,rust"],
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--paths", "c,rust"], "paths are 'c' and/or 'py'"),
+    (["--sizes", "64,0"], "values must be >= 1"),
+    (["--sizes", "8"], "between 16 and 65536"),
+    (["--ladder-ratio", "0.9"], "--ladder-ratio must be > 1"),
+])
+def test_sweep_rejects_bad_options(flags: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "turbowg", "bench", "relay", "--sweep", *flags],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "paths are 'c' and/or 'py'" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr

@@ -552,6 +552,12 @@ def run_relay_bench(args: argparse.Namespace) -> int:
     if any(size < 16 or size > 65536 for size in sizes):
         print("turbowg bench relay: --size/--sizes must be between 16 and 65536", file=sys.stderr)
         return 2
+    if args.sweep and args.ladder_ratio <= 1.0:
+        print("turbowg bench relay: --ladder-ratio must be > 1", file=sys.stderr)
+        return 2
+    if args.sweep and args.pin and (os.cpu_count() or 1) < 2:
+        print("turbowg bench relay: --pin needs at least 2 CPUs", file=sys.stderr)
+        return 2
     if args.sweep:
         from turbowg.bench.relay_sweep import run_sweep
 
@@ -611,8 +617,8 @@ def add_relay_bench(bench_subparsers: Any) -> None:
     s.add_argument("--no-tls", dest="tls_rows", action="store_false",
                    help="skip the TLS rows (C path, largest size and pair count, each worker count)")
     s.add_argument("--pin", action="store_true",
-                   help="also C-path 1-worker rows with the relay on CPU 0 (taskset) and generators+pinger on "
-                        "CPU 1: the per-core knee")
+                   help="also C-path 1-worker rows with the relay on CPU 0 (sched_setaffinity, as taskset -c 0) "
+                        "and the generators and pinger on CPU 1: the per-core knee")
     s.add_argument("--ping-interval", type=_positive_float, default=0.005,
                    help="seconds between DERP pings of the latency client (default 0.005)")
     p.set_defaults(func=run_relay_bench)
