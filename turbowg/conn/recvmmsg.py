@@ -44,6 +44,8 @@ try:
     from turbowg.conn import _hsscreen
 except ImportError:  # the C extension is optional (setup.py)
     _hsscreen = None  # type: ignore[assignment]
+# The C screener is in use (for `turbowg doctor` and the CI check of built extensions).
+HAVE_C = _hsscreen is not None and use_c()
 
 if TYPE_CHECKING:
     from turbowg.device.handshake_worker import Entry
