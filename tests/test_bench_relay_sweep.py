@@ -200,6 +200,9 @@ def test_generator_bound_verdicts() -> None:
     assert "generator" in sw.generator_bound(late, sw.pick_knee(late), ceiling_fps=1000.0)
     assert "ceiling" in sw.generator_bound(relay_limited, sw.pick_knee(relay_limited), ceiling_fps=130.0)
     assert "not saturated" in sw.generator_bound(relay_limited[:2], sw.pick_knee(relay_limited[:2]), None)
+    busy = [dict(s, gen_cores=0.99, relay_cores=0.5) for s in relay_limited]  # pinned: CPU 1 full, CPU 0 not
+    assert "all its CPU" in sw.generator_bound(busy, sw.pick_knee(busy), ceiling_fps=1000.0, gen_cpus=1)
+    assert sw.generator_bound(busy, sw.pick_knee(busy), ceiling_fps=1000.0) == ""  # unpinned: not this test
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,7 +268,7 @@ def test_sweep_end_to_end_on_a_tiny_ladder(tmp_path) -> None:  # type: ignore[no
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("C 1w plain 2p 64B (n=1)", "Py 1w plain 2p 64B (n=1)", "C 1w plain 2p 64B pin (n=1)",
-                 "knee kpkt/s", "p99 ms @knee/2",
+                 "knee kpkt/s", "p99 ms @knee/2", "cores relay/gen @knee",
                  "Loss = (scheduled - delivered) / scheduled", "Generator ceiling"):
         assert name in proc.stdout
     data = json.loads(out_json.read_text())

@@ -138,12 +138,18 @@ async def climb(ladder: Sequence[float], measure: Callable[[float], Awaitable[di
 
 
 def generator_bound(steps: Sequence[dict[str, Any]], knee: dict[str, Any] | None, ceiling_fps: float | None,
-                    ratio: float = LADDER_RATIO) -> str:
-    """Why this sweep's knee may be the generator's limit rather than the relay's ('' when it is the relay's)."""
+                    ratio: float = LADDER_RATIO, gen_cpus: int | None = None) -> str:
+    """Why this sweep's knee may be the generator's limit rather than the relay's ('' when it is the relay's).
+
+    `gen_cpus`: the CPUs the generators have to themselves (pinned rows), for the CPU test: they used all
+    of it at the first lossy step while the relay did not use its core."""
     paced = sorted((s for s in steps if not s.get("unpaced")), key=lambda s: s["rate_fps"])
     above = [s for s in paced if knee is None or s["rate_fps"] > knee["rate_fps"]]
     if above and above[0]["refused_pct"] + above[0]["relay_lost_pct"] < LOSS_LIMIT_PCT:
         return "the first lossy step lost only what the generator was late with"
+    if (above and gen_cpus and above[0].get("gen_cores", 0.0) >= 0.95 * gen_cpus
+            and above[0].get("relay_cores", 1.0) < 0.9):
+        return "the generator had all its CPU at the first lossy step, the relay not"
     if knee is not None and not above:
         return "no lossy step: the relay was not saturated"
     if knee is not None and ceiling_fps is not None and knee["rate_fps"] * ratio > ceiling_fps:
@@ -328,6 +334,8 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
                                counts["delivered"]),
                    "ping_p50_ms": _pct(rtts, 0.5), "ping_p99_ms": _pct(rtts, 0.99), "pings": len(rtts),
                    "relay_cpu_s": cpu1 - cpu0, "cpu_s_per_gb": (cpu1 - cpu0) / gb if gb else float("nan")}
+            rec["relay_cores"] = rec["relay_cpu_s"] / rec["step_wall_s"]  # over the step and its drain
+            rec["gen_cores"] = counts["gen_cpu_s"] / seconds  # the generators' own, over the paced part
             steps.append(rec)
             measured[0] += 1
             print(f"    {'unpaced probe' if rate == 0 else f'{rate / 1e3:8.1f} kpkt/s'}: delivered "
@@ -375,8 +383,10 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
         "half_ping_p50_ms": half["ping_p50_ms"] if half else float("nan"),
         "half_ping_p99_ms": half["ping_p99_ms"] if half else float("nan"),
         "knee_cpu_s_per_gb": knee["cpu_s_per_gb"] if knee else float("nan"),
+        "knee_relay_cores": knee["relay_cores"] if knee else float("nan"),
+        "knee_gen_cores": knee["gen_cores"] if knee else float("nan"),
         "generator_ceiling_fps": ceiling,
-        "generator_bound": generator_bound(steps, knee, ceiling, args.ladder_ratio),
+        "generator_bound": generator_bound(steps, knee, ceiling, args.ladder_ratio, 1 if cfg.pinned else None),
         "closed": closed, "relay_cpus": relay_cpus,
     }
 
@@ -423,14 +433,25 @@ METRICS = [
 ]
 
 
+def _cores(runs: list[dict[str, Any]]) -> str:
+    """'relay/gen' CPU cores at the knee, medians (who was busy where the relay stopped carrying)."""
+    out = []
+    for key in ("knee_relay_cores", "knee_gen_cores"):
+        values = [r.get(key, float("nan")) for r in runs]
+        values = [v for v in values if v == v]
+        out.append(f"{summarize(values).median:.2f}" if values else "-")
+    return "/".join(out)
+
+
 def sweep_table(configs: list[SweepConfig], runs: list[dict[str, Any]]) -> str:
-    rows = [["config"] + [label for _, label, _, _ in METRICS] + ["note"]]
+    rows = [["config"] + [label for _, label, _, _ in METRICS] + ["cores relay/gen @knee", "note"]]
     for cfg in configs:
         mine = [r for r in runs if r["config"] == cfg.name]
         row = [f"{cfg.name} (n={len(mine)})"]
         for key, _, fmt, scale in METRICS:
             values = [r[key] * scale for r in mine if r[key] == r[key]]
             row.append(summarize(values).format(fmt) if values else "-")
+        row.append(_cores(mine))
         bound = sorted({r["generator_bound"] for r in mine if r["generator_bound"]})
         no_knee = sum(1 for r in mine if r["knee_fps"] != r["knee_fps"])
         note = []
