@@ -259,6 +259,24 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs, /proc/stat: everything but idle and iowait)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return float("nan")
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def load_average() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def _affinity(pid: int) -> set[int]:
     try:
         return os.sched_getaffinity(pid)
@@ -318,12 +336,13 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
             settled = time.monotonic()
             if steps and not is_clean(steps[-1]):
                 await settle()
-            cpu0, t0 = _cpu_seconds(pids), time.monotonic()
+            cpu0, t0, busy0 = _cpu_seconds(pids), time.monotonic(), machine_busy_seconds()
             settled = t0 - settled
             counts = await gens.step(rate, seconds)
             if steps:  # the step before's frames that came only during this one: lost for it, but say so
                 steps[-1]["late"] = counts["late_prev"]
             cpu1 = _cpu_seconds(pids)  # includes the drain: the relay's work for this step's frames
+            busy1 = machine_busy_seconds()
             t1 = t0 + seconds
             rtts = [rtt for t, rtt in pings if t0 <= t < t1]
             gb = counts["delivered"] * cfg.size / 1e9
@@ -336,6 +355,8 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
                    "relay_cpu_s": cpu1 - cpu0, "cpu_s_per_gb": (cpu1 - cpu0) / gb if gb else float("nan")}
             rec["relay_cores"] = rec["relay_cpu_s"] / rec["step_wall_s"]  # over the step and its drain
             rec["gen_cores"] = counts["gen_cpu_s"] / seconds  # the generators' own, over the paced part
+            # the rest of the machine: other processes, this process's pinger, softirq (loopback TCP)
+            rec["other_cores"] = (busy1 - busy0) / rec["step_wall_s"] - rec["relay_cores"] - rec["gen_cores"]
             steps.append(rec)
             measured[0] += 1
             print(f"    {'unpaced probe' if rate == 0 else f'{rate / 1e3:8.1f} kpkt/s'}: delivered "
@@ -385,6 +406,7 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
         "knee_cpu_s_per_gb": knee["cpu_s_per_gb"] if knee else float("nan"),
         "knee_relay_cores": knee["relay_cores"] if knee else float("nan"),
         "knee_gen_cores": knee["gen_cores"] if knee else float("nan"),
+        "knee_other_cores": knee["other_cores"] if knee else float("nan"),
         "generator_ceiling_fps": ceiling,
         "generator_bound": generator_bound(steps, knee, ceiling, args.ladder_ratio, 1 if cfg.pinned else None),
         "closed": closed, "relay_cpus": relay_cpus,
@@ -434,9 +456,9 @@ METRICS = [
 
 
 def _cores(runs: list[dict[str, Any]]) -> str:
-    """'relay/gen' CPU cores at the knee, medians (who was busy where the relay stopped carrying)."""
+    """'relay/gen/other' CPU cores at the knee, medians (who was busy where the relay stopped carrying)."""
     out = []
-    for key in ("knee_relay_cores", "knee_gen_cores"):
+    for key in ("knee_relay_cores", "knee_gen_cores", "knee_other_cores"):
         values = [r.get(key, float("nan")) for r in runs]
         values = [v for v in values if v == v]
         out.append(f"{summarize(values).median:.2f}" if values else "-")
@@ -444,7 +466,7 @@ def _cores(runs: list[dict[str, Any]]) -> str:
 
 
 def sweep_table(configs: list[SweepConfig], runs: list[dict[str, Any]]) -> str:
-    rows = [["config"] + [label for _, label, _, _ in METRICS] + ["cores relay/gen @knee", "note"]]
+    rows = [["config"] + [label for _, label, _, _ in METRICS] + ["cores relay/gen/other @knee", "note"]]
     for cfg in configs:
         mine = [r for r in runs if r["config"] == cfg.name]
         row = [f"{cfg.name} (n={len(mine)})"]
@@ -537,6 +559,7 @@ LOSS_NOTE = (f"Knee = highest offered rate carried with < {LOSS_LIMIT_PCT:g}% lo
 async def run_sweep(args: argparse.Namespace) -> int:
     configs = sweep_configs(args)
     began = time.monotonic()
+    load_before = load_average()
     calib: dict[tuple[int, int, bool], dict[str, Any]] = {}
     for pinned in sorted({c.pinned for c in configs}):
         for size in args.sizes:
@@ -584,6 +607,7 @@ async def run_sweep(args: argparse.Namespace) -> int:
         "loss_limit_pct": LOSS_LIMIT_PCT, "tick_s": TICK, "max_lag_s": MAX_LAG, "cpus": os.cpu_count(),
         "kernel": os.uname().release, "python": sys.version.split()[0], "wall_s": wall,
         "calibration": list(calib.values()), "loss": LOSS_NOTE,
+        "loadavg_before": load_before, "loadavg_after": load_average(),
     }
     print()
     print(f"DERP relay rate sweep: up to {args.steps} offered rates per sweep (ratio {args.ladder_ratio:.3f}, "
@@ -606,7 +630,10 @@ async def run_sweep(args: argparse.Namespace) -> int:
           f"TURBOWG_NO_C=1. Load generators ({args.gen_procs} processes) and the pinger share the machine's "
           f"{os.cpu_count()} CPUs with the relay; 'pin' rows: relay on CPU 0, everything else on CPU 1 (the "
           "per-core number). CPU s/GB: relay processes' CPU seconds per GB of packet payload delivered.")
-    print(f"wall time {wall:.0f} s")
+    print("cores relay/gen/other @knee: CPU cores the relay processes, the load generators and everything else "
+          "(other processes, the pinger, softirq: loopback TCP) kept busy during the knee step.")
+    print(f"wall time {wall:.0f} s; load average before {load_before}, after {meta['loadavg_after']} "
+          f"({os.cpu_count()} CPUs)")
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "runs": runs}, f, indent=1)
     print(f"raw sweeps written to {args.json}")
