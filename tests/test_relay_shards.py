@@ -309,3 +309,22 @@ def test_channel_congestion_pauses_and_resumes_client_reads() -> None:
         theirs.close()
 
     asyncio.run(scenario())
+
+
+def test_default_worker_count_is_one_per_core_but_one_for_tls_on_two_cores(monkeypatch) -> None:
+    """--workers not given: plain DERP (forwarded in C across shards) gets a worker per core; a relay that
+    terminates TLS itself (Python per packet) on 2 cores or fewer gets 1 (measured: relay/cli.py)."""
+    from turbowg import cli as top
+    from turbowg.relay import cli
+
+    assert [cli.default_workers(n, tls=False) for n in (1, 2, 4)] == [1, 2, 4]
+    assert [cli.default_workers(n, tls=True) for n in (1, 2, 3, 8)] == [1, 1, 3, 8]
+    seen: list[int] = []
+    monkeypatch.setattr(cli, "run_relay", lambda config: seen.append(config.workers) or 0)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    parser = top.build_parser()
+    for argv, want in ((["relay", "--dev"], 2), (["relay", "-c", "x.json"], 1),
+                       (["relay", "--dev", "--workers", "3"], 3)):
+        args = parser.parse_args(argv)
+        assert args.func(args) == 0
+        assert seen[-1] == want, argv

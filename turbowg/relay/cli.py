@@ -10,12 +10,28 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from typing import Any
 
 from turbowg.relay.acme import CHECK_INTERVAL, LETSENCRYPT_DIRECTORY, RENEW_BEFORE_DAYS
 from turbowg.relay.app import RelayConfig, RelayConfigError, run_relay
 from turbowg.relay.pages import parse_duration
+
+
+def default_workers(cores: int, tls: bool) -> int:
+    """The worker count when --workers is not given: one per core, except a relay terminating TLS itself on
+    two cores or fewer, which gets one.
+
+    Why (measured, issue 12, `turbowg bench relay` on a 2-core machine with the load generator on the same
+    cores): plain DERP clients are forwarded in C, across shards too, and 2 workers carried as much as or
+    more than 1 (0.96-1.9x in 8 interleaved rounds). TLS clients stay in Python (no kTLS yet); with 2
+    workers half the pairs cross shards and pay Python on both sides, and 2 workers carried less than 1 in
+    5 of 8 rounds (0.63-0.82x in an interleaved A/B). With more cores each worker has one of its own.
+    """
+    if tls and cores <= 2:
+        return 1
+    return max(1, cores)
 
 
 def _bool(text: str) -> bool:
@@ -119,7 +135,8 @@ def register(subparsers: Any) -> None:
     _flag(relay, "tcp-write-timeout", dest="tcp_write_timeout", type=_duration, default=2.0,
           help="TCP write timeout: a client whose writes make no progress this long is closed; "
                "0 results in no timeout (default 2s; mesh peers get at least 30s)")
-    relay.add_argument("--workers", type=int, default=0, help="worker processes (default: CPU count)")
+    relay.add_argument("--workers", type=int, default=0,
+                       help="worker processes (default: CPU count; 1 when serving TLS itself on 2 cores or fewer)")
     relay.add_argument("--send-queue-depth", type=int, default=32, help="packets queued per client (default 32)")
     relay.add_argument("-v", "--verbose", action="store_true")
     relay.set_defaults(func=run_relay_command)
@@ -137,7 +154,8 @@ def run_relay_command(args: argparse.Namespace) -> int:
         mesh_with=[p.strip() for p in args.mesh_with.split(",") if p.strip()],
         mesh_psk_file=args.mesh_psk_file, mesh_ca=args.mesh_ca,
         mesh_insecure_skip_verify=args.mesh_insecure_skip_verify,
-        dev=args.dev, http_port=args.http_port, workers=args.workers,
+        dev=args.dev, http_port=args.http_port,
+        workers=args.workers or default_workers(os.cpu_count() or 1, tls=not args.dev),
         send_queue_depth=args.send_queue_depth,
         verify_client_url=args.verify_client_url, verify_client_url_fail_open=args.verify_client_url_fail_open,
         accept_connection_limit=args.accept_connection_limit, accept_connection_burst=args.accept_connection_burst,
