@@ -281,6 +281,33 @@ def test_a_receiver_that_does_not_read_pauses_only_the_senders_of_its_key(pair) 
         assert sum(n for n, _ in loop.stats()["dropped"].values()) == 0
 
 
+def test_a_receiver_leaving_while_its_key_is_xoff_releases_the_senders(pair) -> None:
+    p = pair(bound=64 << 10)
+    p.client("x", "A", key(1))
+    p.client("y", "B", key(2))
+    p.sock["y"].setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)
+    big = send_frame(key(2), bytes(1000)) * 100
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not p.info("x")["xoff_paused"]:
+        try:
+            p.sock["x"].send(big)
+        except BlockingIOError:
+            pass
+        p.poll()
+    assert p.info("x")["xoff_paused"]
+    p.loops["B"].remove(p.ids["y"])  # y disconnects: its queued packets are gone, the XON is owed anyway
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and p.info("x")["xoff_paused"]:
+        p.poll()
+    assert not p.info("x")["xoff_paused"], "the sender stayed paused for a receiver that left"
+    # what x sends now reaches B, which no longer holds key(2): handed up there (Python: unknown destination)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not [e for e in p.events["B"] if e[1] == EV_RECORDS]:
+        p.poll()
+    assert [e for e in p.events["B"] if e[1] == EV_RECORDS]
+    assert p.loops["B"].stats()["dropped"][("gone_disconnected", "other")][0] > 0
+
+
 def test_sibling_going_away_closes_the_channel_and_wakes_its_waiting_senders(pair) -> None:
     p = pair(bound=64 << 10)
     p.client("x", "A", key(1))
