@@ -268,7 +268,7 @@ def test_sweep_end_to_end_on_a_tiny_ladder(tmp_path) -> None:  # type: ignore[no
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("C 1w plain 2p 64B (n=1)", "Py 1w plain 2p 64B (n=1)", "C 1w plain 2p 64B pin (n=1)",
-                 "knee kpkt/s", "p99 ms @knee/2", "cores relay/gen/other @knee", "load average before",
+                 "knee kpkt/s", "p99 ms @knee/2", "cores relay/gen/sirq/other @knee", "load average before",
                  "Loss = (scheduled - delivered) / scheduled", "Generator ceiling"):
         assert name in proc.stdout
     data = json.loads(out_json.read_text())

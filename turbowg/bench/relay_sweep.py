@@ -259,14 +259,16 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has been busy (all CPUs, /proc/stat: everything but idle and iowait)."""
+def machine_busy_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine was busy, of which in softirq): /proc/stat, all CPUs; busy is all
+    but idle and iowait. Softirq is mostly the loopback TCP of the benchmark's own traffic."""
     try:
         with open("/proc/stat") as f:
             fields = [int(v) for v in f.readline().split()[1:]]
     except (OSError, ValueError):
-        return float("nan")
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+        return float("nan"), float("nan")
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:8]) - fields[3] - fields[4]) / tick, fields[6] / tick
 
 
 def load_average() -> str:
@@ -355,8 +357,10 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
                    "relay_cpu_s": cpu1 - cpu0, "cpu_s_per_gb": (cpu1 - cpu0) / gb if gb else float("nan")}
             rec["relay_cores"] = rec["relay_cpu_s"] / rec["step_wall_s"]  # over the step and its drain
             rec["gen_cores"] = counts["gen_cpu_s"] / seconds  # the generators' own, over the paced part
-            # the rest of the machine: other processes, this process's pinger, softirq (loopback TCP)
-            rec["other_cores"] = (busy1 - busy0) / rec["step_wall_s"] - rec["relay_cores"] - rec["gen_cores"]
+            # the rest of the machine: softirq (loopback TCP), then other processes and this one's pinger
+            rec["softirq_cores"] = (busy1[1] - busy0[1]) / rec["step_wall_s"]
+            rec["other_cores"] = ((busy1[0] - busy0[0]) / rec["step_wall_s"] - rec["relay_cores"] - rec["gen_cores"]
+                                  - rec["softirq_cores"])
             steps.append(rec)
             measured[0] += 1
             print(f"    {'unpaced probe' if rate == 0 else f'{rate / 1e3:8.1f} kpkt/s'}: delivered "
@@ -406,6 +410,7 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
         "knee_cpu_s_per_gb": knee["cpu_s_per_gb"] if knee else float("nan"),
         "knee_relay_cores": knee["relay_cores"] if knee else float("nan"),
         "knee_gen_cores": knee["gen_cores"] if knee else float("nan"),
+        "knee_softirq_cores": knee["softirq_cores"] if knee else float("nan"),
         "knee_other_cores": knee["other_cores"] if knee else float("nan"),
         "generator_ceiling_fps": ceiling,
         "generator_bound": generator_bound(steps, knee, ceiling, args.ladder_ratio, 1 if cfg.pinned else None),
@@ -456,9 +461,9 @@ METRICS = [
 
 
 def _cores(runs: list[dict[str, Any]]) -> str:
-    """'relay/gen/other' CPU cores at the knee, medians (who was busy where the relay stopped carrying)."""
+    """'relay/gen/softirq/other' CPU cores at the knee, medians (who was busy where the relay stopped carrying)."""
     out = []
-    for key in ("knee_relay_cores", "knee_gen_cores", "knee_other_cores"):
+    for key in ("knee_relay_cores", "knee_gen_cores", "knee_softirq_cores", "knee_other_cores"):
         values = [r.get(key, float("nan")) for r in runs]
         values = [v for v in values if v == v]
         out.append(f"{summarize(values).median:.2f}" if values else "-")
@@ -466,7 +471,7 @@ def _cores(runs: list[dict[str, Any]]) -> str:
 
 
 def sweep_table(configs: list[SweepConfig], runs: list[dict[str, Any]]) -> str:
-    rows = [["config"] + [label for _, label, _, _ in METRICS] + ["cores relay/gen/other @knee", "note"]]
+    rows = [["config"] + [label for _, label, _, _ in METRICS] + ["cores relay/gen/sirq/other @knee", "note"]]
     for cfg in configs:
         mine = [r for r in runs if r["config"] == cfg.name]
         row = [f"{cfg.name} (n={len(mine)})"]
@@ -630,8 +635,8 @@ async def run_sweep(args: argparse.Namespace) -> int:
           f"TURBOWG_NO_C=1. Load generators ({args.gen_procs} processes) and the pinger share the machine's "
           f"{os.cpu_count()} CPUs with the relay; 'pin' rows: relay on CPU 0, everything else on CPU 1 (the "
           "per-core number). CPU s/GB: relay processes' CPU seconds per GB of packet payload delivered.")
-    print("cores relay/gen/other @knee: CPU cores the relay processes, the load generators and everything else "
-          "(other processes, the pinger, softirq: loopback TCP) kept busy during the knee step.")
+    print("cores relay/gen/sirq/other @knee: CPU cores kept busy during the knee step by the relay processes, the "
+          "load generators, softirq (mostly loopback TCP) and everything else (other processes, the pinger).")
     print(f"wall time {wall:.0f} s; load average before {load_before}, after {meta['loadavg_after']} "
           f"({os.cpu_count()} CPUs)")
     with open(args.json, "w") as f:
