@@ -271,6 +271,21 @@ def machine_busy_seconds() -> tuple[float, float]:
     return (sum(fields[:8]) - fields[3] - fields[4]) / tick, fields[6] / tick
 
 
+def source_version() -> dict[str, Any]:
+    """The commit of the code measured and the files that differed from it (the relay runs from this tree)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": head, "modified": [line[3:] for line in dirty if line.strip()]}
+
+
 def load_average() -> str:
     try:
         with open("/proc/loadavg") as f:
@@ -565,6 +580,7 @@ async def run_sweep(args: argparse.Namespace) -> int:
     configs = sweep_configs(args)
     began = time.monotonic()
     load_before = load_average()
+    source = source_version()
     calib: dict[tuple[int, int, bool], dict[str, Any]] = {}
     for pinned in sorted({c.pinned for c in configs}):
         for size in args.sizes:
@@ -612,7 +628,7 @@ async def run_sweep(args: argparse.Namespace) -> int:
         "loss_limit_pct": LOSS_LIMIT_PCT, "tick_s": TICK, "max_lag_s": MAX_LAG, "cpus": os.cpu_count(),
         "kernel": os.uname().release, "python": sys.version.split()[0], "wall_s": wall,
         "calibration": list(calib.values()), "loss": LOSS_NOTE,
-        "loadavg_before": load_before, "loadavg_after": load_average(),
+        "loadavg_before": load_before, "loadavg_after": load_average(), "source": source,
     }
     print()
     print(f"DERP relay rate sweep: up to {args.steps} offered rates per sweep (ratio {args.ladder_ratio:.3f}, "
@@ -638,7 +654,8 @@ async def run_sweep(args: argparse.Namespace) -> int:
     print("cores relay/gen/sirq/other @knee: CPU cores kept busy during the knee step by the relay processes, the "
           "load generators, softirq (mostly loopback TCP) and everything else (other processes, the pinger).")
     print(f"wall time {wall:.0f} s; load average before {load_before}, after {meta['loadavg_after']} "
-          f"({os.cpu_count()} CPUs)")
+          f"({os.cpu_count()} CPUs); code at {source.get('commit', '?')}"
+          + (f" with uncommitted changes to {', '.join(source['modified'])}" if source.get("modified") else ""))
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "runs": runs}, f, indent=1)
     print(f"raw sweeps written to {args.json}")
