@@ -57,7 +57,7 @@ EXTRA_STEPS = 4  # the ladder goes on up (down) by this many steps while the rel
 LADDER_RATIO = 2 ** 0.25
 PROBE_AT_FROM_TOP = 2  # the probe rate is this many steps below the top of the ladder
 DEFAULT_STEPS = 8
-DEFAULT_STEP_SECONDS = 1.2
+DEFAULT_STEP_SECONDS = 1.0  # with ~8 steps, 54 sweeps of the default configurations take ~14 min here
 PROBE_SECONDS = 1.0
 
 
