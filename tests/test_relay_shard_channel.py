@@ -21,7 +21,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from turbowg.derp import codec
+from turbowg.derp import codec, keys
 from turbowg.derp.client import DerpClient
 from turbowg.derp.codec import PeerGone, ReceivedPacket
 from turbowg.relay import fastpath
@@ -565,5 +565,41 @@ def test_c_channel_counts_what_the_asyncio_channel_counts() -> None:
         got = await _metrics_of_a_cross_shard_exchange(True, 1000)
         assert got == ref
         assert ref["A forwarded out"] >= 1000 and ref["drops"] == 0
+
+    run(main)
+
+
+def test_python_senders_forwarding_into_a_full_c_channel_pause_client_reads_until_it_drains() -> None:
+    """A sender Python holds (TLS, WebSocket) forwards through FastPlane.forward: past CHANNEL_HIGH the shard's
+    client reads pause (on_congestion), and resume once the C loop has written the channel below CHANNEL_LOW."""
+    from turbowg.relay.shards import peer as shard
+
+    async def main() -> None:
+        server = DerpServer(keys.generate_private_key())
+        assert server.fast is not None
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        events: list[bool] = []
+        peer = ShardPeer(server, 1, on_congestion=lambda _p, congested: events.append(congested))
+        peer.attach_c(server.fast, ours)
+        packet = bytes(1400)
+        sent = 0
+        while not events and sent < 10_000:  # one loop turn: nothing is written yet
+            assert peer.forward_packet(b"s" * 32, b"d" * 32, packet)
+            sent += 1
+        assert events == [True] and sent * 1469 > shard.CHANNEL_HIGH
+        received = 0
+        async with asyncio.timeout(10):
+            while received < sent * (5 + 64 + 1400) or events[-1]:
+                try:
+                    received += len(theirs.recv(1 << 20))
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+        assert events == [True, False] and peer.counters.dropped_backlog == 0
+        assert received == sent * (5 + 64 + 1400)
+        peer.close()
+        assert peer.c_channel is None and not peer.forward_packet(b"s" * 32, b"d" * 32, packet)
+        server.close()
+        theirs.close()
 
     run(main)
