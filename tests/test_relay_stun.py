@@ -167,3 +167,24 @@ def test_real_binding_request_over_loopback(family: socket.AddressFamily, host: 
             transport.close()
 
     asyncio.run(scenario())
+
+
+def test_a_v4_mapped_ipv6_mapped_address_parses_as_the_ipv4_address() -> None:
+    # Found by `turbowg fuzz stun`: a MAPPED-ADDRESS of family IPv6 holding ::ffff:255.255.0.0 parsed as the
+    # IPv6 address, while the builder writes the IPv4 one, so the round trip changed the address.
+    import base64
+    import struct
+
+    from turbowg.relay import stun as s
+
+    txid = bytes(range(1, 13))
+    value = struct.pack("!BBH", 0, s.FAMILY_IPV6, 55604) + bytes(10) + b"\xff\xff\xff\xff\x00\x00"
+    attrs = struct.pack("!HH", s.ATTR_MAPPED_ADDRESS, len(value)) + value
+    msg = struct.pack("!HHI12s", s.BINDING_SUCCESS, len(attrs), s.MAGIC_COOKIE, txid) + attrs
+    got = s.parse_binding_response(msg)
+    assert got == (txid, ipaddress.ip_address("255.255.0.0"), 55604)
+    assert s.parse_binding_response(s.build_binding_response(*got)) == got
+    # The fuzzer's own input, replayed through its target.
+    from turbowg.fuzz.targets import TARGETS
+
+    TARGETS["stun"].fn(base64.b64decode("BwEDEQAFAT0iAgMAJAABABQAAtk0AAAAAAAAAAAAAP////8AACA="))

@@ -178,7 +178,9 @@ def _decode_address(value: memoryview, txid: bytes | None) -> tuple[IPAddress, i
     if txid is not None:
         port ^= MAGIC_COOKIE >> 16
         raw = _xor_address(txid, raw)
-    return ipaddress.ip_address(raw), port
+    # An IPv6-family v4-mapped address is the IPv4 address: the same canonical form the builder writes,
+    # so a client's endpoint never depends on which family the server chose (found by `turbowg fuzz stun`).
+    return _unmapped(ipaddress.ip_address(raw)), port
 
 
 def parse_binding_response(data: bytes | memoryview) -> tuple[bytes, IPAddress, int]:
