@@ -149,9 +149,13 @@ def test_closed_by_server_tells_a_close_from_an_open_connection() -> None:
             r, w = await asyncio.open_connection("127.0.0.1", port)
             if mode != b"s":  # "s": say nothing, the handler waits: open and silent
                 w.write(mode)
+            # A close must be seen before the timeout (True is only returned on EOF or a reset), however
+            # busy the machine; an open connection must be waited out for the whole timeout, never True.
+            timeout = 5.0 if closed else 0.5
             started = time.monotonic()
-            assert await closed_by_server(r, timeout=0.5) is closed, mode
-            assert (time.monotonic() - started < 0.4) if closed else (time.monotonic() - started >= 0.5)
+            assert await closed_by_server(r, timeout=timeout) is closed, mode
+            if not closed:
+                assert time.monotonic() - started >= timeout
             w.close()
         srv.close()
 
