@@ -11,14 +11,18 @@ import sys
 import pytest
 
 from turbowg import accel
+from turbowg.conn import recvmmsg
 from turbowg.device import route
 from turbowg.noise import transport
+from turbowg.relay import fastpath
 from turbowg.tun import fast
 
 EXTENSIONS = {
     "turbowg.noise._aead": lambda: transport.HAVE_C,
     "turbowg.tun._offload": lambda: fast.HAVE_C,
     "turbowg.device._route": lambda: route.HAVE_C,
+    "turbowg.relay._fastpath": lambda: fastpath.HAVE_C,
+    "turbowg.conn._hsscreen": lambda: recvmmsg.HAVE_C,
 }
 
 
@@ -56,7 +60,7 @@ def run_gate(env_extra: dict[str, str], block_c: bool) -> subprocess.CompletedPr
         code += ("import sys\n"
                  "class _Block:\n"
                  "    def find_spec(self, name, path=None, target=None):\n"
-                 "        if name in ('turbowg.noise._aead', 'turbowg.tun._offload', 'turbowg.device._route'):\n"
+                 f"        if name in {tuple(EXTENSIONS)!r}:\n"
                  "            raise ImportError('blocked: ' + name)\n"
                  "sys.meta_path.insert(0, _Block())\n")
     code += ("import sys, pytest\n"

@@ -300,6 +300,7 @@ def check_cpu_idle(sysfs: str = "/sys") -> list[Finding]:
 def check_accelerators() -> list[Finding]:
     """Whether the C data path (batched AEAD, GSO split / GRO coalesce, the relay's forwarding plane) is built;
     without it turbowg runs the same protocol in pure Python, several times slower."""
+    from turbowg.conn import recvmmsg
     from turbowg.device import route
     from turbowg.noise import transport
     from turbowg.relay import fastpath
@@ -311,7 +312,8 @@ def check_accelerators() -> list[Finding]:
     for label, have in (("batched ChaCha20-Poly1305 (turbowg.noise._aead)", transport.HAVE_C),
                         ("GSO split / GRO coalesce (turbowg.tun._offload)", fast.HAVE_C),
                         ("inner-packet checks (turbowg.device._route)", route.HAVE_C),
-                        ("the DERP relay's forwarding plane (turbowg.relay._fastpath)", fastpath.HAVE_C)):
+                        ("the DERP relay's forwarding plane (turbowg.relay._fastpath)", fastpath.HAVE_C),
+                        ("handshake screening under a flood (turbowg.conn._hsscreen)", recvmmsg.HAVE_C)):
         if have:
             findings.append(Finding("accel", OK, f"C accelerator for {label} in use"))
         elif accel.forced_python():
