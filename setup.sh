@@ -17,7 +17,7 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test,bench]'
-accel=$(python3 -c 'from turbowg.noise import transport; from turbowg.tun import fast; print("C" if transport.HAVE_C and fast.HAVE_C else "pure Python (C extensions not built)")')
+accel=$(python3 -c 'from turbowg.noise import transport; from turbowg.tun import fast; from turbowg.device import route; from turbowg.relay import fastpath; from turbowg.conn import recvmmsg; print("C" if all((transport.HAVE_C, fast.HAVE_C, route.HAVE_C, fastpath.HAVE_C, recvmmsg.HAVE_C)) else "pure Python (C extensions not built)")')
 echo "setup.sh: turbowg installed ($(command -v turbowg)); data path: $accel"
 if [ "$accel" != C ] && [ -n "${CI:-}" ] && [ "${CI:-}" != false ] && [ "${CI:-}" != 0 ] && [ -z "${TURBOWG_NO_C:-}" ]; then
     echo "setup.sh: CI run but the C extensions were not built (pip's build_ext failed: see its output above; needs gcc and libssl-dev); set TURBOWG_NO_C=1 for the pure-Python run" >&2
