@@ -318,3 +318,27 @@ def _stun() -> list[bytes]:
     xor = s.encode_xor_mapped_address(txid, ipaddress.ip_address("2001:db8::9"), 3478)
     return [b"\x00" + request, b"\x00" + response, b"\x03" + txid + software, b"\x07" + txid + xor,
             b"\x05" + txid + struct.pack("!HH", s.ATTR_MAPPED_ADDRESS, 8) + bytes([0, 1, 0x1f, 0x90, 10, 0, 0, 1])]
+
+
+@_seeds("handshake_screen")
+def _handshake_screen() -> list[bytes]:
+    """An initiation with a valid mac1 (for the target's key 0..31) and zero mac2, one with a bad mac1, a
+    response, a cookie reply; alone, as a GRO run, truncated, from IPv4 and IPv6 sources, under load or not."""
+    import hashlib
+
+    key = bytes(range(32))
+
+    def signed(kind: int, size: int) -> bytes:
+        body = struct.pack("<I", kind) + bytes(range(size - 36))
+        return body + hashlib.blake2s(body, digest_size=16, key=key).digest() + bytes(16)
+
+    init, resp = signed(1, 148), signed(2, 92)
+    bad = init[:-32] + bytes(32)
+    cookie = struct.pack("<I", 3) + bytes(60)
+
+    def slot(payload: bytes, seg: int = 0, flags: int = 0) -> bytes:
+        return struct.pack("<HHH", len(payload), seg, flags) + payload
+
+    return [b"\x00" + slot(init), b"\x04" + slot(init, flags=4), b"\x05" + slot(init) + slot(bad, flags=4),
+            b"\x06" + slot(resp) + slot(cookie) + slot(init, flags=2),
+            b"\x04" + slot(init * 3, seg=148, flags=1), b"\x03" + slot(init) + slot(resp) + slot(bad) + slot(cookie)]

@@ -1005,3 +1005,50 @@ def stun(data: bytes) -> None:
               or (ip.version == 6 and ip.ipv4_mapped is not None), "binding response round trip")
         check(s.parse_binding_request(s.build_binding_request(txid, data[15:40])) == txid,
               "binding request round trip")
+
+
+@_register("handshake_screen", "turbowg.conn recvmmsg Screener (C) vs PyScreener: one recvmmsg batch")
+def handshake_screen(data: bytes) -> None:
+    """recvmmsg buffers as the kernel could fill them, from the input: byte 0 = slots (1..4) and under-load
+    bit; then per slot a 6-byte head (msg_len, GRO segment size, flags: bit 0 GRO cmsg, bit 1 MSG_TRUNC, bit 2
+    IPv4 source) and its payload cut from the rest. The C and Python screeners must agree."""
+    from turbowg.conn import recvmmsg as r
+
+    if len(data) < 1:
+        return
+    n = 1 + (data[0] & 3)
+    under_load = bool(data[0] & 4)
+    slot = r.SLOT_BYTES
+    headers = bytearray(r._MMSGHDR_SIZE * n)
+    body = bytearray(slot * n)
+    names = bytearray(r._SOCKADDR_IN6 * n)
+    controls = bytearray(r._GRO_CMSG_SPACE * n)
+    pos = 1
+    for i in range(n):
+        head = data[pos:pos + 6].ljust(6, b"\0")
+        pos += 6
+        msg_len, seg, flags = struct.unpack("<HHH", head)
+        payload = data[pos:pos + min(msg_len, slot)]
+        pos += len(payload)
+        body[i * slot:i * slot + len(payload)] = payload
+        at = i * r._SOCKADDR_IN6
+        struct.pack_into("=H", names, at, 10)  # AF_INET6
+        names[at + 2:at + 4] = (1000 + i).to_bytes(2, "big")
+        names[at + 8:at + 24] = (bytes(10) + b"\xff\xff" + bytes([10, 0, 0, i])) if flags & 4 else \
+            bytes([0xFD] + [i] * 15)
+        controllen = 0
+        if flags & 1:
+            struct.pack_into("=Qii", controls, i * r._GRO_CMSG_SPACE, 18, r.SOL_UDP, r.UDP_GRO)
+            struct.pack_into("=H", controls, i * r._GRO_CMSG_SPACE + 16, seg)
+            controllen = r._GRO_CMSG_SPACE
+        base = i * r._MMSGHDR_SIZE
+        struct.pack_into("=Q", headers, base + r.Msghdr.msg_controllen.offset, controllen)
+        struct.pack_into("=i", headers, base + r.Msghdr.msg_flags.offset, 0x20 if flags & 2 else 0)
+        struct.pack_into("=I", headers, base + r.Mmsghdr.msg_len.offset, msg_len)
+    key = bytes(range(32))
+    now = 10**12
+    args = (headers, body, names, controls, n, slot, r._GRO_CMSG_SPACE, now, under_load)
+    want = r.PyScreener(key, 20.0, 5, 4, 1_000_000_000).screen(*args)
+    if r._hsscreen is not None and r._hsscreen.SIZEOF_MMSGHDR == r._MMSGHDR_SIZE:
+        got = r._hsscreen.Screener(key, 20.0, 5, 4, 1_000_000_000).screen(*args)
+        check(got == want, f"C and Python screeners disagree: {got!r} != {want!r}")
