@@ -68,6 +68,9 @@ class ChannelEnd(Protocol):
     def records_received(self, data: bytes) -> None:
         """Whole records the C loop did not handle (PRESENT/GONE, packets for keys it does not hold)."""
 
+    def sync_counters(self) -> object:
+        """Read the channel's counters from the C loop (called once more just before it forgets them)."""
+
     def channel_lost(self, reason: str) -> None:
         """The channel closed or broke; the C loop has forgotten it and every route to it."""
 
@@ -182,14 +185,25 @@ class FastPlane:
 
     def drop_channel(self, fid: int) -> None:
         """Close a channel (its routes go with it); the end hears channel_lost."""
-        end = self.channels.pop(fid, None)
-        self._draining.pop(fid, None)
+        end = self.channels.get(fid)
+        if end is not None:
+            self._forget_channel(fid, end, "closed")
+            return
         try:
             self.c.remove(fid)
         except (KeyError, ValueError):
             pass
-        if end is not None:
-            end.channel_lost("closed")
+
+    def _forget_channel(self, fid: int, end: ChannelEnd, reason: str) -> None:
+        # The end reads the channel's C counters first: after remove() they are gone with the slot.
+        self.channels.pop(fid, None)
+        self._draining.pop(fid, None)
+        end.sync_counters()
+        try:
+            self.c.remove(fid)
+        except (KeyError, ValueError):
+            pass
+        end.channel_lost(reason)
 
     def forward(self, fid: int, src: bytes, dst: bytes, packet: bytes, limit: int) -> int:
         """A PACKET record from a sender Python holds; queued bytes on the channel, or -1 if dropped."""
@@ -324,13 +338,7 @@ class FastPlane:
             # a sibling that stops closes its end (the supervisor reports a sibling that died)
             log.log(logging.ERROR if kind == EV_PROTOCOL else logging.INFO, "shard channel: %s",
                     data.decode(errors="replace"))
-            self.channels.pop(fid, None)
-            self._draining.pop(fid, None)
-            try:
-                self.c.remove(fid)
-            except KeyError:
-                pass
-            end.channel_lost(data.decode(errors="replace"))
+            self._forget_channel(fid, end, data.decode(errors="replace"))
         elif kind == EV_WRITE_TIMEOUT:
             # the sibling took nothing for the write timeout: its queued packets were dropped (queue_head) and
             # senders go on with head drops until it reads again; the channel itself stays
