@@ -30,10 +30,10 @@ import hashlib
 import hmac
 import marshal
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from turbowg.conn.recvmmsg import V_ACCEPT, V_COOKIE, V_FORWARD, V_MAC2, make_screener
+from turbowg.conn.recvmmsg import V_COOKIE, V_FORWARD, V_MAC2, make_screener
 from turbowg.noise.cookie import CookieChecker
 from turbowg.noise.handshake import Identified, LocalIdentity, identify_initiation
 from turbowg.noise.primitives import MAC_SIZE, dh
@@ -174,34 +174,54 @@ class HandshakeWorkerCore:
             counters["rx_handshake_no_private_key"] += len(kept)
             return replies, identified, forwarded
         load = self.under_load(backlog, now)
+        now_ns = int(now * 1_000_000_000)
+        screener = self.screener
+        out = (replies, identified, forwarded)
+
+        def cookie_allowed(addr: bytes) -> bool:
+            return bool(screener.allow(addr, now_ns))
+
         for verdict, kind, addr, port, msg in kept:
             if verdict == V_FORWARD:
                 forwarded.append((kind, addr, port, msg))
-                continue
-            if verdict == V_ACCEPT and load:
-                verdict = V_MAC2
-            if verdict != V_ACCEPT:
-                source = addr + port.to_bytes(2, "big")
-                if verdict == V_COOKIE or msg[-MAC_SIZE:] == _NO_MAC2 or not checker.check_mac2(msg, source, now):
-                    if verdict != V_COOKIE and not self.screener.allow(addr, int(now * 1_000_000_000)):
-                        counters["tx_cookie_reply_ratelimited"] += 1
-                        continue
-                    sender = int.from_bytes(msg[4:8], "little")
-                    replies.append((checker.create_reply(msg, sender, source, now), addr, port))
-                    counters["tx_cookie_reply"] += 1
-                    continue
-                if not self.limiter.allow(addr, now):
-                    counters["rx_handshake_ratelimited"] += 1
-                    continue
-            if kind == MESSAGE_INITIATION:
-                ident = identify_initiation(identity, msg, self.static_static.get)
-                if ident is None:
-                    counters["rx_initiation_rejected"] += 1
-                    continue
-                identified.append((self.generation, addr, port, *ident.as_tuple()))
+            elif verdict == V_COOKIE:  # the screener found no mac2 and already allowed the reply
+                self._after_mac1(kind, addr, port, msg, now, True, None, out)
             else:
-                forwarded.append((kind, addr, port, msg))
+                self._after_mac1(kind, addr, port, msg, now, verdict == V_MAC2 or load, cookie_allowed, out)
         return replies, identified, forwarded
+
+    def _after_mac1(self, kind: int, addr: bytes, port: int, msg: bytes, now: float, load: bool,
+                    cookie_allowed: Callable[[bytes], bool] | None,
+                    out: tuple[list[tuple[bytes, bytes, int]], list[tuple], list[Entry]]) -> None:
+        """A message with a valid mac1. Under load: without a valid mac2, a cookie reply if
+        `cookie_allowed(addr)` (None: already allowed, and mac2 known absent) and nothing else; with one, the
+        per-source limit. Then an initiation is identified and a response forwarded."""
+        replies, identified, forwarded = out
+        counters = self.counters
+        if load:
+            source = addr + port.to_bytes(2, "big")
+            # An all-zero mac2 (what a sender without our cookie puts there) cannot be valid (a MAC is zero
+            # with probability 2^-128): skip the two BLAKE2s of the check (~45% of a flood message's cost).
+            if cookie_allowed is None or msg[-MAC_SIZE:] == _NO_MAC2 or \
+                    not self.checker.check_mac2(msg, source, now):  # type: ignore[union-attr]
+                if cookie_allowed is not None and not cookie_allowed(addr):
+                    counters["tx_cookie_reply_ratelimited"] += 1
+                    return
+                sender = int.from_bytes(msg[4:8], "little")
+                replies.append((self.checker.create_reply(msg, sender, source, now), addr, port))  # type: ignore[union-attr]
+                counters["tx_cookie_reply"] += 1
+                return
+            if not self.limiter.allow(addr, now):
+                counters["rx_handshake_ratelimited"] += 1
+                return
+        if kind == MESSAGE_INITIATION:
+            ident = identify_initiation(self.identity, msg, self.static_static.get)  # type: ignore[arg-type]
+            if ident is None:
+                counters["rx_initiation_rejected"] += 1
+                return
+            identified.append((self.generation, addr, port, *ident.as_tuple()))
+        else:
+            forwarded.append((kind, addr, port, msg))
 
     def process_batch(self, handed_total: int, entries: Sequence[Entry], now: float,
                       ) -> tuple[list[tuple[bytes, bytes, int]], list[tuple], list[Entry]]:
@@ -216,6 +236,12 @@ class HandshakeWorkerCore:
         checker = self.checker
         blake2s = hashlib.blake2s
         compare = hmac.compare_digest
+        out = (replies, identified, forwarded)
+        cookie_limiter = self.cookie_limiter
+
+        def cookie_allowed(addr: bytes) -> bool:
+            return cookie_limiter.allow(addr, now)
+
         for entry in entries:
             kind, addr, port, msg = entry
             backlog = handed_total - self.processed
@@ -235,30 +261,7 @@ class HandshakeWorkerCore:
                            msg[mac1_at:mac1_at + MAC_SIZE]):
                 counters["rx_bad_mac1"] += 1
                 continue
-            if self.under_load(backlog, now):
-                source = addr + port.to_bytes(2, "big")
-                # An all-zero mac2 (what a sender without our cookie puts there) cannot be valid (a MAC is
-                # zero with probability 2^-128): skip the two BLAKE2s of the check (~45% of a flood
-                # message's cost here).
-                if msg[size - MAC_SIZE:] == _NO_MAC2 or not checker.check_mac2(msg, source, now):
-                    if not self.cookie_limiter.allow(addr, now):
-                        counters["tx_cookie_reply_ratelimited"] += 1
-                        continue
-                    sender = int.from_bytes(msg[4:8], "little")
-                    replies.append((checker.create_reply(msg, sender, source, now), addr, port))
-                    counters["tx_cookie_reply"] += 1
-                    continue
-                if not self.limiter.allow(addr, now):
-                    counters["rx_handshake_ratelimited"] += 1
-                    continue
-            if kind == MESSAGE_INITIATION:
-                ident = identify_initiation(identity, msg, self.static_static.get)
-                if ident is None:
-                    counters["rx_initiation_rejected"] += 1
-                    continue
-                identified.append((self.generation, addr, port, *ident.as_tuple()))
-            else:
-                forwarded.append(entry)
+            self._after_mac1(kind, addr, port, msg, now, self.under_load(backlog, now), cookie_allowed, out)
         return replies, identified, forwarded
 
 
