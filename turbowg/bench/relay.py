@@ -319,6 +319,17 @@ async def _wait_listening(port: int, proc: asyncio.subprocess.Process, timeout: 
     raise RuntimeError("relay did not start listening")
 
 
+async def stop_relay(relay: asyncio.subprocess.Process, timeout: float = 15.0) -> None:
+    """SIGTERM the relay (its workers stop with it) and wait; SIGKILL if it has not exited within `timeout`."""
+    if relay.returncode is None:
+        relay.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(relay.wait(), timeout)
+        except TimeoutError:
+            relay.kill()
+            await relay.wait()
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -397,13 +408,7 @@ async def _one_run(cfg: BenchConfig, args: argparse.Namespace, tmp: Path) -> dic
             if g.returncode is None:
                 g.kill()
                 await g.wait()
-        if relay.returncode is None:
-            relay.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(relay.wait(), 15)
-            except TimeoutError:
-                relay.kill()
-                await relay.wait()
+        await stop_relay(relay)
     window = t1 - t0
     sent = sum(r["sent"] for r in results)
     received = sum(r["received"] for r in results)

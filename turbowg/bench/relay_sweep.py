@@ -37,7 +37,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import sys
 import tempfile
@@ -47,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from turbowg.bench.relay import stop_relay
 from turbowg.bench.relay_loadgen import DRAIN_MAX, MAX_LAG, TICK
 from turbowg.bench.report import NO_MATPLOTLIB, pyplot, save_figure, table
 from turbowg.bench.stats import summarize
@@ -404,13 +404,7 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
                 await asyncio.wait_for(ping_task, 5)
         if gens is not None:
             await gens.close()
-        if relay.returncode is None:
-            relay.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(relay.wait(), 15)
-            except TimeoutError:
-                relay.kill()
-                await relay.wait()
+        await stop_relay(relay)
     closed = any(s["closed"] for s in steps) or len(steps) < measured[0]
     half = step_near(steps, knee["rate_fps"] / 2) if knee else None
     return {
