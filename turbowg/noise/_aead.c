@@ -197,6 +197,26 @@ static int seal_one(EVP_CIPHER_CTX *ctx, const uint8_t *in, Py_ssize_t length, P
     return EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, TAG_SIZE, body + padded) == 1;
 }
 
+/* Open body[0..plen) + tag in place with the transport nonce for counter. Returns 1 if it authenticated,
+   0 if not -- and then the same keystream is XORed again, so no unauthenticated plaintext stays in the
+   caller's buffer -- and -1 on an OpenSSL failure. */
+static int open_one(EVP_CIPHER_CTX *ctx, uint8_t *body, Py_ssize_t plen, uint64_t counter) {
+    uint8_t nonce[12] = {0};
+    put_le64(nonce + 4, counter);
+    int n1 = 0, n2 = 0;
+    if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1)
+        return -1;
+    int ok = (plen == 0 || EVP_DecryptUpdate(ctx, body, &n1, body, (int)plen) == 1)
+        && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, body + plen) == 1
+        && EVP_DecryptFinal_ex(ctx, body + n1, &n2) == 1;
+    if (ok)
+        return 1;
+    if (plen && (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1
+                 || EVP_DecryptUpdate(ctx, body, &n1, body, (int)plen) != 1))
+        return -1;
+    return 0;
+}
+
 static int get_int32_buffer(PyObject *obj, Py_buffer *view, const char *what) {
     if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE) < 0)
         return -1;
@@ -389,7 +409,6 @@ static PyObject *Aead_open_batch(AeadObject *self, PyObject *args) {
     uint64_t r[R_FIELDS] = {0};
     Py_ssize_t n_out = 0, pos = off;
     int crypto_error = 0;
-    uint8_t nonce[12] = {0};
     EVP_CIPHER_CTX *ctx = self->dec;
     Py_BEGIN_ALLOW_THREADS
     for (; pos < end; pos += stride) {
@@ -406,22 +425,12 @@ static PyObject *Aead_open_batch(AeadObject *self, PyObject *args) {
         }
         Py_ssize_t plen = len - OVERHEAD;
         uint8_t *body = d + HEADER_SIZE;
-        put_le64(nonce + 4, counter);
-        int n1 = 0, n2 = 0;
-        if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) {
+        int opened = open_one(ctx, body, plen, counter);
+        if (opened < 0) {
             crypto_error = 1;
             break;
         }
-        int ok = (plen == 0 || EVP_DecryptUpdate(ctx, body, &n1, body, (int)plen) == 1)
-            && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, body + plen) == 1
-            && EVP_DecryptFinal_ex(ctx, body + n1, &n2) == 1;
-        if (!ok) {
-            /* No unauthenticated plaintext may stay in the caller's buffer: XOR the same keystream again. */
-            if (plen && (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1
-                         || EVP_DecryptUpdate(ctx, body, &n1, body, (int)plen) != 1)) {
-                crypto_error = 1;
-                break;
-            }
+        if (!opened) {
             r[R_AUTH_FAIL]++;
             continue;
         }
@@ -557,24 +566,12 @@ static PyObject *Aead_open_write(AeadObject *self, PyObject *args) {
     }
     Py_ssize_t plen = length - OVERHEAD;
     uint8_t *body = d + HEADER_SIZE;
-    uint8_t nonce[12] = {0};
-    put_le64(nonce + 4, counter);
-    EVP_CIPHER_CTX *ctx = self->dec;
-    int n1 = 0, n2 = 0;
-    if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1) {
+    int opened = open_one(self->dec, body, plen, counter);
+    if (opened < 0) {
         PyErr_SetString(PyExc_RuntimeError, "OpenSSL open failed");
         goto done;
     }
-    int ok = (plen == 0 || EVP_DecryptUpdate(ctx, body, &n1, body, (int)plen) == 1)
-        && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, TAG_SIZE, body + plen) == 1
-        && EVP_DecryptFinal_ex(ctx, body + n1, &n2) == 1;
-    if (!ok) {
-        /* As open_batch: no unauthenticated plaintext stays in the buffer. */
-        if (plen && (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce) != 1
-                     || EVP_DecryptUpdate(ctx, body, &n1, body, (int)plen) != 1)) {
-            PyErr_SetString(PyExc_RuntimeError, "OpenSSL open failed");
-            goto done;
-        }
+    if (!opened) {
         code = OW_AUTH_FAIL;
         goto finish;
     }
