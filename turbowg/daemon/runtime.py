@@ -186,7 +186,7 @@ class Runtime:
         self._sockaddrs = SockaddrCache()
         self._endpoints = EndpointCache()
         self._from = bytearray(28)  # the sender's sockaddr_in6 of a lone read
-        self._recv_one = recv_one if lone_path_from_env() else None  # None without the C extension
+        self._recv_one = recv_one if self._lone else None  # None without the C extension
         self._udp_fd = -1
         self._tun_fd = -1
         self._tun_prefix = b""  # what precedes a packet written to the TUN: the zero virtio header, or nothing
