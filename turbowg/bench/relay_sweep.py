@@ -372,10 +372,12 @@ async def _sweep_once(cfg: SweepConfig, args: argparse.Namespace, tmp: Path, lad
                    "relay_cpu_s": cpu1 - cpu0, "cpu_s_per_gb": (cpu1 - cpu0) / gb if gb else float("nan")}
             rec["relay_cores"] = rec["relay_cpu_s"] / rec["step_wall_s"]  # over the step and its drain
             rec["gen_cores"] = counts["gen_cpu_s"] / seconds  # the generators' own, over the paced part
-            # the rest of the machine: softirq (loopback TCP), then other processes and this one's pinger
+            # the rest of the machine: softirq (loopback TCP), then other processes and this one's pinger.
+            # Softirq work done in a process's context is in that process's stime and in the machine's softirq
+            # both (tick accounting), so the remainder can come out below zero: it is at least 0.
             rec["softirq_cores"] = (busy1[1] - busy0[1]) / rec["step_wall_s"]
-            rec["other_cores"] = ((busy1[0] - busy0[0]) / rec["step_wall_s"] - rec["relay_cores"] - rec["gen_cores"]
-                                  - rec["softirq_cores"])
+            rec["other_cores"] = max(0.0, (busy1[0] - busy0[0]) / rec["step_wall_s"] - rec["relay_cores"]
+                                     - rec["gen_cores"] - rec["softirq_cores"])
             steps.append(rec)
             measured[0] += 1
             print(f"    {'unpaced probe' if rate == 0 else f'{rate / 1e3:8.1f} kpkt/s'}: delivered "
