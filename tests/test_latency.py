@@ -21,9 +21,10 @@ from turbowg.testing.tunnel import ping, transfer, tunnel, wg_dump
 def test_switches_are_read_from_the_environment(monkeypatch) -> None:
     monkeypatch.delenv("TURBOWG_TRACE_LATENCY", raising=False)
     monkeypatch.delenv("TURBOWG_BUSY_POLL_US", raising=False)
-    assert not trace_mod.enabled_from_env() and runtime_mod.busy_poll_from_env() == 0.0
+    default = runtime_mod.BUSY_POLL_DEFAULT_US
+    assert not trace_mod.enabled_from_env() and runtime_mod.busy_poll_from_env() == default
     rt = runtime_mod.Runtime("twtest0", socket_dir="/nonexistent")
-    assert rt.trace is None and rt.busy_poll == 0.0
+    assert rt.trace is None and rt.busy_poll == default
     # Off: the readers the loop gets are the plain bound methods (nothing wrapped, no per-packet check).
     assert rt._tun_reader == rt._on_tun_readable and rt._udp_reader == rt._on_udp_readable
     for value in ("1", "yes", "on"):
@@ -35,12 +36,15 @@ def test_switches_are_read_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("TURBOWG_TRACE_LATENCY", "1")
     assert isinstance(runtime_mod.Runtime("twtest0", socket_dir="/nonexistent").trace, trace_mod.LatencyTrace)
     monkeypatch.setenv("TURBOWG_BUSY_POLL_US", "250")
-    assert runtime_mod.busy_poll_from_env() == pytest.approx(250e-6)
+    assert runtime_mod.busy_poll_from_env() == 250
     monkeypatch.setenv("TURBOWG_BUSY_POLL_US", "99999999")
-    assert runtime_mod.busy_poll_from_env() == runtime_mod.BUSY_POLL_MAX_US / 1e6
-    for bad in ("-5", "fast"):
-        monkeypatch.setenv("TURBOWG_BUSY_POLL_US", bad)
-        assert runtime_mod.busy_poll_from_env() == 0.0
+    assert runtime_mod.busy_poll_from_env() == runtime_mod.BUSY_POLL_MAX_US
+    monkeypatch.setenv("TURBOWG_BUSY_POLL_US", "0")
+    assert runtime_mod.busy_poll_from_env() == 0  # off
+    monkeypatch.setenv("TURBOWG_BUSY_POLL_US", "-5")
+    assert runtime_mod.busy_poll_from_env() == 0
+    monkeypatch.setenv("TURBOWG_BUSY_POLL_US", "fast")
+    assert runtime_mod.busy_poll_from_env() == default
 
 
 def test_trace_summary_of_recorded_stages() -> None:
@@ -130,19 +134,42 @@ def test_a_burst_after_idle_all_arrives(tmp_path) -> None:
 
 
 @needs_netns
-@pytest.mark.parametrize("spin_us", ["200"])
+@pytest.mark.parametrize("spin_us", ["5000"])
 def test_busy_poll_carries_traffic_and_survives_a_port_change(spin_us) -> None:
+    """A's daemon sends each echo request from an idle wake and spins for the reply (a hit: the reply was
+    taken by the spin, not by a wake); b's daemon takes each echo reply from its TUN in the wake of the
+    request and never spins (an answer, not a request). After a listen-port change the spin polls the new
+    socket."""
+    from test_integration import device_stats
+
     env = {"TURBOWG_BUSY_POLL_US": spin_us}
+    count = 30
+    keys = ("lone_busy_poll_hits", "lone_busy_poll_misses", "lone_answers_taken")
     with tunnel("turbowg", "turbowg", env_a=env, env_b=env) as tun:
         assert ping(tun.a, tun.server_v4, count=3)
+        before = {side: device_stats(getattr(tun, side).ifname) for side in "ab"}
         rx_before = transfer(tun.a)[0]
-        result = tun.a.sh("ping", "-n", "-c", "50", "-i", "0.005", "-W", "1", tun.server_v4, check=False)
+        # 20 ms apart: every request leaves from an idle wake (> LONE_GAP after the previous one).
+        result = tun.a.sh("ping", "-n", "-c", str(count), "-i", "0.02", "-W", "1", tun.server_v4, check=False)
         assert result.returncode == 0 and " 0% packet loss" in result.stdout, result.stdout
-        assert transfer(tun.a)[0] - rx_before >= 50 * 84  # the replies came back through a's daemon
-        # A new listen port: the spinning poller must follow the new socket (the old one is unregistered).
+        assert transfer(tun.a)[0] - rx_before >= count * 84  # the replies came back through a's daemon
+        after = {side: device_stats(getattr(tun, side).ifname) for side in "ab"}
+        delta = {side: {k: after[side].get(k, 0) - before[side].get(k, 0) for k in keys} for side in "ab"}
+        # The spin was tried once per request (a reply later than 5 ms is a miss, rare: a loaded machine).
+        assert count - 3 <= delta["a"]["lone_busy_poll_hits"] + delta["a"]["lone_busy_poll_misses"] <= count + 3
+        assert delta["a"]["lone_busy_poll_hits"] >= count // 2, delta
+        assert delta["b"]["lone_busy_poll_hits"] + delta["b"]["lone_busy_poll_misses"] <= 3, delta
+        assert delta["b"]["lone_answers_taken"] >= count // 2, delta
+        # A new listen port: the spin polls the new socket.
         tun.b.wg("set", tun.b.ifname, "listen-port", str(tun.b.port + 100))
         tun.a.wg("set", tun.a.ifname, "peer", tun.b.public, "endpoint", f"{tun.b.underlay_ip}:{tun.b.port + 100}")
+        tun.a.wg("set", tun.a.ifname, "listen-port", str(tun.a.port + 100))
+        tun.b.wg("set", tun.b.ifname, "peer", tun.a.public, "endpoint", f"{tun.a.underlay_ip}:{tun.a.port + 100}")
         assert ping(tun.a, tun.server_v4, count=3)
+        hits = device_stats(tun.a.ifname)["lone_busy_poll_hits"]
+        result = tun.a.sh("ping", "-n", "-c", "10", "-i", "0.02", "-W", "1", tun.server_v4, check=False)
+        assert result.returncode == 0 and " 0% packet loss" in result.stdout, result.stdout
+        assert device_stats(tun.a.ifname)["lone_busy_poll_hits"] - hits >= 5
         assert tun.a.daemon.alive() and tun.b.daemon.alive()
 
 

@@ -5,10 +5,12 @@ same packets and end in the same state (counters, byte counts, send counters, ti
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import socket
 import struct
+import threading
 import time
 from array import array
 
@@ -428,3 +430,56 @@ def test_lone_read_matches_recv_packed() -> None:
         v4.close()
         v6.close()
         bind.close()
+
+
+def spin_implementations() -> list:
+    """py_spin_poll and the C spin_poll (a recorded skip when the extension is not built)."""
+    if transport.HAVE_C:
+        from turbowg.noise._aead import spin_poll as c_spin_poll
+
+        c_case = pytest.param(c_spin_poll, id="c")
+    else:
+        c_case = pytest.param(None, id="c", marks=pytest.mark.skip(reason="C extension not built: C case not run"))
+    return [pytest.param(transport.py_spin_poll, id="py"), c_case]
+
+
+@pytest.mark.parametrize("spin", spin_implementations())
+def test_spin_poll_answers(spin, udp_pair, pipe) -> None:
+    """spin_poll (C) and py_spin_poll answer alike: the readable fd (the first one when both are), -1 after
+    the budget when neither became readable, -EBADF for a closed fd; a negative fd is ignored."""
+    tx, rx, sockaddr = udp_pair
+    r, w = pipe
+    sock = rx.fileno()
+    started = time.monotonic()
+    assert spin(sock, r, 2000) == -1
+    assert time.monotonic() - started >= 0.0019  # it did wait the budget out (a lower bound: not a speed test)
+    assert spin(sock, r, 0) == -1  # no budget: one look
+    os.write(w, b"x")
+    assert spin(sock, r, 0) == r
+    assert spin(-1, r, 0) == r
+    tx.sendto(b"hello", ("::ffff:127.0.0.1", rx.getsockname()[1]))
+    assert spin(sock, r, 1_000_000) == sock  # both readable: the first
+    assert spin(r, sock, 1_000_000) == r
+    assert _drain(r) == b"x"
+    assert spin(r, sock, 1_000_000) == sock
+    assert rx.recv(64) == b"hello"
+    assert spin(sock, -1, 1000) == -1
+    closed_r, closed_w = os.pipe()
+    os.close(closed_r)
+    os.close(closed_w)
+    assert spin(closed_r, -1, 1000) == -errno.EBADF
+
+
+@pytest.mark.parametrize("spin", spin_implementations())
+def test_spin_poll_sees_what_arrives_while_it_spins(spin, udp_pair) -> None:
+    """A datagram sent while the spin runs (from another thread: the C spin releases the GIL) ends it with
+    that fd, long before the budget."""
+    tx, rx, _ = udp_pair
+    port = rx.getsockname()[1]
+    sender = threading.Timer(0.01, lambda: tx.sendto(b"late", ("::ffff:127.0.0.1", port)))
+    sender.start()
+    try:
+        assert spin(rx.fileno(), -1, 20_000_000) == rx.fileno()  # budget 20 s: a blind spin would take that long
+    finally:
+        sender.join()
+    assert rx.recv(64) == b"late"

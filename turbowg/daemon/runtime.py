@@ -46,7 +46,7 @@ from turbowg.device import Device
 from turbowg.device.handshake_worker import HandshakeRate
 from turbowg.device.receive import LONE_WRITE, LONE_WRITTEN, RX_MAX_PACKETS
 from turbowg.device.send import TX_MAX_MESSAGES
-from turbowg.noise.transport import pack_sockaddr, recv_one
+from turbowg.noise.transport import pack_sockaddr, recv_one, spin_poll
 from turbowg.tun.device import (
     READ_ROOM_BYTES,
     READ_ROOM_PACKETS,
@@ -70,19 +70,22 @@ LINK_CHECK_INTERVAL = 1.0  # seconds between checks that the interface still exi
 # Handshake messages per second above which the device counts as under load (cookie replies start).
 UNDER_LOAD_HANDSHAKES_PER_SECOND = 64
 UNDER_LOAD_HOLD = 1.0
-# TURBOWG_BUSY_POLL_US=N: after a data wake, keep polling the TUN and UDP fds for up to N microseconds
-# before going back to the loop (which may sleep): a reply that comes back within N us is handled at once,
-# hot, without a wakeup. Costs CPU while it spins (bounded: N us per wake). 0 (default): off.
+# TURBOWG_BUSY_POLL_US=N: after a lone packet left from an idle TUN wake (a request going out: a ping, an
+# RPC, a keystroke), poll the UDP socket and the TUN in C (`spin_poll`) for up to N microseconds before going
+# back to the loop: the answer that comes back within N us is handled at once, without the wakeup a sleeping
+# loop pays (idle exit, epoll return, uvloop dispatch). Only then: not after bulk or paced wakes (they are not
+# idle), not after the answering side's own send. Costs CPU while it spins (at most N us per idle request).
+BUSY_POLL_DEFAULT_US = 0
 BUSY_POLL_MAX_US = 10_000
 
 
-def busy_poll_from_env() -> float:
-    """Seconds to spin after a data wake (TURBOWG_BUSY_POLL_US, microseconds; 0: off)."""
+def busy_poll_from_env() -> int:
+    """Microseconds to spin after a lone request left (TURBOWG_BUSY_POLL_US; 0: off)."""
     try:
-        value = int(os.environ.get("TURBOWG_BUSY_POLL_US", "0").strip() or "0")
+        value = int(os.environ.get("TURBOWG_BUSY_POLL_US", str(BUSY_POLL_DEFAULT_US)).strip() or "0")
     except ValueError:
-        return 0.0
-    return min(max(value, 0), BUSY_POLL_MAX_US) / 1e6
+        return BUSY_POLL_DEFAULT_US
+    return min(max(value, 0), BUSY_POLL_MAX_US)
 
 
 # A wake this long after the previous one on the same fd counts as a lone packet (see _on_tun_readable).
@@ -177,9 +180,9 @@ class Runtime:
         self._reply_poll: Callable[[int], list] | None = None  # poll(0) of the TUN fd
         self._tun_last_wake = 0.0
         self._udp_last_wake = 0.0
-        self._spin_yield = os.environ.get("TURBOWG_BUSY_POLL_YIELD", "1").strip() not in ("0", "")
-        self._spin_epoll: select.epoll | None = None
-        self._spin_fds: dict[int, Callable[[], None]] = {}
+        self._expect_answer = False  # a lone request just left from an idle TUN wake: spin for the answer
+        # Busy-poll outcomes and answers taken in the wake of the packet that caused them (for `stats=1`).
+        self.lone_counters = {"busy_poll_hits": 0, "busy_poll_misses": 0, "answers_taken": 0}
         self._tun_reader: Callable[[], None] = self._on_tun_readable
         self._udp_reader: Callable[[], None] = self._on_udp_readable
         self._lone = lone_path_from_env()
@@ -216,11 +219,7 @@ class Runtime:
         poller = select.poll()
         poller.register(self.tun.fileno(), select.POLLIN)
         self._reply_poll = poller.poll
-        if self.busy_poll:
-            if self._spin_epoll is None:
-                self._spin_epoll = select.epoll()
-            self._spin_epoll.register(self.tun.fileno(), select.EPOLLIN)
-            self._spin_fds[self.tun.fileno()] = tun_reader
+        if self.busy_poll and self._lone:
             tun_reader = self._on_tun_readable_spin
         self._loop.add_reader(self.tun.fileno(), tun_reader)
         if self.derp_link is not None:
@@ -247,9 +246,6 @@ class Runtime:
             raise
         if old is not None:
             self._loop.remove_reader(old.fileno())
-            if self._spin_epoll is not None:
-                self._spin_fds.pop(old.fileno(), None)
-                self._spin_epoll.unregister(old.fileno())
             old.close()
         self.udp = udp
         self._udp_fd = udp.fileno()
@@ -260,12 +256,6 @@ class Runtime:
             enable_kernel_timestamps(udp.fileno())
             udp_reader = self.trace.udp_reader(udp_reader, self)
         self._udp_reader = udp_reader
-        if self.busy_poll:
-            if self._spin_epoll is None:
-                self._spin_epoll = select.epoll()
-            self._spin_epoll.register(udp.fileno(), select.EPOLLIN)
-            self._spin_fds[udp.fileno()] = udp_reader
-            udp_reader = self._on_udp_readable_spin
         self._loop.add_reader(self.udp.fileno(), udp_reader)
         log.info("listening on UDP port %d", self.udp.port)
 
@@ -297,6 +287,7 @@ class Runtime:
             out.update({f"tunio_{k}": v for k, v in self.tun.counters.items()})
         if self.derp_link is not None:
             out.update(self.derp_link.stats())
+        out.update({f"lone_{k}": v for k, v in self.lone_counters.items()})
         if self.handshakes is not None:  # the worker's counters use the device's names: add them up
             for key, value in self.handshakes.stats().items():
                 out[key] = out.get(key, 0) + value
@@ -325,10 +316,6 @@ class Runtime:
             self.uapi.close()
             self.uapi = None
         self._reply_poll = None
-        if self._spin_epoll is not None:
-            self._spin_epoll.close()
-            self._spin_epoll = None
-            self._spin_fds.clear()
         if self.udp is not None:
             if loop is not None:
                 loop.remove_reader(self.udp.fileno())
@@ -344,36 +331,25 @@ class Runtime:
 
     # ---- data path ------------------------------------------------------------------------------
     def _on_tun_readable_spin(self) -> None:
+        """The TUN reader with busy polling on (TURBOWG_BUSY_POLL_US): after a lone request left, wait for
+        its answer spinning (bounded) rather than sleeping, and handle it at once. Outside the (traced)
+        reader, so the trace's stages stay those of the crossing."""
         self._tun_reader()
-        self._spin()
-
-    def _on_udp_readable_spin(self) -> None:
-        self._udp_reader()
-        self._spin()
-
-    def _spin(self) -> None:
-        """Busy-poll both data fds for up to `busy_poll` seconds after a wake (bounded: the loop's timers
-        and the UAPI wait at most that long), handling whatever becomes readable at once."""
-        epoll = self._spin_epoll
-        if epoll is None:
+        if not self._expect_answer:
             return
-        clock = time.perf_counter
-        deadline = clock() + self.busy_poll
-        poll = epoll.poll
-        readers = self._spin_fds
-        relax = os.sched_yield if self._spin_yield else None
-        while clock() < deadline:
-            events = poll(0)
-            if not events:
-                if relax is not None:
-                    relax()  # stay awake, but let whatever else wants this CPU run (the peer, the app)
-                continue
-            for fd, _events in events:
-                reader = readers.get(fd)
-                if reader is not None:
-                    reader()
-            if self._stopped is not None and self._stopped.is_set():
-                return
+        self._expect_answer = False
+        udp_fd = self._udp_fd
+        fd = spin_poll(udp_fd, self._tun_fd, self.busy_poll)
+        counters = self.lone_counters
+        if fd < 0:
+            counters["busy_poll_misses"] += 1
+            return
+        counters["busy_poll_hits"] += 1
+        if fd == udp_fd:
+            self._udp_reader()
+        else:
+            self._tun_reader()  # the application sent again first
+        self._expect_answer = False  # one spin per idle request: no chain of spins
 
     def _on_tun_readable(self) -> None:
         """Read the TUN until it would block (bounded), seal the whole batch per peer, send per peer."""
@@ -397,6 +373,7 @@ class Runtime:
                 got, cursor = read_packed(stage, 0, layout, 0)
                 if got == 1:
                     if self._lone and self._udp_fd >= 0 and self._send_one(stage, layout, now):
+                        self._expect_answer = True  # cleared when the answering side sent it (see below)
                         return
                     runs.append(0)
                     runs.append(1)
@@ -496,6 +473,8 @@ class Runtime:
             # A local answer (ping, RPC) is often queued on the TUN by the time the write returns: take it
             # now rather than after another loop turn.
             self._tun_reader()
+            self._expect_answer = False  # an answer, not a request: nothing to wait for
+            self.lone_counters["answers_taken"] += 1
 
     def _read_lone(self, udp: UDPBind, buf: bytearray, chunks: list[int], senders: list) -> int:
         """UDPBind.recv_packed(max_calls=1) in one C call (transport.recv_one): the same chunk, sender and
@@ -540,6 +519,8 @@ class Runtime:
         self._reschedule_timer()
         if result and self._reply_poll is not None and self._reply_poll(0):
             self._tun_reader()  # the local answer, in the same wake (see _on_udp_readable)
+            self._expect_answer = False  # an answer, not a request: nothing to wait for
+            self.lone_counters["answers_taken"] += 1
         return True
 
     def _send_one(self, stage: bytearray, layout: array, now: float) -> bool:

@@ -30,6 +30,9 @@ The lone-packet path (one packet per wake, the interactive case) does a crossing
 - ``recv_one(fd, buf, off, cap, addr) -> int`` (C only, None without it): one recvmsg into buf[off:off+cap]
   with the sender's sockaddr in `addr`: n, n | segment << 32 for a UDP_GRO batch, or -errno. Without C the
   runtime reads through UDPBind.recv_packed, which gives the same datagram and sender.
+- ``spin_poll(fd_a, fd_b, usec) -> int``: busy-poll both fds (poll with a zero timeout, in a loop) for up to
+  `usec` microseconds: the first fd found readable (fd_a when both are), -1 when none was in time, -errno
+  when poll failed. `py_spin_poll` is the pure-Python twin (same answers; a turn costs more).
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import socket
 import struct
+import time
 from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
@@ -247,10 +252,37 @@ class PyAead:
                           max_counter)
 
 
+def py_spin_poll(fd_a: int, fd_b: int, usec: int) -> int:
+    """spin_poll without C: the same loop of zero-timeout polls, in Python."""
+    poller = select.poll()
+    for fd in (fd_a, fd_b):
+        if fd >= 0:
+            poller.register(fd, select.POLLIN)
+    wanted = select.POLLIN | select.POLLERR | select.POLLHUP
+    clock = time.monotonic_ns
+    deadline = clock() + max(usec, 0) * 1000
+    while True:
+        try:
+            events = dict(poller.poll(0))
+        except InterruptedError:
+            events = {}
+        except OSError as exc:
+            return -(exc.errno or errno.EIO)
+        if events:
+            if fd_a >= 0 and events.get(fd_a, 0) & wanted:
+                return fd_a
+            if fd_b >= 0 and events.get(fd_b, 0) & wanted:
+                return fd_b
+            if any(ev & select.POLLNVAL for ev in events.values()):
+                return -errno.EBADF
+        if clock() >= deadline:
+            return -1
+
+
 try:
     if not accel.use_c():
         raise ImportError("TURBOWG_NO_C set")
-    from turbowg.noise._aead import Aead, recv_one
+    from turbowg.noise._aead import Aead, recv_one, spin_poll
     from turbowg.noise._aead import ReplayWindow as CReplayWindow
 
     HAVE_C = True
@@ -258,10 +290,11 @@ except ImportError:
     Aead = PyAead  # type: ignore[assignment,misc]
     CReplayWindow = None  # the caller uses turbowg.device.replay.ReplayWindow
     recv_one = None
+    spin_poll = py_spin_poll
     HAVE_C = False
 
 __all__ = [
     "OW_AUTH_FAIL", "OW_BAD_INNER", "OW_EXPIRED", "OW_KEEPALIVE", "OW_MISMATCH", "OW_NOT_MINE", "OW_REPLAY",
     "OW_WRITTEN", "Aead", "CReplayWindow", "HAVE_C", "OVERHEAD", "OpenResult", "PyAead", "pack_sockaddr",
-    "padded_length", "recv_one",
+    "padded_length", "py_spin_poll", "recv_one", "spin_poll",
 ]
