@@ -59,13 +59,15 @@ IMPLS = ("turbowg", "wireguard-go")
 # Extra variants for A/B runs: turbowgd with handshakes served in its event loop (no worker process); with
 # the worker fed through the data path (no handshake socket: the socketpair hand-off); with the worker at
 # SCHED_IDLE (only CPU nobody else wants); at SCHED_BATCH (no wakeup preemption of the data path);
-# without the worker's C batch screener (each flood message made into Python objects, then checked).
+# without the worker's C batch screener (each flood message made into Python objects, then checked); with the
+# classic BPF steering program (no per-source limit in the kernel: every flood datagram is read and screened).
 VARIANTS = {"turbowg-inloop": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER": "0"}),
             "turbowg-nosteer": ("turbowg", {"TURBOWG_HANDSHAKE_STEERING": "0"}),
             "turbowg-idle": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER_SCHED": "idle"}),
             "turbowg-batch": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER_SCHED": "batch"}),
             "turbowg-noscreen": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER_SCREEN": "0"}),
-            "turbowg-closedport": ("turbowg", {})}
+            "turbowg-closedport": ("turbowg", {}),
+            "turbowg-cbpf": ("turbowg", {"TURBOWG_HANDSHAKE_EBPF": "0"})}
 # Control: the same flood sent to a port nobody listens on in the responder's namespace (the kernel drops it
 # and answers ICMP, rate-limited): what the flood costs the machine (flooder, softirq) without any daemon
 # work, to compare the other rows' "kept" with.
@@ -81,7 +83,8 @@ PING_INTERVAL = 0.02
 UAPI_DIR = "/var/run/wireguard"
 # turbowgd counters that count a handshake message it dropped without answering it.
 DAEMON_DROP_COUNTERS = ("rx_handshake_queue_full", "rx_handshake_ratelimited", "rx_bad_mac1",
-                        "rx_initiation_rejected", "rx_handshake_bad_size", "tx_cookie_reply_ratelimited")
+                        "rx_initiation_rejected", "rx_handshake_bad_size", "tx_cookie_reply_ratelimited",
+                        "rx_handshake_kernel_ratelimited")
 
 
 class RunFailed(Exception):
@@ -417,7 +420,7 @@ def format_table(rows: Sequence[Row]) -> str:
                "process (same flooder for every implementation; turbowg-closedport = same flood to a closed "
                "port: the machine's own cost); cookie/s = UDP datagrams back at "
                "the flooder; kdrop/s = kernel receive-buffer drops at the responder; ddrop/s = handshake "
-               "messages the daemon dropped (its own counters)")
+               "messages the daemon dropped (its own counters, with its eBPF program's drops in the kernel)")
     return "\n".join(out)
 
 

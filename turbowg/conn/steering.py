@@ -1,4 +1,8 @@
-"""Handshake messages steered away from the data socket in the kernel: a SO_REUSEPORT pair + classic BPF.
+"""Handshake messages steered away from the data socket in the kernel: a SO_REUSEPORT pair + a BPF program.
+
+The program is the eBPF one of turbowg/conn/ebpf.py where the kernel takes it (the same steering, plus the
+per-source limit of zero-mac2 handshakes under load, dropped in the kernel); else the classic program
+below (PROGRAM), which this text describes, with the reason logged once (TURBOWG_HANDSHAKE_EBPF=0 forces it).
 
 The device's UDP port is held by two sockets in one SO_REUSEPORT group:
 
@@ -44,11 +48,18 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import socket
 import struct
 
+from turbowg.conn.ebpf import BpfUnavailable, KernelSteering
 from turbowg.linux import SO_MARK, SO_RCVBUFFORCE, SO_SNDBUFFORCE, SOL_UDP, UDP_GRO
+
+log = logging.getLogger("turbowg.steering")
+# TURBOWG_HANDSHAKE_EBPF=0: the classic program only (no kernel limiter), for A/B runs and old kernels.
+EBPF = os.environ.get("TURBOWG_HANDSHAKE_EBPF", "1").strip().lower() not in ("0", "off", "no", "false")
+_fallback_logged = False
 
 SO_ATTACH_REUSEPORT_CBPF = 51
 SO_REUSEPORT = getattr(socket, "SO_REUSEPORT", 15)
@@ -99,6 +110,22 @@ def attach_program(sock: socket.socket, program: list[tuple[int, int, int, int]]
     buf = ctypes.create_string_buffer(code, len(code))
     fprog = struct.pack("@HP", len(program), ctypes.addressof(buf))  # struct sock_fprog, native layout
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+
+
+def attach_steering(data_sock: socket.socket, handshake_sock: socket.socket, *,
+                    ebpf: bool = True) -> KernelSteering | None:
+    """The eBPF program with the kernel limiter (turbowg/conn/ebpf.py) if this kernel takes it, else the
+    classic PROGRAM (the reason logged once per process). Returns the eBPF objects, or None."""
+    global _fallback_logged
+    if ebpf:
+        try:
+            return KernelSteering(data_sock, handshake_sock)
+        except BpfUnavailable as exc:
+            if not _fallback_logged:
+                log.warning("handshake steering: classic BPF, no kernel limiter (%s)", exc)
+                _fallback_logged = True
+    attach_program(data_sock)
+    return None
 
 
 def inode(sock: socket.socket | int) -> int:
@@ -153,6 +180,7 @@ class HandshakeSocket:
                  rcvbuf: int = HANDSHAKE_RCVBUF) -> None:
         port = data_sock.getsockname()[1]
         self.port = port
+        self.kernel: KernelSteering | None = None  # the eBPF program's maps (None: the classic program)
         data_inode = inode(data_sock)
         others = [i for i in bound_inodes(port) if i != data_inode]
         if others:  # someone is on the port already (we are not sharing it yet: it joined a while ago)
@@ -176,9 +204,12 @@ class HandshakeSocket:
             present = bound_inodes(port)
             if sorted(present) != sorted([data_inode, inode(sock)]):
                 raise _foreign_error(port)
-            attach_program(data_sock)
+            self.kernel = attach_steering(data_sock, sock, ebpf=EBPF)
             self.gro = gro and _try(sock, SOL_UDP, UDP_GRO, 1)
         except BaseException:
+            if self.kernel is not None:
+                self.kernel.close()
+                self.kernel = None
             sock.close()
             make_unshareable(data_sock)
             raise
@@ -193,8 +224,22 @@ class HandshakeSocket:
         self.sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
         self.fwmark = mark
 
+    def kernel_counters(self) -> dict[str, int]:
+        """The eBPF program's counters (none with the classic program): initiations/responses it dropped over
+        the per-source limit, and those it let through under load."""
+        if self.kernel is None:
+            return {}
+        try:
+            dropped, admitted = self.kernel.limiter.stats()
+        except OSError:
+            return {}
+        return {"rx_handshake_kernel_ratelimited": dropped, "rx_handshake_kernel_admitted": admitted}
+
     def close(self) -> None:
         """Leave the group (with the data socket closing too, or about to: see the module doc)."""
+        if self.kernel is not None:
+            self.kernel.close()
+            self.kernel = None
         if self.sock.fileno() >= 0:
             self.sock.close()
         if self.data_sock.fileno() >= 0:

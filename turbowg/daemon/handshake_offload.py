@@ -212,7 +212,9 @@ class HandshakeOffload:
         # A socket goes only to a worker that is up: one in flight in the socketpair keeps its port bound
         # (a rebind right after the start would leave the old port held until the worker reads it).
         if fd is not None and (fd != self._udp_fd or force_socket) and self._ready:
-            messages.append((encode_socket(self.hsock is not None), [fd]))
+            # With the eBPF program, its under-load flag and counters go along (the worker sets the flag).
+            extra = self.hsock.kernel.worker_fds() if self.hsock is not None and self.hsock.kernel else []
+            messages.append((encode_socket(self.hsock is not None, len(extra)), [fd, *extra]))
         else:
             fd = self._udp_fd
         if not messages:
@@ -356,6 +358,8 @@ class HandshakeOffload:
 
     def stats(self) -> dict[str, int]:
         out = dict(self.worker_counters)
+        if self.hsock is not None:  # the kernel limiter's drops (eBPF steering), read from its map
+            out.update(self.hsock.kernel_counters())
         for key, value in self.counters.items():
             out[key] = out.get(key, 0) + value
         out["handshake_queue_backlog"] = self.handed - self.processed

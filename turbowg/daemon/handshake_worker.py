@@ -41,6 +41,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from turbowg.conn.ebpf import KernelLimiter
 from turbowg.conn.recvmmsg import HandshakeReader
 from turbowg.device.handshake_worker import (
     MSG_BATCH,
@@ -102,6 +103,8 @@ class WorkerLoop:
         self.reported = True
         self.old_drops = 0
         self.screened_seen = 0  # core.counters["rx_handshake_screened"] already given to process_screened
+        self.kernel: KernelLimiter | None = None  # the eBPF steering program's flag and counters, if any
+        self.kernel_dropped = 0  # its drop counter as last read
         self.poller = select.poll()
         self.poller.register(ctl.fileno(), select.POLLIN)
 
@@ -110,6 +113,9 @@ class WorkerLoop:
             self.ctl.send(encode_results(0, [], [], None))  # hello: ready for sockets
             while True:
                 timeout = None if self.reported else COUNTERS_INTERVAL * 1000
+                if self.kernel is not None and self.kernel.flag:  # to clear the flag when the load ends
+                    left = max(0.0, self.core.under_load_until - self.clock()) * 1000 + 1
+                    timeout = left if timeout is None else min(timeout, left)
                 try:
                     events = self.poller.poll(timeout)
                 except InterruptedError:
@@ -124,6 +130,8 @@ class WorkerLoop:
                         self._serve_socket(identified, forwarded)
                 if ctl_ready and self._serve_control(identified, forwarded):
                     return 0
+                if self.kernel is not None and self.kernel.flag:
+                    self._sync_kernel(self.clock())
                 if not self._report(identified, forwarded, bool(ctl_ready)):
                     return 0
         finally:
@@ -143,6 +151,8 @@ class WorkerLoop:
         if wait > 0:
             time.sleep(wait)
         self.last_wake = now = self.clock()
+        if self.kernel is not None:
+            self._kernel_drops(now)
         if core.screener is not None and SCREEN:
             # One C call per recvmmsg batch (turbowg/conn/_hsscreen.c): a dropped flood message makes no object.
             def under_load(seen: int) -> bool:
@@ -159,6 +169,8 @@ class WorkerLoop:
                     identified += ident
                     forwarded += fwd
                     self.reported = False
+                if self.kernel is not None:
+                    self._sync_kernel(now, read=False)
                 return
         entries = self.reader.drain(core.counters)
         if not entries:
@@ -170,6 +182,30 @@ class WorkerLoop:
         identified += ident
         forwarded += fwd
         self.reported = False
+        if self.kernel is not None:
+            self._sync_kernel(self.clock(), read=False)
+
+    def _kernel_drops(self, now: float) -> None:
+        """What the kernel limiter dropped since the last look counts as arrived for the rate rule (it came,
+        we just never saw it): a flood the kernel holds back keeps us under load, so it stays held back."""
+        assert self.kernel is not None
+        try:
+            dropped = self.kernel.stats()[0]
+        except OSError:
+            return
+        if dropped > self.kernel_dropped:
+            self.core.load_for_chunk(0, dropped - self.kernel_dropped, now)
+        self.kernel_dropped = dropped
+
+    def _sync_kernel(self, now: float, read: bool = True) -> None:
+        """The kernel limiter on while we are under load, off after (`read`: count its drops first)."""
+        assert self.kernel is not None
+        if read:
+            self._kernel_drops(now)
+        try:
+            self.kernel.set_under_load(now < self.core.under_load_until)
+        except OSError:
+            self.core.counters["handshake_kernel_flag_errors"] += 1
 
     def _serve_control(self, identified: list, forwarded: list) -> bool:
         """Messages from the main process; True at end of file."""
@@ -192,7 +228,10 @@ class WorkerLoop:
                 _, generation, private_key, peer_keys = message
                 core.configure(generation, private_key, peer_keys)
             if message[0] == MSG_SOCKET and fds:
-                self._adopt_socket(fds.pop(0), message[1])
+                count = message[2] if len(message) > 2 else 0
+                sock_fd = fds.pop(0)
+                kernel_fds, fds = fds[:count], fds[count:]
+                self._adopt_socket(sock_fd, message[1], kernel_fds)
             if message[0] != MSG_BATCH:
                 for extra in fds:
                     os.close(extra)
@@ -211,9 +250,24 @@ class WorkerLoop:
             self.reported = False
         return eof
 
-    def _adopt_socket(self, fd: int, read: bool) -> None:
+    def _adopt_socket(self, fd: int, read: bool, kernel_fds: list[int] | None = None) -> None:
         """A new UDP socket from the main process: the handshake socket (read it, reply from it), or the data
-        socket when steering is off (reply from it only)."""
+        socket when steering is off (reply from it only); `kernel_fds`: the eBPF limiter's flag and counters
+        maps (turbowg/conn/ebpf.py), if the pair has that program."""
+        if self.kernel is not None:
+            self.kernel.close()
+            self.kernel = None
+        if kernel_fds and len(kernel_fds) == 2:
+            self.kernel = KernelLimiter(*kernel_fds)
+            try:
+                self.kernel_dropped = self.kernel.stats()[0]
+                self.kernel.flag = self.kernel.read_flag()
+            except OSError:
+                self.kernel.close()
+                self.kernel = None
+        else:
+            for extra in kernel_fds or []:
+                os.close(extra)
         if self.reader is not None:
             self.old_drops = self.reader.kernel_drops()
             with contextlib.suppress(KeyError, ValueError):

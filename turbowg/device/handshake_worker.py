@@ -64,8 +64,9 @@ _SIZES = {MESSAGE_INITIATION: INITIATION_SIZE, MESSAGE_RESPONSE: RESPONSE_SIZE, 
 MSG_BATCH = 1  # main -> worker: (MSG_BATCH, handed_total, [(kind, addr, port, message), ...])
 MSG_CONFIG = 2  # main -> worker: (MSG_CONFIG, generation, private_key | None, [peer public key, ...])
 MSG_RESULTS = 3  # worker -> main: (MSG_RESULTS, processed_total, [identified...], [forwarded...], counters|None)
-MSG_SOCKET = 4  # main -> worker, with one fd: (MSG_SOCKET, read): the UDP socket to send cookie replies from,
-#                 and, if `read`, to read handshake messages from (the steered handshake socket)
+MSG_SOCKET = 4  # main -> worker, with fds: (MSG_SOCKET, read, k): the UDP socket to send cookie replies from,
+#                 and, if `read`, to read handshake messages from (the steered handshake socket); then k
+#                 descriptors of the eBPF steering program's maps (turbowg/conn/ebpf.py KernelLimiter: flag, stats)
 
 Entry = tuple[int, bytes, int, bytes]  # kind, source address bytes, source port, message
 
@@ -281,8 +282,9 @@ def encode_results(processed: int, identified: list[tuple], forwarded: list[Entr
     return marshal.dumps((MSG_RESULTS, processed, identified, forwarded, counters))
 
 
-def encode_socket(read: bool) -> bytes:
-    return marshal.dumps((MSG_SOCKET, bool(read)))
+def encode_socket(read: bool, kernel_fds: int = 0) -> bytes:
+    """`kernel_fds`: how many descriptors after the socket's are the eBPF limiter's (flag map, counters map)."""
+    return marshal.dumps((MSG_SOCKET, bool(read), int(kernel_fds)))
 
 
 def decode(data: bytes) -> tuple:
