@@ -550,7 +550,11 @@ def test_app_never_reading_client_pauses_sender_then_times_out() -> None:
     run(main)
 
 
-def test_app_peer_gone_duplicates_and_a_tls_client_talking_to_a_c_client(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls_in_c", [True, False], ids=["tls-in-c", "tls-in-python"])
+def test_app_peer_gone_duplicates_and_a_tls_client_talking_to_a_c_client(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tls_in_c: bool) -> None:
+    monkeypatch.setattr(fastpath, "TLS_IN_C", tls_in_c)
+
     async def main() -> None:
         async with relay() as (server, url):
             a, b = DerpClient(), DerpClient()
@@ -587,9 +591,11 @@ def test_app_peer_gone_duplicates_and_a_tls_client_talking_to_a_c_client(tmp_pat
             t, p = DerpClient(), DerpClient()
             await t.connect(turl, verify=False)
             await p.connect(f"http://127.0.0.1:{plain_port}/derp")
-            await until(lambda: server2.fast.handovers == 1, "only the plain client in the C loop")
-            await exchange(t, p, 2000)  # Python conn -> C conn (deliver)
-            await exchange(p, t, 2000)  # C conn -> Python conn (handed up, routed by Python)
+            # the TLS client is in the C loop too (OpenSSL from C), unless TLS is kept in Python
+            await until(lambda: server2.fast.handovers == (2 if tls_in_c else 1), "the clients in the C loop")
+            assert server2.fast.tls_handovers == (1 if tls_in_c else 0)
+            await exchange(t, p, 2000)  # TLS conn -> plain conn (C to C, or Python conn -> C conn: deliver)
+            await exchange(p, t, 2000)  # plain conn -> TLS conn (C to C, or handed up, routed by Python)
             assert server2.metrics.total_dropped() == 0
             await t.close()
             await p.close()

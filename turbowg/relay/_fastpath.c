@@ -24,7 +24,9 @@
 #include <Python.h>
 #include <structmember.h>
 
+#include <dlfcn.h>
 #include <errno.h>
+#include <limits.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <string.h>
@@ -100,6 +102,13 @@ typedef struct {
     double queued_at; /* when the oldest unsent output was queued (approximately: see write_out) */
     int *waiters; int nwaiters, cwaiters;
     uint32_t *seen; uint32_t seen_cap, seen_n;
+    /* TLS terminated here (add(tls=...)): the SSL* of the Python _ssl socket object `sslref` (held until
+     * free_conn), its memory BIOs, and the ciphertext of encrypted frames not yet sent (tout). `out` keeps
+     * plaintext frames: backpressure, head drops and the queue clock work on frames as for plain conns. */
+    void *ssl, *rbio, *wbio;
+    PyObject *sslref;
+    int tls_more; /* decryption stopped on a full buffer: records may wait in the SSL's read BIO */
+    uint8_t *tout; size_t tout_len, tout_off, tout_cap;
 } conn_t;
 
 /* state 0 empty 1 used 2 tomb; uid: fresh whenever the entry points somewhere new (a key announced by a sibling
@@ -124,6 +133,7 @@ typedef struct {
     int *reparse; int nreparse, creparse;
     int *outwait; int noutwait, coutwait;
     uint8_t *rbuf; size_t rbuf_cap;
+    uint8_t *cbuf; /* TLS: ciphertext read from a socket before it goes into the SSL's read BIO (read_chunk) */
     event_t *ev; size_t nev, cev;
     uint8_t *arena; size_t arena_len, arena_cap;
     int oom;
@@ -133,6 +143,7 @@ typedef struct {
     unsigned long long dropped[NREASONS][2], dropped_bytes[NREASONS][2];
     unsigned long long sender_pauses, reads, writes, frames_up, polls, write_timeouts;
     unsigned long long forwarded_out, forwarded_in, xoffs_sent, xoff_pauses;
+    unsigned long long tls_records_in, tls_bytes_in, tls_bytes_out; /* TLS: SSL_read calls, ciphertext read / sent */
     int chan_slot[MAX_CHANNELS]; /* channel bit -> slot, -1 */
     double avg_queue_ms; /* derper's average_queue_duration_ms: EWMA, alpha 0.1 per packet written */
 } Loop;
@@ -186,6 +197,111 @@ static int reserve(uint8_t **buf, size_t *cap, size_t need) {
     *buf = q; *cap = n;
     return 0;
 }
+
+/* ---- OpenSSL, resolved at run time from the libssl that Python's _ssl module uses ------------------------
+ *
+ * A TLS conn keeps the SSL* of the Python ssl object asyncio/uvloop did the handshake with (memory BIOs), so
+ * the session, its keys and the records it has buffered carry over unchanged. The functions come from the
+ * libssl already loaded by _ssl (dlopen of _ssl's own file with RTLD_NOLOAD: dlsym then searches its
+ * dependencies), so building this module needs no OpenSSL headers and calls the very library that made the
+ * SSL*. Opaque pointers only; the few constants are OpenSSL's stable ABI values. */
+
+#define TLS_ERROR_WANT_READ 2
+#define TLS_ERROR_WANT_WRITE 3
+#define TLS_ERROR_ZERO_RETURN 6
+#define TLS_BATCH (256u << 10) /* plaintext encrypted per send (OpenSSL cuts it into 16 KiB records) */
+
+static struct {
+    int state; /* 0 not tried, 1 resolved, -1 unavailable */
+    int (*read)(void *, void *, int);
+    int (*write)(void *, const void *, int);
+    int (*get_error)(const void *, int);
+    int (*has_pending)(const void *);
+    void *(*get_rbio)(const void *);
+    void *(*get_wbio)(const void *);
+    void *(*get_ctx)(const void *);
+    int (*shutdown)(void *);
+    int (*bio_write)(void *, const void *, int);
+    int (*bio_read)(void *, void *, int);
+    size_t (*bio_ctrl_pending)(void *);
+    void (*err_clear)(void);
+    PyObject *ctx_type, *sock_type; /* _ssl._SSLContext, _ssl._SSLSocket */
+} ossl;
+
+static int tls_resolve(void) {
+    if (ossl.state) return ossl.state;
+    ossl.state = -1;
+    PyObject *mod = PyImport_ImportModule("_ssl");
+    if (!mod) { PyErr_Clear(); return -1; }
+    void *h = NULL;
+    PyObject *file = PyObject_GetAttrString(mod, "__file__");
+    if (file && PyUnicode_Check(file)) {
+        const char *path = PyUnicode_AsUTF8(file);
+        if (path) h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    }
+    Py_XDECREF(file);
+    PyErr_Clear();
+    if (!h) h = dlopen(NULL, RTLD_NOW); /* _ssl built into the interpreter */
+    ossl.ctx_type = PyObject_GetAttrString(mod, "_SSLContext");
+    ossl.sock_type = PyObject_GetAttrString(mod, "_SSLSocket");
+    Py_DECREF(mod);
+    PyErr_Clear();
+    if (!h || !ossl.ctx_type || !ossl.sock_type) return -1;
+#define SYM(field, name) if (!(*(void **)&ossl.field = dlsym(h, name))) return -1
+    SYM(read, "SSL_read"); SYM(write, "SSL_write"); SYM(get_error, "SSL_get_error");
+    SYM(has_pending, "SSL_has_pending"); SYM(get_rbio, "SSL_get_rbio"); SYM(get_wbio, "SSL_get_wbio");
+    SYM(get_ctx, "SSL_get_SSL_CTX"); SYM(shutdown, "SSL_shutdown"); SYM(bio_write, "BIO_write");
+    SYM(bio_read, "BIO_read"); SYM(bio_ctrl_pending, "BIO_ctrl_pending"); SYM(err_clear, "ERR_clear_error");
+#undef SYM
+    ossl.state = 1;
+    return 1;
+}
+
+/* The SSL* inside a CPython _ssl._SSLSocket (ssl.SSLObject._sslobj), checked against everything that can be
+ * checked: the type, the layout's context pointer against the object's `context` attribute, and that the
+ * SSL's SSL_CTX (asked of libssl) is that context's. Any mismatch: NULL and ValueError (the caller keeps the
+ * connection in Python). The layout is CPython's since 3.7: {HEAD; Socket; SSL *ssl; PySSLContext *ctx; ...}
+ * and {HEAD; SSL_CTX *ctx; ...}. */
+typedef struct { PyObject_HEAD PyObject *Socket; void *ssl; PyObject *ctx; } py_sslsock_layout;
+typedef struct { PyObject_HEAD void *ctx; } py_sslctx_layout;
+
+static void *tls_take(PyObject *obj) {
+#if PY_VERSION_HEX < 0x03070000 || PY_VERSION_HEX >= 0x030E0000
+    PyErr_SetString(PyExc_ValueError, "TLS handover: untested Python version");
+    return NULL;
+#endif
+    if (tls_resolve() < 0) { PyErr_SetString(PyExc_ValueError, "TLS handover: libssl functions not found"); return NULL; }
+    if ((PyObject *)Py_TYPE(obj) != ossl.sock_type) {
+        PyErr_SetString(PyExc_ValueError, "TLS handover: not an _ssl._SSLSocket"); return NULL;
+    }
+    py_sslsock_layout *so = (py_sslsock_layout *)obj;
+    PyObject *ctx = PyObject_GetAttrString(obj, "context");
+    if (!ctx) return NULL;
+    int ok = ctx == so->ctx && PyObject_IsInstance(ctx, ossl.ctx_type) == 1 && so->ssl &&
+             ossl.get_ctx(so->ssl) == ((py_sslctx_layout *)ctx)->ctx && ossl.get_rbio(so->ssl) &&
+             ossl.get_wbio(so->ssl) && ossl.get_rbio(so->ssl) != ossl.get_wbio(so->ssl);
+    Py_DECREF(ctx);
+    PyErr_Clear();
+    if (!ok) { PyErr_SetString(PyExc_ValueError, "TLS handover: SSL object layout not recognised"); return NULL; }
+    return so->ssl;
+}
+
+/* Move what OpenSSL wrote into the write BIO to the conn's ciphertext buffer (the BIO is left empty after
+ * every call into this module: Python's transport drains it once more when it forgets the connection). */
+static int tls_drain_wbio(conn_t *c) {
+    for (;;) {
+        size_t n = ossl.bio_ctrl_pending(c->wbio);
+        if (!n) return 0;
+        if (n > INT_MAX) n = INT_MAX;
+        if (c->tout_off == c->tout_len) c->tout_off = c->tout_len = 0;
+        if (reserve(&c->tout, &c->tout_cap, c->tout_len + n) < 0) return -1;
+        int r = ossl.bio_read(c->wbio, c->tout + c->tout_len, (int)n);
+        if (r <= 0) return 0;
+        c->tout_len += r;
+    }
+}
+
+static inline size_t tls_unsent(const conn_t *c) { return c->tout_len - c->tout_off; }
 
 /* ---- route table: 32-byte key -> slot, open addressing, seeded hash -------------------------------- */
 
@@ -314,7 +430,7 @@ static void signal_work(Loop *L) {
 
 static void add_reparse(Loop *L, int slot) {
     conn_t *c = &L->conns[slot];
-    if (c->in_reparse || !c->in_len) return;
+    if (c->in_reparse || (!c->in_len && !c->tls_more)) return;
     if (grow((void **)&L->reparse, &L->creparse, L->nreparse + 1, sizeof(int)) < 0) { L->oom = 1; return; }
     c->in_reparse = 1;
     L->reparse[L->nreparse++] = slot;
@@ -471,26 +587,76 @@ static void conn_fail(Loop *L, int slot, int kind, const char *why) {
     emit(L, slot, kind, why, strlen(why));
 }
 
+static void write_failed(Loop *L, int slot, const char *what) {
+    char why[96];
+    snprintf(why, sizeof why, "%s: %s", what, strerror(errno));
+    drop_all(L, &L->conns[slot], R_WRITE_ERROR);
+    conn_fail(L, slot, EV_CLOSED, why);
+}
+
+/* A TLS conn's turn to write: once the ciphertext of the last batch is all sent, up to TLS_BATCH bytes of
+ * queued frames go through one SSL_write (records of up to 16 KiB in the write BIO) and out with one send().
+ * A few rounds while the socket takes everything. Returns ciphertext bytes sent, -1 if the conn failed. */
+static ssize_t tls_send(Loop *L, int slot) {
+    conn_t *c = &L->conns[slot];
+    ssize_t sent = 0;
+    for (int round = 0; round < 4; round++) {
+        if (!tls_unsent(c)) {
+            size_t n = pending(c);
+            if (!n) break;
+            if (n > TLS_BATCH) n = TLS_BATCH;
+            ossl.err_clear();
+            int r = ossl.write(c->ssl, c->out + c->out_off, (int)n);
+            if (r <= 0) { /* memory BIOs never block; renegotiation is off in OpenSSL 3 servers: an error */
+                ossl.err_clear();
+                errno = EPROTO;
+                write_failed(L, slot, "tls write");
+                return -1;
+            }
+            c->out_off += r;
+            if (tls_drain_wbio(c) < 0) { errno = ENOMEM; write_failed(L, slot, "tls write"); return -1; }
+            if (!tls_unsent(c)) break;
+        }
+        ssize_t k = send(c->fd, c->tout + c->tout_off, tls_unsent(c), MSG_DONTWAIT | MSG_NOSIGNAL);
+        L->writes++;
+        if (k < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
+            write_failed(L, slot, "write");
+            return -1;
+        }
+        c->tout_off += k;
+        sent += k;
+        L->tls_bytes_out += k;
+        if (tls_unsent(c)) break;
+        c->tout_off = c->tout_len = 0;
+    }
+    if (!tls_unsent(c) && c->tout_cap > (512u << 10)) { free(c->tout); c->tout = NULL; c->tout_cap = 0; }
+    return sent;
+}
+
 static void write_out(Loop *L, int slot) {
     conn_t *c = &L->conns[slot];
     c->dirty = 0;
     if (c->fd < 0 || c->dead) return;
     size_t left = pending(c);
-    if (left) {
-        ssize_t n = send(c->fd, c->out + c->out_off, left, MSG_DONTWAIT | MSG_NOSIGNAL);
-        L->writes++;
-        if (n < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-                char why[64];
-                snprintf(why, sizeof why, "write: %s", strerror(errno));
-                drop_all(L, c, R_WRITE_ERROR);
-                conn_fail(L, slot, EV_CLOSED, why);
-                return;
+    if (left || (c->ssl && tls_unsent(c))) {
+        ssize_t n;
+        if (c->ssl) {
+            n = tls_send(L, slot); /* progress: ciphertext sent (frames only encrypted are not progress) */
+            if (n < 0) return;
+        } else {
+            n = send(c->fd, c->out + c->out_off, left, MSG_DONTWAIT | MSG_NOSIGNAL);
+            L->writes++;
+            if (n < 0) {
+                if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                    write_failed(L, slot, "write");
+                    return;
+                }
+                n = 0;
             }
-            n = 0;
+            if (n > 0) c->out_off += n;
         }
         if (n > 0) {
-            c->out_off += n;
             c->last_progress = L->now;
             c->stalled = 0;
             int done = 0;
@@ -516,7 +682,7 @@ static void write_out(Loop *L, int slot) {
             c->out_len -= c->out_head; c->out_off -= c->out_head; c->out_head = 0;
         }
     }
-    int want = pending(c) > 0;
+    int want = pending(c) > 0 || tls_unsent(c) > 0;
     if (want != c->want_out) {
         c->want_out = want;
         update_mask(L, c, slot);
@@ -786,9 +952,81 @@ static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
     keep_rest(L, s, buf, len, p);
 }
 
+/* A TLS conn's read: ciphertext from the socket into the SSL's read BIO, the records decrypted into rbuf
+ * after the input kept from before, then the same frame parser. Decryption stops when rbuf is full (records
+ * then wait in the BIO: tls_more makes the conn reparse) or at a partial record (WANT_READ: the socket
+ * brings the rest). A close_notify ends the conn after the frames before it; a record that fails to
+ * decrypt ends it after the frames before it too. What SSL_read writes (a KeyUpdate answer, an alert)
+ * goes to the ciphertext buffer at once. */
+static void tls_read_conn(Loop *L, int slot, int do_read) {
+    conn_t *c = &L->conns[slot];
+    size_t have = c->in_len;
+    if (have) memcpy(L->rbuf, c->in, have);
+    int eof = 0, closed = 0, failed = 0;
+    if (do_read) {
+        ssize_t n = recv(c->fd, L->cbuf, L->read_chunk, MSG_DONTWAIT);
+        L->reads++;
+        if (n == 0) {
+            eof = 1;
+        } else if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                char why[64];
+                snprintf(why, sizeof why, "read: %s", strerror(errno));
+                c->in_len = 0;
+                conn_fail(L, slot, EV_CLOSED, why);
+                return;
+            }
+            if (!c->tls_more) return;
+        } else {
+            L->tls_bytes_in += n;
+            if (ossl.bio_write(c->rbio, L->cbuf, (int)n) != (int)n) {
+                c->in_len = 0;
+                conn_fail(L, slot, EV_CLOSED, "tls: read buffer");
+                return;
+            }
+        }
+    }
+    c->tls_more = 0;
+    ossl.err_clear();
+    for (;;) {
+        if (have >= L->rbuf_cap) { c->tls_more = 1; break; }
+        size_t room = L->rbuf_cap - have;
+        int r = ossl.read(c->ssl, L->rbuf + have, room > INT_MAX ? INT_MAX : (int)room);
+        if (r > 0) { have += r; L->tls_records_in++; continue; }
+        int e = ossl.get_error(c->ssl, r);
+        if (e == TLS_ERROR_WANT_READ) break;
+        if (e == TLS_ERROR_ZERO_RETURN) closed = 1;
+        else failed = 1;
+        ossl.err_clear();
+        break;
+    }
+    if (tls_drain_wbio(c) < 0) L->oom = 1;
+    if (tls_unsent(c)) mark_dirty(L, slot);
+    process_input(L, slot, L->rbuf, have);
+    if (c->dead) return;
+    if (closed) { /* answer the close_notify (best effort: the conn is closed next) */
+        ossl.err_clear();
+        ossl.shutdown(c->ssl);
+        ossl.err_clear();
+        if (tls_drain_wbio(c) == 0 && tls_unsent(c)) {
+            ssize_t k = send(c->fd, c->tout + c->tout_off, tls_unsent(c), MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (k > 0) c->tout_off += k;
+        }
+    }
+    if (closed || failed || eof) {
+        const char *why = closed ? "tls close_notify" : failed ? "tls: bad record" : c->in_len ? "eof mid-frame"
+                          : (ossl.has_pending(c->ssl) || ossl.bio_ctrl_pending(c->rbio)) ? "eof mid-record" : "eof";
+        c->in_len = 0;
+        conn_fail(L, slot, EV_CLOSED, why);
+        return;
+    }
+    if (c->tls_more && c->blocked_on < 0) add_reparse(L, slot);
+}
+
 static void read_conn(Loop *L, int slot, int do_read) {
     conn_t *c = &L->conns[slot];
     if (c->fd < 0 || c->dead || c->blocked_on >= 0 || !c->reading) return; /* set_reading(True) reparses */
+    if (c->ssl) { tls_read_conn(L, slot, do_read); return; }
     size_t have = c->in_len;
     if (have) memcpy(L->rbuf, c->in, have);
     size_t room = L->rbuf_cap - have;
@@ -819,7 +1057,7 @@ static void check_timeouts(Loop *L) {
     for (int i = 0; i < L->noutwait; i++) {
         int s = L->outwait[i];
         conn_t *c = &L->conns[s];
-        if (c->fd < 0 || c->dead || !pending(c)) { c->in_outwait = 0; continue; }
+        if (c->fd < 0 || c->dead || !(pending(c) || tls_unsent(c))) { c->in_outwait = 0; continue; }
         double wt = c->wtimeout > 0 ? c->wtimeout : L->write_timeout;
         if (!c->stalled && wt > 0 && L->now - c->last_progress > wt) {
             c->stalled = 1;
@@ -859,10 +1097,13 @@ static int check_idle(Loop *L) {
 
 static void free_conn(Loop *L, int slot) {
     conn_t *c = &L->conns[slot];
-    free(c->in); free(c->out); free(c->waiters); free(c->xwaiters); free(c->seen);
+    free(c->in); free(c->out); free(c->waiters); free(c->xwaiters); free(c->seen); free(c->tout);
+    /* the Python ssl object goes (and with its last reference the SSL*, freed by _ssl without a shutdown) */
+    PyObject *sslref = c->sslref;
     uint32_t gen = c->gen;
     memset(c, 0, sizeof *c);
     c->fd = -1; c->gen = gen + 1; c->blocked_on = -1;
+    Py_XDECREF(sslref);
 }
 
 static PyObject *Loop_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
@@ -906,7 +1147,7 @@ static void Loop_close_all(Loop *L) {
 static void Loop_dealloc(Loop *L) {
     Loop_close_all(L);
     free(L->conns); free(L->free_slots); free(L->routes); free(L->dirty); free(L->reparse); free(L->outwait);
-    free(L->rbuf); free(L->ev); free(L->arena);
+    free(L->rbuf); free(L->cbuf); free(L->ev); free(L->arena);
     Py_TYPE(L)->tp_free((PyObject *)L);
 }
 
@@ -922,18 +1163,29 @@ static PyObject *Loop_close(Loop *L, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* add(fd, key, inbytes=b"", outbytes=b"", channel=-1) -> id. The loop owns fd from now on (remove() closes
- * it). channel >= 0: fd is the channel to sibling shard number `channel` (records, not DERP frames; key is
- * only a label); route() keys the sibling announces to its id. */
+/* add(fd, key, inbytes=b"", outbytes=b"", channel=-1, tls=None) -> id. The loop owns fd from now on
+ * (remove() closes it). channel >= 0: fd is the channel to sibling shard number `channel` (records, not DERP
+ * frames; key is only a label); route() keys the sibling announces to its id. tls: the _ssl._SSLSocket
+ * (ssl.SSLObject._sslobj) of a connection whose TLS is terminated here, with nothing of it buffered in Python
+ * but `inbytes` (plaintext after the last whole frame): the loop holds it until remove(). ValueError if it
+ * cannot be used from C (the caller keeps the connection in Python). */
 static PyObject *Loop_add(Loop *L, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fd", "key", "inbytes", "outbytes", "channel", NULL};
+    static char *kwlist[] = {"fd", "key", "inbytes", "outbytes", "channel", "tls", NULL};
     int fd, channel = -1;
     Py_buffer key, in = {0}, out = {0};
+    PyObject *tlsobj = Py_None;
+    void *ssl = NULL;
     if (check_idle(L) < 0) return NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iy*|y*y*i", kwlist, &fd, &key, &in, &out, &channel)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iy*|y*y*iO", kwlist, &fd, &key, &in, &out, &channel, &tlsobj))
+        return NULL;
     PyObject *ret = NULL;
     int slot = -1;
     if (key.len != KEY) { PyErr_SetString(PyExc_ValueError, "key must be 32 bytes"); goto done; }
+    if (tlsobj != Py_None) {
+        if (channel >= 0) { PyErr_SetString(PyExc_ValueError, "a channel has no TLS"); goto done; }
+        if (!(ssl = tls_take(tlsobj))) goto done;
+        if (!L->cbuf && !(L->cbuf = malloc(L->read_chunk))) { PyErr_NoMemory(); goto done; }
+    }
     if (channel >= 0 && channel < MAX_CHANNELS && L->chan_slot[channel] >= 0) {
         PyErr_SetString(PyExc_ValueError, "channel number in use"); goto done;
     }
@@ -964,6 +1216,18 @@ static PyObject *Loop_add(Loop *L, PyObject *args, PyObject *kw) {
     if (!L->next_uid) L->next_uid = 1;
     memcpy(c->key, key.buf, KEY);
     L->now = mono();
+    if (ssl) {
+        c->ssl = ssl;
+        c->rbio = ossl.get_rbio(ssl);
+        c->wbio = ossl.get_wbio(ssl);
+        c->sslref = tlsobj;
+        Py_INCREF(tlsobj);
+        c->tls_more = 1; /* whatever the read BIO holds (a partial record, usually) is decrypted first */
+        add_reparse(L, slot);
+        if (tls_drain_wbio(c) < 0) { PyErr_NoMemory(); goto undo_fd; }
+        if (tls_unsent(c)) mark_dirty(L, slot);
+        signal_work(L);
+    }
     if (in.len) {
         if (reserve(&c->in, &c->in_cap, in.len) < 0) { PyErr_NoMemory(); goto undo_fd; }
         memcpy(c->in, in.buf, in.len);
@@ -1160,7 +1424,7 @@ static PyObject *Loop_set_reading(Loop *L, PyObject *args) {
     conn_t *c = &L->conns[s];
     c->reading = on;
     update_mask(L, c, s);
-    if (on && c->in_len && c->blocked_on < 0) { add_reparse(L, s); signal_work(L); }
+    if (on && (c->in_len || c->tls_more) && c->blocked_on < 0) { add_reparse(L, s); signal_work(L); }
     Py_RETURN_NONE;
 }
 
@@ -1198,13 +1462,14 @@ static PyObject *Loop_conn_info(Loop *L, PyObject *arg) {
     int s = slot_arg(L, arg);
     if (s < 0) return NULL;
     conn_t *c = &L->conns[s];
-    return Py_BuildValue("{s:n,s:n,s:O,s:O,s:O,s:O,s:i,s:O,s:K,s:s,s:K,s:K}", "queue_bytes", (Py_ssize_t)pending(c),
+    return Py_BuildValue("{s:n,s:n,s:O,s:O,s:O,s:O,s:i,s:O,s:K,s:s,s:K,s:K,s:O,s:n}", "queue_bytes", (Py_ssize_t)pending(c),
                          "in_bytes", (Py_ssize_t)c->in_len, "paused", c->blocked_on >= 0 ? Py_True : Py_False,
                          "reading", (c->mask & EPOLLIN) ? Py_True : Py_False, "stalled", c->stalled ? Py_True : Py_False,
                          "dead", c->dead ? Py_True : Py_False, "fd", c->fd,
                          "xoff_paused", c->blocked_x ? Py_True : Py_False, "xoff_mask", (unsigned long long)c->xoff_mask,
                          "kind", c->kind == K_CHAN ? "channel" : "client", "records_out", c->rec_out,
-                         "records_in", c->rec_in);
+                         "records_in", c->rec_in, "tls", c->ssl ? Py_True : Py_False,
+                         "tls_unsent", (Py_ssize_t)(c->ssl ? tls_unsent(c) : 0));
 }
 
 /* poll() -> [(id, kind, bytes), ...]: one non-blocking turn. kind < 256: frames handed up (bytes = whole
@@ -1296,7 +1561,7 @@ static PyObject *Loop_stats(Loop *L, PyObject *unused) {
     for (int i = 0; i < L->nconns; i++)
         if (L->conns[i].fd >= 0) { queued += pending(&L->conns[i]); held += L->conns[i].in_len; }
     PyObject *d = Py_BuildValue(
-        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:n,s:d,s:n,s:n,s:K,s:K,s:K,s:K}",
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:n,s:d,s:n,s:n,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
         "packets_received", L->packets_received,
         "bytes_received", L->bytes_received, "packets_received_disco", L->packets_received_disco,
         "packets_sent", L->packets_sent, "bytes_sent", L->bytes_sent, "sender_pauses", L->sender_pauses,
@@ -1304,7 +1569,8 @@ static PyObject *Loop_stats(Loop *L, PyObject *unused) {
         "write_timeouts", L->write_timeouts, "conns", L->nconns - L->nfree, "routes", (Py_ssize_t)L->rused,
         "avg_queue_ms", L->avg_queue_ms, "queued_bytes", (Py_ssize_t)queued, "unparsed_bytes", (Py_ssize_t)held,
         "packets_forwarded_out", L->forwarded_out, "packets_forwarded_in", L->forwarded_in,
-        "xoffs_sent", L->xoffs_sent, "xoff_pauses", L->xoff_pauses);
+        "xoffs_sent", L->xoffs_sent, "xoff_pauses", L->xoff_pauses, "tls_records_in", L->tls_records_in,
+        "tls_bytes_in", L->tls_bytes_in, "tls_bytes_out", L->tls_bytes_out);
     if (!d) return NULL;
     PyObject *drops = PyDict_New();
     if (!drops) { Py_DECREF(d); return NULL; }
@@ -1337,7 +1603,7 @@ static PyMethodDef Loop_methods[] = {
     {"fileno", (PyCFunction)Loop_fileno, METH_NOARGS, "the epoll fd (readable when poll() has work)"},
     {"close", (PyCFunction)Loop_close, METH_NOARGS, "close every socket and the epoll fd"},
     {"add", (PyCFunction)(void (*)(void))Loop_add, METH_VARARGS | METH_KEYWORDS,
-     "add(fd, key, inbytes=b'', outbytes=b'', channel=-1) -> id; the loop owns fd from now on"},
+     "add(fd, key, inbytes=b'', outbytes=b'', channel=-1, tls=None) -> id; the loop owns fd from now on"},
     {"remove", (PyCFunction)Loop_remove, METH_O, "remove(id): close the socket, count queued packets as gone"},
     {"route", (PyCFunction)Loop_route, METH_VARARGS, "route(key, id): SendPacket to key goes to id here"},
     {"unroute", (PyCFunction)Loop_unroute, METH_O, "unroute(key): SendPacket to key is handed up"},

@@ -1,8 +1,9 @@
 """The relay's forwarding plane: authenticated DERP sockets handed to a C epoll loop (_fastpath.c).
 
 Python keeps everything that is not a data frame: the HTTP upgrade, the ClientInfo/ServerInfo handshake,
-pings, WatchConns/PeerPresent/PeerGone, mesh, metrics. Once a plain-TCP client is authenticated, its socket
-leaves asyncio and joins the C loop of its worker (`FastPlane.take`): from then on SendPacket frames to
+pings, WatchConns/PeerPresent/PeerGone, mesh, metrics. Once a client is authenticated, its socket leaves
+asyncio and joins the C loop of its worker (`FastPlane.take`); with TLS terminated here, the C loop also
+takes the SSL object asyncio/uvloop did the handshake with and drives OpenSSL on its memory BIOs itself: from then on SendPacket frames to
 keys the C loop holds are forwarded without Python; every other frame, SendPacket to keys it does not hold
 (those on a sibling shard, behind a mesh peer, unknown) and connection events come back up through
 `FastPlane._on_ready`, and are fed to the same sans-IO handlers as before.
@@ -24,6 +25,7 @@ turn. One thread: all of this runs on the worker's event loop.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import socket
@@ -78,6 +80,32 @@ class ChannelEnd(Protocol):
         """After a poll, while registered with `watch_drain`: bytes still queued on the channel."""
 _LOOP_MODULES = ("uvloop", "asyncio")
 
+# TLS terminated by the relay goes to the C loop too (OpenSSL driven from C on the handshake's SSL object);
+# TURBOWG_RELAY_TLS_IN_C=0 keeps TLS connections in Python (an A/B switch, and a way out).
+TLS_IN_C = os.environ.get("TURBOWG_RELAY_TLS_IN_C", "1") != "0"
+
+
+def _tls_parts(t: asyncio.BaseTransport) -> tuple[object, asyncio.BaseTransport] | None:
+    """(the _ssl._SSLSocket, the TCP transport under the TLS one) of asyncio's or uvloop's TLS transport, or
+    None if they cannot be found (the connection then stays in Python). uvloop keeps both in C attributes;
+    the garbage collector's referents reach them (Cython traverses every object attribute)."""
+    ssl_object = t.get_extra_info("ssl_object")
+    sslsock = getattr(ssl_object, "_sslobj", None)
+    if sslsock is None or type(sslsock).__name__ != "_SSLSocket":
+        return None
+    proto = getattr(t, "_ssl_protocol", None)
+    if proto is None:
+        proto = next((r for r in gc.get_referents(t) if type(r).__name__ == "SSLProtocol"), None)
+    if proto is None:
+        return None
+    lower = getattr(proto, "_transport", None)
+    if lower is None:
+        lower = next((r for r in gc.get_referents(proto)
+                      if type(r).__name__ in ("TCPTransport", "UnixTransport")), None)
+    if lower is None or not hasattr(lower, "get_write_buffer_size"):
+        return None
+    return sslsock, lower
+
 
 def available() -> bool:
     """The C plane is built and not switched off by TURBOWG_NO_C."""
@@ -100,6 +128,7 @@ class FastPlane:
         self._prev: dict[str, object] = {}
         self._last: tuple[int, ...] = ()
         self.handovers = 0
+        self.tls_handovers = 0
         self.closed = False
         self.handovers_skipped = 0
 
@@ -107,20 +136,28 @@ class FastPlane:
 
     def take(self, conn: FastConn) -> bool:
         """Move an authenticated connection's socket from asyncio to the C loop. False: it stays in Python
-        (TLS, a wrapped transport such as a WebSocket, output still buffered, ...)."""
+        (a wrapped transport such as a WebSocket, output still buffered, a TLS object C cannot use, ...)."""
         t = conn.transport
         if t is None or self.closed or conn.closed or conn.key is None or t.is_closing():
             return self._refuse(conn)
         if type(t).__module__.split(".")[0] not in _LOOP_MODULES:
             return self._refuse(conn)  # a wrapper (WebSocket...): the bytes on the socket are not plain DERP
-        if t.get_extra_info("sslcontext") is not None or t.get_extra_info("ssl_object") is not None:
-            return self._refuse(conn)  # TLS terminated here: stays in Python (kTLS is future work)
+        tls = None
+        lower: asyncio.BaseTransport | None = None
+        if t.get_extra_info("ssl_object") is not None:
+            # TLS terminated here: the C loop goes on with the same SSL session (its SSL* and memory BIOs)
+            if not TLS_IN_C:
+                return self._refuse(conn)
+            parts = _tls_parts(t)
+            if parts is None:
+                return self._refuse(conn)
+            tls, lower = parts
         sock = t.get_extra_info("socket")
         if sock is None or sock.type != socket.SOCK_STREAM:
             return self._refuse(conn)
         conn.flush()  # packets queued in Python before the handover go first, through asyncio
-        if conn.paused or t.get_write_buffer_size():
-            return False  # asyncio still holds output: try again after the next read
+        if conn.paused or t.get_write_buffer_size() or (lower is not None and lower.get_write_buffer_size()):  # type: ignore[attr-defined]
+            return False  # asyncio still holds output (plaintext or ciphertext): try again after the next read
         try:
             fd = os.dup(sock.fileno())
         except OSError:
@@ -128,7 +165,7 @@ class FastPlane:
         t.pause_reading()
         pending = conn.proto.take_pending()  # bytes after the last whole frame: the C loop continues from them
         try:
-            fid = self.c.add(fd, conn.key, pending)
+            fid = self.c.add(fd, conn.key, pending, tls=tls)
         except (OSError, ValueError):
             os.close(fd)
             conn.proto.receive_data(pending)  # back to the Python parser, as if never taken
@@ -142,9 +179,12 @@ class FastPlane:
         self.conns[fid] = conn
         self._attach()
         # asyncio closes its descriptor only; the socket lives on in the C loop's dup. (connection_lost
-        # follows and is ignored by FastConn.)
+        # follows and is ignored by FastConn.) A TLS transport's abort sends no close_notify and frees nothing:
+        # the C loop holds the SSL object; the transport only drains its (empty) outgoing BIO once more.
         t.abort()
         self.handovers += 1
+        if tls is not None:
+            self.tls_handovers += 1
         self.sync_key(conn.key)
         return True
 
@@ -388,7 +428,7 @@ class FastPlane:
 
 
 class FastConn(ClientConn):
-    """A ClientConn that moves to the C loop once authenticated (plain TCP only)."""
+    """A ClientConn that moves to the C loop once authenticated (plain TCP or TLS terminated here)."""
 
     __slots__ = ("plane", "fid", "handed_over", "_take_after")
 
