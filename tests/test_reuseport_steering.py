@@ -60,10 +60,19 @@ def _drain(sock: socket.socket) -> list[bytes]:
             return out
 
 
-@pytest.fixture
-def pair():
+@pytest.fixture(params=["ebpf", "classic"])
+def pair(request, monkeypatch):
+    """The pair with each steering program: the eBPF one (turbowg/conn/ebpf.py) and the classic one."""
+    from turbowg.conn import steering
+
+    monkeypatch.setattr(steering, "EBPF", request.param == "ebpf")
     udp = UDPBind(0, gro=False)
     hs = HandshakeSocket(udp._sock, gro=False)
+    if request.param == "ebpf" and hs.kernel is None:
+        hs.close()
+        udp.close()
+        pytest.skip("this kernel or user cannot load the eBPF steering program")
+    assert (hs.kernel is None) == (request.param == "classic")
     try:
         yield udp, hs
     finally:

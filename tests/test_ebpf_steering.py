@@ -1,0 +1,202 @@
+"""turbowg.conn.ebpf: the eBPF steering program's per-source limit in the kernel, on the running kernel (the
+steering itself is tests/test_reuseport_steering.py, run with both programs): only under load, only
+zero-mac2 initiations/responses of their exact size, per IPv4 address / IPv6 /64, counted; agreeing with the
+user-space limiter (turbowg/ratelimiter) on a packet sequence; the classic fallback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+import pytest
+
+from turbowg.conn import ebpf, steering
+from turbowg.conn.steering import HandshakeSocket
+from turbowg.conn.udp import UDPBind
+from turbowg.ratelimiter import PACKETS_BURSTABLE, RateLimiter
+
+INITIATION = b"\x01\x00\x00\x00" + bytes(144)  # zero mac2
+RESPONSE = b"\x02\x00\x00\x00" + bytes(88)
+COOKIE = b"\x03\x00\x00\x00" + bytes(60)
+WITH_MAC2 = b"\x01\x00\x00\x00" + bytes(143) + b"\x01"
+SHORT = b"\x01\x00\x00\x00" + bytes(143)  # a bad size: the screener's business
+TRANSPORT = b"\x04\x00\x00\x00" + bytes(60)
+
+
+def _drain(sock: socket.socket) -> list[bytes]:
+    out = []
+    while True:
+        try:
+            out.append(sock.recv(70000))
+        except BlockingIOError:
+            return out
+
+
+@pytest.fixture
+def pair(monkeypatch):
+    monkeypatch.setattr(steering, "EBPF", True)
+    udp = UDPBind(0, gro=False)
+    hs = HandshakeSocket(udp._sock, gro=False)
+    if hs.kernel is None:
+        hs.close()
+        udp.close()
+        pytest.skip("this kernel or user cannot load the eBPF steering program")
+    try:
+        yield udp, hs
+    finally:
+        hs.close()
+        udp.close()
+
+
+def _send(port: int, payload: bytes, count: int, source: str = "127.0.0.1") -> None:
+    family = socket.AF_INET6 if ":" in source else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as tx:
+        tx.bind((source, 0))
+        for _ in range(count):
+            tx.sendto(payload, (source if family == socket.AF_INET else "::1", port))
+
+
+def _settle() -> None:
+    time.sleep(0.05)  # loopback delivers in the send call; this only covers a softirq deferred to ksoftirqd
+
+
+def test_not_under_load_nothing_is_limited(pair):
+    udp, hs = pair
+    assert not hs.kernel.limiter.read_flag()
+    _send(udp.port, INITIATION, 40)
+    _settle()
+    assert len(_drain(hs.sock)) == 40
+    assert hs.kernel_counters() == {"rx_handshake_kernel_ratelimited": 0, "rx_handshake_kernel_admitted": 0}
+
+
+@pytest.mark.parametrize("source", ["127.0.0.1", "::1"])
+def test_under_load_a_source_gets_its_burst_and_the_rest_is_dropped_and_counted(pair, source):
+    udp, hs = pair
+    hs.kernel.limiter.set_under_load(True)
+    assert hs.kernel.limiter.read_flag()
+    start = time.monotonic()
+    _send(udp.port, INITIATION, 30, source)
+    _send(udp.port, RESPONSE, 10, source)
+    elapsed = time.monotonic() - start
+    _settle()
+    got = _drain(hs.sock)
+    # The burst (5), plus what refilled at 20/s while we sent (bounded by the time the sends took).
+    assert PACKETS_BURSTABLE <= len(got) <= PACKETS_BURSTABLE + 1 + int(elapsed * 20), (len(got), elapsed)
+    assert got[:PACKETS_BURSTABLE] == [INITIATION] * PACKETS_BURSTABLE  # one bucket for both kinds
+    counters = hs.kernel_counters()
+    assert counters["rx_handshake_kernel_admitted"] == len(got)
+    assert counters["rx_handshake_kernel_ratelimited"] == 40 - len(got)
+    assert _drain(udp._sock) == []  # nothing limited leaks to the data socket
+
+
+def test_under_load_only_zero_mac2_handshakes_of_their_size_are_limited(pair):
+    udp, hs = pair
+    hs.kernel.limiter.set_under_load(True)
+    _send(udp.port, INITIATION, 20)  # the bucket of 127.0.0.1 is now empty
+    _drain(hs.sock)
+    for payload in (WITH_MAC2, COOKIE, SHORT):
+        _send(udp.port, payload, 20)
+    _send(udp.port, TRANSPORT, 20)
+    _settle()
+    steered = _drain(hs.sock)
+    assert sorted(steered) == sorted([WITH_MAC2] * 20 + [COOKIE] * 20 + [SHORT] * 20)
+    assert _drain(udp._sock) == [TRANSPORT] * 20
+
+
+def test_sources_have_their_own_buckets_and_the_flag_turns_the_limit_off(pair):
+    udp, hs = pair
+    hs.kernel.limiter.set_under_load(True)
+    _send(udp.port, INITIATION, 20, "127.0.0.2")  # a flooded source ...
+    _drain(hs.sock)
+    _send(udp.port, INITIATION, 3, "127.0.0.3")  # ... does not spend another's bucket
+    _send(udp.port, INITIATION, 3, "127.0.0.2")
+    _settle()
+    got = _drain(hs.sock)
+    assert 3 <= len(got) <= 4, len(got)  # 127.0.0.3's three; 127.0.0.2 refilled at most one in this time
+    assert hs.kernel.bucket(ebpf.bucket_key(socket.inet_aton("127.0.0.3"))) is not None
+    hs.kernel.limiter.set_under_load(False)
+    _send(udp.port, INITIATION, 20, "127.0.0.2")
+    _settle()
+    assert len(_drain(hs.sock)) == 20
+
+
+def test_the_kernel_and_the_user_space_limiter_agree_on_a_sequence(pair):
+    """The same sequence through both limiters: bursts from 4 sources with pauses that refill some tokens.
+    The kernel stamps a datagram a few microseconds after our clock read before sendto (loopback delivers
+    in the call), so the two can differ only for a datagram that lands within that skew of a token's refill:
+    at most one per source per pause, and the totals within the number of sources."""
+    udp, hs = pair
+    hs.kernel.limiter.set_under_load(True)
+    sources = [f"127.0.0.{i}" for i in (11, 12, 13, 14)]
+    socks = []
+    for source in sources:
+        tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        tx.bind((source, 0))
+        socks.append(tx)
+    model = RateLimiter()
+    expected = dict.fromkeys(sources, 0)
+    received = dict.fromkeys(sources, 0)
+    pattern = [(12, 0.0), (3, 0.06), (6, 0.13), (2, 0.02), (8, 0.3)]  # (datagrams per source, pause before)
+    try:
+        for burst, pause in pattern:
+            time.sleep(pause)
+            for _ in range(burst):
+                for source, tx in zip(sources, socks, strict=True):
+                    now_ns = time.monotonic_ns()
+                    tx.sendto(INITIATION, ("127.0.0.1", udp.port))
+                    expected[source] += model.allow_ns(socket.inet_aton(source), now_ns)
+            _settle()
+            while True:
+                try:
+                    data, addr = hs.sock.recvfrom(2000)
+                except BlockingIOError:
+                    break
+                received[addr[0].removeprefix("::ffff:")] += 1
+    finally:
+        for tx in socks:
+            tx.close()
+    for source in sources:
+        assert abs(received[source] - expected[source]) <= len(pattern), (source, received, expected)
+    assert abs(sum(received.values()) - sum(expected.values())) <= len(sources), (received, expected)
+    sent = sum(b for b, _ in pattern) * len(sources)
+    assert hs.kernel_counters()["rx_handshake_kernel_ratelimited"] == sent - sum(received.values())
+    assert sum(received.values()) < sent * 0.7  # the limit really bit (~68 of 124 pass)
+
+
+def test_a_refused_program_falls_back_to_the_classic_one_and_says_so_once(monkeypatch, caplog):
+    monkeypatch.setattr(steering, "EBPF", True)
+    monkeypatch.setattr(steering, "_fallback_logged", False)
+
+    def refuse(code: bytes, log_size: int = 0) -> int:
+        raise ebpf.BpfUnavailable(13, "program refused: test")
+
+    monkeypatch.setattr(ebpf, "load_program", refuse)
+    caplog.set_level(logging.WARNING, logger="turbowg.steering")
+    for _ in range(2):
+        udp = UDPBind(0, gro=False)
+        hs = HandshakeSocket(udp._sock, gro=False)
+        try:
+            assert hs.kernel is None and hs.kernel_counters() == {}
+            _send(udp.port, INITIATION, 3)
+            _send(udp.port, TRANSPORT, 3)
+            _settle()
+            assert _drain(hs.sock) == [INITIATION] * 3 and _drain(udp._sock) == [TRANSPORT] * 3
+        finally:
+            hs.close()
+            udp.close()
+    assert len([r for r in caplog.records if "classic BPF, no kernel limiter" in r.getMessage()
+                and "program refused: test" in r.getMessage()]) == 1
+
+
+def test_the_verifier_refusal_reaches_us_with_its_log():
+    a = ebpf.Asm()
+    a.exit()  # returns R0 without setting it: refused
+    try:
+        os.close(ebpf.create_map(ebpf.MAP_ARRAY, 4, 4, 1))
+    except OSError:
+        pytest.skip("no bpf(2) here")
+    with pytest.raises(ebpf.BpfUnavailable) as err:
+        ebpf.load_program(a.code())
+    assert "program refused" in str(err.value) and "R0" in str(err.value), str(err.value)
