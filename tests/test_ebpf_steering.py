@@ -200,3 +200,58 @@ def test_the_verifier_refusal_reaches_us_with_its_log():
     with pytest.raises(ebpf.BpfUnavailable) as err:
         ebpf.load_program(a.code())
     assert "program refused" in str(err.value) and "R0" in str(err.value), str(err.value)
+
+
+def test_the_worker_sets_the_flag_under_load_and_clears_it_after(pair):
+    """The worker loop in a thread gets the handshake socket and the program's maps (MSG_SOCKET): a flood
+    queued before it starts (700 > 512 waiting) turns its under-load state on, and so the kernel limit; the
+    kernel's drops keep it on while they go on; a second after the flood it is off again."""
+    import threading
+
+    from turbowg.daemon.handshake_worker import WorkerLoop
+    from turbowg.device.handshake_worker import UNDER_LOAD_HOLD, encode_config, encode_socket
+    from turbowg.noise.handshake import LocalIdentity
+    from turbowg.noise.primitives import generate_private_key, mac
+
+    udp, hs = pair
+    identity = LocalIdentity(generate_private_key())
+
+    def initiation() -> bytes:
+        body = b"\x01\x00\x00\x00" + os.urandom(148 - 4 - 32)
+        return body + mac(identity.mac1_key, body) + bytes(16)
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    thread = None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            tx.bind(("127.0.0.1", 0))
+            for _ in range(700):
+                tx.sendto(initiation(), ("127.0.0.1", udp.port))
+            assert not hs.kernel.limiter.read_flag()
+            socket.send_fds(ours, [encode_config(1, identity.private_key, [])], [])
+            socket.send_fds(ours, [encode_socket(True, 2)], [os.dup(hs.fileno())] +
+                            [os.dup(fd) for fd in hs.kernel.worker_fds()])
+            thread = threading.Thread(target=WorkerLoop(theirs).run, daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 10
+            while not hs.kernel.limiter.read_flag() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert hs.kernel.limiter.read_flag()
+            # Under load: 127.0.0.1's bucket lets ~20/s through; the rest is dropped before the worker.
+            end = time.monotonic() + 1.5 * UNDER_LOAD_HOLD
+            while time.monotonic() < end:
+                for _ in range(20):
+                    tx.sendto(initiation(), ("127.0.0.1", udp.port))
+                time.sleep(0.01)
+            dropped = hs.kernel_counters()["rx_handshake_kernel_ratelimited"]
+            assert dropped > 1000, hs.kernel_counters()
+            assert hs.kernel.limiter.read_flag()  # the drops kept it under load past the hold
+            deadline = time.monotonic() + UNDER_LOAD_HOLD + 3
+            while hs.kernel.limiter.read_flag() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not hs.kernel.limiter.read_flag()
+    finally:
+        ours.close()
+        if thread is not None:
+            thread.join(5)
+        theirs.close()

@@ -217,6 +217,9 @@ class WorkerLoop:
                 data, fds = _recv(self.ctl, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 break
+            except ConnectionResetError:  # the main process closed with our results unread: gone all the same
+                eof = True
+                break
             if not data:
                 eof = True
                 break
