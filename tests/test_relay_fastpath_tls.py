@@ -324,6 +324,13 @@ def test_ciphertext_in_the_read_bio_at_the_handover_is_not_lost(tnet) -> None:
     got = frames_of(n.recv_plain(1, 6 * (5 + 32 + 700)))
     assert [p[32:] for _, p in got] == [bytes([i]) * 700 for i in range(6)]
     assert all(p[:32] == key(6) for _, p in got)
+    # whole records only, and nothing more ever comes on the socket: decrypted at the handover all the same
+    srv, sin, peer, theirs = n.handshake()
+    sin.write(peer.seal(codec.encode_send_packet(key(1), b"only in the bio")))
+    cid = n.loop.add(theirs.detach(), key(7), tls=srv._sslobj)  # type: ignore[attr-defined]
+    n.peers.append(peer)
+    n.ids.append(cid)
+    assert frames_of(n.recv_plain(1, 5 + 32 + 15)) == [(5, key(7) + b"only in the bio")]
 
 
 def test_64k_packets_both_ways_and_a_frame_over_the_limit(tnet) -> None:
