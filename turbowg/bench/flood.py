@@ -73,6 +73,10 @@ VARIANTS = {"turbowg-inloop": ("turbowg", {"TURBOWG_HANDSHAKE_WORKER": "0"}),
 # work, to compare the other rows' "kept" with.
 CONTROL_FLOOD_PORT = {"turbowg-closedport": 9}
 DEFAULT_RATES = ("20000", "40000", "max")
+# How the flooder sends (TURBOWG_BENCH_FLOODER): "packet" = prebuilt Ethernet frames on AF_PACKET with qdisc
+# bypass (the responder gets the same datagrams; the flooder, whose CPU a real attacker spends elsewhere,
+# costs this shared machine ~20-30% less per packet: tests/test_bench_flood.py, README), "raw" = IP_HDRINCL.
+FLOODER_MODE = "raw" if os.environ.get("TURBOWG_BENCH_FLOODER", "packet").strip().lower() == "raw" else "packet"
 NO_FLOOD = "none"
 IPERF_PORT = 5211
 FLOOD_NET = "10.203.0"
@@ -277,7 +281,8 @@ def run_one(topo: Topology, side: FloodSide, impl: str, rate: str, rep: int, dur
                                    "--public-key", resp.public_key,
                                    "--source-net", f"{FLOOD_NET}.0/24", "--sources", str(len(side.sources)),
                                    "--ports", str(FLOOD_PORTS), "--rate", "0" if rate == "max" else rate,
-                                   "--duration", f"{duration + FLOOD_LEAD + 1.5:g}"),
+                                   "--duration", f"{duration + FLOOD_LEAD + 1.5:g}",
+                                   *(("--interface", side.veth_f) if FLOODER_MODE == "packet" else ())),
                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 stack.callback(_stop, flooder)
                 time.sleep(FLOOD_LEAD)
@@ -504,7 +509,7 @@ def run_bench(impls: Sequence[str], rates: Sequence[str], runs: int, duration: f
     log(format_table(rows))
     raw = {"meta": {"started": started, "interrupted": interrupted, "kernel": platform.release(),
                     "duration": duration, "runs": runs, "rates": list(rates), "impls": list(impls),
-                    "flood_sources": FLOOD_SOURCES, "flood_ports": FLOOD_PORTS,
+                    "flood_sources": FLOOD_SOURCES, "flood_ports": FLOOD_PORTS, "flooder_mode": FLOODER_MODE,
                     "commands": {i.name: {"command": list(i.command), "env": dict(i.env)} for i in chosen}},
            "runs": [asdict(r) for r in results], "summary": [asdict(r) for r in rows]}
     json_path = os.path.join(output_dir, "flood-runs.json")

@@ -114,6 +114,82 @@ class RawSender:
         self.sock.close()
 
 
+def _ipv4_checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def ethernet_frame(packet: bytes, src_mac: bytes, dst_mac: bytes) -> bytes:
+    """An IPv4 packet of build_packets as a complete Ethernet frame (what IP_HDRINCL has the kernel fill in,
+    total length and header checksum, done here; id 0 with DF, as the kernel leaves a DF datagram)."""
+    header = bytearray(packet[:20])
+    struct.pack_into("!HHH", header, 2, len(packet), 0, 0x4000)
+    struct.pack_into("!H", header, 10, 0)
+    struct.pack_into("!H", header, 10, _ipv4_checksum(bytes(header)))
+    return dst_mac + src_mac + b"\x08\x00" + bytes(header) + packet[20:]
+
+
+class _SockaddrLl(ctypes.Structure):
+    _fields_ = [("sll_family", ctypes.c_ushort), ("sll_protocol", ctypes.c_uint16), ("sll_ifindex", ctypes.c_int),
+                ("sll_hatype", ctypes.c_ushort), ("sll_pkttype", ctypes.c_ubyte), ("sll_halen", ctypes.c_ubyte),
+                ("sll_addr", ctypes.c_ubyte * 8)]
+
+
+SOL_PACKET = 263
+PACKET_QDISC_BYPASS = 20
+_ETH_P_IP = 0x0800
+
+
+def neighbour_mac(dst: str, interface: str, timeout: float = 2.0) -> bytes:
+    """The link-layer address of `dst` on `interface` from the ARP table, resolved first if needed (one
+    empty UDP datagram to its discard port makes the kernel ask)."""
+    deadline = time.monotonic() + timeout
+    primed = False
+    while True:
+        with open("/proc/net/arp") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 6 and fields[0] == dst and fields[5] == interface and fields[3] != "00:00:00:00:00:00":
+                    return bytes.fromhex(fields[3].replace(":", ""))
+        if time.monotonic() > deadline:
+            raise OSError(errno.EHOSTUNREACH, f"no ARP entry for {dst} on {interface}")
+        if not primed:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as prime:
+                prime.sendto(b"", (dst, 9))
+            primed = True
+        time.sleep(0.01)
+
+
+class PacketSender(RawSender):
+    """RawSender's packets as prebuilt Ethernet frames on an AF_PACKET socket with PACKET_QDISC_BYPASS: the
+    same datagrams reach the responder (one per skb, same sources, same pacing), without the sender's IP
+    output path (route lookup, netfilter, neighbour, qdisc) per packet. Bound to no protocol: it receives
+    nothing (the cookie replies are not copied to it)."""
+
+    def __init__(self, packets: list[bytes], dst: bytes, interface: str) -> None:
+        with open(f"/sys/class/net/{interface}/address") as f:
+            src_mac = bytes.fromhex(f.read().strip().replace(":", ""))
+        dst_mac = neighbour_mac(socket.inet_ntoa(dst), interface)
+        frames = [ethernet_frame(p, src_mac, dst_mac) for p in packets]
+        super().__init__(frames, dst)
+        self.sock.close()
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self.sock.setblocking(False)
+        try:
+            self.sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+        except OSError:
+            pass  # older kernel: through the device's qdisc (veth has none by default)
+        self._ll = _SockaddrLl(socket.AF_PACKET, socket.htons(_ETH_P_IP), socket.if_nametoindex(interface), 0, 0, 6,
+                               (ctypes.c_ubyte * 8)(*dst_mac, 0, 0))
+        for i in range(len(self._msgs)):
+            hdr = self._msgs[i].msg_hdr
+            hdr.msg_name = ctypes.addressof(self._ll)
+            hdr.msg_namelen = ctypes.sizeof(_SockaddrLl)
+
+
 def build_packets(public_key: bytes, dst: str, dport: int, sources: list[str], ports: list[int],
                   pool: int) -> list[bytes]:
     """`pool` packets (at least one per source address and port), sources interleaved."""
@@ -184,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=0.0, help="initiations per second, 0 = as fast as possible")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--pool", type=int, default=4096, help="distinct packets built (default 4096)")
+    parser.add_argument("--interface", help="send prebuilt Ethernet frames on this interface (AF_PACKET, qdisc "
+                                            "bypass) instead of the raw IP socket: the same datagrams, less CPU")
     args = parser.parse_args(argv)
     import base64
 
@@ -195,12 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     sources = source_addresses(args.source_net, args.sources)
     ports = [args.port_base + i for i in range(args.ports)]
     packets = build_packets(public_key, args.dst, args.port, sources, ports, args.pool)
-    sender = RawSender(packets, socket.inet_aton(args.dst))
+    if args.interface:
+        sender: RawSender = PacketSender(packets, socket.inet_aton(args.dst), args.interface)
+    else:
+        sender = RawSender(packets, socket.inet_aton(args.dst))
     try:
         result = flood(sender, args.rate, args.duration)
     finally:
         sender.close()
-    result.update(sources=len(sources), ports=len(ports))
+    result.update(sources=len(sources), ports=len(ports), mode="packet" if args.interface else "raw")
     print(json.dumps(result))
     return 0
 
