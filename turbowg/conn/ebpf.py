@@ -480,6 +480,17 @@ class KernelSteering:
         self.sockarray_fd = self.buckets_fd = self.prog_fd = -1
 
 
+def classify(payload: bytes) -> tuple[int, bool]:
+    """What the program decides for a UDP payload, in Python (tests, documentation): (socket index, whether
+    it goes through the per-source bucket while the under-load flag is set)."""
+    from turbowg import wire  # the sizes from the wire format itself, not the program's copies
+
+    if len(payload) < 4 or payload[1:4] != b"\0\0\0" or not 1 <= payload[0] <= 3:
+        return DATA_INDEX, False
+    size = {wire.MESSAGE_INITIATION: wire.INITIATION_SIZE, wire.MESSAGE_RESPONSE: wire.RESPONSE_SIZE}.get(payload[0])
+    return HANDSHAKE_INDEX, size == len(payload) and payload[-16:] == bytes(16)
+
+
 def bucket_key(address: bytes) -> bytes:
     """The kernel bucket key of raw source address bytes (4, or 16 for IPv6: its /64)."""
     if len(address) == 4:
