@@ -38,7 +38,7 @@ class Configuration(DeviceState):
         return bytes(key)
 
     def _jitter(self) -> float:
-        return self._rng.uniform(0.0, REKEY_TIMEOUT_JITTER_MAX)
+        return self._jitter_rng.random() * REKEY_TIMEOUT_JITTER_MAX
 
     def _validate(self, update: DeviceUpdate) -> None:
         """Refuse a bad update before changing anything."""

@@ -60,6 +60,9 @@ class Device(Configuration, SendPath, ReceivePath, HandshakeDriver):
         self._wall_clock = wall_clock
         self._clock = clock
         self._rng = rng if rng is not None else random.SystemRandom()
+        # Timer jitter needs no secrecy (wireguard-go uses fastrand): a seeded Mersenne twister, not a
+        # getrandom() system call per data packet sent after an answer (timers.data_sent on the lone path).
+        self._jitter_rng = rng if rng is not None else random.Random()
         self._identity = None
         self._cookie_checker = None
         self.peers = {}

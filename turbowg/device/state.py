@@ -40,6 +40,7 @@ class DeviceState:
     _wall_clock: Callable[[], float]
     _clock: Callable[[], float]
     _rng: random.Random
+    _jitter_rng: random.Random  # timer jitter (not secret)
     tx_buffer: bytearray
     tx_sizes: array
     rx_layout: array
