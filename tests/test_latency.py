@@ -196,4 +196,42 @@ def test_lone_path_keeps_the_io_counters(lone) -> None:
         # (a few more for the odd IPv6 housekeeping packet the interfaces send on their own).
         for key in keys:
             assert count <= delta[key] <= count + 4, (side, key, delta)
+    if lone == "1":
+        # b took each echo reply from its TUN in the wake of the request; a, whose writes (the replies)
+        # never have a local answer, stopped looking after a few (ANSWER_MISS_STREAK) but for the probes.
+        assert after["b"]["lone_answers_taken"] - before["b"].get("lone_answers_taken", 0) >= count - 2
+        assert after["b"]["lone_answer_looks_skipped"] == 0
+        skipped = after["a"]["lone_answer_looks_skipped"] - before["a"].get("lone_answer_looks_skipped", 0)
+        streak, every = runtime_mod.ANSWER_MISS_STREAK, runtime_mod.ANSWER_PROBE_EVERY
+        assert skipped >= count - streak - count // every - 2, after["a"]
         assert after[side].get("send_errors", 0) == after[side].get("udp_send_errors", 0) == 0
+
+
+def test_answer_look_backs_off_while_it_finds_nothing() -> None:
+    """_answer_ready: one poll(0) per lone TUN write while answers come; after ANSWER_MISS_STREAK misses in a
+    row only every ANSWER_PROBE_EVERY-th write polls, and the first hit restores polling every time."""
+    rt = runtime_mod.Runtime("twtest0", socket_dir="/nonexistent")
+    ready: list[bool] = []
+    polls: list[int] = []
+
+    def fake_poll(timeout: int) -> list:
+        polls.append(timeout)
+        return [(3, 1)] if ready[-1] else []
+
+    rt._reply_poll = fake_poll
+    streak, every = runtime_mod.ANSWER_MISS_STREAK, runtime_mod.ANSWER_PROBE_EVERY
+    for _ in range(5):  # answers: every write polls and finds one
+        ready.append(True)
+        assert rt._answer_ready()
+    assert len(polls) == 5
+    writes = streak + 3 * every
+    for _ in range(writes):  # no answers: the streak, then one poll per `every` writes
+        ready.append(False)
+        assert not rt._answer_ready()
+    assert len(polls) - 5 == streak + 3
+    assert rt.lone_counters["answer_looks_skipped"] == writes - streak - 3
+    ready.append(True)  # an answer comes while skipping: missed by this write (the loop takes it) ...
+    hits = [rt._answer_ready() for _ in range(every)]
+    assert any(hits)  # ... found by the next probe, and from then on every write polls again
+    assert rt._answer_ready() and rt._answer_ready()
+    assert polls[-2:] == [0, 0]

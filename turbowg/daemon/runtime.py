@@ -91,6 +91,12 @@ def busy_poll_from_env() -> int:
 # A wake this long after the previous one on the same fd counts as a lone packet (see _on_tun_readable).
 # Above the 1 ms bursts of common pacers (iperf3's pacing timer), so a paced flow keeps draining whole bursts.
 LONE_GAP = 0.002
+# The look for a local answer after a lone UDP->TUN write (one poll(0)) finds nothing on the side whose
+# application only receives answers (the ping's sender): after ANSWER_MISS_STREAK misses in a row it is made
+# only every ANSWER_PROBE_EVERY-th write, until it finds one again. A skipped answer is not lost: the loop's
+# TUN reader takes it one loop turn later.
+ANSWER_MISS_STREAK = 8
+ANSWER_PROBE_EVERY = 16
 
 
 def lone_path_from_env() -> bool:
@@ -178,11 +184,13 @@ class Runtime:
         self.trace: LatencyTrace | None = LatencyTrace() if trace_enabled() else None
         self.busy_poll = busy_poll_from_env()
         self._reply_poll: Callable[[int], list] | None = None  # poll(0) of the TUN fd
+        self._answer_misses = 0  # looks for a local answer that found none, in a row (see ANSWER_MISS_STREAK)
         self._tun_last_wake = 0.0
         self._udp_last_wake = 0.0
         self._expect_answer = False  # a lone request just left from an idle TUN wake: spin for the answer
         # Busy-poll outcomes and answers taken in the wake of the packet that caused them (for `stats=1`).
-        self.lone_counters = {"busy_poll_hits": 0, "busy_poll_misses": 0, "answers_taken": 0}
+        self.lone_counters = {"busy_poll_hits": 0, "busy_poll_misses": 0, "answers_taken": 0,
+                              "answer_looks_skipped": 0}
         self._tun_reader: Callable[[], None] = self._on_tun_readable
         self._udp_reader: Callable[[], None] = self._on_udp_readable
         self._lone = lone_path_from_env()
@@ -517,11 +525,29 @@ class Runtime:
                 self.stop(f"TUN write failed: {exc}")
                 return True
         self._reschedule_timer()
-        if result and self._reply_poll is not None and self._reply_poll(0):
+        if result and self._answer_ready():
             self._tun_reader()  # the local answer, in the same wake (see _on_udp_readable)
             self._expect_answer = False  # an answer, not a request: nothing to wait for
             self.lone_counters["answers_taken"] += 1
         return True
+
+    def _answer_ready(self) -> bool:
+        """After a lone TUN write: is a local answer already queued on the TUN? One poll(0), skipped most of
+        the time while such looks keep finding nothing (ANSWER_MISS_STREAK)."""
+        poll = self._reply_poll
+        if poll is None:
+            return False
+        misses = self._answer_misses
+        if misses >= ANSWER_MISS_STREAK:
+            self._answer_misses = misses + 1
+            if (misses - ANSWER_MISS_STREAK) % ANSWER_PROBE_EVERY:
+                self.lone_counters["answer_looks_skipped"] += 1
+                return False
+        if poll(0):
+            self._answer_misses = 0
+            return True
+        self._answer_misses = misses + 1
+        return False
 
     def _send_one(self, stage: bytearray, layout: array, now: float) -> bool:
         """The one packet read (stage, layout[0:2]) through Device.send_lone (route + seal + sendto in one C
