@@ -27,6 +27,11 @@ address, which the user-space limiter (behind the mac1 check) would not: under l
 peer's address can keep that address's zero-mac2 handshakes to 20/s, which is what it can do to the cookie
 replies in user space anyway. Handshakes with a cookie (non-zero mac2) are never limited here.
 
+Limits of a per-source limit, here as in user space: a flood from ever new spoofed sources gets a fresh
+bucket (a burst of 5) per source, so the kernel drops little of it and the worker screens the rest as before.
+A UDP GRO run (a NIC's GRO coalescing one flow's datagrams for a socket with UDP_GRO) is one skb longer than
+one message: not limited here (its size is not exact), screened and limited in user space.
+
 SK_DROP for UDP: the lookup finds no socket, so the kernel treats the datagram like one to a closed port
 (UdpNoPorts, and an ICMP port unreachable under the kernel's global ICMP rate limit, as for any closed port).
 
