@@ -118,6 +118,99 @@ def libc_recvmmsg() -> Any:
     return fn
 
 
+def libc_sendmmsg() -> Any:
+    if ctypes.sizeof(ctypes.c_size_t) != 8:
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sendmmsg
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+REPLY_SLOTS = 64
+_REPLY_BYTES = 64  # a cookie reply (COOKIE_REPLY_SIZE); larger datagrams go one by one
+
+
+class ReplySender:
+    """The worker's cookie replies, many per sendmmsg(2) call from preallocated slots (addresses as
+    sockaddr_in6, IPv4 v4-mapped, for the dual-stack handshake socket). `send` returns how many failed.
+    Without sendmmsg in libc (or for a datagram larger than a slot): sendto per datagram."""
+
+    def __init__(self, slots: int = REPLY_SLOTS) -> None:
+        self._sendmmsg = libc_sendmmsg()
+        self.slots = slots
+        self.data = bytearray(slots * _REPLY_BYTES)
+        self.names = bytearray(slots * _SOCKADDR_IN6)
+        for i in range(slots):  # family once: AF_INET6, host order
+            self.names[i * _SOCKADDR_IN6:i * _SOCKADDR_IN6 + 2] = socket.AF_INET6.to_bytes(2, sys.byteorder)
+        data_base = ctypes.addressof(ctypes.c_char.from_buffer(self.data))
+        name_base = ctypes.addressof(ctypes.c_char.from_buffer(self.names))
+        self.iovecs = (Iovec * slots)()
+        self.msgs = (Mmsghdr * slots)()
+        for i in range(slots):
+            self.iovecs[i].iov_base = data_base + i * _REPLY_BYTES
+            hdr = self.msgs[i].msg_hdr
+            hdr.msg_name = name_base + i * _SOCKADDR_IN6
+            hdr.msg_namelen = _SOCKADDR_IN6
+            hdr.msg_iov = ctypes.pointer(self.iovecs[i])
+            hdr.msg_iovlen = 1
+        self._base = ctypes.addressof(self.msgs)
+        self._size = ctypes.sizeof(Mmsghdr)
+
+    def send(self, sock: socket.socket, replies: list[tuple[bytes, bytes, int]]) -> int:
+        failed = 0
+        if self._sendmmsg is None:
+            for reply, addr, port in replies:
+                failed += not _sendto(sock, reply, addr, port)
+            return failed
+        fd = sock.fileno()
+        n = 0
+        data, names, iovecs = self.data, self.names, self.iovecs
+        for reply, addr, port in replies:
+            if len(reply) > _REPLY_BYTES:
+                failed += not _sendto(sock, reply, addr, port)
+                continue
+            at = n * _SOCKADDR_IN6
+            names[at + 2:at + 4] = port.to_bytes(2, "big")
+            names[at + 8:at + 24] = _V4_MAPPED + addr if len(addr) == 4 else addr
+            data[n * _REPLY_BYTES:n * _REPLY_BYTES + len(reply)] = reply
+            iovecs[n].iov_len = len(reply)
+            n += 1
+            if n == self.slots:
+                failed += self._flush(fd, n)
+                n = 0
+        if n:
+            failed += self._flush(fd, n)
+        return failed
+
+    def _flush(self, fd: int, n: int) -> int:
+        """Send slots 0..n-1; a datagram the kernel refuses is counted and skipped."""
+        failed = 0
+        start = 0
+        while start < n:
+            got = self._sendmmsg(fd, self._base + start * self._size, n - start, socket.MSG_DONTWAIT)
+            if got < 0:
+                if ctypes.get_errno() == errno.EINTR:
+                    continue
+                got = 0
+                failed += 1
+                start += 1  # the first of the rest failed: skip it, try the others
+            start += got
+        return failed
+
+
+def _sendto(sock: socket.socket, reply: bytes, addr: bytes, port: int) -> bool:
+    host = socket.inet_ntop(socket.AF_INET6, _V4_MAPPED + addr if len(addr) == 4 else addr)
+    try:
+        sock.sendto(reply, (host, port, 0, 0))
+    except OSError:
+        return False
+    return True
+
+
 # Screen verdicts of a kept message (turbowg/conn/_hsscreen.c): identify it / answer with a cookie reply /
 # forward it (a cookie reply to one of our initiations) / check its mac2 (under load, a non-zero mac2).
 V_ACCEPT, V_COOKIE, V_FORWARD, V_MAC2 = 1, 2, 3, 4

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 
 from turbowg.conn.ebpf import KernelLimiter
-from turbowg.conn.recvmmsg import HandshakeReader
+from turbowg.conn.recvmmsg import HandshakeReader, ReplySender
 from turbowg.device.handshake_worker import (
     MSG_BATCH,
     MSG_CONFIG,
@@ -66,6 +66,8 @@ _PR_SET_PDEATHSIG = 1
 DEFAULT_NICE = 10
 # TURBOWG_HANDSHAKE_WORKER_SCREEN=0: no batch screener (each message drained into Python, then checked), for A/B.
 SCREEN = os.environ.get("TURBOWG_HANDSHAKE_WORKER_SCREEN", "1").strip().lower() not in ("0", "off", "no", "false")
+# TURBOWG_HANDSHAKE_WORKER_SENDMMSG=0: one sendto per cookie reply (as before ReplySender), for A/B.
+SENDMMSG = os.environ.get("TURBOWG_HANDSHAKE_WORKER_SENDMMSG", "1").strip().lower() not in ("0", "off", "no", "false")
 # TURBOWG_HANDSHAKE_WORKER_SCHED=idle|batch|other: the worker's scheduling policy (see docs/DESIGN.md).
 DEFAULT_SCHED = "other"
 
@@ -104,6 +106,7 @@ class WorkerLoop:
         self.old_drops = 0
         self.screened_seen = 0  # core.counters["rx_handshake_screened"] already given to process_screened
         self.kernel: KernelLimiter | None = None  # the eBPF steering program's flag and counters, if any
+        self.replier: ReplySender | None = ReplySender() if SENDMMSG else None
         self.kernel_dropped = 0  # its drop counter as last read
         self.poller = select.poll()
         self.poller.register(ctl.fileno(), select.POLLIN)
@@ -287,6 +290,12 @@ class WorkerLoop:
     def _send_replies(self, replies: list) -> None:
         udp = self.udp
         counters = self.core.counters
+        if udp is not None and replies and udp.family == socket.AF_INET6 and self.replier is not None:
+            # Many per sendmmsg call (recvmmsg.py ReplySender): a flood's cookie replies come in batches.
+            failed = self.replier.send(udp, replies)
+            if failed:
+                counters["tx_cookie_reply_send_failed"] += failed
+            return
         for reply, addr, port in replies:
             if udp is None:
                 counters["tx_cookie_reply_no_socket"] += 1
