@@ -22,6 +22,14 @@ What it identified (initiations from configured peers) and forwarded (responses,
 the main process over the socketpair, with its counters every COUNTERS_INTERVAL. It exits when the main
 process goes away (end of file on the socketpair).
 
+With the eBPF steering program (turbowg/conn/ebpf.py) the worker also gets its under-load flag and counters
+maps with the socket: it sets the flag while under load (the kernel then drops zero-mac2 handshakes over
+the per-source limit before they are queued here), counts the kernel's drops as arrivals for its rate rule
+(so a flood held back in the kernel keeps it under load) and clears the flag when the load ends (it polls
+with a timeout while the flag is set). If the worker dies, the flag stays as it was until the next worker
+adopts the socket and clears it.
+Cookie replies go out many per sendmmsg(2) call (recvmmsg.py ReplySender).
+
 The main process's end (`HandshakeOffload`, the socket handover, the fallback when this process dies) is
 turbowg/daemon/handshake_offload.py.
 
