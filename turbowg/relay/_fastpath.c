@@ -75,6 +75,15 @@ static const char *reason_names[NREASONS] = {"queue_head", "write_error", "gone_
 static const uint8_t DISCO_MAGIC[6] = {'T', 'S', 0xf0, 0x9f, 0x92, 0xac};
 #define DISCO_MIN (6 + KEY + 24)
 
+/* A TLS conn's ciphertext: received and not yet taken by OpenSSL (in), and written by OpenSSL and not yet sent
+ * (out). The SSL's BIO (one custom BIO for both directions, see tls_bio_*) reads and writes these directly,
+ * so ciphertext is copied once between the socket and OpenSSL each way. Owned by that BIO: freed when the
+ * SSL frees it (the SSL lives as long as the Python object holding it). */
+typedef struct {
+    uint8_t *in; size_t in_len, in_off, in_cap;
+    uint8_t *out; size_t out_len, out_off, out_cap;
+} tls_t;
+
 typedef struct {
     int fd;            /* -1: free slot */
     int kind;          /* K_CLIENT: a DERP client; K_CHAN: the channel to a sibling shard (records, not frames) */
@@ -103,12 +112,12 @@ typedef struct {
     int *waiters; int nwaiters, cwaiters;
     uint32_t *seen; uint32_t seen_cap, seen_n;
     /* TLS terminated here (add(tls=...)): the SSL* of the Python _ssl socket object `sslref` (held until
-     * free_conn), its memory BIOs, and the ciphertext of encrypted frames not yet sent (tout). `out` keeps
-     * plaintext frames: backpressure, head drops and the queue clock work on frames as for plain conns. */
-    void *ssl, *rbio, *wbio;
+     * free_conn) and the ciphertext buffers its BIO reads from and writes to. `out` keeps plaintext frames:
+     * backpressure, head drops and the queue clock work on frames as for plain conns. */
+    void *ssl;
+    tls_t *tls;
     PyObject *sslref;
-    int tls_more; /* decryption stopped on a full buffer: records may wait in the SSL's read BIO */
-    uint8_t *tout; size_t tout_len, tout_off, tout_cap;
+    int tls_more; /* decryption stopped on a full buffer: records may wait in tls->in */
 } conn_t;
 
 /* state 0 empty 1 used 2 tomb; uid: fresh whenever the entry points somewhere new (a key announced by a sibling
@@ -133,7 +142,6 @@ typedef struct {
     int *reparse; int nreparse, creparse;
     int *outwait; int noutwait, coutwait;
     uint8_t *rbuf; size_t rbuf_cap;
-    uint8_t *cbuf; /* TLS: ciphertext read from a socket before it goes into the SSL's read BIO (read_chunk) */
     event_t *ev; size_t nev, cev;
     uint8_t *arena; size_t arena_len, arena_cap;
     int oom;
@@ -225,8 +233,76 @@ static struct {
     int (*bio_read)(void *, void *, int);
     size_t (*bio_ctrl_pending)(void *);
     void (*err_clear)(void);
+    void (*set_bio)(void *, void *, void *);
+    int (*bio_get_new_index)(void);
+    void *(*bio_meth_new)(int, const char *);
+    int (*bio_meth_set_write)(void *, int (*)(void *, const char *, int));
+    int (*bio_meth_set_read)(void *, int (*)(void *, char *, int));
+    int (*bio_meth_set_ctrl)(void *, long (*)(void *, int, long, void *));
+    int (*bio_meth_set_destroy)(void *, int (*)(void *));
+    void *(*bio_new)(const void *);
+    void (*bio_set_data)(void *, void *);
+    void *(*bio_get_data)(void *);
+    void (*bio_set_init)(void *, int);
+    void (*bio_set_flags)(void *, int);
+    void (*bio_clear_flags)(void *, int);
+    int (*bio_free)(void *);
+    void *method; /* the BIO_METHOD of tls_t BIOs */
     PyObject *ctx_type, *sock_type; /* _ssl._SSLContext, _ssl._SSLSocket */
 } ossl;
+
+/* ABI constants of OpenSSL's bio.h (stable since 1.1) */
+#define TLS_BIO_TYPE_SOURCE_SINK 0x0400
+#define TLS_BIO_FLAGS_READ 0x01
+#define TLS_BIO_FLAGS_RWS 0x07
+#define TLS_BIO_FLAGS_SHOULD_RETRY 0x08
+#define TLS_BIO_CTRL_PENDING 10
+#define TLS_BIO_CTRL_FLUSH 11
+#define TLS_BIO_CTRL_WPENDING 13
+
+static int tls_bio_read(void *b, char *buf, int len) {
+    tls_t *t = ossl.bio_get_data(b);
+    ossl.bio_clear_flags(b, TLS_BIO_FLAGS_RWS | TLS_BIO_FLAGS_SHOULD_RETRY);
+    size_t have = t ? t->in_len - t->in_off : 0;
+    if (!have || len <= 0) { /* nothing more for now: OpenSSL says WANT_READ */
+        ossl.bio_set_flags(b, TLS_BIO_FLAGS_READ | TLS_BIO_FLAGS_SHOULD_RETRY);
+        return -1;
+    }
+    size_t n = have < (size_t)len ? have : (size_t)len;
+    memcpy(buf, t->in + t->in_off, n);
+    t->in_off += n;
+    if (t->in_off == t->in_len) t->in_off = t->in_len = 0;
+    return (int)n;
+}
+
+static int tls_bio_write(void *b, const char *buf, int len) {
+    tls_t *t = ossl.bio_get_data(b);
+    ossl.bio_clear_flags(b, TLS_BIO_FLAGS_RWS | TLS_BIO_FLAGS_SHOULD_RETRY);
+    if (!t || len < 0) return -1;
+    if (t->out_off == t->out_len) t->out_off = t->out_len = 0;
+    if (reserve(&t->out, &t->out_cap, t->out_len + len) < 0) return -1; /* an error, not a retry */
+    memcpy(t->out + t->out_len, buf, len);
+    t->out_len += len;
+    return len;
+}
+
+static long tls_bio_ctrl(void *b, int cmd, long num, void *ptr) {
+    tls_t *t = ossl.bio_get_data(b);
+    (void)num; (void)ptr;
+    switch (cmd) {
+    case TLS_BIO_CTRL_FLUSH: return 1; /* the loop sends out itself, once per turn */
+    case TLS_BIO_CTRL_PENDING: return t ? (long)(t->in_len - t->in_off) : 0;
+    case TLS_BIO_CTRL_WPENDING: return t ? (long)(t->out_len - t->out_off) : 0;
+    default: return 0;
+    }
+}
+
+static int tls_bio_destroy(void *b) {
+    tls_t *t = ossl.bio_get_data(b);
+    if (t) { free(t->in); free(t->out); free(t); }
+    ossl.bio_set_data(b, NULL);
+    return 1;
+}
 
 static int tls_resolve(void) {
     if (ossl.state) return ossl.state;
@@ -252,7 +328,18 @@ static int tls_resolve(void) {
     SYM(has_pending, "SSL_has_pending"); SYM(get_rbio, "SSL_get_rbio"); SYM(get_wbio, "SSL_get_wbio");
     SYM(get_ctx, "SSL_get_SSL_CTX"); SYM(shutdown, "SSL_shutdown"); SYM(bio_write, "BIO_write");
     SYM(bio_read, "BIO_read"); SYM(bio_ctrl_pending, "BIO_ctrl_pending"); SYM(err_clear, "ERR_clear_error");
+    SYM(set_bio, "SSL_set_bio"); SYM(bio_get_new_index, "BIO_get_new_index"); SYM(bio_meth_new, "BIO_meth_new");
+    SYM(bio_meth_set_write, "BIO_meth_set_write"); SYM(bio_meth_set_read, "BIO_meth_set_read");
+    SYM(bio_meth_set_ctrl, "BIO_meth_set_ctrl"); SYM(bio_meth_set_destroy, "BIO_meth_set_destroy");
+    SYM(bio_new, "BIO_new"); SYM(bio_set_data, "BIO_set_data"); SYM(bio_get_data, "BIO_get_data");
+    SYM(bio_set_init, "BIO_set_init"); SYM(bio_set_flags, "BIO_set_flags"); SYM(bio_clear_flags, "BIO_clear_flags");
+    SYM(bio_free, "BIO_free");
 #undef SYM
+    int type = ossl.bio_get_new_index();
+    if (type < 0 || !(ossl.method = ossl.bio_meth_new(type | TLS_BIO_TYPE_SOURCE_SINK, "turbowg relay conn")) ||
+        !ossl.bio_meth_set_write(ossl.method, tls_bio_write) || !ossl.bio_meth_set_read(ossl.method, tls_bio_read) ||
+        !ossl.bio_meth_set_ctrl(ossl.method, tls_bio_ctrl) || !ossl.bio_meth_set_destroy(ossl.method, tls_bio_destroy))
+        return -1;
     ossl.state = 1;
     return 1;
 }
@@ -286,22 +373,39 @@ static void *tls_take(PyObject *obj) {
     return so->ssl;
 }
 
-/* Move what OpenSSL wrote into the write BIO to the conn's ciphertext buffer (the BIO is left empty after
- * every call into this module: Python's transport drains it once more when it forgets the connection). */
-static int tls_drain_wbio(conn_t *c) {
+/* Move what a memory BIO holds to the end of buf (the handover: what Python's BIOs still held). */
+static int tls_move_bio(void *bio, uint8_t **buf, size_t *len, size_t *cap) {
     for (;;) {
-        size_t n = ossl.bio_ctrl_pending(c->wbio);
+        size_t n = ossl.bio_ctrl_pending(bio);
         if (!n) return 0;
         if (n > INT_MAX) n = INT_MAX;
-        if (c->tout_off == c->tout_len) c->tout_off = c->tout_len = 0;
-        if (reserve(&c->tout, &c->tout_cap, c->tout_len + n) < 0) return -1;
-        int r = ossl.bio_read(c->wbio, c->tout + c->tout_len, (int)n);
+        if (reserve(buf, cap, *len + n) < 0) return -1;
+        int r = ossl.bio_read(bio, *buf + *len, (int)n);
         if (r <= 0) return 0;
-        c->tout_len += r;
+        *len += r;
     }
 }
 
-static inline size_t tls_unsent(const conn_t *c) { return c->tout_len - c->tout_off; }
+/* The conn's SSL reads and writes its tls_t from now on: what Python's memory BIOs held moves there first
+ * (ciphertext Python read but OpenSSL had not taken; its output BIO is empty, the caller checked). Python's
+ * BIO objects stay as they are, detached. */
+static tls_t *tls_attach(void *ssl) {
+    tls_t *t = calloc(1, sizeof *t);
+    if (!t) return NULL;
+    void *bio = ossl.bio_new(ossl.method);
+    if (!bio || tls_move_bio(ossl.get_rbio(ssl), &t->in, &t->in_len, &t->in_cap) < 0 ||
+        tls_move_bio(ossl.get_wbio(ssl), &t->out, &t->out_len, &t->out_cap) < 0) {
+        free(t->in); free(t->out); free(t);
+        if (bio) ossl.bio_free(bio);
+        return NULL;
+    }
+    ossl.bio_set_data(bio, t);
+    ossl.bio_set_init(bio, 1);
+    ossl.set_bio(ssl, bio, bio); /* one reference for both directions; the old BIOs lose the SSL's */
+    return t;
+}
+
+static inline size_t tls_unsent(const conn_t *c) { return c->tls ? c->tls->out_len - c->tls->out_off : 0; }
 
 /* ---- route table: 32-byte key -> slot, open addressing, seeded hash -------------------------------- */
 
@@ -614,23 +718,24 @@ static ssize_t tls_send(Loop *L, int slot) {
                 return -1;
             }
             c->out_off += r;
-            if (tls_drain_wbio(c) < 0) { errno = ENOMEM; write_failed(L, slot, "tls write"); return -1; }
             if (!tls_unsent(c)) break;
         }
-        ssize_t k = send(c->fd, c->tout + c->tout_off, tls_unsent(c), MSG_DONTWAIT | MSG_NOSIGNAL);
+        tls_t *t = c->tls;
+        ssize_t k = send(c->fd, t->out + t->out_off, tls_unsent(c), MSG_DONTWAIT | MSG_NOSIGNAL);
         L->writes++;
         if (k < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
             write_failed(L, slot, "write");
             return -1;
         }
-        c->tout_off += k;
+        t->out_off += k;
         sent += k;
         L->tls_bytes_out += k;
         if (tls_unsent(c)) break;
-        c->tout_off = c->tout_len = 0;
+        t->out_off = t->out_len = 0;
     }
-    if (!tls_unsent(c) && c->tout_cap > (512u << 10)) { free(c->tout); c->tout = NULL; c->tout_cap = 0; }
+    tls_t *t = c->tls;
+    if (!tls_unsent(c) && t->out_cap > (512u << 10)) { free(t->out); t->out = NULL; t->out_cap = 0; }
     return sent;
 }
 
@@ -963,8 +1068,19 @@ static void tls_read_conn(Loop *L, int slot, int do_read) {
     size_t have = c->in_len;
     if (have) memcpy(L->rbuf, c->in, have);
     int eof = 0, closed = 0, failed = 0;
+    tls_t *t = c->tls;
     if (do_read) {
-        ssize_t n = recv(c->fd, L->cbuf, L->read_chunk, MSG_DONTWAIT);
+        if (t->in_off) { /* the start of a partial record, kept from the last read */
+            memmove(t->in, t->in + t->in_off, t->in_len - t->in_off);
+            t->in_len -= t->in_off;
+            t->in_off = 0;
+        }
+        if (reserve(&t->in, &t->in_cap, t->in_len + L->read_chunk) < 0) {
+            c->in_len = 0;
+            conn_fail(L, slot, EV_CLOSED, "tls: out of memory");
+            return;
+        }
+        ssize_t n = recv(c->fd, t->in + t->in_len, L->read_chunk, MSG_DONTWAIT);
         L->reads++;
         if (n == 0) {
             eof = 1;
@@ -979,11 +1095,7 @@ static void tls_read_conn(Loop *L, int slot, int do_read) {
             if (!c->tls_more) return;
         } else {
             L->tls_bytes_in += n;
-            if (ossl.bio_write(c->rbio, L->cbuf, (int)n) != (int)n) {
-                c->in_len = 0;
-                conn_fail(L, slot, EV_CLOSED, "tls: read buffer");
-                return;
-            }
+            t->in_len += n;
         }
     }
     c->tls_more = 0;
@@ -1000,22 +1112,21 @@ static void tls_read_conn(Loop *L, int slot, int do_read) {
         ossl.err_clear();
         break;
     }
-    if (tls_drain_wbio(c) < 0) L->oom = 1;
-    if (tls_unsent(c)) mark_dirty(L, slot);
+    if (tls_unsent(c)) mark_dirty(L, slot); /* what SSL_read wrote: a KeyUpdate answer, an alert */
     process_input(L, slot, L->rbuf, have);
     if (c->dead) return;
     if (closed) { /* answer the close_notify (best effort: the conn is closed next) */
         ossl.err_clear();
         ossl.shutdown(c->ssl);
         ossl.err_clear();
-        if (tls_drain_wbio(c) == 0 && tls_unsent(c)) {
-            ssize_t k = send(c->fd, c->tout + c->tout_off, tls_unsent(c), MSG_DONTWAIT | MSG_NOSIGNAL);
-            if (k > 0) c->tout_off += k;
+        if (tls_unsent(c)) {
+            ssize_t k = send(c->fd, t->out + t->out_off, tls_unsent(c), MSG_DONTWAIT | MSG_NOSIGNAL);
+            if (k > 0) t->out_off += k;
         }
     }
     if (closed || failed || eof) {
         const char *why = closed ? "tls close_notify" : failed ? "tls: bad record" : c->in_len ? "eof mid-frame"
-                          : (ossl.has_pending(c->ssl) || ossl.bio_ctrl_pending(c->rbio)) ? "eof mid-record" : "eof";
+                          : (ossl.has_pending(c->ssl) || t->in_len > t->in_off) ? "eof mid-record" : "eof";
         c->in_len = 0;
         conn_fail(L, slot, EV_CLOSED, why);
         return;
@@ -1097,7 +1208,7 @@ static int check_idle(Loop *L) {
 
 static void free_conn(Loop *L, int slot) {
     conn_t *c = &L->conns[slot];
-    free(c->in); free(c->out); free(c->waiters); free(c->xwaiters); free(c->seen); free(c->tout);
+    free(c->in); free(c->out); free(c->waiters); free(c->xwaiters); free(c->seen);
     /* the Python ssl object goes (and with its last reference the SSL*, freed by _ssl without a shutdown) */
     PyObject *sslref = c->sslref;
     uint32_t gen = c->gen;
@@ -1147,7 +1258,7 @@ static void Loop_close_all(Loop *L) {
 static void Loop_dealloc(Loop *L) {
     Loop_close_all(L);
     free(L->conns); free(L->free_slots); free(L->routes); free(L->dirty); free(L->reparse); free(L->outwait);
-    free(L->rbuf); free(L->cbuf); free(L->ev); free(L->arena);
+    free(L->rbuf); free(L->ev); free(L->arena);
     Py_TYPE(L)->tp_free((PyObject *)L);
 }
 
@@ -1184,7 +1295,6 @@ static PyObject *Loop_add(Loop *L, PyObject *args, PyObject *kw) {
     if (tlsobj != Py_None) {
         if (channel >= 0) { PyErr_SetString(PyExc_ValueError, "a channel has no TLS"); goto done; }
         if (!(ssl = tls_take(tlsobj))) goto done;
-        if (!L->cbuf && !(L->cbuf = malloc(L->read_chunk))) { PyErr_NoMemory(); goto done; }
     }
     if (channel >= 0 && channel < MAX_CHANNELS && L->chan_slot[channel] >= 0) {
         PyErr_SetString(PyExc_ValueError, "channel number in use"); goto done;
@@ -1217,16 +1327,6 @@ static PyObject *Loop_add(Loop *L, PyObject *args, PyObject *kw) {
     memcpy(c->key, key.buf, KEY);
     L->now = mono();
     if (ssl) {
-        c->ssl = ssl;
-        c->rbio = ossl.get_rbio(ssl);
-        c->wbio = ossl.get_wbio(ssl);
-        c->sslref = tlsobj;
-        Py_INCREF(tlsobj);
-        c->tls_more = 1; /* whatever the read BIO holds (a partial record, usually) is decrypted first */
-        add_reparse(L, slot);
-        if (tls_drain_wbio(c) < 0) { PyErr_NoMemory(); goto undo_fd; }
-        if (tls_unsent(c)) mark_dirty(L, slot);
-        signal_work(L);
     }
     if (in.len) {
         if (reserve(&c->in, &c->in_cap, in.len) < 0) { PyErr_NoMemory(); goto undo_fd; }
@@ -1240,6 +1340,16 @@ static PyObject *Loop_add(Loop *L, PyObject *args, PyObject *kw) {
         if (!o) { PyErr_NoMemory(); goto undo_fd; }
         memcpy(o, out.buf, out.len);
         mark_dirty(L, slot);
+        signal_work(L);
+    }
+    if (ssl) { /* last: nothing fails after the SSL's BIOs are switched (a refused conn stays Python's) */
+        if (!(c->tls = tls_attach(ssl))) { PyErr_NoMemory(); goto undo_fd; }
+        c->ssl = ssl;
+        c->sslref = tlsobj;
+        Py_INCREF(tlsobj);
+        c->tls_more = 1; /* whatever the read BIO held (a partial record, usually) is decrypted first */
+        add_reparse(L, slot);
+        if (tls_unsent(c)) mark_dirty(L, slot);
         signal_work(L);
     }
     ret = PyLong_FromUnsignedLongLong(conn_id(L, slot));
