@@ -235,3 +235,43 @@ def test_answer_look_backs_off_while_it_finds_nothing() -> None:
     assert any(hits)  # ... found by the next probe, and from then on every write polls again
     assert rt._answer_ready() and rt._answer_ready()
     assert polls[-2:] == [0, 0]
+
+
+def _slice_ns(pid: int) -> int | None:
+    """se.slice of a task from /proc/<pid>/sched (None when the kernel does not show it)."""
+    try:
+        text = open(f"/proc/{pid}/sched").read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("se.slice"):
+            return int(line.split(":")[1])
+    return None
+
+
+def test_sched_slice_switch_and_request(monkeypatch) -> None:
+    monkeypatch.delenv("TURBOWG_SCHED_SLICE_US", raising=False)
+    assert runtime_mod.sched_slice_from_env() == runtime_mod.SCHED_SLICE_DEFAULT_US
+    for value, want in (("0", 0), ("250", 250), ("-3", 0), ("soon", runtime_mod.SCHED_SLICE_DEFAULT_US)):
+        monkeypatch.setenv("TURBOWG_SCHED_SLICE_US", value)
+        assert runtime_mod.sched_slice_from_env() == want
+    assert not runtime_mod.request_sched_slice(0)  # off: nothing asked
+    # In a child process (the slice is the calling thread's; the test runner keeps its own).
+    pid = os.fork()
+    if pid == 0:
+        ok = runtime_mod.request_sched_slice(300)
+        os._exit(0 if ok and _slice_ns(os.getpid()) in (300_000, None) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@needs_netns
+def test_daemon_runs_with_the_short_slice() -> None:
+    """turbowgd's event-loop thread has the slice asked for (default) or the kernel's (switched off)."""
+    with tunnel("turbowg", "turbowg", env_b={"TURBOWG_SCHED_SLICE_US": "0"}) as tun:
+        assert ping(tun.a, tun.server_v4, count=3)
+        a_slice, b_slice = _slice_ns(tun.a.daemon.pid), _slice_ns(tun.b.daemon.pid)
+    if a_slice is None:
+        pytest.skip("the kernel does not report se.slice")
+    assert a_slice == runtime_mod.SCHED_SLICE_DEFAULT_US * 1000
+    assert b_slice != a_slice
