@@ -13,12 +13,19 @@
  * destination with no write progress for `write_timeout` seconds loses packets: its queued RecvPacket frames
  * are dropped head first (counted as queue_head), its senders resume, and Python hears EV_WRITE_TIMEOUT.
  *
+ * TLS terminated by the relay (add(tls=...)): the conn keeps the SSL* of the Python ssl object that did the
+ * handshake, with a BIO of this module in place of Python's memory BIOs. Ciphertext is recv()d into the conn's
+ * tls->in, SSL_read decrypts records into the same read buffer the plain path uses, and the same parser runs;
+ * queued frames (plaintext, so backpressure and head drops work on frames) are encrypted TLS_BATCH at a time
+ * by one SSL_write into tls->out and sent with one send() per turn. OpenSSL is called through pointers
+ * resolved at run time from the libssl Python's _ssl module loaded (no build dependency on its headers).
+ *
  * Single-threaded by design: every method must be called from the thread that owns the asyncio loop.
  * poll() releases the GIL around its system calls and parsing (it touches no Python object meanwhile).
  *
- * Why one file (~1000 lines): one CPython extension module; the parser, the route table, the output buffers
- * and the backpressure links between senders and destinations all act on the same conn_t array inside one
- * poll() turn, and a split would only export these internals across objects.
+ * Why one file (~1750 lines): one CPython extension module; the parser, the route table, the output buffers,
+ * the TLS record layer calls and the backpressure links between senders and destinations all act on the
+ * same conn_t array inside one poll() turn, and a split would only export these internals across objects.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -76,11 +83,13 @@ static const uint8_t DISCO_MAGIC[6] = {'T', 'S', 0xf0, 0x9f, 0x92, 0xac};
 #define DISCO_MIN (6 + KEY + 24)
 
 /* A TLS conn's ciphertext: received and not yet taken by OpenSSL (in), and written by OpenSSL and not yet sent
- * (out). The SSL's BIO (one custom BIO for both directions, see tls_bio_*) reads and writes these directly,
- * so ciphertext is copied once between the socket and OpenSSL each way. Owned by that BIO: freed when the
+ * (out). The SSL's BIO (one custom BIO for both directions, see tls_bio_*) reads and writes these directly
+ * (and, during a read, the loop's shared cbuf the socket was read into), so ciphertext is copied once
+ * between the socket and OpenSSL each way, and an idle conn holds no buffer. Owned by that BIO: freed when the
  * SSL frees it (the SSL lives as long as the Python object holding it). */
 typedef struct {
-    uint8_t *in; size_t in_len, in_off, in_cap;
+    uint8_t *in; size_t in_len, in_cap;       /* ciphertext OpenSSL has not taken yet (a partial record, usually) */
+    const uint8_t *rd; size_t rd_len, rd_off; /* what the BIO reads: `in`, or the loop's cbuf during a read */
     uint8_t *out; size_t out_len, out_off, out_cap;
 } tls_t;
 
@@ -142,6 +151,7 @@ typedef struct {
     int *reparse; int nreparse, creparse;
     int *outwait; int noutwait, coutwait;
     uint8_t *rbuf; size_t rbuf_cap;
+    uint8_t *cbuf; size_t cbuf_cap; /* TLS: one conn's ciphertext (kept + recv()d) while it is decrypted */
     event_t *ev; size_t nev, cev;
     uint8_t *arena; size_t arena_len, arena_cap;
     int oom;
@@ -208,8 +218,9 @@ static int reserve(uint8_t **buf, size_t *cap, size_t need) {
 
 /* ---- OpenSSL, resolved at run time from the libssl that Python's _ssl module uses ------------------------
  *
- * A TLS conn keeps the SSL* of the Python ssl object asyncio/uvloop did the handshake with (memory BIOs), so
- * the session, its keys and the records it has buffered carry over unchanged. The functions come from the
+ * A TLS conn keeps the SSL* of the Python ssl object asyncio/uvloop did the handshake with, so the session,
+ * its keys and the records it has buffered carry over unchanged; at the handover its memory BIOs give way to
+ * a BIO of this module on the conn's own buffers (tls_attach).
  * libssl already loaded by _ssl (dlopen of _ssl's own file with RTLD_NOLOAD: dlsym then searches its
  * dependencies), so building this module needs no OpenSSL headers and calls the very library that made the
  * SSL*. Opaque pointers only; the few constants are OpenSSL's stable ABI values. */
@@ -263,15 +274,14 @@ static struct {
 static int tls_bio_read(void *b, char *buf, int len) {
     tls_t *t = ossl.bio_get_data(b);
     ossl.bio_clear_flags(b, TLS_BIO_FLAGS_RWS | TLS_BIO_FLAGS_SHOULD_RETRY);
-    size_t have = t ? t->in_len - t->in_off : 0;
+    size_t have = t ? t->rd_len - t->rd_off : 0;
     if (!have || len <= 0) { /* nothing more for now: OpenSSL says WANT_READ */
         ossl.bio_set_flags(b, TLS_BIO_FLAGS_READ | TLS_BIO_FLAGS_SHOULD_RETRY);
         return -1;
     }
     size_t n = have < (size_t)len ? have : (size_t)len;
-    memcpy(buf, t->in + t->in_off, n);
-    t->in_off += n;
-    if (t->in_off == t->in_len) t->in_off = t->in_len = 0;
+    memcpy(buf, t->rd + t->rd_off, n);
+    t->rd_off += n;
     return (int)n;
 }
 
@@ -291,7 +301,7 @@ static long tls_bio_ctrl(void *b, int cmd, long num, void *ptr) {
     (void)num; (void)ptr;
     switch (cmd) {
     case TLS_BIO_CTRL_FLUSH: return 1; /* the loop sends out itself, once per turn */
-    case TLS_BIO_CTRL_PENDING: return t ? (long)(t->in_len - t->in_off) : 0;
+    case TLS_BIO_CTRL_PENDING: return t ? (long)(t->rd_len - t->rd_off) : 0;
     case TLS_BIO_CTRL_WPENDING: return t ? (long)(t->out_len - t->out_off) : 0;
     default: return 0;
     }
@@ -399,6 +409,8 @@ static tls_t *tls_attach(void *ssl) {
         if (bio) ossl.bio_free(bio);
         return NULL;
     }
+    t->rd = t->in;
+    t->rd_len = t->in_len;
     ossl.bio_set_data(bio, t);
     ossl.bio_set_init(bio, 1);
     ossl.set_bio(ssl, bio, bio); /* one reference for both directions; the old BIOs lose the SSL's */
@@ -735,7 +747,7 @@ static ssize_t tls_send(Loop *L, int slot) {
         t->out_off = t->out_len = 0;
     }
     tls_t *t = c->tls;
-    if (!tls_unsent(c) && t->out_cap > (512u << 10)) { free(t->out); t->out = NULL; t->out_cap = 0; }
+    if (!tls_unsent(c) && t->out_cap > (64u << 10)) { free(t->out); t->out = NULL; t->out_cap = 0; } /* idle: none */
     return sent;
 }
 
@@ -1057,10 +1069,10 @@ static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
     keep_rest(L, s, buf, len, p);
 }
 
-/* A TLS conn's read: ciphertext from the socket into the SSL's read BIO, the records decrypted into rbuf
- * after the input kept from before, then the same frame parser. Decryption stops when rbuf is full (records
- * then wait in the BIO: tls_more makes the conn reparse) or at a partial record (WANT_READ: the socket
- * brings the rest). A close_notify ends the conn after the frames before it; a record that fails to
+/* A TLS conn's read: ciphertext from the socket into tls->in (which the SSL's BIO reads), the records
+ * decrypted into rbuf after the input kept from before, then the same frame parser. Decryption stops when
+ * rbuf is full (records then wait in tls->in: tls_more makes the conn reparse) or at a partial record
+ * (WANT_READ: the socket brings the rest). A close_notify ends the conn after the frames before it; a record that fails to
  * decrypt ends it after the frames before it too. What SSL_read writes (a KeyUpdate answer, an alert)
  * goes to the ciphertext buffer at once. */
 static void tls_read_conn(Loop *L, int slot, int do_read) {
@@ -1069,18 +1081,13 @@ static void tls_read_conn(Loop *L, int slot, int do_read) {
     if (have) memcpy(L->rbuf, c->in, have);
     int eof = 0, closed = 0, failed = 0;
     tls_t *t = c->tls;
-    if (do_read) {
-        if (t->in_off) { /* the start of a partial record, kept from the last read */
-            memmove(t->in, t->in + t->in_off, t->in_len - t->in_off);
-            t->in_len -= t->in_off;
-            t->in_off = 0;
-        }
-        if (reserve(&t->in, &t->in_cap, t->in_len + L->read_chunk) < 0) {
+    if (do_read) { /* into the shared cbuf, after the ciphertext kept from the last read */
+        if (reserve(&L->cbuf, &L->cbuf_cap, t->in_len + L->read_chunk) < 0) {
             c->in_len = 0;
             conn_fail(L, slot, EV_CLOSED, "tls: out of memory");
             return;
         }
-        ssize_t n = recv(c->fd, t->in + t->in_len, L->read_chunk, MSG_DONTWAIT);
+        ssize_t n = recv(c->fd, L->cbuf + t->in_len, L->read_chunk, MSG_DONTWAIT);
         L->reads++;
         if (n == 0) {
             eof = 1;
@@ -1095,8 +1102,11 @@ static void tls_read_conn(Loop *L, int slot, int do_read) {
             if (!c->tls_more) return;
         } else {
             L->tls_bytes_in += n;
-            t->in_len += n;
         }
+        memcpy(L->cbuf, t->in, t->in_len);
+        t->rd = L->cbuf;
+        t->rd_len = t->in_len + (n > 0 ? (size_t)n : 0);
+        t->rd_off = 0;
     }
     c->tls_more = 0;
     ossl.err_clear();
@@ -1112,6 +1122,17 @@ static void tls_read_conn(Loop *L, int slot, int do_read) {
         ossl.err_clear();
         break;
     }
+    /* keep what OpenSSL did not take (a partial record; more when rbuf filled up) in the conn's own buffer */
+    size_t rest = t->rd_len - t->rd_off;
+    if (t->rd != t->in) {
+        if (reserve(&t->in, &t->in_cap, rest) < 0) { rest = 0; failed = 1; }
+        else memcpy(t->in, t->rd + t->rd_off, rest);
+    } else if (t->rd_off) {
+        memmove(t->in, t->in + t->rd_off, rest);
+    }
+    t->in_len = rest;
+    if (!rest && t->in_cap > (64u << 10)) { free(t->in); t->in = NULL; t->in_cap = 0; }
+    t->rd = t->in; t->rd_len = rest; t->rd_off = 0;
     if (tls_unsent(c)) mark_dirty(L, slot); /* what SSL_read wrote: a KeyUpdate answer, an alert */
     process_input(L, slot, L->rbuf, have);
     if (c->dead) return;
@@ -1126,7 +1147,7 @@ static void tls_read_conn(Loop *L, int slot, int do_read) {
     }
     if (closed || failed || eof) {
         const char *why = closed ? "tls close_notify" : failed ? "tls: bad record" : c->in_len ? "eof mid-frame"
-                          : (ossl.has_pending(c->ssl) || t->in_len > t->in_off) ? "eof mid-record" : "eof";
+                          : (ossl.has_pending(c->ssl) || t->in_len) ? "eof mid-record" : "eof";
         c->in_len = 0;
         conn_fail(L, slot, EV_CLOSED, why);
         return;
@@ -1258,7 +1279,7 @@ static void Loop_close_all(Loop *L) {
 static void Loop_dealloc(Loop *L) {
     Loop_close_all(L);
     free(L->conns); free(L->free_slots); free(L->routes); free(L->dirty); free(L->reparse); free(L->outwait);
-    free(L->rbuf); free(L->ev); free(L->arena);
+    free(L->rbuf); free(L->cbuf); free(L->ev); free(L->arena);
     Py_TYPE(L)->tp_free((PyObject *)L);
 }
 
@@ -1572,14 +1593,15 @@ static PyObject *Loop_conn_info(Loop *L, PyObject *arg) {
     int s = slot_arg(L, arg);
     if (s < 0) return NULL;
     conn_t *c = &L->conns[s];
-    return Py_BuildValue("{s:n,s:n,s:O,s:O,s:O,s:O,s:i,s:O,s:K,s:s,s:K,s:K,s:O,s:n}", "queue_bytes", (Py_ssize_t)pending(c),
+    return Py_BuildValue("{s:n,s:n,s:O,s:O,s:O,s:O,s:i,s:O,s:K,s:s,s:K,s:K,s:O,s:n,s:n}", "queue_bytes", (Py_ssize_t)pending(c),
                          "in_bytes", (Py_ssize_t)c->in_len, "paused", c->blocked_on >= 0 ? Py_True : Py_False,
                          "reading", (c->mask & EPOLLIN) ? Py_True : Py_False, "stalled", c->stalled ? Py_True : Py_False,
                          "dead", c->dead ? Py_True : Py_False, "fd", c->fd,
                          "xoff_paused", c->blocked_x ? Py_True : Py_False, "xoff_mask", (unsigned long long)c->xoff_mask,
                          "kind", c->kind == K_CHAN ? "channel" : "client", "records_out", c->rec_out,
                          "records_in", c->rec_in, "tls", c->ssl ? Py_True : Py_False,
-                         "tls_unsent", (Py_ssize_t)(c->ssl ? tls_unsent(c) : 0));
+                         "tls_unsent", (Py_ssize_t)(c->ssl ? tls_unsent(c) : 0),
+                         "tls_buffers", (Py_ssize_t)(c->tls ? c->tls->in_cap + c->tls->out_cap : 0));
 }
 
 /* poll() -> [(id, kind, bytes), ...]: one non-blocking turn. kind < 256: frames handed up (bytes = whole
