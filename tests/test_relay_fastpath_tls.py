@@ -343,9 +343,10 @@ def test_64k_packets_both_ways_and_a_frame_over_the_limit(tnet) -> None:
     n.push(1, n.peers[1].seal(b"".join(codec.encode_send_packet(key(0), p) for p in pkts[:4]), record=1000))
     back = frames_of(n.recv_plain(0, 4 * (5 + 32 + MAX_PACKET)))
     assert [p[32:] for _, p in back] == pkts[:4]
-    # idle again: neither holds ciphertext buffers (reads go through the loop's shared buffer)
+    # idle again: at most a small ciphertext buffer each (reads and writes go through the loop's shared
+    # buffers; a conn keeps only what its socket did not take)
     n.poll(2)
-    assert [n.loop.conn_info(i)["tls_buffers"] for i in n.ids] == [0, 0]
+    assert all(n.loop.conn_info(i)["tls_buffers"] <= 64 << 10 for i in n.ids)
     over = bytes([codec.FrameType.SEND_PACKET]) + (32 + MAX_PACKET + 1).to_bytes(4, "big")
     n.push(0, n.peers[0].seal(over + key(1)))
     n.poll(2)

@@ -152,6 +152,7 @@ typedef struct {
     int *outwait; int noutwait, coutwait;
     uint8_t *rbuf; size_t rbuf_cap;
     uint8_t *cbuf; size_t cbuf_cap; /* TLS: one conn's ciphertext (kept + recv()d) while it is decrypted */
+    uint8_t *obuf; size_t obuf_cap; /* TLS: one conn's ciphertext while it is encrypted and sent */
     event_t *ev; size_t nev, cev;
     uint8_t *arena; size_t arena_len, arena_cap;
     int oom;
@@ -713,41 +714,73 @@ static void write_failed(Loop *L, int slot, const char *what) {
 /* A TLS conn's turn to write: once the ciphertext of the last batch is all sent, up to TLS_BATCH bytes of
  * queued frames go through one SSL_write (records of up to 16 KiB in the write BIO) and out with one send().
  * A few rounds while the socket takes everything. Returns ciphertext bytes sent, -1 if the conn failed. */
+/* Give the loop's shared encryption buffer back after a send; the unsent rest (if any) moves to the conn's own
+ * buffer `own`. -1: out of memory. */
+static int tls_unlend(Loop *L, tls_t *t, uint8_t *own, size_t own_cap) {
+    size_t rest = t->out_len - t->out_off;
+    L->obuf = t->out;
+    L->obuf_cap = t->out_cap;
+    int rc = 0;
+    if (rest) {
+        if (reserve(&own, &own_cap, rest) < 0) { rest = 0; rc = -1; }
+        else memcpy(own, L->obuf + t->out_off, rest);
+    }
+    t->out = own; t->out_cap = own_cap; t->out_len = rest; t->out_off = 0;
+    return rc;
+}
+
 static ssize_t tls_send(Loop *L, int slot) {
     conn_t *c = &L->conns[slot];
+    tls_t *t = c->tls;
     ssize_t sent = 0;
     for (int round = 0; round < 4; round++) {
+        int lent = 0;
+        uint8_t *own = NULL;
+        size_t own_cap = 0;
         if (!tls_unsent(c)) {
             size_t n = pending(c);
             if (!n) break;
             if (n > TLS_BATCH) n = TLS_BATCH;
+            /* encrypt into the loop's shared buffer, lent to the conn's BIO: a conn keeps a buffer of its own
+             * only for what the socket did not take */
+            own = t->out; own_cap = t->out_cap;
+            t->out = L->obuf; t->out_cap = L->obuf_cap; t->out_len = t->out_off = 0;
+            lent = 1;
             ossl.err_clear();
             int r = ossl.write(c->ssl, c->out + c->out_off, (int)n);
-            if (r <= 0) { /* memory BIOs never block; renegotiation is off in OpenSSL 3 servers: an error */
+            if (r <= 0) { /* our BIO never blocks; renegotiation is off in OpenSSL 3 servers: an error */
                 ossl.err_clear();
+                t->out_len = t->out_off = 0;
+                tls_unlend(L, t, own, own_cap);
                 errno = EPROTO;
                 write_failed(L, slot, "tls write");
                 return -1;
             }
             c->out_off += r;
-            if (!tls_unsent(c)) break;
         }
-        tls_t *t = c->tls;
-        ssize_t k = send(c->fd, t->out + t->out_off, tls_unsent(c), MSG_DONTWAIT | MSG_NOSIGNAL);
-        L->writes++;
-        if (k < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
-            write_failed(L, slot, "write");
-            return -1;
+        ssize_t k = 0;
+        int err = 0;
+        if (tls_unsent(c)) {
+            k = send(c->fd, t->out + t->out_off, tls_unsent(c), MSG_DONTWAIT | MSG_NOSIGNAL);
+            L->writes++;
+            if (k < 0) {
+                err = errno;
+                k = 0;
+            }
         }
         t->out_off += k;
         sent += k;
         L->tls_bytes_out += k;
-        if (tls_unsent(c)) break;
+        if (lent && tls_unlend(L, t, own, own_cap) < 0 && !err) err = ENOMEM;
+        if (err && err != EAGAIN && err != EWOULDBLOCK && err != EINTR) {
+            errno = err;
+            write_failed(L, slot, "write");
+            return -1;
+        }
+        if (tls_unsent(c)) break; /* the socket is full: EPOLLOUT brings the rest */
         t->out_off = t->out_len = 0;
     }
-    tls_t *t = c->tls;
-    if (!tls_unsent(c) && t->out_cap > (64u << 10)) { free(t->out); t->out = NULL; t->out_cap = 0; } /* idle: none */
+    if (!tls_unsent(c) && t->out_cap > (64u << 10)) { free(t->out); t->out = NULL; t->out_cap = 0; }
     return sent;
 }
 
@@ -1279,7 +1312,7 @@ static void Loop_close_all(Loop *L) {
 static void Loop_dealloc(Loop *L) {
     Loop_close_all(L);
     free(L->conns); free(L->free_slots); free(L->routes); free(L->dirty); free(L->reparse); free(L->outwait);
-    free(L->rbuf); free(L->cbuf); free(L->ev); free(L->arena);
+    free(L->rbuf); free(L->cbuf); free(L->obuf); free(L->ev); free(L->arena);
     Py_TYPE(L)->tp_free((PyObject *)L);
 }
 
