@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ from turbowg.derp import codec, keys
 from turbowg.derp.client import DerpClient
 from turbowg.derp.client_proto import ClientConnection
 from turbowg.relay import fastpath
+from turbowg.relay.shards.peer import ShardPeer
 from turbowg.testing.relay import exchange, relay, run, server_tls, until
 
 pytestmark = pytest.mark.skipif(not fastpath.HAVE_C, reason="turbowg.relay._fastpath not built or TURBOWG_NO_C set")
@@ -624,6 +626,44 @@ def test_app_tls_handover_on_the_default_asyncio_loop_too(tmp_path: Path) -> Non
             await b.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_app_tls_clients_on_two_shards_forward_through_the_c_channel(tmp_path: Path) -> None:
+    """Two shards (DerpServers joined by a C channel, as `--workers 2`), one TLS client on each: both sessions
+    are in C and packets cross in C both ways (PACKET records), none handed up to Python."""
+    async def main() -> None:
+        tls = server_tls(tmp_path)
+        async with AsyncExitStack() as stack:
+            servers, urls = {}, {}
+            for name in "AB":
+                servers[name], urls[name] = await stack.enter_async_context(relay(tls))
+            a_sock, b_sock = socket.socketpair()
+            peers = {}
+            for name, sock, other in (("A", a_sock, 1), ("B", b_sock, 0)):
+                peer = ShardPeer(servers[name], other)
+                peer.attach_c(servers[name].fast, sock)  # type: ignore[arg-type]
+                peers[name] = peer
+                stack.callback(peer.close)
+                servers[name].add_conn_listener(lambda k, present, peer=peer: peer.announce(k, present))
+            x, y = DerpClient(), DerpClient()
+            await x.connect(urls["A"], verify=False)
+            await y.connect(urls["B"], verify=False)
+            stack.push_async_callback(x.close)
+            stack.push_async_callback(y.close)
+            await until(lambda: y.public_key in peers["A"].remote_keys and x.public_key in peers["B"].remote_keys,
+                        "announcements")
+            await until(lambda: servers["A"].fast.tls_handovers == servers["B"].fast.tls_handovers == 1,
+                        "both sessions in C")  # type: ignore[union-attr]
+            await exchange(x, y, 20_000)
+            await exchange(y, x, 2_000)
+            for s in servers.values():
+                s.sync_metrics()
+            a, b = servers["A"].metrics, servers["B"].metrics
+            assert (a.packets_forwarded_out, b.packets_forwarded_in) == (20_000, 20_000)
+            assert (b.packets_forwarded_out, a.packets_forwarded_in) == (2_000, 2_000)
+            assert a.total_dropped() + b.total_dropped() == 0
+
+    run(main)
 
 
 async def _scenario(url: str, server: object) -> list[object]:
