@@ -89,6 +89,9 @@ def test_under_load_a_source_gets_its_burst_and_the_rest_is_dropped_and_counted(
     assert counters["rx_handshake_kernel_admitted"] == len(got)
     assert counters["rx_handshake_kernel_ratelimited"] == 40 - len(got)
     assert _drain(udp._sock) == []  # nothing limited leaks to the data socket
+    # ... they went to the sink, whose filter dropped them unqueued (not SK_DROP's closed-port path)
+    assert steering.meminfo(hs.sink)[steering.SK_MEMINFO_DROPS] == 40 - len(got)
+    assert steering.meminfo(hs.sink)[steering.SK_MEMINFO_RMEM_ALLOC] == 0
 
 
 def test_under_load_only_zero_mac2_handshakes_of_their_size_are_limited(pair):

@@ -115,7 +115,9 @@ def test_an_index_the_group_does_not_hold_falls_back_to_the_data_socket(pair):
 
 def test_the_pair_is_all_that_is_bound_and_others_are_refused(pair):
     udp, hs = pair
-    assert sorted(bound_inodes(udp.port)) == sorted([inode(udp._sock), inode(hs.sock)])
+    ours = [inode(udp._sock), inode(hs.sock)] + ([inode(hs.sink)] if hs.sink is not None else [])
+    assert (hs.sink is not None) == (hs.kernel is not None)  # the eBPF program's sink (steering.make_sink)
+    assert sorted(bound_inodes(udp.port)) == sorted(ours)
     # A plain bind to the port is refused as before (errno 98): e.g. a second turbowgd on the same port.
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as other:
         with pytest.raises(OSError) as err:

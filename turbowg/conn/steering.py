@@ -112,20 +112,64 @@ def attach_program(sock: socket.socket, program: list[tuple[int, int, int, int]]
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
 
 
-def attach_steering(data_sock: socket.socket, handshake_sock: socket.socket, *,
-                    ebpf: bool = True) -> KernelSteering | None:
-    """The eBPF program with the kernel limiter (turbowg/conn/ebpf.py) if this kernel takes it, else the
-    classic PROGRAM (the reason logged once per process). Returns the eBPF objects, or None."""
+_DROP_ALL = [(_BPF_RET_K, 0, 0, 0)]  # a socket filter that keeps nothing
+SO_ATTACH_FILTER = 26
+
+
+def make_sink(data_sock: socket.socket, gro: bool) -> socket.socket:
+    """The third member of the group for the eBPF program: over-limit datagrams are steered to it and dropped
+    by its filter before they are queued. (SK_DROP would make UDP take its "no socket" path, an ICMP port
+    unreachable attempt per datagram: measured ~1 us more softirq per flood datagram on this machine.) It
+    joins last, so the classic program's indexes 0 and 1 never move, and it has UDP_GRO as the others
+    (the GRO lookup picks a member by hash, without the datagram, and coalesces only if it has the flag)."""
+    sink = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sink.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sink.setblocking(False)
+        code = b"".join(struct.pack("=HBBI", *insn) for insn in _DROP_ALL)
+        buf = ctypes.create_string_buffer(code, len(code))
+        sink.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("@HP", len(_DROP_ALL), ctypes.addressof(buf)))
+        sink.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        if gro:
+            _try(sink, SOL_UDP, UDP_GRO, 1)
+        sink.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+        sink.bind(("::", data_sock.getsockname()[1]))
+    except BaseException:
+        sink.close()
+        raise
+    return sink
+
+
+def attach_steering(data_sock: socket.socket, handshake_sock: socket.socket, *, ebpf: bool = True,
+                    gro: bool = True) -> tuple[KernelSteering | None, socket.socket | None]:
+    """The classic PROGRAM, then, if this kernel takes it, the eBPF program with the kernel limiter
+    (turbowg/conn/ebpf.py) and its sink socket in its place (the reason it does not logged once per process).
+    Returns (the eBPF objects, the sink), or (None, None). OSError(EADDRINUSE) if a foreign socket joined."""
     global _fallback_logged
-    if ebpf:
-        try:
-            return KernelSteering(data_sock, handshake_sock)
-        except BpfUnavailable as exc:
-            if not _fallback_logged:
-                log.warning("handshake steering: classic BPF, no kernel limiter (%s)", exc)
-                _fallback_logged = True
-    attach_program(data_sock)
-    return None
+    attach_program(data_sock)  # from now on, 0 or 1: the sink joining next gets nothing from it
+    if not ebpf:
+        return None, None
+    port = data_sock.getsockname()[1]
+    try:
+        sink = make_sink(data_sock, gro)
+    except OSError as exc:
+        if not _fallback_logged:
+            log.warning("handshake steering: classic BPF, no kernel limiter (no sink socket: %s)", exc)
+            _fallback_logged = True
+        return None, None
+    try:
+        if sorted(bound_inodes(port)) != sorted([inode(data_sock), inode(handshake_sock), inode(sink)]):
+            raise _foreign_error(port)
+        return KernelSteering(data_sock, handshake_sock, sink), sink
+    except BpfUnavailable as exc:
+        sink.close()  # the last member: leaving moves no other socket's index
+        if not _fallback_logged:
+            log.warning("handshake steering: classic BPF, no kernel limiter (%s)", exc)
+            _fallback_logged = True
+        return None, None
+    except BaseException:
+        sink.close()
+        raise
 
 
 def inode(sock: socket.socket | int) -> int:
@@ -181,6 +225,7 @@ class HandshakeSocket:
         port = data_sock.getsockname()[1]
         self.port = port
         self.kernel: KernelSteering | None = None  # the eBPF program's maps (None: the classic program)
+        self.sink: socket.socket | None = None  # where the eBPF program sends what it drops (make_sink)
         data_inode = inode(data_sock)
         others = [i for i in bound_inodes(port) if i != data_inode]
         if others:  # someone is on the port already (we are not sharing it yet: it joined a while ago)
@@ -204,12 +249,15 @@ class HandshakeSocket:
             present = bound_inodes(port)
             if sorted(present) != sorted([data_inode, inode(sock)]):
                 raise _foreign_error(port)
-            self.kernel = attach_steering(data_sock, sock, ebpf=EBPF)
             self.gro = gro and _try(sock, SOL_UDP, UDP_GRO, 1)
+            self.kernel, self.sink = attach_steering(data_sock, sock, ebpf=EBPF, gro=gro)
         except BaseException:
             if self.kernel is not None:
                 self.kernel.close()
                 self.kernel = None
+            if self.sink is not None:
+                self.sink.close()
+                self.sink = None
             sock.close()
             make_unshareable(data_sock)
             raise
@@ -240,6 +288,9 @@ class HandshakeSocket:
         if self.kernel is not None:
             self.kernel.close()
             self.kernel = None
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
         if self.sock.fileno() >= 0:
             self.sock.close()
         if self.data_sock.fileno() >= 0:
