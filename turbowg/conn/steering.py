@@ -1,8 +1,10 @@
 """Handshake messages steered away from the data socket in the kernel: a SO_REUSEPORT pair + a BPF program.
 
 The program is the eBPF one of turbowg/conn/ebpf.py where the kernel takes it (the same steering, plus the
-per-source limit of zero-mac2 handshakes under load, dropped in the kernel); else the classic program
-below (PROGRAM), which this text describes, with the reason logged once (TURBOWG_HANDSHAKE_EBPF=0 forces it).
+per-source limit of zero-mac2 handshakes under load, dropped in the kernel through a third member of the
+group, the sink socket of `make_sink`, which joins after the classic program is attached and is checked
+against /proc/net/udp like the others); else the classic program below (PROGRAM), which this text
+describes, with the reason logged once (TURBOWG_HANDSHAKE_EBPF=0 forces it).
 
 The device's UDP port is held by two sockets in one SO_REUSEPORT group:
 
