@@ -563,11 +563,11 @@ class Runtime:
             except OSError as exc:
                 self.stop(f"TUN write failed: {exc}")
                 return True
-        self._reschedule_timer()
         if result and self._answer_ready():
             self._tun_reader()  # the local answer, in the same wake (see _on_udp_readable)
             self._expect_answer = False  # an answer, not a request: nothing to wait for
             self.lone_counters["answers_taken"] += 1
+        self._reschedule_timer()  # after the answer left: what receive_lone queued goes out after it anyway
         return True
 
     def _answer_ready(self) -> bool:
