@@ -13,11 +13,16 @@ unusual about the packet (no session, a handshake message, the DERP path) falls 
 the same read.
 `TURBOWG_LONE_PATH=0` turns the lone calls off (the batch path then carries lone packets too).
 
+Wakeups: the loop thread asks the kernel for a short scheduling slice (TURBOWG_SCHED_SLICE_US, default 100 us)
+so that a packet's wakeup preempts a CPU-bound task at once; an optional bounded C spin after a lone request
+(TURBOWG_BUSY_POLL_US, off: it did not pay on a shared 2-core machine, see docs/DESIGN.md) waits for the
+answer without sleeping.
+
 Timers: no polling. The device reports its earliest deadline (`Device.next_deadline()`, O(1)); the runtime
 keeps one `call_later` armed for it and moves it earlier after every batch and every UAPI `set` that armed
 something sooner (a later deadline only costs one tick that finds nothing to do and re-arms).
 
-Why one file (~670 lines): the one owner of the daemon's lifetime: it opens and closes TUN, UDP, UAPI, DERP
+Why one file (~720 lines): the one owner of the daemon's lifetime: it opens and closes TUN, UDP, UAPI, DERP
 and the timers in one order, and its readers and the timer share that state.
 """
 
