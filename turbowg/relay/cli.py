@@ -25,9 +25,13 @@ def default_workers(cores: int, tls: bool) -> int:
 
     Why (measured, issue 12, `turbowg bench relay` on a 2-core machine with the load generator on the same
     cores): plain DERP clients are forwarded in C, across shards too, and 2 workers carried as much as or
-    more than 1 (0.96-1.9x in 8 interleaved rounds). TLS clients stay in Python (no kTLS yet); with 2
-    workers half the pairs cross shards and pay Python on both sides, and 2 workers carried less than 1 in
-    5 of 8 rounds (0.63-0.82x in an interleaved A/B). With more cores each worker has one of its own.
+    more than 1 (0.96-1.9x in 8 interleaved rounds). While TLS clients stayed in Python, 2 workers carried
+    less than 1 in 5 of 8 rounds (0.63-0.82x). TLS sessions are now driven from the C loop too (OpenSSL from
+    C, relay/_fastpath.c) and 2 workers tie with 1 there: 1.04x [0.70, 1.35] and 1.07x [0.74, 1.66] Gbit/s
+    (paired per-round ratios, median [95% CI], 10 and 14 interleaved rounds, 2w won 13 of 24), at 1.06-1.11x
+    the CPU per GB and half the ping p99 -- not shown to be never slower, so one worker stays (and TLS kept
+    in Python, TURBOWG_RELAY_TLS_IN_C=0 or TURBOWG_NO_C=1, needs it anyway). With more cores each worker
+    has one of its own.
     """
     if tls and cores <= 2:
         return 1
