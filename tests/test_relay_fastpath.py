@@ -475,6 +475,7 @@ def test_app_clients_are_handed_to_the_c_loop_and_exchange_without_loss() -> Non
             assert server.metrics.total_dropped() == 0
             text = server.render_metrics()
             assert b"derp_packets_sent 21000" in text and b"turbowg_fastpath_connections 2.0" in text
+            assert b"turbowg_fastpath_handovers 2" in text and b"turbowg_fastpath_tls_connections 0.0" in text
             await a.close()
             await b.close()
             await until(lambda: server.conns == set() and server.fast.conns == {}, "both gone")

@@ -549,6 +549,8 @@ def test_app_tls_clients_are_handed_over_and_exchange_without_loss(tmp_path: Pat
             assert server.metrics.packets_sent == server.metrics.packets_received == 21_000
             assert server.metrics.total_dropped() == 0
             assert server.fast.stats()["tls_bytes_out"] > 21_000 * 4
+            g = server.gauges()  # what /debug/varz and the Prometheus page show
+            assert (g.fast_conns, g.fast_tls_conns, g.fast_handovers, g.fast_tls_handovers) == (2, 2, 2, 2)
             await a.close()
             await b.close()
             await until(lambda: server.conns == set() and server.fast.conns == {}, "both gone")

@@ -643,7 +643,7 @@ async def run_sweep(args: argparse.Namespace) -> int:
     print("Generator ceiling (unpaced, senders straight into receivers, no relay): " + ", ".join(
         f"{c['pairs']}p {c['size']}B{' CPU1' if c['pinned'] else ''} {c['ceiling_fps'] / 1e3:.0f} kpkt/s"
         for c in calib.values()))
-    print(f"C = the relay as shipped (plain clients on the C plane; TLS clients on its Python path), Py = "
+    print(f"C = the relay as shipped (plain and TLS clients on the C plane, TLS through OpenSSL called from C), Py = "
           f"TURBOWG_NO_C=1. Load generators ({args.gen_procs} processes) and the pinger share the machine's "
           f"{os.cpu_count()} CPUs with the relay; 'pin' rows: relay on CPU 0, everything else on CPU 1 (the "
           "per-core number). CPU s/GB: relay processes' CPU seconds per GB of packet payload delivered.")

@@ -175,6 +175,7 @@ class FastPlane:
             self.c.set_mesh(fid, conn._write_timeout())
         conn.fid = fid
         conn.handed_over = True
+        conn.tls_in_c = tls is not None
         conn.transport = None
         self.conns[fid] = conn
         self._attach()
@@ -421,7 +422,9 @@ class FastPlane:
         """ServerGauges' fast_* fields, from the last sync_metrics()."""
         st = self._prev
         return {"fast_conns": len(self.conns), "fast_queued_bytes": int(st.get("queued_bytes", 0)),  # type: ignore[call-overload]
-                "fast_sender_pauses": int(st.get("sender_pauses", 0))}  # type: ignore[call-overload]
+                "fast_sender_pauses": int(st.get("sender_pauses", 0)),  # type: ignore[call-overload]
+                "fast_tls_conns": sum(1 for c in self.conns.values() if c.tls_in_c),
+                "fast_handovers": self.handovers, "fast_tls_handovers": self.tls_handovers}
 
     def queue_bytes(self, conn: FastConn) -> int:
         return self.c.queue_bytes(conn.fid) if conn.fid is not None and not self.closed else 0
@@ -430,13 +433,14 @@ class FastPlane:
 class FastConn(ClientConn):
     """A ClientConn that moves to the C loop once authenticated (plain TCP or TLS terminated here)."""
 
-    __slots__ = ("plane", "fid", "handed_over", "_take_after")
+    __slots__ = ("plane", "fid", "handed_over", "tls_in_c", "_take_after")
 
     def __init__(self, server: ConnOwner, plane: FastPlane) -> None:
         super().__init__(server)
         self.plane = plane
         self.fid: int | None = None
         self.handed_over = False
+        self.tls_in_c = False
         self._take_after = False
 
     # -- before the handover: a ClientConn ------------------------------------------------------------

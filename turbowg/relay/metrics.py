@@ -72,6 +72,9 @@ class ServerGauges:
     fast_conns: int = 0  # connections whose socket the C loop owns
     fast_queued_bytes: int = 0  # bytes queued in the C loop for its connections
     fast_sender_pauses: int = 0  # times a sender was paused because a destination was over its bound
+    fast_tls_conns: int = 0  # of fast_conns, those whose TLS session the C loop drives (OpenSSL from C)
+    fast_handovers: int = 0  # connections handed from asyncio to the C loop since start
+    fast_tls_handovers: int = 0  # of those, TLS connections
 
 
 def _counter(name: str, doc: str, value: int) -> Metric:
@@ -103,6 +106,8 @@ class DerpCollector(Collector):
             ("derp_watchers", "mesh watchers", g.watchers),
             ("turbowg_fastpath_connections", "connections owned by the C forwarding plane", g.fast_conns),
             ("turbowg_fastpath_queued_bytes", "bytes queued in the C forwarding plane", g.fast_queued_bytes),
+            ("turbowg_fastpath_tls_connections", "of those, connections whose TLS the C plane drives",
+             g.fast_tls_conns),
             ("derp_average_queue_duration_ms", "moving average of the milliseconds a packet waits in a "
              "client's send queue (derper's EWMA, alpha 0.1)", m.avg_queue_duration_ms),
         ):
@@ -111,6 +116,9 @@ class DerpCollector(Collector):
             yield family
         yield _counter("turbowg_fastpath_sender_pauses", "senders paused for a destination over its bound (C plane)",
                        g.fast_sender_pauses)
+        yield _counter("turbowg_fastpath_handovers", "connections handed to the C plane", g.fast_handovers)
+        yield _counter("turbowg_fastpath_tls_handovers", "TLS connections handed to the C plane (OpenSSL from C)",
+                       g.fast_tls_handovers)
         for name, doc in (
             ("accepts", "accepted connections"),
             ("packets_sent", "packets written to clients"),
