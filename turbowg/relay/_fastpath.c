@@ -102,6 +102,8 @@ typedef struct {
     int *xwaiters; int nxwaiters, cxwaiters; /* K_CHAN: senders waiting for an XON */
     unsigned long long rec_out, rec_in; /* K_CHAN: PACKET records queued by C senders / delivered in C */
     int mesh;          /* a mesh peer relay (set_mesh): its ForwardPacket frames are delivered here in C */
+    int mesh_out;      /* our DERP client link to a mesh peer relay (set_mesh_out): keys routed here get
+                        * ForwardPacket(src, dst, packet) frames; frames the peer sends all go up to Python */
     double wtimeout;   /* this conn's write timeout if > 0 (mesh peers get longer), else the loop's */
     uint32_t gen;      /* bumped on reuse: ids are gen<<32 | slot */
     uint32_t uid;      /* unique per add(), for the delivery sets */
@@ -162,6 +164,7 @@ typedef struct {
     unsigned long long dropped[NREASONS][2], dropped_bytes[NREASONS][2];
     unsigned long long sender_pauses, reads, writes, frames_up, polls, write_timeouts;
     unsigned long long forwarded_out, forwarded_in, xoffs_sent, xoff_pauses;
+    unsigned long long mesh_out; /* ForwardPacket frames queued in C on mesh-out links (part of forwarded_out) */
     unsigned long long tls_records_in, tls_bytes_in, tls_bytes_out; /* TLS: SSL_read calls, ciphertext read / sent */
     int chan_slot[MAX_CHANNELS]; /* channel bit -> slot, -1 */
     double avg_queue_ms; /* derper's average_queue_duration_ms: EWMA, alpha 0.1 per packet written */
@@ -571,12 +574,13 @@ static inline size_t unit_len(const conn_t *c, const uint8_t *p) {
 }
 
 static inline int unit_is_packet(const conn_t *c, const uint8_t *p) {
-    return c->kind == K_CHAN ? p[4] == REC_PACKET : p[0] == T_RECV;
+    /* a mesh-out link's ForwardPacket frames are packets too (droppable, counted), its pongs are not */
+    return c->kind == K_CHAN ? p[4] == REC_PACKET : (p[0] == T_RECV || (c->mesh_out && p[0] == T_FORWARD));
 }
 
 static void count_drop(Loop *L, int reason, const conn_t *c, const uint8_t *frame) {
     int chan = c->kind == K_CHAN;
-    uint32_t n = chan ? be32(frame) : be32(frame + 1), head = chan ? 2 * KEY : KEY;
+    uint32_t n = chan ? be32(frame) : be32(frame + 1), head = chan || frame[0] == T_FORWARD ? 2 * KEY : KEY;
     const uint8_t *pkt = frame + HDR + head;
     size_t plen = n >= head ? n - head : 0;
     int kind = is_disco(pkt, plen) ? 0 : 1;
@@ -932,7 +936,7 @@ static void process_records(Loop *L, int slot, const uint8_t *buf, size_t len) {
         if (t == REC_PACKET) {
             int at = route_find(L, b + KEY);
             conn_t *d = at >= 0 ? &L->conns[L->routes[at].slot] : NULL;
-            if (d && d->kind == K_CLIENT && !d->dead && d->fd >= 0) {
+            if (d && d->kind == K_CLIENT && !d->mesh_out && !d->dead && d->fd >= 0) { /* a sibling: one hop */
                 int ds = L->routes[at].slot;
                 size_t plen = n - 2 * KEY;
                 /* the sibling cannot be paused per key at once (XOFF is in flight): a cap, then head drops */
@@ -984,7 +988,7 @@ static int mesh_forward(Loop *L, int slot, const uint8_t *b, uint32_t n) {
     if (at < 0) return 0;
     int ds = L->routes[at].slot;
     conn_t *d = &L->conns[ds];
-    if (d->dead || d->fd < 0) return 0;
+    if (d->dead || d->fd < 0 || d->mesh_out) return 0; /* behind another relay: never a second hop (Python drops) */
     size_t plen = n - 2 * KEY;
     if (d->kind == K_CHAN) {
         if (pending(d) >= L->bound) {
@@ -1059,6 +1063,28 @@ static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
                         L->bytes_received += plen;
                         if (is_disco(payload + KEY, plen)) L->packets_received_disco++;
                         L->forwarded_out++;
+                        d->rec_out++;
+                        mark_dirty(L, ds);
+                    }
+                    p += HDR + flen;
+                    continue;
+                }
+                if (!d->dead && d->fd >= 0 && d->mesh_out) { /* the key is behind a mesh peer relay */
+                    size_t plen = flen - KEY;
+                    if (pending(d) >= L->bound) {
+                        if (!d->stalled) { block_sender(L, slot, ds, 0); break; } /* waits for the link */
+                        drop_head(L, d, R_QUEUE_HEAD, L->bound / 2); /* the peer took nothing for the timeout */
+                    }
+                    uint8_t *o = out_append(L, d, HDR + 2 * KEY + plen);
+                    if (o) {
+                        put_hdr(o, T_FORWARD, 2 * KEY + plen);
+                        memcpy(o + HDR, s->key, KEY);
+                        memcpy(o + HDR + KEY, payload, KEY + plen); /* dst key and packet, as they came */
+                        L->packets_received++;
+                        L->bytes_received += plen;
+                        if (is_disco(payload + KEY, plen)) L->packets_received_disco++;
+                        L->forwarded_out++;
+                        L->mesh_out++;
                         d->rec_out++;
                         mark_dirty(L, ds);
                     }
@@ -1602,6 +1628,22 @@ static PyObject *Loop_set_notify_active(Loop *L, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* set_mesh_out(id, write_timeout): the conn is this relay's DERP client link to a mesh peer relay (mesh.py's
+ * MeshPeer): keys routed to it get ForwardPacket frames; nothing it reads is handled in C (all goes up). */
+static PyObject *Loop_set_mesh_out(Loop *L, PyObject *args) {
+    PyObject *idobj;
+    double wt;
+    if (!PyArg_ParseTuple(args, "Od", &idobj, &wt)) return NULL;
+    int s = slot_arg(L, idobj);
+    if (s < 0) return NULL;
+    conn_t *c = &L->conns[s];
+    if (c->kind != K_CLIENT || c->mesh) { PyErr_SetString(PyExc_ValueError, "set_mesh_out() needs a plain client conn"); return NULL; }
+    c->mesh_out = 1;
+    c->notify_active = 0;
+    c->wtimeout = wt;
+    Py_RETURN_NONE;
+}
+
 /* set_mesh(id, write_timeout): the conn is a mesh peer relay (its ForwardPacket frames are delivered in C)
  * with its own write timeout (0: the loop's). */
 static PyObject *Loop_set_mesh(Loop *L, PyObject *args) {
@@ -1610,7 +1652,7 @@ static PyObject *Loop_set_mesh(Loop *L, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Od", &idobj, &wt)) return NULL;
     int s = slot_arg(L, idobj);
     if (s < 0) return NULL;
-    if (L->conns[s].kind != K_CLIENT) { PyErr_SetString(PyExc_ValueError, "set_mesh() on a channel"); return NULL; }
+    if (L->conns[s].kind != K_CLIENT || L->conns[s].mesh_out) { PyErr_SetString(PyExc_ValueError, "set_mesh() on a channel"); return NULL; }
     L->conns[s].mesh = 1;
     L->conns[s].wtimeout = wt;
     Py_RETURN_NONE;
@@ -1631,7 +1673,7 @@ static PyObject *Loop_conn_info(Loop *L, PyObject *arg) {
                          "reading", (c->mask & EPOLLIN) ? Py_True : Py_False, "stalled", c->stalled ? Py_True : Py_False,
                          "dead", c->dead ? Py_True : Py_False, "fd", c->fd,
                          "xoff_paused", c->blocked_x ? Py_True : Py_False, "xoff_mask", (unsigned long long)c->xoff_mask,
-                         "kind", c->kind == K_CHAN ? "channel" : "client", "records_out", c->rec_out,
+                         "kind", c->kind == K_CHAN ? "channel" : c->mesh_out ? "mesh_out" : "client", "records_out", c->rec_out,
                          "records_in", c->rec_in, "tls", c->ssl ? Py_True : Py_False,
                          "tls_unsent", (Py_ssize_t)(c->ssl ? tls_unsent(c) : 0),
                          "tls_buffers", (Py_ssize_t)(c->tls ? c->tls->in_cap + c->tls->out_cap : 0));
@@ -1726,7 +1768,7 @@ static PyObject *Loop_stats(Loop *L, PyObject *unused) {
     for (int i = 0; i < L->nconns; i++)
         if (L->conns[i].fd >= 0) { queued += pending(&L->conns[i]); held += L->conns[i].in_len; }
     PyObject *d = Py_BuildValue(
-        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:n,s:d,s:n,s:n,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
+        "{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:n,s:d,s:n,s:n,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}",
         "packets_received", L->packets_received,
         "bytes_received", L->bytes_received, "packets_received_disco", L->packets_received_disco,
         "packets_sent", L->packets_sent, "bytes_sent", L->bytes_sent, "sender_pauses", L->sender_pauses,
@@ -1735,7 +1777,7 @@ static PyObject *Loop_stats(Loop *L, PyObject *unused) {
         "avg_queue_ms", L->avg_queue_ms, "queued_bytes", (Py_ssize_t)queued, "unparsed_bytes", (Py_ssize_t)held,
         "packets_forwarded_out", L->forwarded_out, "packets_forwarded_in", L->forwarded_in,
         "xoffs_sent", L->xoffs_sent, "xoff_pauses", L->xoff_pauses, "tls_records_in", L->tls_records_in,
-        "tls_bytes_in", L->tls_bytes_in, "tls_bytes_out", L->tls_bytes_out);
+        "tls_bytes_in", L->tls_bytes_in, "tls_bytes_out", L->tls_bytes_out, "mesh_forwarded_out", L->mesh_out);
     if (!d) return NULL;
     PyObject *drops = PyDict_New();
     if (!drops) { Py_DECREF(d); return NULL; }
@@ -1781,6 +1823,8 @@ static PyMethodDef Loop_methods[] = {
     {"set_reading", (PyCFunction)Loop_set_reading, METH_VARARGS, "set_reading(id, on)"},
     {"set_notify_active", (PyCFunction)Loop_set_notify_active, METH_VARARGS, "set_notify_active(id, on)"},
     {"set_mesh", (PyCFunction)Loop_set_mesh, METH_VARARGS, "set_mesh(id, write_timeout): a mesh peer relay"},
+    {"set_mesh_out", (PyCFunction)Loop_set_mesh_out, METH_VARARGS,
+     "set_mesh_out(id, write_timeout): our client link to a mesh peer relay (ForwardPacket frames to it)"},
     {"queue_bytes", (PyCFunction)Loop_queue_bytes, METH_O, "queue_bytes(id) -> bytes queued for the conn"},
     {"conn_info", (PyCFunction)Loop_conn_info, METH_O, "conn_info(id) -> dict (tests, debugging)"},
     {"stats", (PyCFunction)Loop_stats, METH_NOARGS, "cumulative counters"},

@@ -18,6 +18,12 @@ to local C clients without Python, and per-key XOFF/XON records between the two 
 of a key whose receiver is full. PRESENT/GONE and packets for keys C does not hold come up as EV_RECORDS
 to the channel's `ChannelEnd`.
 
+Outgoing mesh links (mesh.py's MeshPeer) join the same C loop once their handshake and WatchConns are done
+(`FastPlane.take_mesh`): the keys the peer relay announced are routed in the C table to the link, so a
+SendPacket for one becomes a ForwardPacket frame in the link's output buffer, with the same bound, sender
+pauses, write timeout and head drops as any destination. Every frame the peer relay sends on it
+(PeerPresent/PeerGone, pings, keepalives) and its loss come up to the MeshPeer (`MeshLink`).
+
 The C loop's epoll fd is registered with the asyncio loop (`add_reader`); `poll()` does one non-blocking
 turn. One thread: all of this runs on the worker's event loop.
 """
@@ -78,6 +84,21 @@ class ChannelEnd(Protocol):
 
     def channel_drained(self, queued: int) -> None:
         """After a poll, while registered with `watch_drain`: bytes still queued on the channel."""
+
+
+class MeshLink(Protocol):
+    """What the C loop reports an outgoing mesh link's events to (mesh.py's MeshPeer once handed over)."""
+
+    def mesh_frame(self, frame: bytes) -> None:
+        """A whole frame (header included) the peer relay sent: all of them come up, none is data for C."""
+
+    def mesh_lost(self, reason: str) -> None:
+        """The link closed or broke; the C loop has forgotten it and every route to it."""
+
+    def mesh_stalled(self) -> None:
+        """The peer relay took nothing for the write timeout: the link's queued packets were dropped."""
+
+
 _LOOP_MODULES = ("uvloop", "asyncio")
 
 # TLS terminated by the relay goes to the C loop too (OpenSSL driven from C on the handshake's SSL object);
@@ -121,6 +142,8 @@ class FastPlane:
         self.c = _fastpath.Loop(bound=bound, write_timeout=server.limits.write_timeout or 0.0)
         self.conns: dict[int, FastConn] = {}
         self.channels: dict[int, ChannelEnd] = {}
+        self.mesh_links: dict[int, MeshLink] = {}
+        self.mesh_handovers = 0
         self._draining: dict[int, ChannelEnd] = {}  # channels whose Python senders wait for the queue to drain
         self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -205,7 +228,7 @@ class FastPlane:
         self._tick = None
         self._on_ready()
         self.sync_metrics()
-        if (self.conns or self.channels) and self._loop is not None:
+        if (self.conns or self.channels or self.mesh_links) and self._loop is not None:
             self._tick = self._loop.call_later(TICK, self._on_tick)
 
     def drop(self, fid: int) -> None:
@@ -214,6 +237,71 @@ class FastPlane:
             self.c.remove(fid)
         except KeyError:
             pass
+
+    # -- outgoing mesh links --------------------------------------------------------------------------
+
+    def take_mesh(self, t: asyncio.BaseTransport, pending: bytes, link: MeshLink, write_timeout: float) -> int | None:
+        """Move an outgoing mesh link (after its handshake and WatchConns) from asyncio to the C loop. `pending`:
+        bytes already read and not yet parsed. None: it stays in Python (nothing was changed)."""
+        if self.closed or t.is_closing() or type(t).__module__.split(".")[0] not in _LOOP_MODULES:
+            return None
+        tls = None
+        lower: asyncio.BaseTransport | None = None
+        if t.get_extra_info("ssl_object") is not None:
+            # a TLS *client* session: after the handshake SSL_read/SSL_write do not care which side we are
+            if not TLS_IN_C or (parts := _tls_parts(t)) is None:
+                return None
+            tls, lower = parts
+        sock = t.get_extra_info("socket")
+        if sock is None or sock.type != socket.SOCK_STREAM:
+            return None
+        if t.get_write_buffer_size() or (lower is not None and lower.get_write_buffer_size()):  # type: ignore[attr-defined]
+            return None  # asyncio still holds output: C would write after it, out of order
+        try:
+            fd = os.dup(sock.fileno())
+        except OSError:
+            return None
+        try:
+            fid: int = self.c.add(fd, _CHANNEL_LABEL, pending, tls=tls)
+        except (OSError, ValueError):
+            os.close(fd)
+            return None
+        self.c.set_mesh_out(fid, write_timeout)
+        self.mesh_links[fid] = link
+        self._attach()
+        t.pause_reading()
+        t.abort()  # asyncio lets go of its descriptor (and, for TLS, frees nothing: C holds the SSL object)
+        self.mesh_handovers += 1
+        return fid
+
+    def write_mesh(self, fid: int, frame: bytes) -> int:
+        """Queue frames Python made (a pong, a ForwardPacket from a sender Python holds); bytes queued."""
+        if self.closed or fid not in self.mesh_links:
+            return -1
+        self.c.write(fid, frame)
+        self.request_flush()
+        return self.c.queue_bytes(fid)  # type: ignore[no-any-return]
+
+    def queue_bytes_of(self, fid: int) -> int:
+        return self.c.queue_bytes(fid) if fid in self.mesh_links and not self.closed else 0  # type: ignore[no-any-return]
+
+    def drop_mesh(self, fid: int) -> None:
+        """Close a mesh link (its routes go with it); no event follows."""
+        if self.mesh_links.pop(fid, None) is None:
+            return
+        try:
+            self.c.remove(fid)
+        except (KeyError, ValueError):
+            pass
+
+    def _mesh_event(self, fid: int, link: MeshLink, kind: int, data: bytes) -> None:
+        if kind < 256:
+            link.mesh_frame(data)
+        elif kind in (EV_CLOSED, EV_PROTOCOL):
+            self.drop_mesh(fid)
+            link.mesh_lost(data.decode(errors="replace"))
+        elif kind == EV_WRITE_TIMEOUT:
+            link.mesh_stalled()
 
     # -- sibling channels -----------------------------------------------------------------------------
 
@@ -288,6 +376,9 @@ class FastPlane:
             conn.abort()
         for fid in list(self.channels):
             self.drop_channel(fid)
+        for fid, link in list(self.mesh_links.items()):
+            self.drop_mesh(fid)
+            link.mesh_lost("relay closing")
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None
@@ -320,10 +411,13 @@ class FastPlane:
                 c.set_notify_active(d.fid, d.is_dup)
 
     def _channel_of(self, key: bytes) -> int | None:
-        """The C channel of the forwarder Python would use for `key` (the first registered), if it is one."""
+        """The C channel or mesh link of the forwarder Python would use for `key` (the first registered)."""
         fwd = self.server.first_forwarder(key)
         fid = getattr(fwd, "c_channel", None)
-        return fid if fid is not None and fid in self.channels else None
+        if fid is not None and fid in self.channels:
+            return fid  # type: ignore[no-any-return]
+        fid = getattr(fwd, "c_mesh", None)
+        return fid if fid is not None and fid in self.mesh_links else None
 
     # -- events from the C loop -----------------------------------------------------------------------
 
@@ -350,6 +444,8 @@ class FastPlane:
                 end = self.channels.get(fid)
                 if end is not None:
                     self._channel_event(fid, end, kind, data)
+                elif (link := self.mesh_links.get(fid)) is not None:
+                    self._mesh_event(fid, link, kind, data)
                 continue
             if kind < 256:
                 conn.fast_frame(data)

@@ -9,6 +9,13 @@ client only (one hop, never re-forwarded). If the connection breaks, every forwa
 is removed and the connection is re-dialled with exponential backoff; on reconnect the remote relay
 sends the full PeerPresent set again.
 
+With the relay's C plane (fastpath.py), the connection's socket (and its TLS session) is handed to the C loop
+once the handshake and WatchConns are done: the peer's keys are routed in the C table to the link, so packets
+from clients in C leave as ForwardPacket frames without Python (same queue bound, sender pauses, write
+timeout and head drops as any destination). Every frame the peer relay sends still comes up to `_on_frame`;
+a lost link ends `_connect_and_watch` as on the Python path, and the reconnect loop runs unchanged. The
+Python path stays for TURBOWG_NO_C=1 and whenever the handover is refused.
+
 The connection speaks only what the mesh needs (WatchConns, ForwardPacket, Ping/Pong) after the one
 client handshake of turbowg/derp/handshake.py (the same code DerpClient uses).
 
@@ -45,6 +52,7 @@ from turbowg.derp.codec import (
     encode_pong,
 )
 from turbowg.derp.handshake import HandshakeError, SelfConnectError, derp_handshake
+from turbowg.relay.conn import MESH_WRITE_TIMEOUT
 from turbowg.relay.server import DerpServer
 from turbowg.wire import KEY_SIZE
 
@@ -136,10 +144,16 @@ class MeshPeer:
         self._out = bytearray()
         self._flush_scheduled = False
         self._task: asyncio.Task[None] | None = None
+        # the C loop's id for this link while it holds the socket (fastpath.FastPlane reads it as `c_mesh`)
+        self.c_mesh: int | None = None
+        self._c_lost: asyncio.Future[str] | None = None
+        self.c_stalls = 0
 
     # -- forwarding (called by the DerpServer) -------------------------------------------------------
 
     def forward_packet(self, src: bytes, dst: bytes, packet: bytes) -> bool:
+        if self.c_mesh is not None:  # a sender Python holds (WebSocket, ...) while the link is in C
+            return self._forward_c(self.c_mesh, src, dst, packet)
         transport = self._transport
         if transport is None or transport.is_closing():
             self.counters.dropped_not_connected += 1
@@ -158,7 +172,22 @@ class MeshPeer:
             self._loop.call_soon(self._flush)
         return True
 
+    def _forward_c(self, fid: int, src: bytes, dst: bytes, packet: bytes) -> bool:
+        fast = self.server.fast
+        if fast is None or len(packet) > MAX_PACKET_SIZE or fast.queue_bytes_of(fid) > MAX_BACKLOG:
+            self.counters.dropped_backlog += 1
+            return False
+        hdr = _FORWARD_HEADER.pack(FrameType.FORWARD_PACKET, 2 * KEY_SIZE + len(packet))
+        if fast.write_mesh(fid, b"".join((hdr, src, dst, packet))) < 0:
+            self.counters.dropped_not_connected += 1
+            return False
+        self.counters.packets_forwarded += 1
+        return True
+
     def _write(self, frame: bytes) -> None:
+        if self.c_mesh is not None and self.server.fast is not None:
+            self.server.fast.write_mesh(self.c_mesh, frame)
+            return
         self._out += frame
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -212,6 +241,7 @@ class MeshPeer:
 
     def _clear(self) -> None:
         self.connected.clear()
+        self._drop_c()
         if self._transport is not None:
             self._transport.close()
         self._transport = None
@@ -233,6 +263,11 @@ class MeshPeer:
             decoder = await asyncio.wait_for(self._handshake(reader, writer), HANDSHAKE_TIMEOUT)
             self._transport = writer.transport
             self.counters.connects += 1
+            if self._take_c(reader, writer, decoder):
+                self.connected.set()
+                log.info("mesh %s: connected, watching its clients (link in the C plane)", addr.name)
+                assert self._c_lost is not None
+                raise EOFError(await self._c_lost)
             self.connected.set()
             log.info("mesh %s: connected, watching its clients", addr.name)
             while True:
@@ -243,6 +278,59 @@ class MeshPeer:
                     self._on_frame(ftype, payload)
         finally:
             writer.close()
+
+    # -- the link in the C plane ---------------------------------------------------------------------
+
+    def _take_c(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: FrameDecoder) -> bool:
+        """Hand the connected link to the server's C plane; False: it stays on the Python path."""
+        fast = self.server.fast
+        if fast is None or self._out:
+            return False
+        # Bytes read but not parsed yet: the decoder's partial frame, then whatever the StreamReader still
+        # buffers (private attributes: neither exposes a take; both are plain bytearrays).
+        pending = bytes(getattr(decoder, "_buf", b"")) + bytes(getattr(reader, "_buffer", b""))
+        timeout = max(self.server.limits.write_timeout, MESH_WRITE_TIMEOUT) if self.server.limits.write_timeout else 0.0
+        fid = fast.take_mesh(writer.transport, pending, self, timeout)
+        if fid is None:
+            return False
+        self.c_mesh = fid
+        self._transport = None
+        self._c_lost = self._loop.create_future()
+        for key in self.registered:  # keys announced during the handshake: route them to the link in C
+            fast.sync_key(key)
+        return True
+
+    def _drop_c(self) -> None:
+        fid, self.c_mesh = self.c_mesh, None
+        self._c_lost = None
+        if fid is not None and self.server.fast is not None:
+            self.server.fast.drop_mesh(fid)
+
+    def mesh_frame(self, frame: bytes) -> None:
+        """fastpath.MeshLink: a frame the peer relay sent on the link in C, to the same handler as in Python."""
+        try:
+            self._on_frame(frame[0], frame[5:])
+        except (FrameError, ValueError) as exc:
+            self.mesh_lost(f"bad frame from peer relay: {exc}")
+
+    def mesh_lost(self, reason: str) -> None:
+        """fastpath.MeshLink: the C loop lost the link (it forgot its routes); the reconnect loop takes over."""
+        lost = self._c_lost  # c_mesh stays until _clear: drop_mesh there closes a link C still holds
+        if lost is not None and not lost.done():
+            lost.set_result(reason)
+
+    def mesh_stalled(self) -> None:
+        """fastpath.MeshLink: the peer took nothing for the write timeout; C dropped the queued packets and goes
+        on with head drops (as for a sibling channel): the link stays, TCP tells when it is really dead."""
+        self.c_stalls += 1
+        log.warning("mesh %s: no write progress; dropped the packets queued for it", self.address.name)
+
+    def c_info(self) -> dict[str, object] | None:
+        """The C loop's view of the link (queue, counters) while it holds it; None otherwise."""
+        fast = self.server.fast
+        if self.c_mesh is None or fast is None:
+            return None
+        return fast.channel_info(self.c_mesh)
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> FrameDecoder:
         server_key, decoder, frames = await derp_handshake(
