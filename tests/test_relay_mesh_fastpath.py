@@ -20,7 +20,7 @@ from test_relay_mesh_tls import self_signed
 
 from turbowg.derp import keys
 from turbowg.derp.client import DerpClient
-from turbowg.derp.codec import ReceivedPacket
+from turbowg.derp.codec import ReceivedPacket, encode_ping
 from turbowg.relay import fastpath, mesh
 from turbowg.relay.http import RelayHTTPProtocol
 from turbowg.relay.mesh import MeshPeer, start_mesh
@@ -225,6 +225,37 @@ def test_link_dropping_mid_frame_unregisters_and_reconnects_in_c() -> None:
             assert len(await receive_from(b, a.public_key, 50)) == 50
             assert relay1.fast.stats()["mesh_forwarded_out"] - sent == 50
             for x in (a, b):
+                await x.close()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_pings_from_the_peer_are_answered_and_forwarded_packets_take_one_hop_only() -> None:
+    async def main() -> None:
+        async with meshed() as (relay1, relay2, url1, peer):
+            assert relay1.fast is not None and relay2.fast is not None and peer.c_mesh is not None
+            a, b = await connect_pair(relay1, relay2, url1, peer)
+            link2 = next(c for c in relay2.fast.conns.values() if c.can_mesh)
+            assert link2.fid is not None
+            relay2.fast.c.write(link2.fid, encode_ping(b"12345678"))  # relay 2 pings relay 1 over the link
+            relay2.fast.c.flush()
+            await until(lambda: peer.counters.pongs_sent == 1, "relay 1's MeshPeer to answer the ping")
+            # a third relay's mesh client forwards a packet to relay 1 for B, who is behind relay 1's link to
+            # relay 2: the packet's last hop was relay 1 (derper's rule), so it must not go on to relay 2
+            third = DerpClient(mesh_key=MESH_KEY)
+            await third.connect(url1)
+            await until(lambda: any(c.can_mesh and c.fid is not None for c in relay1.fast.conns.values()),
+                        "the third relay's link in relay 1's C loop")
+            sent = relay1.fast.stats()["mesh_forwarded_out"]
+            relay1.sync_metrics()
+            dropped = relay1.metrics.total_dropped()
+            third.forward_packet(third.public_key, b.public_key, b"two hops")
+            third.forward_packet(third.public_key, a.public_key, b"one hop")  # to a local client: delivered
+            assert await receive_from(a, third.public_key, 1) == [b"one hop"]
+            await until(lambda: (relay1.sync_metrics(), relay1.metrics.total_dropped())[1] == dropped + 1,
+                        "the two-hop packet to be dropped and counted")
+            assert relay1.fast.stats()["mesh_forwarded_out"] == sent
+            for x in (a, b, third):
                 await x.close()
 
     asyncio.run(asyncio.wait_for(main(), 60))
