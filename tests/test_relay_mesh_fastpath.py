@@ -210,6 +210,9 @@ def test_link_dropping_mid_frame_unregisters_and_reconnects_in_c() -> None:
                 orig(key, fwd)
 
             relay1.unregister_forwarder = unregister  # type: ignore[method-assign]
+            a.send_many(b.public_key, [b"before %d" % i for i in range(20)])
+            assert len(await receive_from(b, a.public_key, 20)) == 20
+            assert peer.counters.packets_forwarded == 0  # C counts these on the link until it goes
             link2 = next(c for c in relay2.fast.conns.values() if c.can_mesh)
             assert link2.fid is not None
             relay2.fast.c.write(link2.fid, b"\x09\x00\x00\x00\x29" + bytes(10))  # half a PeerPresent frame
@@ -220,6 +223,7 @@ def test_link_dropping_mid_frame_unregisters_and_reconnects_in_c() -> None:
             await until(lambda: peer.counters.connects == 2 and peer.c_mesh is not None, "the reconnect")
             await until(lambda: b.public_key in relay1.forwarder_keys(), "B again after the reconnect")
             assert relay1.fast.mesh_handovers == 2
+            assert peer.counters.packets_forwarded == 20  # the lost link's C counter, folded in
             sent = relay1.fast.stats()["mesh_forwarded_out"]
             a.send_many(b.public_key, [b"again %d" % i for i in range(50)])
             assert len(await receive_from(b, a.public_key, 50)) == 50

@@ -92,8 +92,9 @@ class MeshLink(Protocol):
     def mesh_frame(self, frame: bytes) -> None:
         """A whole frame (header included) the peer relay sent: all of them come up, none is data for C."""
 
-    def mesh_lost(self, reason: str) -> None:
-        """The link closed or broke; the C loop has forgotten it and every route to it."""
+    def mesh_lost(self, reason: str, forwarded: int) -> None:
+        """The link closed or broke; the C loop has forgotten it and every route to it. `forwarded`: packets
+        C queued on it over its life (its counters go with it)."""
 
     def mesh_stalled(self) -> None:
         """The peer relay took nothing for the write timeout: the link's queued packets were dropped."""
@@ -285,21 +286,24 @@ class FastPlane:
     def queue_bytes_of(self, fid: int) -> int:
         return self.c.queue_bytes(fid) if fid in self.mesh_links and not self.closed else 0  # type: ignore[no-any-return]
 
-    def drop_mesh(self, fid: int) -> None:
-        """Close a mesh link (its routes go with it); no event follows."""
+    def drop_mesh(self, fid: int) -> int:
+        """Close a mesh link (its routes go with it); no event follows. Returns the packets C queued on it
+        (0 if it was gone already): its counters are freed with the slot."""
         if self.mesh_links.pop(fid, None) is None:
-            return
+            return 0
+        forwarded = 0
         try:
+            forwarded = int(self.c.conn_info(fid)["records_out"])  # type: ignore[call-overload]
             self.c.remove(fid)
         except (KeyError, ValueError):
             pass
+        return forwarded
 
     def _mesh_event(self, fid: int, link: MeshLink, kind: int, data: bytes) -> None:
         if kind < 256:
             link.mesh_frame(data)
         elif kind in (EV_CLOSED, EV_PROTOCOL):
-            self.drop_mesh(fid)
-            link.mesh_lost(data.decode(errors="replace"))
+            link.mesh_lost(data.decode(errors="replace"), self.drop_mesh(fid))
         elif kind == EV_WRITE_TIMEOUT:
             link.mesh_stalled()
 
@@ -377,8 +381,7 @@ class FastPlane:
         for fid in list(self.channels):
             self.drop_channel(fid)
         for fid, link in list(self.mesh_links.items()):
-            self.drop_mesh(fid)
-            link.mesh_lost("relay closing")
+            link.mesh_lost("relay closing", self.drop_mesh(fid))
         if self._tick is not None:
             self._tick.cancel()
             self._tick = None

@@ -304,7 +304,7 @@ class MeshPeer:
         fid, self.c_mesh = self.c_mesh, None
         self._c_lost = None
         if fid is not None and self.server.fast is not None:
-            self.server.fast.drop_mesh(fid)
+            self.counters.packets_forwarded += self.server.fast.drop_mesh(fid)
 
     def mesh_frame(self, frame: bytes) -> None:
         """fastpath.MeshLink: a frame the peer relay sent on the link in C, to the same handler as in Python."""
@@ -313,8 +313,9 @@ class MeshPeer:
         except (FrameError, ValueError) as exc:
             self.mesh_lost(f"bad frame from peer relay: {exc}")
 
-    def mesh_lost(self, reason: str) -> None:
+    def mesh_lost(self, reason: str, forwarded: int) -> None:
         """fastpath.MeshLink: the C loop lost the link (it forgot its routes); the reconnect loop takes over."""
+        self.counters.packets_forwarded += forwarded  # what C forwarded (its per-link counter is gone now)
         lost = self._c_lost  # c_mesh stays until _clear: drop_mesh there closes a link C still holds
         if lost is not None and not lost.done():
             lost.set_result(reason)
