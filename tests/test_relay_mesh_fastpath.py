@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from test_relay_mesh_tls import self_signed
 
 from turbowg.derp import keys
@@ -104,8 +105,16 @@ async def connect_pair(relay1: DerpServer, relay2: DerpServer, url1: str, peer: 
     return a, b
 
 
+def run_on(loop_name: str, coro: Any) -> None:
+    """On asyncio's default loop, or on uvloop as `turbowg relay` workers run (its TLS transport differs)."""
+    factory = uvloop.new_event_loop if loop_name == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(coro)
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
-def test_packets_to_a_mesh_peer_key_leave_through_c(tmp_path: Path, tls: bool) -> None:
+def test_packets_to_a_mesh_peer_key_leave_through_c(tmp_path: Path, tls: bool, loop_name: str) -> None:
     async def main() -> None:
         async with meshed(tmp_path if tls else None) as (relay1, relay2, url1, peer):
             assert relay1.fast is not None and peer.c_mesh is not None, "the link was not handed to C"
@@ -142,7 +151,7 @@ def test_packets_to_a_mesh_peer_key_leave_through_c(tmp_path: Path, tls: bool) -
             for x in (a, c):
                 await x.close()
 
-    asyncio.run(asyncio.wait_for(main(), 60))
+    run_on(loop_name, asyncio.wait_for(main(), 60))
 
 
 def test_tls_link_stays_in_python_when_tls_in_c_is_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from turbowg.derp import keys
+from turbowg.relay import fastpath
 from turbowg.relay.http import RelayHTTPProtocol
 from turbowg.relay.mesh import MeshConfigError, start_mesh
 from turbowg.relay.server import DerpServer
@@ -150,6 +151,8 @@ def test_relay_command_mesh_tls_flags(tmp_path: Path) -> None:
     assert watchers == 0 and "CERTIFICATE_VERIFY_FAILED" in log, log
     watchers, log = relay_mesh_watchers(crt, key, psk, "-mesh-ca", str(crt))
     assert watchers == 1, log
+    # the relay command's TLS mesh link (on the worker's event loop) is handed to the C plane when it exists
+    assert ("link in the C plane" in log) == fastpath.available(), log
     watchers, log = relay_mesh_watchers(crt, key, psk, "-mesh-insecure-skip-verify")
     assert watchers == 1, log
     help_text = subprocess.run([sys.executable, "-m", "turbowg", "relay", "--help"], capture_output=True, text=True,
