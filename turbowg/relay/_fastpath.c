@@ -13,6 +13,11 @@
  * destination with no write progress for `write_timeout` seconds loses packets: its queued RecvPacket frames
  * are dropped head first (counted as queue_head), its senders resume, and Python hears EV_WRITE_TIMEOUT.
  *
+ * Our outgoing link to a mesh peer relay (set_mesh_out) is a destination like a client whose frames are
+ * ForwardPacket(src, dst, packet) instead of RecvPacket: the keys the peer announced route to it, and the same
+ * bound, sender pauses, write timeout and head drops apply. It is never a second hop (a ForwardPacket from
+ * another mesh peer for such a key goes up to Python), and all it reads goes up.
+ *
  * TLS terminated by the relay (add(tls=...)): the conn keeps the SSL* of the Python ssl object that did the
  * handshake, with a BIO of this module in place of Python's memory BIOs. Ciphertext is recv()d into the conn's
  * tls->in, SSL_read decrypts records into the same read buffer the plain path uses, and the same parser runs;
