@@ -16,7 +16,7 @@ from turbowg import doctor
 from turbowg.testing.marks import needs_netns
 from turbowg.testing.netns import ns_run, run
 
-SECTIONS = {"kernel", "tun", "udp", "default-route", "cpu-idle", "accel", "ktls"}
+SECTIONS = {"kernel", "tun", "udp", "default-route", "cpu-idle", "accel", "ebpf", "ktls"}
 
 
 @contextlib.contextmanager
@@ -59,6 +59,8 @@ def test_without_default_route_every_section_reported() -> None:
     # This kernel is >= 6.2 and the test runs as root, so the TUN probe must succeed, and leave nothing.
     tun = {f["message"].split(" (")[0]: f["status"] for f in findings if f["section"] == "tun"}
     assert tun["TUN with IFF_VNET_HDR works"] == "ok"
+    # ... and turbowgd's eBPF steering program loads (its own tests: tests/test_ebpf_steering.py)
+    assert [f["status"] for f in findings if f["section"] == "ebpf"] == ["ok"]
     for title in doctor.TITLES.values():
         assert f"== {title} ==" in text
 
@@ -172,3 +174,15 @@ def test_ktls_reported_as_info(tmp_path) -> None:
     assert here.status == doctor.INFO
     offered = "tls" in open(doctor.TCP_AVAILABLE_ULP).read().split()
     assert ("kTLS available" in here.message) == offered
+
+
+def test_ebpf_unavailable_is_a_warning_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from turbowg.conn import ebpf
+
+    def refuse(*_args: object) -> None:
+        raise ebpf.BpfUnavailable(1, "bpf(2): Operation not permitted")
+
+    monkeypatch.setattr(ebpf, "KernelSteering", refuse)
+    [finding] = doctor.check_ebpf()
+    assert finding.status == doctor.WARN and "Operation not permitted" in finding.message
+    assert "classic BPF" in finding.message and finding.fix

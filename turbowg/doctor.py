@@ -9,6 +9,7 @@ Checks, each with the exact command that fixes what it finds:
 - on the default-route interface, the ethtool features rx-udp-gro-forwarding and rx-gro-list, which
   Tailscale recommends as on / off on subnet routers and exit nodes;
 - the CPU idle (C-state) configuration: deep C-states add wake-up latency to every packet burst;
+- whether turbowgd's eBPF handshake steering loads (per-source flood limit in the kernel);
 - whether the kernel offers kTLS (the `tls` TCP ULP), which the relay's TLS could be offloaded to.
 
 Nothing here raises for a missing tool or file: the finding says "unknown" and why.
@@ -331,8 +332,8 @@ TCP_AVAILABLE_ULP = "/proc/sys/net/ipv4/tcp_available_ulp"
 
 
 def check_ktls(ulp_path: str = TCP_AVAILABLE_ULP, module_dir: str = "/sys/module/tls") -> list[Finding]:
-    """kTLS is informational: `turbowg relay` serves TLS in user space either way (Python's ssl module cannot
-    hand a session to the kernel); it says whether a kernel TLS path would be there to use."""
+    """kTLS is informational: `turbowg relay` serves TLS in user space either way (OpenSSL called from its C
+    forwarding plane); it says whether a kernel TLS path would be there to use (docs/DESIGN.md: what it needs)."""
     ulps = _read(ulp_path)
     if ulps is None:  # the sysctl is only shown in the first network namespace
         if os.path.isdir(module_dir):
@@ -345,14 +346,46 @@ def check_ktls(ulp_path: str = TCP_AVAILABLE_ULP, module_dir: str = "/sys/module
                     "(turbowg relay does TLS in user space)", "modprobe tls (kernel built with CONFIG_TLS)")]
 
 
+# ---------------------------------------------------------------- eBPF handshake steering
+
+
+def check_ebpf() -> list[Finding]:
+    """Whether turbowgd can load its eBPF SK_REUSEPORT program (turbowg/conn/ebpf.py), tried for real on a
+    loopback socket trio: with it, a handshake flood over the per-source limit is dropped in the kernel;
+    without it the classic BPF program steers and the worker reads and screens every flood datagram."""
+    from turbowg.conn.ebpf import BpfUnavailable, KernelSteering
+
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(3):
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind(("0.0.0.0", socks[0].getsockname()[1] if len(socks) > 1 else 0))  # lo may be down (netns)
+        steering = KernelSteering(socks[0], socks[1], socks[2])
+        steering.close()
+    except BpfUnavailable as exc:
+        return [Finding("ebpf", WARN, f"eBPF handshake steering unavailable ({exc.strerror or exc}): classic BPF "
+                        "steering, flood datagrams are read and screened in user space",
+                        "run as root on Linux >= 5.8 (bpf(2), SK_REUSEPORT programs)")]
+    except OSError as exc:
+        return [Finding("ebpf", WARN, f"eBPF handshake steering not tried: {exc.strerror or exc}")]
+    finally:
+        for s in socks:
+            s.close()
+    return [Finding("ebpf", OK, "eBPF handshake steering loads: floods over the per-source limit are dropped "
+                    "in the kernel under load")]
+
+
 # ---------------------------------------------------------------- report
 
 CHECKS = (("kernel", check_kernel), ("tun", check_tun), ("udp", check_udp),
           ("default-route", check_default_route), ("cpu-idle", check_cpu_idle), ("accel", check_accelerators),
-          ("ktls", check_ktls))
+          ("ebpf", check_ebpf), ("ktls", check_ktls))
 TITLES = {"kernel": "Kernel", "tun": "TUN offloads", "udp": "UDP GSO/GRO",
           "default-route": "Default-route interface (subnet router / exit node)", "cpu-idle": "CPU idle states",
-          "accel": "Data path accelerators", "ktls": "Kernel TLS (kTLS) for the relay"}
+          "accel": "Data path accelerators",
+          "ebpf": "Handshake flood defence (eBPF)", "ktls": "Kernel TLS (kTLS) for the relay"}
 
 
 def collect() -> list[Finding]:
