@@ -154,8 +154,8 @@ def test_closed_by_server_tells_a_close_from_an_open_connection() -> None:
             timeout = 5.0 if closed else 0.5
             started = time.monotonic()
             assert await closed_by_server(r, timeout=timeout) is closed, mode
-            if not closed:
-                assert time.monotonic() - started >= timeout
+            if not closed:  # waited out (uvloop's timers run on libuv's millisecond clock: up to 1 ms early)
+                assert time.monotonic() - started >= timeout - 0.002
             w.close()
         srv.close()
 
