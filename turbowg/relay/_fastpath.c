@@ -1052,44 +1052,27 @@ static void process_input(Loop *L, int slot, const uint8_t *buf, size_t len) {
             if (at >= 0) {
                 int ds = L->routes[at].slot;
                 conn_t *d = &L->conns[ds];
-                if (!d->dead && d->fd >= 0 && d->kind == K_CHAN) { /* the key is on a sibling shard */
+                if (!d->dead && d->fd >= 0 && (d->kind == K_CHAN || d->mesh_out)) {
+                    /* the key is on a sibling shard (a PACKET record on its channel) or behind a mesh peer
+                       relay (a ForwardPacket frame on our link to it): src key, dst key, packet */
                     size_t plen = flen - KEY;
-                    if (L->routes[at].xoff) { block_sender(L, slot, ds, 1); break; }
+                    int chan = d->kind == K_CHAN;
+                    if (chan && L->routes[at].xoff) { block_sender(L, slot, ds, 1); break; }
                     if (pending(d) >= L->bound) {
-                        if (!d->stalled) { block_sender(L, slot, ds, 0); break; }
-                        drop_head(L, d, R_QUEUE_HEAD, L->bound / 2); /* the sibling stalled past the timeout */
+                        if (!d->stalled) { block_sender(L, slot, ds, 0); break; } /* waits for it to drain */
+                        drop_head(L, d, R_QUEUE_HEAD, L->bound / 2); /* it took nothing for the timeout */
                     }
                     uint8_t *o = out_append(L, d, HDR + 2 * KEY + plen);
                     if (o) {
-                        put_record(o, REC_PACKET, 2 * KEY + plen);
+                        if (chan) put_record(o, REC_PACKET, 2 * KEY + plen);
+                        else put_hdr(o, T_FORWARD, 2 * KEY + plen);
                         memcpy(o + HDR, s->key, KEY);
                         memcpy(o + HDR + KEY, payload, KEY + plen); /* dst key and packet, as they came */
                         L->packets_received++;
                         L->bytes_received += plen;
                         if (is_disco(payload + KEY, plen)) L->packets_received_disco++;
                         L->forwarded_out++;
-                        d->rec_out++;
-                        mark_dirty(L, ds);
-                    }
-                    p += HDR + flen;
-                    continue;
-                }
-                if (!d->dead && d->fd >= 0 && d->mesh_out) { /* the key is behind a mesh peer relay */
-                    size_t plen = flen - KEY;
-                    if (pending(d) >= L->bound) {
-                        if (!d->stalled) { block_sender(L, slot, ds, 0); break; } /* waits for the link */
-                        drop_head(L, d, R_QUEUE_HEAD, L->bound / 2); /* the peer took nothing for the timeout */
-                    }
-                    uint8_t *o = out_append(L, d, HDR + 2 * KEY + plen);
-                    if (o) {
-                        put_hdr(o, T_FORWARD, 2 * KEY + plen);
-                        memcpy(o + HDR, s->key, KEY);
-                        memcpy(o + HDR + KEY, payload, KEY + plen); /* dst key and packet, as they came */
-                        L->packets_received++;
-                        L->bytes_received += plen;
-                        if (is_disco(payload + KEY, plen)) L->packets_received_disco++;
-                        L->forwarded_out++;
-                        L->mesh_out++;
+                        if (!chan) L->mesh_out++;
                         d->rec_out++;
                         mark_dirty(L, ds);
                     }
