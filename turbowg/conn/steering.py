@@ -254,18 +254,22 @@ class HandshakeSocket:
             self.gro = gro and _try(sock, SOL_UDP, UDP_GRO, 1)
             self.kernel, self.sink = attach_steering(data_sock, sock, ebpf=EBPF, gro=gro)
         except BaseException:
-            if self.kernel is not None:
-                self.kernel.close()
-                self.kernel = None
-            if self.sink is not None:
-                self.sink.close()
-                self.sink = None
+            self._drop_kernel_steering()
             sock.close()
             make_unshareable(data_sock)
             raise
         self.sock = sock
         self.data_sock = data_sock
         self.fwmark = fwmark
+
+    def _drop_kernel_steering(self) -> None:
+        """Our descriptors of the eBPF program's maps, and the sink socket."""
+        if self.kernel is not None:
+            self.kernel.close()
+            self.kernel = None
+        if self.sink is not None:
+            self.sink.close()
+            self.sink = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -287,12 +291,7 @@ class HandshakeSocket:
 
     def close(self) -> None:
         """Leave the group (with the data socket closing too, or about to: see the module doc)."""
-        if self.kernel is not None:
-            self.kernel.close()
-            self.kernel = None
-        if self.sink is not None:
-            self.sink.close()
-            self.sink = None
+        self._drop_kernel_steering()
         if self.sock.fileno() >= 0:
             self.sock.close()
         if self.data_sock.fileno() >= 0:
