@@ -366,12 +366,7 @@ def program(sockarray_fd: int, flag_fd: int, buckets_fd: int, stats_fd: int, sin
     _count(a, stats_fd, STAT_DROPPED, "counted_drop")
     if sink:  # to the sink socket, which drops it at its filter (no "port unreachable" path); else SK_DROP
         a.stw(R10, -4, SINK_INDEX)
-        a.movr(R1, R6)
-        a.ld_map(R2, sockarray_fd)
-        a.movr(R3, R10)
-        a.add(R3, -4)
-        a.mov(R4, 0)
-        a.call(F_SK_SELECT_REUSEPORT)
+        _select(a, sockarray_fd)
         a.jmp(JNE, R0, 0, "drop")  # no sink in the map: never fall back to the hash (the data socket)
         a.mov(R0, SK_PASS)
         a.exit()
