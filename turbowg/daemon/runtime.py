@@ -524,9 +524,13 @@ class Runtime:
         if count and self._reply_poll is not None and self._reply_poll(0):
             # A local answer (ping, RPC) is often queued on the TUN by the time the write returns: take it
             # now rather than after another loop turn.
-            self._tun_reader()
-            self._expect_answer = False  # an answer, not a request: nothing to wait for
-            self.lone_counters["answers_taken"] += 1
+            self._take_answer()
+
+    def _take_answer(self) -> None:
+        """Read the TUN in the wake of the write that caused the answer waiting there."""
+        self._tun_reader()
+        self._expect_answer = False  # an answer, not a request: nothing to wait for
+        self.lone_counters["answers_taken"] += 1
 
     def _read_lone(self, udp: UDPBind, buf: bytearray, chunks: list[int], senders: list) -> int:
         """UDPBind.recv_packed(max_calls=1) in one C call (transport.recv_one): the same chunk, sender and
@@ -569,9 +573,7 @@ class Runtime:
                 self.stop(f"TUN write failed: {exc}")
                 return True
         if result and self._answer_ready():
-            self._tun_reader()  # the local answer, in the same wake (see _on_udp_readable)
-            self._expect_answer = False  # an answer, not a request: nothing to wait for
-            self.lone_counters["answers_taken"] += 1
+            self._take_answer()  # the local answer, in the same wake (see _on_udp_readable)
         self._reschedule_timer()  # after the answer left: what receive_lone queued goes out after it anyway
         return True
 
