@@ -107,6 +107,29 @@ _LOOP_MODULES = ("uvloop", "asyncio")
 TLS_IN_C = os.environ.get("TURBOWG_RELAY_TLS_IN_C", "1") != "0"
 
 
+def _socket_parts(t: asyncio.BaseTransport) -> tuple[socket.socket, object | None, asyncio.BaseTransport | None] | None:
+    """(TCP socket, SSL object or None, the TCP transport under a TLS one or None) of a transport the C loop
+    can take over; None when it cannot: a wrapper (WebSocket...: the bytes on the socket are not plain DERP),
+    TLS kept in Python (TURBOWG_RELAY_TLS_IN_C=0) or a TLS object C cannot use, not a TCP socket."""
+    if type(t).__module__.split(".")[0] not in _LOOP_MODULES:
+        return None
+    tls = lower = None
+    if t.get_extra_info("ssl_object") is not None:
+        # TLS terminated here: the C loop goes on with the same SSL session (its SSL* and memory BIOs)
+        if not TLS_IN_C or (parts := _tls_parts(t)) is None:
+            return None
+        tls, lower = parts
+    sock = t.get_extra_info("socket")
+    if sock is None or sock.type != socket.SOCK_STREAM:
+        return None
+    return sock, tls, lower
+
+
+def _holds_output(t: asyncio.BaseTransport, lower: asyncio.BaseTransport | None) -> bool:
+    """asyncio still has bytes to write (plaintext, or a TLS transport's ciphertext below it)."""
+    return bool(t.get_write_buffer_size() or (lower is not None and lower.get_write_buffer_size()))  # type: ignore[attr-defined]
+
+
 def _tls_parts(t: asyncio.BaseTransport) -> tuple[object, asyncio.BaseTransport] | None:
     """(the _ssl._SSLSocket, the TCP transport under the TLS one) of asyncio's or uvloop's TLS transport, or
     None if they cannot be found (the connection then stays in Python). uvloop keeps both in C attributes;
@@ -164,23 +187,12 @@ class FastPlane:
         t = conn.transport
         if t is None or self.closed or conn.closed or conn.key is None or t.is_closing():
             return self._refuse(conn)
-        if type(t).__module__.split(".")[0] not in _LOOP_MODULES:
-            return self._refuse(conn)  # a wrapper (WebSocket...): the bytes on the socket are not plain DERP
-        tls = None
-        lower: asyncio.BaseTransport | None = None
-        if t.get_extra_info("ssl_object") is not None:
-            # TLS terminated here: the C loop goes on with the same SSL session (its SSL* and memory BIOs)
-            if not TLS_IN_C:
-                return self._refuse(conn)
-            parts = _tls_parts(t)
-            if parts is None:
-                return self._refuse(conn)
-            tls, lower = parts
-        sock = t.get_extra_info("socket")
-        if sock is None or sock.type != socket.SOCK_STREAM:
+        parts = _socket_parts(t)
+        if parts is None:
             return self._refuse(conn)
+        sock, tls, lower = parts
         conn.flush()  # packets queued in Python before the handover go first, through asyncio
-        if conn.paused or t.get_write_buffer_size() or (lower is not None and lower.get_write_buffer_size()):  # type: ignore[attr-defined]
+        if conn.paused or _holds_output(t, lower):
             return False  # asyncio still holds output (plaintext or ciphertext): try again after the next read
         try:
             fd = os.dup(sock.fileno())
@@ -244,19 +256,12 @@ class FastPlane:
     def take_mesh(self, t: asyncio.BaseTransport, pending: bytes, link: MeshLink, write_timeout: float) -> int | None:
         """Move an outgoing mesh link (after its handshake and WatchConns) from asyncio to the C loop. `pending`:
         bytes already read and not yet parsed. None: it stays in Python (nothing was changed)."""
-        if self.closed or t.is_closing() or type(t).__module__.split(".")[0] not in _LOOP_MODULES:
+        # a TLS *client* session: after the handshake SSL_read/SSL_write do not care which side we are
+        parts = None if self.closed or t.is_closing() else _socket_parts(t)
+        if parts is None:
             return None
-        tls = None
-        lower: asyncio.BaseTransport | None = None
-        if t.get_extra_info("ssl_object") is not None:
-            # a TLS *client* session: after the handshake SSL_read/SSL_write do not care which side we are
-            if not TLS_IN_C or (parts := _tls_parts(t)) is None:
-                return None
-            tls, lower = parts
-        sock = t.get_extra_info("socket")
-        if sock is None or sock.type != socket.SOCK_STREAM:
-            return None
-        if t.get_write_buffer_size() or (lower is not None and lower.get_write_buffer_size()):  # type: ignore[attr-defined]
+        sock, tls, lower = parts
+        if _holds_output(t, lower):
             return None  # asyncio still holds output: C would write after it, out of order
         try:
             fd = os.dup(sock.fileno())
