@@ -284,3 +284,18 @@ def test_mesh_tests_pass_on_the_python_path_too() -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout
+
+
+def test_a_malformed_frame_on_a_link_in_c_ends_the_link_without_an_exception() -> None:
+    """mesh_frame: a frame the peer's codec refuses (a PeerPresent too short) ends the link's wait with the
+    reason, as a lost link does (the reconnect loop then takes over), and raises nothing into the C loop."""
+    async def main() -> None:
+        server = DerpServer(keys.generate_private_key(), mesh_key=MESH_KEY)
+        peer = MeshPeer(server, mesh.PeerAddress.parse("127.0.0.1:1", False), MESH_KEY,
+                        keys.generate_private_key(), None)
+        peer._c_lost = asyncio.get_running_loop().create_future()
+        peer.mesh_frame(bytes((0x09, 0, 0, 0, 3)) + b"abc")  # PEER_PRESENT with a 3-byte body
+        assert peer._c_lost.done() and peer._c_lost.result().startswith("bad frame from peer relay")
+        assert peer.registered == set()
+
+    asyncio.run(main())

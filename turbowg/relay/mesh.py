@@ -313,7 +313,7 @@ class MeshPeer:
         except (FrameError, ValueError) as exc:
             self.mesh_lost(f"bad frame from peer relay: {exc}")
 
-    def mesh_lost(self, reason: str, forwarded: int) -> None:
+    def mesh_lost(self, reason: str, forwarded: int = 0) -> None:
         """fastpath.MeshLink: the C loop lost the link (it forgot its routes); the reconnect loop takes over."""
         self.counters.packets_forwarded += forwarded  # what C forwarded (its per-link counter is gone now)
         lost = self._c_lost  # c_mesh stays until _clear: drop_mesh there closes a link C still holds
